@@ -1,0 +1,402 @@
+"""
+A LLaMA-3 family decoder, numerically the same as transformers.LlamaForCausalLM.
+
+Embedding, pre-norm RMSNorm, rotary position embeddings (half-split
+"rotate_half" layout, optional linear / dynamic-NTK / YaRN scaling), grouped-
+query attention through F.scaled_dot_product_attention, SwiGLU MLP, final
+RMSNorm, optionally tied output head, no biases.
+
+Parameter names are HF's (`model.layers.0.self_attn.o_proj.weight`, ...) except
+two fused projections that are faster to run: `qkv_proj` (q, k, v stacked along
+the output dimension) and `gate_up_proj` (gate, up stacked). `to_hf_state_dict`
+and `from_hf_state_dict` split and join them; nothing is permuted because the
+rotary layout is already HF's.
+
+Generation keeps a preallocated KV cache (no torch.cat per step).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None  # None: n_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    ffn_dim: Optional[int] = None  # None: 8/3 * dim rounded up to a multiple of 64, as LLaMA
+    max_seq_len: int = 512  # the context length the model is trained at
+    rope_theta: float = 10000.0
+    # None, or {"type": "linear"|"dynamic"|"yarn", "factor": float, "original_max_seq_len": int}
+    rope_scaling: Optional[dict] = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 64 * math.ceil(int(8 * self.dim / 3) / 64)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            if kind not in ("linear", "dynamic", "yarn"):
+                raise ValueError(f"rope_scaling type must be linear, dynamic or yarn, got {kind!r}")
+            if float(self.rope_scaling.get("factor", 0)) <= 1.0:
+                raise ValueError("rope_scaling factor must be > 1")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @property
+    def rope_original_len(self):
+        """The length RoPE was trained at: scaling starts to matter beyond it."""
+        if self.rope_scaling is None:
+            return self.max_seq_len
+        return int(self.rope_scaling.get("original_max_seq_len", self.max_seq_len))
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embeddings, the same formulas as transformers' modeling_rope_utils
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int):
+    """Inverse frequencies and the attention scale for a sequence of `seq_len` positions."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    scaling = cfg.rope_scaling or {}
+    kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
+    original = cfg.rope_original_len
+    if kind == "linear":
+        return 1.0 / (base**exponents) / factor, 1.0
+    if kind == "dynamic":
+        # NTK-aware: the base grows with the length actually used (transformers "dynamic")
+        seq_len = max(seq_len, original)
+        base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base**exponents), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(dim, base, factor, original, scaling)
+    return 1.0 / (base**exponents), 1.0
+
+
+def _yarn_inv_freq(dim, base, factor, original, scaling):
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+    return inv_freq, float(attention_factor)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        inv_freq, self.attention_scale = rope_inv_freq(cfg, cfg.max_seq_len)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, start_pos: int, seq_len: int, device):
+        """cos and sin, float32, shape (seq_len, head_dim), for positions start_pos .. start_pos+seq_len-1."""
+        inv_freq, scale = self.inv_freq, self.attention_scale
+        end = start_pos + seq_len
+        if self.cfg.rope_scaling and self.cfg.rope_scaling["type"] == "dynamic" and end > self.cfg.rope_original_len:
+            inv_freq, scale = rope_inv_freq(self.cfg, end)
+            inv_freq = inv_freq.to(device)
+        positions = torch.arange(start_pos, end, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * scale, emb.sin() * scale
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------
+# The blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 whatever the autocast dtype, as HF does
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: generation writes in place, never concatenates."""
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer, start_pos, k, v):
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.q_size = cfg.n_heads * cfg.head_dim
+        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(B, T, -1, hd).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(B, T, -1, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+        mask, causal = None, T > 1
+        if causal and start_pos > 0:
+            # new tokens after a cached prefix: causal, aligned to the end of the keys
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+        self.apply(self._init_weights)
+        # residual projections scaled by depth (GPT-2 / nanoGPT): the residual stream keeps unit scale
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def hidden_states(self, idx, cache=None, start_pos=0):
+        """Final-norm hidden states (B, T, dim) of token ids idx (B, T)."""
+        cos, sin = self.rotary(start_pos, idx.shape[1], idx.device)
+        x = self.model.embed_tokens(idx)
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache, start_pos)
+        return self.model.norm(x)
+
+    def forward(self, idx, cache=None, start_pos=0):
+        """Logits (B, T, vocab) of token ids idx (B, T)."""
+        return self.lm_head(self.hidden_states(idx, cache, start_pos))
+
+    # ------------------------------------------------------------------
+    # sizes
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T.
+
+        N counts the weights that take part in a matmul: every linear layer, the
+        output head included (tied or not), but not the embedding lookup.
+        """
+        c = self.cfg
+        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
+        n_matmul -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("norm.weight"))
+        return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+    # ------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, stop_ids=(), generator=None, max_len=None):
+        """Yield new token ids one at a time (batch of one), with a preallocated KV cache.
+
+        Stops after max_new_tokens, at a token in stop_ids (which is yielded), or when
+        the cache (max_len, default max_seq_len) is full.
+        """
+        device = self.lm_head.weight.device
+        max_len = max_len or self.cfg.max_seq_len
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        if prompt.shape[1] >= max_len:
+            raise ValueError(f"prompt of {prompt.shape[1]} tokens leaves no room in a context of {max_len}")
+        steps = min(max_new_tokens, max_len - prompt.shape[1])
+        dtype = self.model.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        cache = KVCache(self.cfg, 1, prompt.shape[1] + steps, device, dtype)
+        seen = prompt[0].clone()
+        logits = self(prompt, cache, 0)[:, -1]
+        pos = prompt.shape[1]
+        for _ in range(steps):
+            next_id = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
+            yield next_id
+            if next_id in stop_ids:
+                return
+            seen = torch.cat((seen, seen.new_tensor([next_id])))
+            logits = self(seen.new_tensor([[next_id]]), cache, pos)[:, -1]
+            pos += 1
+
+
+# ----------------------------------------------------------------------------
+# sampling
+
+
+def apply_repetition_penalty(logits, seen_ids, penalty):
+    """CTRL-style penalty as transformers applies it: divide positive logits, multiply negative ones."""
+    if penalty == 1.0 or seen_ids.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits.gather(-1, seen_ids.view(1, -1).expand(logits.shape[0], -1))
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(-1, seen_ids.view(1, -1).expand(logits.shape[0], -1), picked)
+
+
+def filter_top_k_top_p(logits, top_k=None, top_p=None):
+    """Set to -inf every logit outside the top k and outside the smallest set with probability >= top_p."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_next(logits, seen_ids, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+    """One token id from logits (1, vocab): greedy when temperature is 0."""
+    logits = apply_repetition_penalty(logits, seen_ids, repetition_penalty)
+    if temperature == 0:
+        return int(logits.argmax(-1))
+    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------
+# HF transformers naming
+
+
+def to_hf_state_dict(model: Transformer):
+    """Our weights under LlamaForCausalLM's names, fused projections split (tensors shared, not copied)."""
+    c, out = model.cfg, {}
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    for name, t in model.state_dict().items():
+        if name.endswith("qkv_proj.weight"):
+            prefix = name[: -len("qkv_proj.weight")]
+            wq, wk, wv = t.split([q, kv, kv], dim=0)
+            out.update({prefix + "q_proj.weight": wq, prefix + "k_proj.weight": wk, prefix + "v_proj.weight": wv})
+        elif name.endswith("gate_up_proj.weight"):
+            prefix = name[: -len("gate_up_proj.weight")]
+            gate, up = t.chunk(2, dim=0)
+            out.update({prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up})
+        elif name == "lm_head.weight" and c.tie_embeddings:
+            continue  # transformers re-ties it from tie_word_embeddings
+        else:
+            out[name] = t
+    return out
+
+
+def from_hf_state_dict(hf: dict, cfg: ModelConfig):
+    """LlamaForCausalLM weights -> our state dict (fused projections joined)."""
+    out = {}
+    for name, t in hf.items():
+        if "rotary_emb" in name:
+            continue
+        if name.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+            continue  # joined with their q_proj / gate_proj below
+        if name.endswith("q_proj.weight"):
+            prefix = name[: -len("q_proj.weight")]
+            out[prefix + "qkv_proj.weight"] = torch.cat(
+                [t, hf[prefix + "k_proj.weight"], hf[prefix + "v_proj.weight"]], dim=0)
+        elif name.endswith("gate_proj.weight"):
+            prefix = name[: -len("gate_proj.weight")]
+            out[prefix + "gate_up_proj.weight"] = torch.cat([t, hf[prefix + "up_proj.weight"]], dim=0)
+        else:
+            out[name] = t
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out

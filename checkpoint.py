@@ -1,0 +1,194 @@
+"""
+Checkpoints: ours (out_dir/ckpt.pt) and HuggingFace Llama directories, shared by
+train.py, sample.py, export.py and bench.py.
+
+Our checkpoint is a plain dict of tensors, numbers and strings, written to a
+temporary file, fsynced and renamed over ckpt.pt, so a crash at any moment
+leaves either the old or the new checkpoint, never a torn one. It is loaded with
+torch.load(weights_only=True) and HF weights with safetensors only: a checkpoint
+from the internet cannot run code.
+"""
+
+import glob
+import json
+import os
+import pickle
+import re
+
+import torch
+
+from configurator import fail
+from model import ModelConfig, Transformer, from_hf_state_dict
+
+CKPT_NAME = "ckpt.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir, state, keep_last=0):
+    """Atomically write state to out_dir/ckpt.pt; keep the previous `keep_last` as ckpt_<iter>.pt."""
+    path = os.path.join(out_dir, CKPT_NAME)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write checkpoint {path} ({e}); the previous checkpoint is unchanged") from e
+    if keep_last > 0 and os.path.exists(path):
+        older = os.path.join(out_dir, f"ckpt_{_saved_iter(path):08d}.pt")
+        if not os.path.exists(older):
+            os.link(path, older)  # a second name for the old file: ckpt.pt is never missing
+    os.replace(tmp, path)
+    _fsync_dir(out_dir)
+    for stale in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
+        os.remove(stale)
+
+
+def _saved_iter(path):
+    try:  # mmap: read the iteration number without loading the tensors
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iter", 0))
+    except Exception:
+        return 0
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict with weights_only=True; refuse anything that would need arbitrary unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        fail(f"refusing to load {path}: it holds Python objects that would run code when unpickled "
+             f"(loaded with weights_only=True): {str(e).splitlines()[0]}")
+    except (RuntimeError, EOFError, OSError) as e:
+        fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+
+
+def resume_checkpoint_path(out_dir):
+    """ckpt.pt, or the newest readable ckpt_<iter>.pt beside it; None when there is none."""
+    candidates = [os.path.join(out_dir, CKPT_NAME)]
+    candidates += sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")), reverse=True)
+    for path in candidates:
+        if os.path.exists(path):
+            try:
+                load_checkpoint(path)
+                return path
+            except SystemExit:
+                print(f"warning: skipping unreadable checkpoint {path}")
+    return None
+
+
+# ----------------------------------------------------------------------------
+# HuggingFace LlamaForCausalLM directories
+
+
+def is_hf_dir(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def model_config_from_hf(hf):
+    """A ModelConfig from a transformers config.json dict (Llama architecture only)."""
+    arch = hf.get("model_type")
+    if arch != "llama":
+        fail(f"only Llama-architecture models can be imported; config.json says model_type={arch!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+        fail("this Llama variant uses biases or a non-SiLU activation, which model.py does not implement")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    max_len = hf.get("max_position_embeddings", 2048)
+    scaling = None
+    if kind in ("linear", "dynamic", "yarn"):
+        original = rope.get("original_max_position_embeddings", max_len)
+        scaling = {"type": kind, "factor": float(rope["factor"]), "original_max_seq_len": int(original)}
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            if rope.get(key) is not None:
+                scaling[key] = rope[key]
+    elif kind != "default":
+        fail(f"RoPE type {kind!r} in config.json is not supported (default, linear, dynamic, yarn are)")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+        ffn_dim=hf["intermediate_size"], max_seq_len=max_len, rope_theta=float(theta), rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_config_dict(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
+    """config.json for LlamaForCausalLM: rope_theta and rope_parameters both, so transformers 4.x and 5.x agree."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    max_len = cfg.max_seq_len
+    if cfg.rope_scaling:
+        s = cfg.rope_scaling
+        rope = {"rope_type": s["type"], "factor": float(s["factor"]), "rope_theta": cfg.rope_theta}
+        if s["type"] == "yarn":
+            rope["original_max_position_embeddings"] = cfg.rope_original_len
+            rope.update({k: s[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in s})
+        if s["type"] == "dynamic":
+            max_len = cfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "rope_scaling": rope if cfg.rope_scaling else None,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+    }
+
+
+def load_hf_weights(path):
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(f))
+    return {re.sub(r"^(model\.)?(?=layers|embed_tokens|norm)", "model.", k): v.float() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------
+# one entry point for "give me the model in this directory"
+
+
+def load_model(path, device="cpu"):
+    """(model in fp32 eval mode, info) from a run dir (ckpt.pt) or an HF Llama dir (safetensors).
+
+    info: {"kind": "run"|"hf", "stage": str|None, "iter": int|None, "config": train config or {}}.
+    """
+    if not os.path.isdir(path):
+        fail(f"model directory {path} does not exist")
+    ckpt = os.path.join(path, CKPT_NAME)
+    if os.path.isfile(ckpt):
+        state = load_checkpoint(ckpt)
+        cfg = ModelConfig(**state["model_config"])
+        model = Transformer(cfg)
+        model.load_state_dict(state["model"])
+        info = {"kind": "run", "stage": state.get("stage"), "iter": state.get("iter"),
+                "config": state.get("config", {})}
+    elif is_hf_dir(path):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = model_config_from_hf(json.load(f))
+        model = Transformer(cfg)
+        weights = load_hf_weights(path)
+        if cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, cfg), strict=False)
+        if missing or unexpected:
+            fail(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        info = {"kind": "hf", "stage": None, "iter": None, "config": {}}
+    else:
+        fail(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json + *.safetensors)")
+    return model.to(device).eval(), info

@@ -157,7 +157,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("src_dir", help="directory where the .deb packages were unpacked (dpkg -x)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("pretrain.jsonl")))
-    ap.add_argument("--max_bytes", type=int, default=2_500_000)
+    ap.add_argument("--max_bytes", type=int, default=2_200_000)
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
 

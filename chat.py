@@ -1,0 +1,531 @@
+"""
+The tokenizer and the chat format, shared by prepare.py, train.py, sample.py and export.py.
+
+ChatML, one message after another:
+
+    <|im_start|>{role}\n{content}<|im_end|>\n
+
+An assistant message with `reasoning_content` renders its content as
+`<think>\n{reasoning}\n</think>\n{content}`. The same format lives in
+CHAT_TEMPLATE (Jinja), saved with the tokenizer, so that
+`transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)` gives
+exactly the ids that render_chat() gives, hence exactly the training data.
+
+Special token strings typed inside message content stay text: `<|im_end|>`
+in a user message is encoded as ordinary pieces, never as the control token.
+The one exception is the reasoning tags (`<think>`, `</think>`, `<answer>`,
+`</answer>`) inside assistant messages: distillation data writes them
+inline, and they must be single tokens there for `think_tag_weight`.
+
+Loss mask: 1 exactly on the tokens of assistant replies (content, think
+block included) and the reply's closing `<|im_end|>`; 0 on role headers
+(`<|im_start|>assistant\n`), on the `\n` after `<|im_end|>` and on every
+system/user token. A token that straddles the header/reply boundary (a reply
+that starts with whitespace, or a SentencePiece model that turns the header's
+`\n` into the space before the reply's first word) carries reply text, so it
+is a target.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+import configurator
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
+REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
+    " and message['reasoning_content'] -%}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' -}}"
+    "{%- endif -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+
+
+class ChatTokenizer:
+    """A `tokenizers.Tokenizer` with the chat special tokens, plain-text encoding and ChatML rendering."""
+
+    chat_template = CHAT_TEMPLATE
+
+    def __init__(self, tokenizer, source=""):
+        tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: adding tokens must not touch the caller's
+        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        self._tok = tok
+        self.source = source
+        self.added_special_tokens = len(missing)
+        self.special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.eot_id = self.special_ids["<|endoftext|>"]
+        self.im_start_id = self.special_ids["<|im_start|>"]
+        self.im_end_id = self.special_ids["<|im_end|>"]
+        self.reasoning_tag_ids = [self.special_ids[t] for t in REASONING_TAGS]
+
+        spec = json.loads(tok.to_str())
+        added = spec["added_tokens"]
+        self.vocab_size = max([tok.get_vocab_size(with_added_tokens=True)] + [a["id"] + 1 for a in added])
+        specials = {a["content"] for a in added if a["special"]} | set(SPECIAL_TOKENS)
+        # Internal copies without post-processing (no BOS, no offset trimming), truncation or padding.
+        spec.update(post_processor=None, truncation=None, padding=None)
+        self._full = _from_spec(spec, added)
+        self._plain = _from_spec(spec, [a for a in added if a["content"] not in specials])
+        self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
+        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+        self._special_set = specials
+
+    # -- plain text -----------------------------------------------------------------------------
+    def encode(self, text):
+        """Token ids of plain text; special-token strings in it are encoded as ordinary text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        """encode() of many texts at once (the same ids, faster)."""
+        return [e.ids for e in self._plain.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token):
+        return self._tok.token_to_id(token)
+
+    # -- chat -----------------------------------------------------------------------------------
+    def render_chat(self, messages, add_generation_prompt=False, last_reply_only=False):
+        """ChatML ids and loss mask (lists of ints) of one conversation; see the module docstring.
+
+        last_reply_only: targets only on the final assistant reply (DPO).
+        """
+        ids, mask = self.render_chats([messages], add_generation_prompt, last_reply_only)[0]
+        return ids.tolist(), mask.tolist()
+
+    def render_chats(self, conversations, add_generation_prompt=False, last_reply_only=False):
+        """render_chat() of many conversations, batched; returns [(ids int64 array, mask uint8 array)]."""
+        layouts = [self._layout(m, add_generation_prompt, last_reply_only) for m in conversations]
+        fast = [i for i, lay in enumerate(layouts) if lay[3]]
+        encoded = dict(zip(fast, self._full.encode_batch([layouts[i][0] for i in fast], add_special_tokens=False)))
+        out = []
+        for i, (text, segments, replies, _) in enumerate(layouts):
+            if i in encoded:
+                ids, offsets = encoded[i].ids, encoded[i].offsets
+            else:
+                ids, offsets = self._encode_segments(text, segments)
+            ids = np.asarray(ids, dtype=np.int64)
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            mask = np.zeros(len(ids), dtype=np.uint8)
+            for lo, hi in replies:  # targets: the tokens holding any character of [lo, hi)
+                first = np.searchsorted(offsets[:, 1], lo, side="right")
+                mask[first : np.searchsorted(offsets[:, 0], hi)] = 1
+            out.append((ids, mask))
+        return out
+
+    def _layout(self, messages, add_generation_prompt, last_reply_only):
+        """The rendered text; its segments (start, end, how) with how one of "special", "plain",
+        "reply"; the character ranges of the target replies; and whether one encode() of the whole
+        text gives the right ids (true unless some content holds a special-token string)."""
+        segments, replies, parts = [], [], []
+        pos, clean = 0, True
+
+        def put(s, how):
+            nonlocal pos
+            parts.append(s)
+            segments.append((pos, pos + len(s), how))
+            pos += len(s)
+
+        for m in messages:
+            role, content = m["role"], m["content"]
+            is_reply = role == "assistant"
+            how = "reply" if is_reply else "plain"
+            put("<|im_start|>", "special")
+            put(role + "\n", how)
+            reply_start = pos
+            reasoning = m.get("reasoning_content") if is_reply else None
+            if reasoning:
+                put("<think>", "special")
+                put("\n" + reasoning + "\n", how)
+                put("</think>", "special")
+                put("\n", how)
+            put(content, how)
+            put("<|im_end|>", "special")
+            if is_reply:
+                replies.append((reply_start, pos))
+            for s in ([content, reasoning] if reasoning else [content]):
+                for found in self._special_re.findall(s):
+                    clean &= is_reply and found in REASONING_TAGS
+            put("\n", "plain")
+        if add_generation_prompt:
+            put("<|im_start|>", "special")
+            put("assistant\n", "plain")
+        if last_reply_only:
+            replies = replies[-1:]
+        return "".join(parts), _merge_text_segments(segments), replies, clean
+
+    def _encode_segments(self, text, segments):
+        """Ids and character offsets of `text`, encoding each segment on its own: the structural
+        special tokens as their ids, message text with special-token strings kept as text."""
+        ids, offsets = [], []
+        for lo, hi, how in segments:
+            if how == "special":
+                ids.append(self.special_ids[text[lo:hi]])
+                offsets.append((lo, hi))
+                continue
+            enc = (self._reply if how == "reply" else self._plain).encode(text[lo:hi], add_special_tokens=False)
+            ids.extend(enc.ids)
+            offsets.extend((lo + a, lo + b) for a, b in enc.offsets)
+        return ids, offsets
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, directory):
+        """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and special_tokens_map.json."""
+        os.makedirs(directory, exist_ok=True)
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        special_map = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special_map,
+            "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        _write_json(os.path.join(directory, "tokenizer_config.json"), config)
+        _write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
+        with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(CHAT_TEMPLATE)
+
+    def to_str(self):
+        """The tokenizer.json text."""
+        return self._tok.to_str()
+
+
+def _from_spec(spec, added_tokens):
+    return Tokenizer.from_str(json.dumps(dict(spec, added_tokens=added_tokens)))
+
+
+def _merge_text_segments(segments):
+    """Join neighbouring text segments of the same kind (a role header and its content are one
+    span for the tokenizer, exactly as when the whole text is encoded)."""
+    merged = []
+    for seg in segments:
+        if merged and seg[2] != "special" and merged[-1][2] == seg[2] and merged[-1][1] == seg[0]:
+            merged[-1] = (merged[-1][0], seg[1], seg[2])
+        else:
+            merged.append(seg)
+    return merged
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Making a tokenizer: train one, or load one
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE on an iterable of strings; SPECIAL_TOKENS get ids 0..6. Lossless, no normaliser."""
+    smallest = 256 + len(SPECIAL_TOKENS) + 1
+    if vocab_size < smallest:
+        configurator.fail(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least {smallest})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return ChatTokenizer(tok, source="train")
+
+
+def load_tokenizer(path):
+    """A ChatTokenizer from a prepared data dir, a run dir, an HF tokenizer dir, a tokenizer.json
+    or a SentencePiece .model. Missing SPECIAL_TOKENS are added (see .added_special_tokens)."""
+    path = str(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return ChatTokenizer(_read_tokenizer_json(os.path.join(path, "tokenizer.json")), source=path)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            return ChatTokenizer(sentencepiece_to_tokenizers(os.path.join(path, "tokenizer.model")), source=path)
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            return ChatTokenizer(_hf_backend(path), source=path)
+        configurator.fail(f"tokenizer directory '{path}' has no tokenizer.json, tokenizer.model or tokenizer_config.json")
+    if not os.path.exists(path):
+        configurator.fail(f"tokenizer '{path}' does not exist (give 'train', a tokenizer.json, an HF tokenizer dir, a prepared data dir or a SentencePiece .model)")
+    if path.endswith(".model"):
+        return ChatTokenizer(sentencepiece_to_tokenizers(path), source=path)
+    return ChatTokenizer(_read_tokenizer_json(path), source=path)
+
+
+def _read_tokenizer_json(path):
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+        configurator.fail(f"cannot read tokenizer '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _hf_backend(path):
+    """The fast-tokenizer backend of an HF tokenizer directory without tokenizer.json (transformers converts it)."""
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path)
+        return Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    except Exception as e:
+        configurator.fail(f"cannot load the tokenizer in '{path}' with transformers: {str(e).splitlines()[0]}")
+
+
+# A SentencePiece .model holds a protobuf; these few fields (sentencepiece_model.proto) are all a
+# conversion needs, and reading them by hand spares a dependency on the protobuf package.
+_SP_TRAINER_SPEC, _SP_NORMALIZER_SPEC = 2, 3
+_SP_MODEL_TYPE, _SP_BYTE_FALLBACK = 3, 35  # in TrainerSpec; model_type 1 = unigram, 2 = BPE
+_SP_CHARSMAP, _SP_DUMMY_PREFIX, _SP_REMOVE_WHITESPACE = 2, 3, 4  # in NormalizerSpec
+
+
+def _protobuf_fields(buf):
+    """{field number: last value} of one protobuf message (varints and length-delimited bytes)."""
+    fields, i = {}, 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number], i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            fields[number], i = buf[i : i + n], i + n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return fields
+
+
+def _varint(buf, i):
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return value, i
+
+
+def sentencepiece_to_tokenizers(path):
+    """Convert a SentencePiece .model (unigram or BPE) into an equivalent `tokenizers.Tokenizer`."""
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        proto = _protobuf_fields(sp.serialized_model_proto())
+    except Exception as e:
+        configurator.fail(f"cannot read SentencePiece model '{path}': {e}")
+    trainer = _protobuf_fields(proto.get(_SP_TRAINER_SPEC, b""))
+    norm = _protobuf_fields(proto.get(_SP_NORMALIZER_SPEC, b""))
+    byte_fallback = bool(trainer.get(_SP_BYTE_FALLBACK, 0))
+    n = sp.get_piece_size()
+    # SentencePiece never matches control (<s>, </s>), unknown or unused pieces in text; the
+    # tokenizers models would, so they get no merges (BPE) and a prohibitive score (unigram).
+    unmatchable = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)}
+    scores = [sp.get_score(i) for i in range(n)]
+    floor = min(s for i, s in enumerate(scores) if i not in unmatchable) - 1000.0
+    pieces = [(sp.id_to_piece(i), floor if i in unmatchable else scores[i]) for i in range(n)]
+    if trainer.get(_SP_MODEL_TYPE, 1) == 1:
+        model = models.Unigram(pieces, unk_id=sp.unk_id(), byte_fallback=byte_fallback)
+    elif trainer.get(_SP_MODEL_TYPE) == 2:
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        mergeable = {p: i for p, i in vocab.items() if i not in unmatchable and not sp.is_byte(i)}
+        model = models.BPE(vocab, _sentencepiece_merges(mergeable), unk_token=sp.id_to_piece(sp.unk_id()),
+                           fuse_unk=True, byte_fallback=byte_fallback)
+    else:
+        configurator.fail(f"SentencePiece model '{path}' is neither unigram nor BPE")
+    tok = Tokenizer(model)
+    steps = []
+    if norm.get(_SP_CHARSMAP):
+        steps.append(normalizers.Precompiled(norm[_SP_CHARSMAP]))
+    if norm.get(_SP_REMOVE_WHITESPACE, 1):
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if norm.get(_SP_DUMMY_PREFIX, 1) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prepend == "always":
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    controls = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in controls])
+    return tok
+
+
+def _sentencepiece_merges(vocab):
+    """BPE merges implied by a SentencePiece BPE vocab: a piece is made from two pieces, ranked by id."""
+    merges = []
+    for piece, rank in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((rank, vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input records -> one internal form
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; `reason` is a short machine-readable word for the summary."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_ROLES = {
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
+    "system": "system",
+}
+
+
+def normalize_record(obj):
+    """(kind, payload) of one input record: ("text", str), ("chat", messages) or
+    ("pair", (chosen_messages, rejected_messages)); raises BadRecord."""
+    kind, payload, _ = detect_record(obj)
+    return kind, payload
+
+
+def detect_record(obj):
+    """normalize_record() plus the name of the input format it was recognised as."""
+    if isinstance(obj, list):
+        return "chat", _conversation(obj), "message_list"
+    if not isinstance(obj, dict):
+        raise BadRecord("unknown_shape")
+    if "chosen" in obj and "rejected" in obj:
+        return "pair", _pair(obj), "pair"
+    for key in ("conversations", "messages"):
+        if key in obj:
+            messages = _system_field(obj) + _messages(obj[key])
+            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and "from" in obj[key][0] else key
+            return "chat", _checked(messages), fmt
+    if "instruction" in obj and "output" in obj:
+        return "chat", _alpaca(obj), "alpaca"
+    for key in ("text", "content", "completion"):
+        if key in obj:
+            return "text", _text(obj[key]), key
+    raise BadRecord("unknown_shape")
+
+
+def _text(value, allow_empty=False):
+    if not isinstance(value, str):
+        raise BadRecord("non_string_content")
+    if not allow_empty and not value.strip():
+        raise BadRecord("empty_content")
+    return value
+
+
+def _message(m):
+    if not isinstance(m, dict):
+        raise BadRecord("bad_message")
+    if "role" in m and "content" in m:
+        role, content = m["role"], m["content"]
+    elif "from" in m and "value" in m:
+        role, content = m["from"], m["value"]
+    else:
+        raise BadRecord("bad_message")
+    role = _ROLES.get(role.lower()) if isinstance(role, str) else None
+    if role is None:
+        raise BadRecord("unknown_role")
+    out = {"role": role, "content": _text(content, allow_empty=role == "system")}
+    reasoning = m.get("reasoning_content")
+    if role == "assistant" and reasoning is not None and _text(reasoning, allow_empty=True).strip():
+        out["reasoning_content"] = reasoning
+    return out
+
+
+def _messages(value):
+    """Messages of a list, with empty system messages dropped; not yet checked for a reply."""
+    if not isinstance(value, list):
+        raise BadRecord("unknown_shape")
+    messages = [_message(m) for m in value]
+    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
+
+
+def _checked(messages):
+    if not messages:
+        raise BadRecord("empty_conversation")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant")
+    return messages
+
+
+def _conversation(value):
+    if not value:
+        raise BadRecord("empty_conversation")
+    return _checked(_messages(value))
+
+
+def _system_field(obj):
+    """A top-level "system" string (Alpaca, some ShareGPT dumps) as a leading system message."""
+    system = obj.get("system")
+    if system is None:
+        return []
+    return [{"role": "system", "content": _text(system, allow_empty=True)}] if _text(system, allow_empty=True).strip() else []
+
+
+def _alpaca(obj):
+    instruction, extra = _text(obj["instruction"], allow_empty=True), _text(obj.get("input") or "", allow_empty=True)
+    prompt = "\n".join(s for s in (instruction, extra) if s)
+    messages = _system_field(obj)
+    history = obj.get("history") or []
+    if not isinstance(history, list):
+        raise BadRecord("bad_message")
+    for turn in history:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise BadRecord("bad_message")
+        messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
+    messages += [{"role": "user", "content": _text(prompt)}, {"role": "assistant", "content": _text(obj["output"])}]
+    return messages
+
+
+def _pair(obj):
+    """(chosen, rejected) message lists that share every message but the final assistant reply."""
+    prompt = obj.get("prompt")
+    if prompt is None:
+        prompt = obj.get("conversations", obj.get("messages", []))
+    prompt = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
+    if not prompt and (isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str)):
+        raise BadRecord("unknown_shape")
+    chosen, rejected = _answer(obj["chosen"], prompt), _answer(obj["rejected"], prompt)
+    for side in (chosen, rejected):
+        if not side or side[-1]["role"] != "assistant":
+            raise BadRecord("no_assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("pair_prompt_mismatch")
+    return chosen, rejected
+
+
+def _answer(value, prompt):
+    if isinstance(value, str):
+        return prompt + [{"role": "assistant", "content": _text(value)}]
+    if isinstance(value, dict):
+        return prompt + [_message(value)]
+    messages = _messages(value)
+    return messages if messages[: len(prompt)] == prompt else prompt + messages

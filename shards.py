@@ -1,0 +1,247 @@
+"""
+The on-disk format of a prepared dataset: written by prepare.py, read by train.py.
+
+    meta.json              written last, atomically; a directory without it is incomplete
+    tokenizer.json (+ tokenizer_config.json, chat_template.jinja, special_tokens_map.json)
+    {split}_{NNNNN}.bin    token ids, uint16 (uint32 when vocab_size > 65535)
+    {split}_{NNNNN}.mask   uint8 per token, 1 = this token is a training target
+    {split}_{NNNNN}.idx    uint64 start offset of each document within the shard
+
+Splits are "train" and "val". A document never spans two shards; a DPO pair
+is two consecutive documents (chosen, then rejected) of one shard. Readers
+address a split as one long array: document offsets and read() positions
+are global over the concatenation of its shards.
+"""
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+import configurator
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+SUFFIXES = ("bin", "mask", "idx")
+SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.(bin|mask|idx)$")
+
+
+def token_dtype(vocab_size):
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def shard_name(split, index):
+    return f"{split}_{index:05d}"
+
+
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Streams documents of one split into shards of at most `shard_tokens` tokens (a longer
+    document gets a shard of its own), hashing every byte as it is written."""
+
+    _FLUSH_TOKENS = 1 << 20
+
+    def __init__(self, out_dir, split, dtype, shard_tokens):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, np.dtype(dtype), shard_tokens
+        self.shards = []  # finished shard dicts, as they go into meta.json
+        self.tokens = self.documents = self.targets = 0
+        self._files = None
+
+    def add(self, ids, mask):
+        """Append one document."""
+        self._make_room(len(ids))
+        self._put(ids, mask)
+
+    def add_pair(self, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
+        """Append a DPO pair: two consecutive documents, always in the same shard."""
+        self._make_room(len(chosen_ids) + len(rejected_ids))
+        self._put(chosen_ids, chosen_mask)
+        self._put(rejected_ids, rejected_mask)
+
+    def close(self):
+        """Finish the last shard; return the list of shard dicts."""
+        if self._files is not None:
+            self._finish_shard()
+        return self.shards
+
+    def _make_room(self, n):
+        if self._files is not None and self._shard_tokens + n > self.shard_tokens and self._shard_tokens > 0:
+            self._finish_shard()
+        if self._files is None:
+            self._start_shard()
+
+    def _start_shard(self):
+        self._name = shard_name(self.split, len(self.shards))
+        self._files = {s: open(os.path.join(self.out_dir, f"{self._name}.{s}"), "wb") for s in SUFFIXES}
+        self._hashes = {s: hashlib.sha256() for s in SUFFIXES}
+        self._pending = {s: [] for s in SUFFIXES}
+        self._pending_tokens = 0
+        self._shard_tokens = self._shard_docs = 0
+
+    def _put(self, ids, mask):
+        n = len(ids)
+        if len(mask) != n:
+            raise ValueError(f"document has {n} tokens but {len(mask)} mask values")
+        self._pending["idx"].append(self._shard_tokens)
+        self._pending["bin"].append(np.asarray(ids).astype(self.dtype, copy=False))
+        self._pending["mask"].append(np.asarray(mask).astype(np.uint8, copy=False))
+        self._shard_tokens += n
+        self._shard_docs += 1
+        self.tokens += n
+        self.documents += 1
+        self.targets += int(np.count_nonzero(self._pending["mask"][-1]))
+        self._pending_tokens += n
+        if self._pending_tokens >= self._FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self):
+        arrays = {
+            "bin": np.concatenate(self._pending["bin"]) if self._pending["bin"] else np.zeros(0, self.dtype),
+            "mask": np.concatenate(self._pending["mask"]) if self._pending["mask"] else np.zeros(0, np.uint8),
+            "idx": np.asarray(self._pending["idx"], dtype=np.uint64),
+        }
+        for s, a in arrays.items():
+            data = a.tobytes()
+            self._files[s].write(data)
+            self._hashes[s].update(data)
+            self._pending[s] = []
+        self._pending_tokens = 0
+
+    def _finish_shard(self):
+        self._flush()
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self.shards.append({
+            "name": self._name,
+            "tokens": self._shard_tokens,
+            "documents": self._shard_docs,
+            "sha256": {s: h.hexdigest() for s, h in self._hashes.items()},
+        })
+        self._files = None
+
+
+def write_meta(out_dir, meta):
+    """Write meta.json atomically: a temporary file, fsync, rename, fsync of the directory."""
+    path = os.path.join(out_dir, "meta.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_meta(data_dir):
+    """meta.json of a complete prepared directory, or a one-line error (exit 2)."""
+    data_dir = str(data_dir)
+    if not os.path.isdir(data_dir):
+        configurator.fail(f"data directory '{data_dir}' does not exist (run prepare.py first)")
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        configurator.fail(f"data directory '{data_dir}' is incomplete (no meta.json): prepare.py did not finish; re-run prepare.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        configurator.fail(f"cannot read '{path}': {e}")
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        configurator.fail(f"'{path}' has format version {version!r}; this code reads version {FORMAT_VERSION}: re-run prepare.py")
+    return meta
+
+
+class Split:
+    """One split of a prepared dataset, memory-mapped, addressed by global token positions."""
+
+    def __init__(self, data_dir, name, meta, verify=False):
+        if name not in meta["splits"]:
+            configurator.fail(f"data directory '{data_dir}' has no split '{name}'")
+        self.name, self.meta = name, meta
+        dtype = np.dtype(meta["dtype"])
+        self._bins, self._masks, starts = [], [], []
+        offset = 0
+        for shard in meta["splits"][name]["shards"]:
+            paths = {s: os.path.join(data_dir, f"{shard['name']}.{s}") for s in SUFFIXES}
+            expected = {"bin": shard["tokens"] * dtype.itemsize, "mask": shard["tokens"], "idx": shard["documents"] * 8}
+            for s, path in paths.items():
+                if not os.path.isfile(path):
+                    configurator.fail(f"shard file '{path}' is missing (listed in meta.json): re-run prepare.py")
+                size = os.path.getsize(path)
+                if size != expected[s]:
+                    configurator.fail(f"shard file '{path}' has {size} bytes, meta.json says {expected[s]}: re-run prepare.py")
+                if verify and sha256_file(path) != shard["sha256"][s]:
+                    configurator.fail(f"shard file '{path}' fails its sha256 checksum (meta.json): re-run prepare.py")
+            tokens = np.memmap(paths["bin"], dtype=dtype, mode="r", shape=(shard["tokens"],))
+            if verify:
+                _check_ids(tokens, meta["vocab_size"], paths["bin"])
+            self._bins.append(tokens)
+            self._masks.append(np.memmap(paths["mask"], dtype=np.uint8, mode="r", shape=(shard["tokens"],)))
+            starts.append(np.fromfile(paths["idx"], dtype=np.uint64).astype(np.int64) + offset)
+            offset += shard["tokens"]
+        self._offsets = np.cumsum([0] + [len(b) for b in self._bins])
+        self.num_tokens = int(offset)
+        self.doc_starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        # Documents fill their shards back to back, so each ends where the next starts.
+        self.doc_ends = np.append(self.doc_starts[1:], self.num_tokens).astype(np.int64)
+        self.num_docs = len(self.doc_starts)
+
+    def read(self, start, length):
+        """(tokens int64, mask uint8) of global positions [start, start + length), across shards."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read({start}, {length}) outside split '{self.name}' of {self.num_tokens} tokens")
+        tokens = np.empty(length, dtype=np.int64)
+        mask = np.empty(length, dtype=np.uint8)
+        i = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        done = 0
+        while done < length:
+            local = start + done - int(self._offsets[i])
+            n = min(length - done, len(self._bins[i]) - local)
+            tokens[done : done + n] = self._bins[i][local : local + n]
+            mask[done : done + n] = self._masks[i][local : local + n]
+            done += n
+            i += 1
+        return tokens, mask
+
+    def document(self, i):
+        """(tokens, mask) of document i (for DPO: 2k is the chosen, 2k+1 the rejected of pair k)."""
+        start = int(self.doc_starts[i])
+        return self.read(start, int(self.doc_ends[i]) - start)
+
+
+def _check_ids(tokens, vocab_size, path, chunk=1 << 24):
+    for lo in range(0, len(tokens), chunk):
+        top = int(tokens[lo : lo + chunk].max())
+        if top >= vocab_size:
+            configurator.fail(f"shard file '{path}' holds token id {top} >= vocab_size {vocab_size}: re-run prepare.py")
+
+
+def open_split(data_dir, split, meta=None, verify=False):
+    """A Split of a prepared directory. Always checks that every shard file exists with the size
+    meta.json gives; verify=True also checks sha256 checksums and that every id < vocab_size."""
+    meta = load_meta(data_dir) if meta is None else meta
+    return Split(str(data_dir), split, meta, verify=verify)

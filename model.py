@@ -306,17 +306,17 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
         cache = KVCache(self.cfg, 1, prompt.shape[1] + steps, device, dtype)
-        seen = prompt[0].clone()
-        logits = self(prompt, cache, 0)[:, -1]
-        pos = prompt.shape[1]
-        for _ in range(steps):
-            next_id = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty, generator)
+        # the prompt and every token generated so far, preallocated, for the repetition penalty
+        ids = torch.empty(prompt.shape[1] + steps, dtype=torch.long, device=device)
+        ids[: prompt.shape[1]] = prompt[0]
+        logits = self.lm_head(self.hidden_states(prompt, cache, 0)[:, -1])  # the head on the last position only
+        for pos in range(prompt.shape[1], prompt.shape[1] + steps):
+            next_id = sample_next(logits.float(), ids[:pos], temperature, top_k, top_p, repetition_penalty, generator)
             yield next_id
             if next_id in stop_ids:
                 return
-            seen = torch.cat((seen, seen.new_tensor([next_id])))
-            logits = self(seen.new_tensor([[next_id]]), cache, pos)[:, -1]
-            pos += 1
+            ids[pos] = next_id
+            logits = self(ids.new_full((1, 1), next_id), cache, pos)[:, -1]
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""export.py: a run directory -> an HF directory that transformers loads as a plain Llama, and back."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import export
+from chat import load_tokenizer, train_tokenizer
+from checkpoint import load_model, save_checkpoint
+from model import ModelConfig, Transformer
+from sample import chat_prompt_ids, complete, reply
+
+transformers = pytest.importorskip("transformers")
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo")
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "计算：145 + 21"},
+    {"role": "assistant", "content": "166", "reasoning_content": "5+1=6, 4+2=6, 1: 166."},
+    {"role": "user", "content": "Reverse the word \"show\" 🙂"},
+    {"role": "assistant", "content": "wohs"},
+    {"role": "user", "content": "谁开发了你？"},
+]
+
+
+def demo_lines(n=300):
+    """A few hundred short lines of the demo corpus: English, Chinese, chat replies."""
+    lines = []
+    for name in ("pretrain.jsonl", "sft_train.jsonl"):
+        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
+            for _, line in zip(range(n // 2), f):
+                record = json.loads(line)
+                if "text" in record:
+                    lines.append(record["text"])
+                else:
+                    lines.extend(m["content"] for m in record["conversations"])
+    return lines
+
+
+def make_run_dir(path, stage="sft", tie_embeddings=True, n_kv_heads=2, steps=30, seed=0):
+    """A run directory as train.py writes it, from a few AdamW steps on a tiny model (weights off their init)."""
+    torch.manual_seed(seed)
+    lines = demo_lines()
+    tok = train_tokenizer(lines, 400)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                      max_seq_len=256, rope_theta=5e5, tie_embeddings=tie_embeddings)
+    model = Transformer(cfg)
+    stream = []
+    for line in lines:
+        stream += tok.encode(line) + [tok.eot_id]
+    data = torch.tensor(stream[: 8 * 65]).view(8, 65)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = model(data[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    os.makedirs(path, exist_ok=True)
+    save_checkpoint(str(path), {
+        "model": model.state_dict(), "model_config": cfg.to_dict(), "stage": stage, "iter": steps,
+        "config": {"block_size": 256, "stage": stage}, "optimizer": opt.state_dict(),
+    })
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=[(True, 2), (False, 4)], ids=["tied-gqa", "untied-mha"])
+def exported(request, tmp_path_factory):
+    tied, kv = request.param
+    root = tmp_path_factory.mktemp("tied" if tied else "untied")
+    run = make_run_dir(root / "run", tie_embeddings=tied, n_kv_heads=kv)
+    export.export(run, str(root / "hf"), "float32")
+    return run, str(root / "hf")
+
+
+def test_logits_equal_transformers(exported):
+    run, hf_dir = exported
+    ours, _ = load_model(run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.config.tie_word_embeddings == ours.cfg.tie_embeddings
+    idx = torch.randint(0, ours.cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def hf_greedy(hf, prompt, **kwargs):
+    x = torch.tensor([prompt])
+    return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False, **kwargs)[0, len(prompt):].tolist()
+
+
+def until(ids, stops):
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def test_greedy_text_equals_transformers_generate(exported):
+    run, hf_dir = exported
+    ours, _ = load_model(run)
+    tok = load_tokenizer(run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    chat_prompt = hf_tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    text_prompt = [tok.eot_id] + tok.encode("床前明月光，")
+    for prompt in (chat_prompt, text_prompt):  # 30 tokens on both sides, no stop token
+        assert list(ours.generate(prompt, 30, temperature=0)) == hf_greedy(hf, prompt, eos_token_id=None)
+    # HF stops where generation_config.json says (<|im_end|>, <|endoftext|>), sample.py where a chat reply ends
+    hf_reply = until(hf_greedy(hf, chat_prompt), (tok.im_end_id, tok.eot_id))
+    assert reply(ours, tok, CONVERSATION, temperature=0, max_new_tokens=30) == hf_tok.decode(hf_reply)
+    hf_continuation = until(hf_greedy(hf, text_prompt, eos_token_id=None), (tok.eot_id,))
+    assert complete(ours, tok, "床前明月光，", temperature=0, max_new_tokens=30) == hf_tok.decode(hf_continuation)
+
+
+def test_chat_template_ids_equal_sample_prompt_ids(exported):
+    run, hf_dir = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_ids = hf_tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    assert hf_ids == chat_prompt_ids(load_tokenizer(run), CONVERSATION)
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        template = json.load(f)["chat_template"]
+    with open(os.path.join(hf_dir, "chat_template.jinja"), encoding="utf-8") as f:
+        assert f.read() == template
+
+
+def test_import_back_gives_identical_weights(exported):
+    run, hf_dir = exported
+    ours, _ = load_model(run)
+    back, info = load_model(hf_dir)
+    assert info["kind"] == "hf" and back.cfg == ours.cfg
+    a, b = ours.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_files(exported):
+    run, hf_dir = exported
+    tok = load_tokenizer(run)
+    ours, _ = load_model(run)
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(hf_dir, "generation_config.json"), encoding="utf-8") as f:
+        generation = json.load(f)
+    assert config["rope_theta"] == 5e5 and config["rope_parameters"]["rope_theta"] == 5e5
+    assert config["tie_word_embeddings"] == ours.cfg.tie_embeddings
+    assert config["eos_token_id"] == tok.im_end_id  # an sft run: a reply ends at <|im_end|>
+    assert generation["eos_token_id"] == [tok.im_end_id, tok.eot_id]
+    assert generation["pad_token_id"] == tok.eot_id
+    assert not any(name.endswith(".py") for name in os.listdir(hf_dir))  # no custom code
+
+    from safetensors import safe_open
+    with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert ("lm_head.weight" in names) != ours.cfg.tie_embeddings  # a tied head is not stored twice
+
+
+def test_pretrain_run_ends_at_endoftext_and_bfloat16(tmp_path):
+    run = make_run_dir(tmp_path / "run", stage="pretrain", steps=1)
+    assert export.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
+    tok = load_tokenizer(run)
+    with open(tmp_path / "hf" / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    with open(tmp_path / "hf" / "generation_config.json", encoding="utf-8") as f:
+        generation = json.load(f)
+    assert config["eos_token_id"] == tok.eot_id and generation["eos_token_id"] == tok.eot_id
+    assert config["torch_dtype"] == "bfloat16"
+
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    ours, _ = load_model(run)
+    back, _ = load_model(str(tmp_path / "hf"))
+    for name, t in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t.bfloat16().float())
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        export.main([f"--out_dir={tmp_path}"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        export.main([f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", "--dtype=int8"])
+    assert e.value.code == 2

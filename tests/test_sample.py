@@ -1,0 +1,137 @@
+"""sample.py: prompts, history truncation, streaming decode, --think, the command line."""
+
+import pytest
+
+import sample
+from chat import load_tokenizer
+from test_export import make_run_dir  # the tiny run directory shared with the export tests
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("sft") / "run", stage="sft")
+
+
+@pytest.fixture(scope="module")
+def loaded(sft_run):
+    return sample.load(sft_run)
+
+
+def test_streaming_never_prints_half_a_character(loaded):
+    _, tok, _ = loaded
+    text = "床前明月光，疑是地上霜。🙂 naïve — ok"
+    ids = tok.encode(text)
+    # the test means something only if some token boundary falls inside a character
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))
+    pieces = list(sample.stream_text(tok, iter(ids)))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_think_hide_drops_the_reasoning_block(loaded):
+    _, tok, _ = loaded
+    think, end_think = tok.special_ids["<think>"], tok.special_ids["</think>"]
+    ids = [think] + tok.encode("\n先算个位：5+1=6。\n") + [end_think] + tok.encode("\n答案是166")
+    assert "".join(sample.stream_text(tok, iter(ids), think="hide")) == "答案是166"
+    shown = "".join(sample.stream_text(tok, iter(ids), think="show"))
+    assert shown == "<think>\n先算个位：5+1=6。\n</think>\n答案是166"
+    # a block cut off by max_new_tokens hides to the end
+    assert "".join(sample.stream_text(tok, iter(ids[:8]), think="hide")) == ""
+
+
+def test_history_drops_whole_turns_oldest_first(loaded):
+    _, tok, _ = loaded
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} 问题"}, {"role": "assistant", "content": f"answer {i} 回答"}]
+    messages = [system] + turns + [{"role": "user", "content": "last"}]
+    full = len(sample.chat_prompt_ids(tok, messages))
+    kept, ids = sample.fit_history(tok, messages, full)
+    assert kept == messages
+    kept, ids = sample.fit_history(tok, messages, full - 1)
+    assert kept[0] == system and kept[1:] == messages[3:]  # the oldest turn (question + answer) went, whole
+    assert ids == sample.chat_prompt_ids(tok, kept) and len(ids) < full
+    kept, ids = sample.fit_history(tok, messages, len(sample.chat_prompt_ids(tok, [system, messages[-1]])))
+    assert kept == [system, messages[-1]]
+    kept, ids = sample.fit_history(tok, messages, 5)
+    assert kept is None
+
+
+def test_default_mode_follows_the_stage(tmp_path, loaded):
+    assert loaded[2]["chat"] and loaded[2]["block_size"] == 256
+    pretrain = make_run_dir(tmp_path / "pretrain", stage="pretrain", steps=1)
+    assert not sample.load(pretrain)[2]["chat"]
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    import torch
+
+    model, tok, _ = loaded
+    messages = [{"role": "user", "content": "你好"}]
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return sample.reply(model, tok, messages, max_new_tokens=20, temperature=1.0, top_p=0.95, generator=g)
+
+    assert draw(1) == draw(1)
+    assert len({draw(1), draw(2), draw(3)}) > 1
+
+
+def test_main_prints_a_reply_and_exits_0(sft_run, tmp_path, capsys):
+    assert sample.main([f"--out_dir={sft_run}", "--prompt=你好，你是谁？", "--max_new_tokens=12", "--temperature=0"]) == 0
+    out = capsys.readouterr().out
+    model, tok, _ = sample.load(sft_run)
+    expected = sample.reply(model, tok, [{"role": "user", "content": "你好，你是谁？"}], max_new_tokens=12, temperature=0)
+    assert expected and out == expected + "\n"
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("床前明月光，\n\nHello\n", encoding="utf-8")
+    assert sample.main([f"--out_dir={sft_run}", "--mode=complete", f"--prompt_file={prompts}",
+                        "--num_samples=2", "--max_new_tokens=8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("床前明月光，") and out.count("---------------") == 2 and "\nHello" in out
+
+
+def test_interactive_chat_keeps_the_conversation(loaded, capsys, monkeypatch):
+    model, tok, info = loaded
+    prompts = []
+    generate = model.generate
+
+    def recording(prompt_ids, *args, **kwargs):
+        prompts.append(tok.decode(prompt_ids))
+        return generate(prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    lines = iter(["first question", "second question", "/reset", "third question", "/exit", "never read"])
+    settings = {"chat": True, "num_samples": 1, "head": [],
+                "sampling": {"max_new_tokens": 10, "temperature": 0.0}}
+    sample.interactive_chat(model, tok, info, settings, read=lambda _: next(lines))
+    assert len(prompts) == 3
+    assert "first question" in prompts[1] and "second question" in prompts[1]
+    assert "first question" not in prompts[2] and "third question" in prompts[2]
+    assert "(conversation cleared)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--out_dir=a", "--hf_dir=b"], ["--out_dir=a", "--think=maybe"], ["--out_dir=a", "--top_p=0"],
+])
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+
+
+def test_decode_speed_runs_every_step(loaded, monkeypatch):
+    model, _, _ = loaded
+    steps = []
+    generate = model.generate
+
+    def counting(*args, **kwargs):
+        for t in generate(*args, **kwargs):
+            steps.append(t)
+            yield t
+
+    monkeypatch.setattr(model, "generate", counting)
+    assert sample.decode_speed(model, prompt_len=4, new_tokens=6, repeats=2) > 0
+    assert len(steps) == 12  # no stop token ends a timed run early

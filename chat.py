@@ -26,6 +26,8 @@ that starts with whitespace, or a SentencePiece model that turns the header's
 is a target.
 """
 
+import bisect
+import itertools
 import json
 import os
 import re
@@ -80,8 +82,8 @@ class ChatTokenizer:
         self._full = _from_spec(spec, added)
         self._plain = _from_spec(spec, [a for a in added if a["content"] not in specials])
         self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
-        self._special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-        self._special_set = specials
+        self._special_re = _alternation(specials)
+        self._control_re = _alternation(specials - set(REASONING_TAGS))
 
     # -- plain text -----------------------------------------------------------------------------
     def encode(self, text):
@@ -109,77 +111,60 @@ class ChatTokenizer:
 
     def render_chats(self, conversations, add_generation_prompt=False, last_reply_only=False):
         """render_chat() of many conversations, batched; returns [(ids int64 array, mask uint8 array)]."""
-        layouts = [self._layout(m, add_generation_prompt, last_reply_only) for m in conversations]
-        fast = [i for i, lay in enumerate(layouts) if lay[3]]
-        encoded = dict(zip(fast, self._full.encode_batch([layouts[i][0] for i in fast], add_special_tokens=False)))
+        layouts = [self._layout(m, add_generation_prompt) for m in conversations]
+        clean = [i for i, (_, _, _, is_clean) in enumerate(layouts) if is_clean]
+        texts = ["".join(s for s, _ in layouts[i][0]) for i in clean]
+        encoded = dict(zip(clean, self._full.encode_batch(texts, add_special_tokens=False)))
         out = []
-        for i, (text, segments, replies, _) in enumerate(layouts):
-            if i in encoded:
-                ids, offsets = encoded[i].ids, encoded[i].offsets
-            else:
-                ids, offsets = self._encode_segments(text, segments)
-            ids = np.asarray(ids, dtype=np.int64)
-            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        for i, (pieces, replies, _, _) in enumerate(layouts):
+            ids, offsets = (encoded[i].ids, encoded[i].offsets) if i in encoded else self._encode_pieces(pieces)
             mask = np.zeros(len(ids), dtype=np.uint8)
-            for lo, hi in replies:  # targets: the tokens holding any character of [lo, hi)
-                first = np.searchsorted(offsets[:, 1], lo, side="right")
-                mask[first : np.searchsorted(offsets[:, 0], hi)] = 1
-            out.append((ids, mask))
+            for lo, hi in replies[-1:] if last_reply_only else replies:
+                # targets: the tokens holding any character of [lo, hi)
+                first = bisect.bisect_right(offsets, lo, key=_token_end)
+                mask[first : bisect.bisect_left(offsets, hi, key=_token_start)] = 1
+            out.append((np.array(ids, dtype=np.int64), mask))
         return out
 
-    def _layout(self, messages, add_generation_prompt, last_reply_only):
-        """The rendered text; its segments (start, end, how) with how one of "special", "plain",
-        "reply"; the character ranges of the target replies; and whether one encode() of the whole
-        text gives the right ids (true unless some content holds a special-token string)."""
-        segments, replies, parts = [], [], []
-        pos, clean = 0, True
-
-        def put(s, how):
-            nonlocal pos
-            parts.append(s)
-            segments.append((pos, pos + len(s), how))
-            pos += len(s)
-
+    def _layout(self, messages, add_generation_prompt):
+        """The rendered ChatML as pieces (text, how), how being "special" (a structural special
+        token), "plain" or "reply" (text of an assistant message); the character ranges of the
+        replies; and whether encoding the joined text at once gives the right ids, as it does
+        unless some content holds a special-token string."""
+        pieces, replies, pos, clean = [], [], 0, True
         for m in messages:
             role, content = m["role"], m["content"]
-            is_reply = role == "assistant"
-            how = "reply" if is_reply else "plain"
-            put("<|im_start|>", "special")
-            put(role + "\n", how)
-            reply_start = pos
-            reasoning = m.get("reasoning_content") if is_reply else None
+            how = "reply" if role == "assistant" else "plain"
+            reasoning = m.get("reasoning_content") if how == "reply" else None
+            pieces += [("<|im_start|>", "special"), (role + "\n", how)]
+            start = pos + len("<|im_start|>") + len(role) + 1
             if reasoning:
-                put("<think>", "special")
-                put("\n" + reasoning + "\n", how)
-                put("</think>", "special")
-                put("\n", how)
-            put(content, how)
-            put("<|im_end|>", "special")
-            if is_reply:
-                replies.append((reply_start, pos))
-            for s in ([content, reasoning] if reasoning else [content]):
-                for found in self._special_re.findall(s):
-                    clean &= is_reply and found in REASONING_TAGS
-            put("\n", "plain")
+                pieces += [("<think>", "special"), ("\n" + reasoning + "\n", how), ("</think>", "special"), ("\n", how)]
+            pieces += [(content, how), ("<|im_end|>", "special"), ("\n", "plain")]
+            end = start + len(content) + len("<|im_end|>") + (len(reasoning) + len("<think>\n\n</think>\n") if reasoning else 0)
+            if how == "reply":
+                replies.append((start, end))
+            pos = end + 1
+            forbidden = self._control_re if how == "reply" else self._special_re  # reasoning tags: see module doc
+            clean = clean and not forbidden.search(content) and not (reasoning and forbidden.search(reasoning))
         if add_generation_prompt:
-            put("<|im_start|>", "special")
-            put("assistant\n", "plain")
-        if last_reply_only:
-            replies = replies[-1:]
-        return "".join(parts), _merge_text_segments(segments), replies, clean
+            pieces += [("<|im_start|>", "special"), ("assistant\n", "plain")]
+        return pieces, replies, pos, clean
 
-    def _encode_segments(self, text, segments):
-        """Ids and character offsets of `text`, encoding each segment on its own: the structural
-        special tokens as their ids, message text with special-token strings kept as text."""
-        ids, offsets = [], []
-        for lo, hi, how in segments:
-            if how == "special":
-                ids.append(self.special_ids[text[lo:hi]])
-                offsets.append((lo, hi))
-                continue
-            enc = (self._reply if how == "reply" else self._plain).encode(text[lo:hi], add_special_tokens=False)
-            ids.extend(enc.ids)
-            offsets.extend((lo + a, lo + b) for a, b in enc.offsets)
+    def _encode_pieces(self, pieces):
+        """Ids and character offsets of the joined pieces, each run of message text encoded on its
+        own (special-token strings in it stay text), the structural special tokens as their ids."""
+        ids, offsets, pos = [], [], 0
+        for how, run in itertools.groupby(pieces, key=lambda p: p[1]):
+            for s in [p[0] for p in run] if how == "special" else ["".join(p[0] for p in run)]:
+                if how == "special":
+                    ids.append(self.special_ids[s])
+                    offsets.append((pos, pos + len(s)))
+                else:
+                    enc = (self._reply if how == "reply" else self._plain).encode(s, add_special_tokens=False)
+                    ids.extend(enc.ids)
+                    offsets.extend((pos + a, pos + b) for a, b in enc.offsets)
+                pos += len(s)
         return ids, offsets
 
     # -- files ----------------------------------------------------------------------------------
@@ -211,20 +196,20 @@ class ChatTokenizer:
         return self._tok.to_str()
 
 
+def _alternation(strings):
+    return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
+
+
+def _token_start(offset):
+    return offset[0]
+
+
+def _token_end(offset):
+    return offset[1]
+
+
 def _from_spec(spec, added_tokens):
     return Tokenizer.from_str(json.dumps(dict(spec, added_tokens=added_tokens)))
-
-
-def _merge_text_segments(segments):
-    """Join neighbouring text segments of the same kind (a role header and its content are one
-    span for the tokenizer, exactly as when the whole text is encoded)."""
-    merged = []
-    for seg in segments:
-        if merged and seg[2] != "special" and merged[-1][2] == seg[2] and merged[-1][1] == seg[0]:
-            merged[-1] = (merged[-1][0], seg[1], seg[2])
-        else:
-            merged.append(seg)
-    return merged
 
 
 def _write_json(path, obj):
@@ -433,23 +418,25 @@ def detect_record(obj):
     raise BadRecord("unknown_shape")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(value, allow_empty=False):
     if not isinstance(value, str):
         raise BadRecord("non_string_content")
+    if _SURROGATE.search(value):  # a JSON escape such as "\ud800" alone: not encodable text
+        raise BadRecord("lone_surrogate")
     if not allow_empty and not value.strip():
         raise BadRecord("empty_content")
     return value
 
 
 def _message(m):
-    if not isinstance(m, dict):
+    if not isinstance(m, dict) or ("role" not in m and "from" not in m) or ("content" not in m and "value" not in m):
         raise BadRecord("bad_message")
-    if "role" in m and "content" in m:
-        role, content = m["role"], m["content"]
-    elif "from" in m and "value" in m:
-        role, content = m["from"], m["value"]
-    else:
-        raise BadRecord("bad_message")
+    # role/content (OpenAI) or from/value (ShareGPT); a null one is absent (Parquet rows carry both)
+    role = m.get("role") if m.get("role") is not None else m.get("from")
+    content = m.get("content") if m.get("content") is not None else m.get("value")
     role = _ROLES.get(role.lower()) if isinstance(role, str) else None
     if role is None:
         raise BadRecord("unknown_role")

@@ -60,6 +60,7 @@ def test_formats_normalise(record, kind, payload):
     ({"text": ""}, "empty_content"),
     ({"text": "  \n"}, "empty_content"),
     ({"text": 42}, "non_string_content"),
+    (json.loads('{"text": "half a pair \\ud83d here"}'), "lone_surrogate"),
     ({"conversations": []}, "empty_conversation"),
     ([], "empty_conversation"),
     ({"conversations": [{"role": "user", "content": "anyone?"}]}, "no_assistant"),

@@ -1,0 +1,585 @@
+"""
+prepare.py: jsonl -> tokenizer (trained here or loaded) -> token shards with loss masks.
+
+    python prepare.py --input='raw/*.jsonl' --out_dir=data/mine --tokenizer=train --vocab_size=6400
+    python prepare.py --input=raw/sft.jsonl,raw/belle.jsonl --out_dir=data/sft --tokenizer=data/mine
+    python prepare.py config/prepare_demo.py
+
+Inputs (`input`, `val_input`: comma-separated paths or globs), one record per line:
+.jsonl or .json; compressed .gz, .bz2, .xz, .zst, read as streams; Parquet
+(.parquet, one record per row) when pyarrow is installed; tar archives
+(.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst), whose .jsonl/.json members
+are read in order without unpacking. So the seq-monkey corpus,
+`mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2`, can be given as it is;
+unpacking it first (`tar -xjf ...jsonl.tar.bz2`) and giving the .jsonl makes
+the main pass faster, since bz2 decompression runs in the one reading process.
+A .json file that holds one JSON array (pretty-printed Alpaca style) is read
+whole, element by element: convert it to .jsonl to keep memory bounded.
+
+Records are detected one by one (chat.normalize_record): plain text
+({"text"}, {"content"}, {"completion"}), chat (conversations/messages with
+role/content or ShareGPT from/value, a bare list of messages, Alpaca
+instruction/input/output with optional system and history, assistant
+`reasoning_content`), preference pairs ({"chosen","rejected"}, optionally with
+"prompt"). stage=auto takes the stage from the first usable record (text ->
+pretrain, chat -> sft, pair -> dpo); a record of another kind later is an
+error, except plain text in a chat set with allow_mixed=True (all its tokens
+are targets). Bad records are skipped and counted by reason (strict=True stops
+at the first, naming file:line).
+
+Documents: pretraining text is encode(text) + <|endoftext|>, every token a
+target; a chat is its ChatML rendering with targets on the assistant replies;
+a DPO pair is two documents (chosen, rejected) with targets on the final reply
+only. max_len > 0 truncates longer documents (text keeps its final
+<|endoftext|>), counted in the summary; a chat left with no target, or a pair
+whose prompt alone reaches max_len, is skipped and counted. A record goes to
+the val split when hash(seed, record number) < val_fraction, or when it comes
+from a val_input file (val_fraction is then ignored).
+
+Output: see shards.py. The output does not depend on `workers`. meta.json is
+removed first and written last, so an interrupted run leaves a directory that
+every reader refuses; running again replaces it.
+"""
+
+import bz2
+import collections
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import lzma
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import chat
+import configurator
+import shards
+
+# -----------------------------------------------------------------------------
+# default config values
+input = ""  # comma-separated paths or globs of jsonl/json(.gz/.bz2/.xz/.zst)/parquet/tar files
+val_input = ""  # files whose records all go to the val split; when given, val_fraction is ignored
+out_dir = "data/prepared"
+tokenizer = "train"  # "train", or a path: prepared data dir, run dir, HF tokenizer dir, tokenizer.json, SentencePiece .model
+vocab_size = 6400  # for tokenizer="train"
+tokenizer_sample_bytes = 100_000_000  # train the tokenizer on the first this many bytes of input (0 = all)
+stage = "auto"  # auto | pretrain | sft | dpo
+allow_mixed = False  # keep plain-text records in a chat (sft) set, every token a target
+val_fraction = 0.01  # share of records (by document) in the val split
+max_len = 0  # truncate documents to this many tokens (0 = no limit)
+shard_tokens = 100_000_000  # tokens per shard at most (a longer document gets a shard of its own)
+workers = 0  # tokenizing processes (0 = all cores)
+seed = 1337  # for the train/val split
+strict = False  # stop at the first bad record
+# -----------------------------------------------------------------------------
+_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}
+
+STAGES = ("pretrain", "sft", "dpo")
+STAGE_OF_KIND = {"text": "pretrain", "chat": "sft", "pair": "dpo"}
+_CHUNK_BYTES = 1 << 20  # input is handed to workers in chunks of about this many bytes
+_EXAMPLES = 5  # file:line examples kept per skip reason
+_COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd")
+
+
+# -----------------------------------------------------------------------------
+# Reading input files
+
+
+def resolve_inputs(spec, key):
+    """The files named by a comma-separated list of paths and globs, in order."""
+    paths = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                configurator.fail(f"{key} '{item}' matches no file")
+        elif os.path.isdir(item):
+            configurator.fail(f"{key} '{item}' is a directory: give files or a glob such as '{item}/*.jsonl'")
+        elif not os.path.isfile(item):
+            configurator.fail(f"{key} '{item}' does not exist")
+        else:
+            found = [item]
+        paths += found
+    return paths
+
+
+def _strip_compression(name):
+    lower = name.lower()
+    if lower.endswith(".tgz"):
+        return name[:-4] + ".tar"
+    for ext in _COMPRESSED:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _decompressed(name, raw):
+    """A binary stream of the decompressed content of file `name` read from `raw`."""
+    lower = name.lower()
+    if lower.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=raw)
+    if lower.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    if lower.endswith(".xz"):
+        return lzma.LZMAFile(raw)
+    if lower.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return raw
+
+
+def _is_record_file(name):
+    return _strip_compression(name).lower().endswith((".jsonl", ".json"))
+
+
+def _sources(path):
+    """(label, iterator of raw lines, on-disk file) of each record stream in `path`: the file
+    itself, or each .jsonl/.json member of a tar archive."""
+    with open(path, "rb") as raw:
+        inner = _strip_compression(path).lower()
+        if inner.endswith(".parquet"):
+            yield path, _parquet_lines(path), raw
+        elif inner.endswith(".tar"):
+            with tarfile.open(fileobj=_decompressed(path, raw), mode="r|") as tar:
+                for member in tar:
+                    if member.isfile() and _is_record_file(member.name):
+                        label = f"{path}/{member.name}"
+                        yield label, _lines(label, _decompressed(member.name, tar.extractfile(member))), raw
+                    elif member.isfile():
+                        print(f"note: {path}: skipping member '{member.name}' (not .jsonl or .json)", file=sys.stderr)
+        else:
+            yield path, _lines(path, _decompressed(path, raw)), raw
+
+
+def _lines(label, stream):
+    """The lines of a jsonl stream; a .json holding a single JSON array yields one line per element."""
+    first = stream.readline()
+    if first.startswith(b"\xef\xbb\xbf"):
+        first = first[3:]  # a UTF-8 byte order mark
+    head = first.lstrip()
+    if _strip_compression(label).lower().endswith(".json") and head.startswith(b"[") and not _parses(head):
+        try:
+            records = json.loads(first + stream.read())
+        except ValueError as e:
+            configurator.fail(f"{label}: not one record per line and not a valid JSON array: {e}")
+        return (json.dumps(r, ensure_ascii=False).encode() for r in records)
+    return itertools.chain([first], stream) if first else iter(())
+
+
+def _parses(line):
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def _parquet_lines(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        configurator.fail(f"reading '{path}' needs pyarrow: pip install pyarrow")
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield json.dumps(row, ensure_ascii=False, default=str).encode()
+
+
+def read_chunks(paths, to_val, progress):
+    """Chunks of about _CHUNK_BYTES of raw lines: (label, first line number, ordinal of the first
+    line among all lines of `paths`, lines, to_val). `progress(n)` is told of on-disk bytes read."""
+    ordinal = 0
+    for path in paths:
+        seen = 0
+        for label, lines, raw in _sources(path):
+            buf, size, first = [], 0, 1
+            for number, line in enumerate(lines, 1):
+                buf.append(line)
+                size += len(line)
+                if size >= _CHUNK_BYTES:
+                    yield (label, first, ordinal, buf, to_val)
+                    ordinal, first, buf, size = ordinal + len(buf), number + 1, [], 0
+                    seen = _advance(progress, raw, seen)
+            if buf:
+                yield (label, first, ordinal, buf, to_val)
+                ordinal += len(buf)
+        _advance(progress, None, seen, os.path.getsize(path))
+
+
+def _advance(progress, raw, seen, now=None):
+    now = raw.tell() if now is None else now
+    progress(now - seen)
+    return now
+
+
+def iter_records(paths):
+    """(location, kind, payload) of the usable records of `paths`, and ("bad", reason) markers:
+    a light, single-process pass for sampling and peeking."""
+    for label, first, _, lines, _ in read_chunks(paths, False, lambda n: None):
+        for i, line in enumerate(lines):
+            if line.strip():
+                loc = f"{label}:{first + i}"
+                try:
+                    kind, payload, _ = chat.detect_record(_parse_line(line))
+                    yield loc, kind, payload
+                except chat.BadRecord as e:
+                    yield loc, "bad", e.reason
+
+
+def _parse_line(line):
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise chat.BadRecord("invalid_utf8") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise chat.BadRecord("invalid_json") from None
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing (in worker processes)
+
+_worker = {}
+
+
+def _init_worker(tok, settings):
+    _worker.update(settings, tok=tok)
+
+
+def _is_val(seed, ordinal, fraction):
+    digest = hashlib.blake2b(f"{seed}:{ordinal}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def _kind_fits(kind, w):
+    return w["stage"] == STAGE_OF_KIND[kind] or (w["stage"] == "sft" and kind == "text" and w["allow_mixed"])
+
+
+def _kind_error(kind, loc, w):
+    hint = "set allow_mixed=True to keep plain text in a chat set, " if w["stage"] == "sft" and kind == "text" else ""
+    return (f"{loc}: a {kind} record in a {w['stage']} dataset (stage {w['stage_origin']}); "
+            f"{hint}set stage= or give records of one kind")
+
+
+def process_chunk(chunk):
+    """Parse, check, split and tokenize one chunk. Returns its documents as flat arrays, in
+    record order, with the counts for the summary."""
+    label, first, ordinal, lines, to_val = chunk
+    w, tok = _worker, _worker["tok"]
+    res = {"records": 0, "bytes": sum(map(len, lines)), "bad": [], "dropped": [], "fatal": None,
+           "by_format": collections.Counter(), "truncated": 0}
+    units = []  # (kind, payload, is_val, index of the line)
+    for i, line in enumerate(lines):
+        if line.isspace() or not line:
+            continue
+        res["records"] += 1
+        try:
+            kind, payload, fmt = chat.detect_record(_parse_line(line))
+        except chat.BadRecord as e:
+            res["bad"].append((e.reason, f"{label}:{first + i}"))
+            continue
+        if not _kind_fits(kind, w):
+            res["fatal"] = _kind_error(kind, f"{label}:{first + i}", w)
+            return res
+        res["by_format"][fmt] += 1
+        is_val = to_val if to_val is not None else _is_val(w["seed"], ordinal + i, w["val_fraction"])
+        units.append((kind, payload, is_val, i))
+
+    texts = iter(tok.encode_batch([p for k, p, _, _ in units if k == "text"]))
+    chats = iter(tok.render_chats([p for k, p, _, _ in units if k == "chat"]))
+    pairs = iter(tok.render_chats([c for k, p, _, _ in units if k == "pair" for c in p], last_reply_only=True))
+    docs, unit_docs, unit_val = [], [], []
+    for kind, _, is_val, i in units:
+        if kind == "text":
+            ids = np.array(next(texts) + [tok.eot_id], dtype=np.uint32)
+            unit = [_truncate_text(ids, w["max_len"], tok.eot_id, res)]
+        elif kind == "chat":
+            unit = [_truncate_chat(next(chats), w["max_len"], res)]
+        else:
+            unit = _truncate_pair(next(pairs), next(pairs), w["max_len"], res)
+        if unit[0] is None:  # skipped for max_len, not for bad input: strict does not stop here
+            reason = "no_target_after_truncation" if kind == "chat" else "prompt_too_long"
+            res["dropped"].append((reason, f"{label}:{first + i}"))
+            continue
+        docs += unit
+        unit_docs.append(len(unit))
+        unit_val.append(is_val)
+    res["ids"] = np.concatenate([d[0] for d in docs]).astype(np.uint32) if docs else np.zeros(0, np.uint32)
+    res["mask"] = np.concatenate([d[1] for d in docs]) if docs else np.zeros(0, np.uint8)
+    res["doc_lens"] = np.array([len(d[0]) for d in docs], dtype=np.int64)
+    res["unit_docs"], res["unit_val"] = unit_docs, unit_val
+    return res
+
+
+def _truncate_text(ids, limit, eot_id, res):
+    mask = np.ones(len(ids), dtype=np.uint8)
+    if limit and len(ids) > limit:
+        res["truncated"] += 1
+        ids = np.append(ids[: limit - 1], np.uint32(eot_id))
+        mask = mask[:limit]
+    return ids, mask
+
+
+def _truncate_chat(doc, limit, res):
+    ids, mask = doc
+    if limit and len(ids) > limit:
+        ids, mask = ids[:limit], mask[:limit]
+        if not mask.any():
+            return None
+        res["truncated"] += 1
+    return ids, mask
+
+
+def _truncate_pair(chosen, rejected, limit, res):
+    if not limit or max(len(chosen[0]), len(rejected[0])) <= limit:
+        return [chosen, rejected]
+    prompt_len = int(np.argmax(chosen[1]))  # the first target token starts the final reply
+    if prompt_len >= limit:
+        return [None]
+    res["truncated"] += 1
+    return [(ids[:limit], mask[:limit]) for ids, mask in (chosen, rejected)]
+
+
+def _results(chunks, tok, settings, n_workers):
+    """process_chunk() over `chunks`, in order, with at most a few chunks in flight (bounded memory)."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; no fork warning
+    try:
+        if n_workers == 1:
+            _init_worker(tok, settings)
+            yield from map(process_chunk, chunks)
+            return
+        with multiprocessing.Pool(n_workers, initializer=_init_worker, initargs=(tok, settings)) as pool:
+            pending = collections.deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(process_chunk, (chunk,)))
+                if len(pending) >= 2 * n_workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    namespace = dict(_DEFAULTS)
+    config = configurator.configure(namespace, argv)
+    return prepare(**config)
+
+
+def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_bytes, stage, allow_mixed,
+            val_fraction, max_len, shard_tokens, workers, seed, strict):
+    if stage not in ("auto",) + STAGES:
+        configurator.fail(f"stage must be one of auto, {', '.join(STAGES)}; got '{stage}'")
+    if not 0 <= val_fraction < 1:
+        configurator.fail(f"val_fraction must be in [0, 1); got {val_fraction}")
+    if max_len < 0 or max_len == 1 or shard_tokens <= 0 or workers < 0 or tokenizer_sample_bytes < 0:
+        configurator.fail("max_len must be 0 (no limit) or >= 2; shard_tokens > 0; workers and tokenizer_sample_bytes >= 0")
+    if not input.strip():
+        configurator.fail("no input: set --input=PATH[,PATH...] (paths or globs)")
+    inputs = resolve_inputs(input, "input")
+    val_inputs = resolve_inputs(val_input, "val_input")
+    _check_writable(out_dir)
+    n_workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+    first_kind, first_loc = _first_record(inputs + val_inputs)
+    stage_origin = "given" if stage != "auto" else f"auto: from the first record, {first_loc}"
+    stage = STAGE_OF_KIND[first_kind] if stage == "auto" else stage
+
+    t0 = time.time()
+    if tokenizer == "train":
+        print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on "
+              f"{'all of the input' if not tokenizer_sample_bytes else f'the first {tokenizer_sample_bytes / 1e6:g} MB of input'}")
+        tok = chat.train_tokenizer(_sample_texts(inputs + val_inputs, tokenizer_sample_bytes), vocab_size)
+    else:
+        tok = chat.load_tokenizer(tokenizer)
+        if tok.added_special_tokens:
+            print(f"tokenizer {tokenizer}: added {tok.added_special_tokens} special tokens, vocab_size {tok.vocab_size}")
+    tokenizer_seconds = time.time() - t0
+
+    _clear_outputs(out_dir)
+    tok.save(out_dir)
+    dtype = shards.token_dtype(tok.vocab_size)
+    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens) for s in shards.SPLITS}
+    counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
+              "truncated": 0, "by_format": collections.Counter()}
+    settings = {"stage": stage, "stage_origin": stage_origin, "allow_mixed": allow_mixed, "seed": seed,
+                "val_fraction": val_fraction, "max_len": max_len}
+
+    t0 = time.time()
+    total = sum(os.path.getsize(p) for p in inputs + val_inputs)
+    n_workers = min(n_workers, 1 + total // _CHUNK_BYTES)  # no idle processes for a small input
+    input_bytes = 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None)  # on a terminal only
+    chunks = itertools.chain(read_chunks(inputs, False if val_inputs else None, bar.update),
+                             read_chunks(val_inputs, True, bar.update))
+    # closing(): an error stops the worker processes at once
+    with bar, contextlib.closing(_results(chunks, tok, settings, n_workers)) as results:
+        for res in results:
+            if res["fatal"]:
+                configurator.fail(res["fatal"])
+            if strict and res["bad"]:
+                reason, loc = res["bad"][0]
+                configurator.fail(f"{loc}: {reason} (strict=True stops at the first bad record)")
+            _tally(counts, res)
+            _write(writers, res)
+            input_bytes += res["bytes"]
+    seconds = time.time() - t0
+
+    splits = {s: {"tokens": w.tokens, "documents": w.documents, "targets": w.targets, "shards": w.close()}
+              for s, w in writers.items()}
+    if counts["kept"] == 0:
+        configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped)")
+    if splits["train"]["documents"] == 0:
+        configurator.fail("the train split is empty: lower val_fraction or give more input")
+    meta = {
+        "version": shards.FORMAT_VERSION,
+        "stage": stage,
+        "dtype": dtype,
+        "vocab_size": tok.vocab_size,
+        "special_ids": tok.special_ids,
+        "reasoning_tag_ids": tok.reasoning_tag_ids,
+        "tokenizer_sha256": shards.sha256_file(os.path.join(out_dir, "tokenizer.json")),
+        "tokenizer_source": tokenizer if tokenizer != "train" else f"trained here, vocab_size={vocab_size}",
+        "added_special_tokens": tok.added_special_tokens,
+        "max_len": max_len,
+        "seed": seed,
+        "val_fraction": 0.0 if val_inputs else val_fraction,
+        "allow_mixed": allow_mixed,
+        "inputs": inputs,
+        "val_inputs": val_inputs,
+        "splits": splits,
+        "counts": {**counts, "skipped": dict(counts["skipped"]), "by_format": dict(counts["by_format"])},
+        "timing": {"tokenizer_seconds": round(tokenizer_seconds, 3), "seconds": round(seconds, 3),
+                   "input_mb": round(input_bytes / 1e6, 3), "mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 3),
+                   "workers": n_workers},
+    }
+    shards.write_meta(out_dir, meta)
+    print_summary(out_dir, meta)
+    return meta
+
+
+def _check_writable(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".prepare-write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        configurator.fail(f"out_dir '{out_dir}' is not writable: {e.strerror or e}")
+
+
+def _clear_outputs(out_dir):
+    """Remove meta.json first (the directory is incomplete from here on), then old shards."""
+    for name in ["meta.json", "meta.json.tmp"] + sorted(os.listdir(out_dir)):
+        if name.startswith("meta.json") or shards.SHARD_FILE.match(name):
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _first_record(paths):
+    """(kind, location) of the first usable record; fails when there is none."""
+    reasons, examples = collections.Counter(), {}
+    for loc, kind, payload in iter_records(paths):
+        if kind != "bad":
+            return kind, loc
+        reasons[payload] += 1
+        examples.setdefault(payload, loc)
+    if not reasons:
+        configurator.fail(f"the input is empty: no record in {', '.join(paths)}")
+    detail = ", ".join(f"{n} {r} (first at {examples[r]})" for r, n in reasons.most_common())
+    configurator.fail(f"no usable record in the input: {detail}")
+
+
+def _sample_texts(paths, limit):
+    """The text of the input's usable records, as the tokenizer will see it, up to `limit` bytes."""
+    seen = 0
+    for _, kind, payload in iter_records(paths):
+        if kind == "bad":
+            continue
+        if kind == "text":
+            texts = [payload]
+        else:
+            messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
+            texts = [f"{m['role']}\n{m['content']}" for m in messages]
+            texts += [f"\n{m['reasoning_content']}\n" for m in messages if m.get("reasoning_content")]
+        for t in texts:
+            yield t
+            seen += len(t.encode("utf-8"))
+        if limit and seen >= limit:
+            return
+
+
+def _tally(counts, res):
+    counts["records"] += res["records"]
+    counts["kept"] += len(res["unit_docs"])
+    counts["truncated"] += res["truncated"]
+    counts["by_format"].update(res["by_format"])
+    for reason, loc in res["bad"] + res["dropped"]:
+        counts["skipped"][reason] += 1
+        examples = counts["skipped_examples"].setdefault(reason, [])
+        if len(examples) < _EXAMPLES:
+            examples.append(loc)
+
+
+def _write(writers, res):
+    ends = np.cumsum(res["doc_lens"])
+    starts = ends - res["doc_lens"]
+    d = 0
+    for n_docs, is_val in zip(res["unit_docs"], res["unit_val"]):
+        docs = [(res["ids"][starts[k] : ends[k]], res["mask"][starts[k] : ends[k]]) for k in range(d, d + n_docs)]
+        writer = writers["val" if is_val else "train"]
+        if n_docs == 1:
+            writer.add(*docs[0])
+        else:
+            writer.add_pair(*docs[0], *docs[1])
+        d += n_docs
+
+
+def print_summary(out_dir, meta):
+    c, t = meta["counts"], meta["timing"]
+    rows = [
+        ("stage", meta["stage"]),
+        ("tokenizer", f"{meta['tokenizer_source']} (vocab {meta['vocab_size']:,}, {meta['dtype']})"),
+        ("records read", f"{c['records']:,}   formats: " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["by_format"].items()))),
+        ("kept", f"{c['kept']:,}"),
+        ("skipped", f"{sum(c['skipped'].values()):,}"),
+    ]
+    for reason, n in sorted(c["skipped"].items(), key=lambda kv: -kv[1]):
+        rows.append((f"  {reason}", f"{n:,}   e.g. {', '.join(c['skipped_examples'][reason])}"))
+    rows.append(("truncated", f"{c['truncated']:,}" + (f" (max_len {meta['max_len']})" if meta["max_len"] else "")))
+    for name, s in meta["splits"].items():
+        rows.append((f"{name} split", f"{s['documents']:,} documents, {s['tokens']:,} tokens, "
+                                      f"{s['targets']:,} targets, {len(s['shards'])} shards"))
+    per_worker = t["mb_per_s"] / t["workers"]
+    rows.append(("speed", f"{t['input_mb']:.1f} MB of jsonl in {t['seconds']:.1f} s: {t['mb_per_s']:.2f} MB/s "
+                          f"({t['workers']} workers, {per_worker:.2f} MB/s per worker)"))
+    width = max(len(k) for k, _ in rows)
+    print(f"prepared {out_dir}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

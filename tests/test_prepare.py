@@ -1,0 +1,320 @@
+"""prepare.py end to end on small inputs: formats, splits, bad records, errors, compression, workers, atomicity."""
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, write_jsonl
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import chat
+import prepare
+import shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_prepare(out_dir, **config):
+    """prepare.main() with --key=value arguments; one worker unless asked."""
+    config = {"out_dir": out_dir, "workers": 1, **config}
+    return prepare.main([f"--{k}={v}" for k, v in config.items()])
+
+
+def documents(out_dir, split="train"):
+    s = shards.open_split(out_dir, split, verify=True)
+    return [tuple(a.tolist() for a in s.document(i)) for i in range(s.num_docs)]
+
+
+def snapshot(out_dir):
+    """Every byte of a prepared directory, meta.json without its timing."""
+    files = {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir()) if p.name != "meta.json"}
+    meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    meta.pop("timing")
+    return files, meta
+
+
+def fails(capsys, **config):
+    """Run prepare expecting a one-line error with exit status 2; return the error line."""
+    with pytest.raises(SystemExit) as e:
+        run_prepare(**config)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def msg(role, content, **extra):
+    return {"role": role, "content": content, **extra}
+
+
+CHAT_RECORDS = [
+    {"conversations": [msg("user", "床前明月光"), msg("assistant", "疑是地上霜")]},
+    {"messages": [msg("system", "be brief"), msg("user", "42 + 17?"), msg("assistant", "59")]},
+    {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好！"}]},
+    [msg("user", "list style"), msg("assistant", "ok")],
+    {"instruction": "Add", "input": "2 and 3", "output": "5", "history": [["hi", "hello"]]},
+    {"conversations": [msg("user", "1+1?"), msg("assistant", "2", reasoning_content="one plus one")]},
+]
+
+
+def test_chat_formats_become_rendered_documents(tmp_path, data_tok, data_tok_dir):
+    write_jsonl(tmp_path / "chat.jsonl", CHAT_RECORDS)
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "chat.jsonl", tokenizer=data_tok_dir, val_fraction=0.0)
+    assert meta["stage"] == "sft" and meta["counts"]["kept"] == len(CHAT_RECORDS)
+    assert meta["counts"]["by_format"] == {"conversations": 2, "messages": 1, "sharegpt": 1, "message_list": 1,
+                                           "alpaca": 1}
+    expected = [data_tok.render_chat(chat.normalize_record(r)[1]) for r in CHAT_RECORDS]
+    assert documents(tmp_path / "out") == expected
+    assert meta["splits"]["train"]["targets"] == sum(sum(m) for _, m in expected)
+    assert meta["tokenizer_source"] == str(data_tok_dir) and meta["added_special_tokens"] == 0
+    assert chat.load_tokenizer(tmp_path / "out").to_str() == data_tok.to_str()  # a copy of the tokenizer travels along
+
+
+def test_text_documents_and_a_seeded_val_split(tmp_path, data_tok, data_tok_dir):
+    texts = [f"{CORPUS[i % len(CORPUS)]} #{i}" for i in range(200)]
+    write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
+    common = dict(input=tmp_path / "text.jsonl", tokenizer=data_tok_dir, val_fraction=0.25)
+    meta = run_prepare(tmp_path / "a", seed=1, **common)
+    assert meta["stage"] == "pretrain" and meta["dtype"] == "uint16"
+    docs = documents(tmp_path / "a") + documents(tmp_path / "a", "val")
+    assert sorted(d for d, _ in docs) == sorted(data_tok.encode(t) + [data_tok.eot_id] for t in texts)
+    assert all(set(m) == {1} for _, m in docs)
+    n_val = meta["splits"]["val"]["documents"]
+    assert 25 <= n_val <= 75 and meta["splits"]["train"]["documents"] + n_val == 200
+    run_prepare(tmp_path / "b", seed=1, **common)
+    run_prepare(tmp_path / "c", seed=2, **common)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    assert documents(tmp_path / "a", "val") != documents(tmp_path / "c", "val")
+
+
+BAD_LINES = [
+    {"text": "a good record"},
+    b'{"text": "unterminated',
+    b'{"text": "bad utf-8 \xff\xfe here"}',
+    {"foo": "bar"},
+    {"text": ""},
+    {"text": 5},
+    b"",  # a blank line is not a record
+    {"conversations": [msg("user", "hello?")]},
+    {"conversations": [msg("wizard", "x"), msg("assistant", "y")]},
+    {"conversations": []},
+    {"text": "another good one"},
+]
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path, data_tok_dir, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
+    meta = run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, val_fraction=0.0)
+    counts = meta["counts"]
+    assert (counts["records"], counts["kept"]) == (10, 2)
+    assert counts["skipped"] == {"invalid_json": 1, "invalid_utf8": 1, "unknown_shape": 1, "empty_content": 1,
+                                 "non_string_content": 1, "no_assistant": 1, "unknown_role": 1,
+                                 "empty_conversation": 1}
+    assert counts["skipped_examples"]["invalid_json"] == [f"{path}:2"]
+    assert counts["skipped_examples"]["empty_conversation"] == [f"{path}:10"]
+    out = capsys.readouterr().out
+    assert "invalid_utf8" in out and f"{path}:3" in out and "MB/s" in out  # the summary table
+    err = fails(capsys, out_dir=tmp_path / "strict", input=path, tokenizer=data_tok_dir, strict=True)
+    assert f"{path}:2: invalid_json" in err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, data_tok_dir, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "hello"}])
+    cfg = dict(out_dir=tmp_path / "out", tokenizer=data_tok_dir)
+    assert "does not exist" in fails(capsys, input=tmp_path / "missing.jsonl", **cfg)
+    assert "matches no file" in fails(capsys, input=f"{good},{tmp_path}/*.parquet", **cfg)
+    assert "no input" in fails(capsys, **cfg)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert "empty" in fails(capsys, input=tmp_path / "empty.jsonl", **cfg)
+    write_jsonl(tmp_path / "junk.jsonl", [b"not json", {"text": ""}])
+    assert "no usable record" in fails(capsys, input=tmp_path / "junk.jsonl", **cfg)
+    (tmp_path / "a_file").write_text("x")
+    err = fails(capsys, input=good, out_dir=tmp_path / "a_file" / "out", tokenizer=data_tok_dir)
+    assert "not writable" in err and "a_file" in err
+    assert "tokenizer" in fails(capsys, input=good, out_dir=tmp_path / "out", tokenizer=tmp_path / "nope")
+
+
+def test_stage_mixing(tmp_path, data_tok_dir, capsys):
+    path = write_jsonl(tmp_path / "mixed.jsonl", CHAT_RECORDS[:2] + [{"text": "plain"}])
+    err = fails(capsys, out_dir=tmp_path / "out", input=path, tokenizer=data_tok_dir)
+    assert f"{path}:3" in err and "allow_mixed" in err
+    meta = run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, allow_mixed=True, val_fraction=0.0)
+    assert meta["stage"] == "sft" and set(documents(tmp_path / "out")[2][1]) == {1}
+    assert "dpo" in fails(capsys, out_dir=tmp_path / "out", input=path, tokenizer=data_tok_dir, stage="dpo")
+
+
+def test_dpo_pairs_are_consecutive_documents(tmp_path, data_tok, data_tok_dir):
+    records = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"chosen": [msg("user", "hi"), msg("assistant", "hello"), msg("user", "name?"), msg("assistant", "Bot")],
+         "rejected": [msg("user", "hi"), msg("assistant", "hello"), msg("user", "name?"), msg("assistant", "??")]},
+    ]
+    write_jsonl(tmp_path / "dpo.jsonl", records)
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "dpo.jsonl", tokenizer=data_tok_dir, val_fraction=0.0)
+    docs = documents(tmp_path / "out")
+    assert meta["stage"] == "dpo" and len(docs) == 4
+    replies = ["4", "5", "Bot", "??"]
+    for (ids, mask), reply in zip(docs, replies):  # targets: the final reply only, earlier turns are prompt
+        assert data_tok.decode([i for i, m in zip(ids, mask) if m]) == reply + "<|im_end|>"
+    for chosen, rejected in (docs[0:2], docs[2:4]):
+        prompt = chosen[1].index(1)
+        assert chosen[0][:prompt] == rejected[0][:prompt] and rejected[1].index(1) == prompt
+
+
+def test_max_len_truncates_and_counts(tmp_path, data_tok, data_tok_dir):
+    long_text = " ".join(CORPUS)
+    records = [{"text": long_text}, {"text": "short"},
+               {"conversations": [msg("user", "hi"), msg("assistant", long_text)]},
+               {"conversations": [msg("user", long_text), msg("assistant", "late")]},
+               {"prompt": long_text, "chosen": "a", "rejected": "b"},
+               {"prompt": "q", "chosen": long_text, "rejected": "b"}]
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.0, max_len=16, allow_mixed=True, stage="sft")
+    write_jsonl(tmp_path / "t.jsonl", records[:4])
+    meta = run_prepare(tmp_path / "sft", input=tmp_path / "t.jsonl", **cfg)
+    docs = documents(tmp_path / "sft")
+    assert meta["counts"]["truncated"] == 2 and meta["counts"]["skipped"] == {"no_target_after_truncation": 1}
+    assert docs[0][0] == data_tok.encode(long_text)[:15] + [data_tok.eot_id]  # text keeps its <|endoftext|>
+    assert docs[1][0] == data_tok.encode("short") + [data_tok.eot_id]
+    full_ids, full_mask = data_tok.render_chat(chat.normalize_record(records[2])[1])
+    assert docs[2] == (full_ids[:16], full_mask[:16]) and sum(docs[2][1]) > 0  # visible reply tokens stay targets
+    write_jsonl(tmp_path / "p.jsonl", records[4:])
+    meta = run_prepare(tmp_path / "dpo", input=tmp_path / "p.jsonl", **dict(cfg, stage="dpo"))
+    assert meta["counts"]["skipped"] == {"prompt_too_long": 1} and meta["counts"]["truncated"] == 1
+    assert [len(ids) for ids, _ in documents(tmp_path / "dpo")] == [16, len(data_tok.render_chat(
+        chat.normalize_record(records[5])[1][1])[0])]
+
+
+def test_val_input_files_make_the_val_split(tmp_path, data_tok_dir):
+    write_jsonl(tmp_path / "train.jsonl", CHAT_RECORDS)
+    write_jsonl(tmp_path / "val.jsonl", CHAT_RECORDS[:2])
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "train.jsonl", val_input=tmp_path / "val.jsonl",
+                       tokenizer=data_tok_dir, val_fraction=0.5)
+    assert meta["splits"]["train"]["documents"] == 6 and meta["splits"]["val"]["documents"] == 2
+    assert documents(tmp_path / "out", "val") == documents(tmp_path / "out")[:2] and meta["val_fraction"] == 0.0
+
+
+def mixed_corpus(path, n, seed=0):
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        text = " ".join(rng.choice(CORPUS) for _ in range(rng.randint(1, 6)))
+        records.append({"text": f"{i}: {text}"})
+    return write_jsonl(path, records)
+
+
+def test_output_does_not_depend_on_workers(tmp_path, data_tok_dir, monkeypatch):
+    monkeypatch.setattr(prepare, "_CHUNK_BYTES", 4096)  # many chunks, so that workers interleave
+    path = mixed_corpus(tmp_path / "in.jsonl", 600)
+    cfg = dict(input=path, tokenizer=data_tok_dir, val_fraction=0.1, shard_tokens=5000)
+    run_prepare(tmp_path / "w1", workers=1, **cfg)
+    meta = run_prepare(tmp_path / "w2", workers=2, **cfg)
+    assert len(meta["splits"]["train"]["shards"]) > 3
+    assert snapshot(tmp_path / "w1") == snapshot(tmp_path / "w2")
+
+
+def test_compressed_and_archived_inputs_match_plain(tmp_path, data_tok_dir):
+    zstandard = pytest.importorskip("zstandard")
+    plain = mixed_corpus(tmp_path / "in.jsonl", 300)
+    data = plain.read_bytes()
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "in.jsonl.bz2").write_bytes(bz2.compress(data))
+    (tmp_path / "in.jsonl.xz").write_bytes(lzma.compress(data))
+    (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data[:5000])
+                                            + zstandard.ZstdCompressor().compress(data[5000:]))  # two frames
+    (tmp_path / "README").write_text("not data")
+    with tarfile.open(tmp_path / "in.jsonl.tar.bz2", "w:bz2") as tar:
+        tar.add(tmp_path / "README", arcname="corpus/README")
+        tar.add(plain, arcname="corpus/in.jsonl")
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.1)
+    run_prepare(tmp_path / "plain", input=plain, **cfg)
+    files, meta = snapshot(tmp_path / "plain")
+    for name in ["in.jsonl.gz", "in.jsonl.bz2", "in.jsonl.xz", "in.jsonl.zst", "in.jsonl.tar.bz2"]:
+        run_prepare(tmp_path / name.replace(".", "_"), input=tmp_path / name, **cfg)
+        other_files, other_meta = snapshot(tmp_path / name.replace(".", "_"))
+        assert other_files == files, name
+        assert dict(other_meta, inputs=meta["inputs"]) == meta, name
+
+
+def test_json_array_and_parquet_inputs(tmp_path, data_tok_dir):
+    write_jsonl(tmp_path / "chat.jsonl", CHAT_RECORDS)
+    (tmp_path / "chat.json").write_text(json.dumps(CHAT_RECORDS, indent=2, ensure_ascii=False))
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.0)
+    run_prepare(tmp_path / "jsonl", input=tmp_path / "chat.jsonl", **cfg)
+    run_prepare(tmp_path / "json", input=tmp_path / "chat.json", **cfg)
+    assert documents(tmp_path / "json") == documents(tmp_path / "jsonl")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [r for r in CHAT_RECORDS if isinstance(r, dict) and "conversations" in r]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    run_prepare(tmp_path / "pq", input=tmp_path / "chat.parquet", **cfg)
+    expected = [d for d, r in zip(documents(tmp_path / "jsonl"), CHAT_RECORDS) if r in rows]
+    assert documents(tmp_path / "pq") == expected
+
+
+def test_big_vocab_uses_uint32_and_added_specials_are_recorded(tmp_path):
+    words = {f"w{i}": i for i in range(70_000)}
+    raw = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "w69999 w1 w65536"}, {"text": "w3"}])
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "t.jsonl", tokenizer=tmp_path / "tokenizer.json",
+                       val_fraction=0.0)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_007 and meta["added_special_tokens"] == 7
+    eot = meta["special_ids"]["<|endoftext|>"]
+    assert eot == 70_000 and documents(tmp_path / "out") == [([69999, 1, 65536, eot], [1] * 4), ([3, eot], [1, 1])]
+    assert os.path.getsize(tmp_path / "out" / "train_00000.bin") == 6 * 4
+
+
+def test_tokenizer_trained_on_the_input(tmp_path):
+    path = mixed_corpus(tmp_path / "in.jsonl", 300)
+    meta = run_prepare(tmp_path / "out", input=path, tokenizer="train", vocab_size=400, val_fraction=0.0)
+    tok = chat.load_tokenizer(tmp_path / "out")
+    assert tok.vocab_size == meta["vocab_size"] <= 400 and tok.special_ids == meta["special_ids"]
+    assert meta["tokenizer_sha256"] == shards.sha256_file(tmp_path / "out" / "tokenizer.json")
+    first = json.loads(path.read_text().splitlines()[0])["text"]
+    ids, mask = documents(tmp_path / "out")[0]
+    assert tok.decode(ids) == first + "<|endoftext|>"
+
+
+def test_interrupted_prepare_is_refused_then_replaced(tmp_path, data_tok_dir):
+    path = mixed_corpus(tmp_path / "big.jsonl", 40_000)  # a few seconds of work
+    cfg = dict(input=path, tokenizer=data_tok_dir, shard_tokens=20_000, val_fraction=0.01)
+    run_prepare(tmp_path / "reference", **cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_bytes((tmp_path / "reference" / "meta.json").read_bytes())  # an old, complete run
+    args = [sys.executable, "prepare.py"] + [f"--{k}={v}" for k, v in dict(cfg, out_dir=out, workers=2).items()]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / "train_00002.bin").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-way
+    proc.wait()
+    assert not (out / "meta.json").exists(), "the run finished before it could be interrupted"
+    with pytest.raises(SystemExit) as e:
+        shards.open_split(out, "train")
+    assert "incomplete (no meta.json)" in str(e.value)
+    run_prepare(out, **cfg)
+    assert snapshot(out) == snapshot(tmp_path / "reference")
+    shards.open_split(out, "train", verify=True)
+
+
+def test_demo_config(tmp_path, monkeypatch):
+    if not (ROOT / "data" / "demo" / "pretrain.jsonl").exists():
+        pytest.skip("no demo corpus")
+    monkeypatch.chdir(ROOT)
+    meta = prepare.main(["config/prepare_demo.py", f"--out_dir={tmp_path}"])
+    assert meta["stage"] == "pretrain" and meta["vocab_size"] == 4096 and meta["counts"]["skipped"] == {}
+    assert meta["splits"]["val"]["documents"] > 0

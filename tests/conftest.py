@@ -1,7 +1,5 @@
 """Shared fixtures of the data tests: a small bilingual corpus and a tokenizer trained on it once."""
 
-import json
-
 import pytest
 
 import chat
@@ -16,13 +14,10 @@ CORPUS = [
 ]
 
 
-def write_jsonl(path, records):
-    """Write records (dicts/lists, or raw str/bytes lines written as they are) one per line."""
-    with open(path, "wb") as f:
-        for r in records:
-            line = r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)).encode()
-            f.write(line + b"\n")
-    return path
+@pytest.fixture(scope="session")
+def data_corpus():
+    """CORPUS (test files import nothing from conftest: another conftest.py may shadow the name)."""
+    return list(CORPUS)
 
 
 @pytest.fixture(scope="session")

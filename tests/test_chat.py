@@ -108,10 +108,8 @@ def test_special_tokens_have_fixed_ids(data_tok):
     assert data_tok.encode_batch(["a b", "床前"]) == [data_tok.encode("a b"), data_tok.encode("床前")]
 
 
-def test_training_is_deterministic(data_tok):
-    from conftest import CORPUS
-
-    assert chat.train_tokenizer(CORPUS * 20, 600).to_str() == data_tok.to_str()
+def test_training_is_deterministic(data_tok, data_corpus):
+    assert chat.train_tokenizer(data_corpus * 20, 600).to_str() == data_tok.to_str()
 
 
 # -- ChatML ids and the loss mask -----------------------------------------------------------------
@@ -231,11 +229,9 @@ def test_load_tokenizer_adds_missing_specials(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
-def test_sentencepiece_model_loads(tmp_path, model_type):
+def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
     spm = pytest.importorskip("sentencepiece")
-    from conftest import CORPUS
-
-    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 30), encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text("\n".join(data_corpus * 30), encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
                                    vocab_size=500, model_type=model_type, byte_fallback=True,
                                    hard_vocab_limit=False, minloglevel=2)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, write_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import chat
@@ -22,6 +21,12 @@ import prepare
 import shards
 
 ROOT = Path(__file__).resolve().parent.parent
+def write_jsonl(path, records):
+    """Write records (dicts/lists as JSON; bytes as they are) one per line."""
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode()) + b"\n")
+    return path
 
 
 def run_prepare(out_dir, **config):
@@ -80,8 +85,8 @@ def test_chat_formats_become_rendered_documents(tmp_path, data_tok, data_tok_dir
     assert chat.load_tokenizer(tmp_path / "out").to_str() == data_tok.to_str()  # a copy of the tokenizer travels along
 
 
-def test_text_documents_and_a_seeded_val_split(tmp_path, data_tok, data_tok_dir):
-    texts = [f"{CORPUS[i % len(CORPUS)]} #{i}" for i in range(200)]
+def test_text_documents_and_a_seeded_val_split(tmp_path, data_tok, data_tok_dir, data_corpus):
+    texts = [f"{data_corpus[i % len(data_corpus)]} #{i}" for i in range(200)]
     write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
     common = dict(input=tmp_path / "text.jsonl", tokenizer=data_tok_dir, val_fraction=0.25)
     meta = run_prepare(tmp_path / "a", seed=1, **common)
@@ -171,8 +176,8 @@ def test_dpo_pairs_are_consecutive_documents(tmp_path, data_tok, data_tok_dir):
         assert chosen[0][:prompt] == rejected[0][:prompt] and rejected[1].index(1) == prompt
 
 
-def test_max_len_truncates_and_counts(tmp_path, data_tok, data_tok_dir):
-    long_text = " ".join(CORPUS)
+def test_max_len_truncates_and_counts(tmp_path, data_tok, data_tok_dir, data_corpus):
+    long_text = " ".join(data_corpus)
     records = [{"text": long_text}, {"text": "short"},
                {"conversations": [msg("user", "hi"), msg("assistant", long_text)]},
                {"conversations": [msg("user", long_text), msg("assistant", "late")]},
@@ -203,18 +208,18 @@ def test_val_input_files_make_the_val_split(tmp_path, data_tok_dir):
     assert documents(tmp_path / "out", "val") == documents(tmp_path / "out")[:2] and meta["val_fraction"] == 0.0
 
 
-def mixed_corpus(path, n, seed=0):
+def mixed_corpus(path, n, corpus, seed=0):
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        text = " ".join(rng.choice(CORPUS) for _ in range(rng.randint(1, 6)))
+        text = " ".join(rng.choice(corpus) for _ in range(rng.randint(1, 6)))
         records.append({"text": f"{i}: {text}"})
     return write_jsonl(path, records)
 
 
-def test_output_does_not_depend_on_workers(tmp_path, data_tok_dir, monkeypatch):
+def test_output_does_not_depend_on_workers(tmp_path, data_tok_dir, monkeypatch, data_corpus):
     monkeypatch.setattr(prepare, "_CHUNK_BYTES", 4096)  # many chunks, so that workers interleave
-    path = mixed_corpus(tmp_path / "in.jsonl", 600)
+    path = mixed_corpus(tmp_path / "in.jsonl", 600, data_corpus)
     cfg = dict(input=path, tokenizer=data_tok_dir, val_fraction=0.1, shard_tokens=5000)
     run_prepare(tmp_path / "w1", workers=1, **cfg)
     meta = run_prepare(tmp_path / "w2", workers=2, **cfg)
@@ -222,9 +227,9 @@ def test_output_does_not_depend_on_workers(tmp_path, data_tok_dir, monkeypatch):
     assert snapshot(tmp_path / "w1") == snapshot(tmp_path / "w2")
 
 
-def test_compressed_and_archived_inputs_match_plain(tmp_path, data_tok_dir):
+def test_compressed_and_archived_inputs_match_plain(tmp_path, data_tok_dir, data_corpus):
     zstandard = pytest.importorskip("zstandard")
-    plain = mixed_corpus(tmp_path / "in.jsonl", 300)
+    plain = mixed_corpus(tmp_path / "in.jsonl", 300, data_corpus)
     data = plain.read_bytes()
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(data))
     (tmp_path / "in.jsonl.bz2").write_bytes(bz2.compress(data))
@@ -276,8 +281,8 @@ def test_big_vocab_uses_uint32_and_added_specials_are_recorded(tmp_path):
     assert os.path.getsize(tmp_path / "out" / "train_00000.bin") == 6 * 4
 
 
-def test_tokenizer_trained_on_the_input(tmp_path):
-    path = mixed_corpus(tmp_path / "in.jsonl", 300)
+def test_tokenizer_trained_on_the_input(tmp_path, data_corpus):
+    path = mixed_corpus(tmp_path / "in.jsonl", 300, data_corpus)
     meta = run_prepare(tmp_path / "out", input=path, tokenizer="train", vocab_size=400, val_fraction=0.0)
     tok = chat.load_tokenizer(tmp_path / "out")
     assert tok.vocab_size == meta["vocab_size"] <= 400 and tok.special_ids == meta["special_ids"]
@@ -287,8 +292,8 @@ def test_tokenizer_trained_on_the_input(tmp_path):
     assert tok.decode(ids) == first + "<|endoftext|>"
 
 
-def test_interrupted_prepare_is_refused_then_replaced(tmp_path, data_tok_dir):
-    path = mixed_corpus(tmp_path / "big.jsonl", 40_000)  # a few seconds of work
+def test_interrupted_prepare_is_refused_then_replaced(tmp_path, data_tok_dir, data_corpus):
+    path = mixed_corpus(tmp_path / "big.jsonl", 40_000, data_corpus)  # a few seconds of work
     cfg = dict(input=path, tokenizer=data_tok_dir, shard_tokens=20_000, val_fraction=0.01)
     run_prepare(tmp_path / "reference", **cfg)
     out = tmp_path / "out"

@@ -388,6 +388,7 @@ def main(argv=None):
 
 def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_bytes, stage, allow_mixed,
             val_fraction, max_len, shard_tokens, workers, seed, strict):
+    """The whole run, config keys as arguments; returns meta.json's content."""
     if stage not in ("auto",) + STAGES:
         configurator.fail(f"stage must be one of auto, {', '.join(STAGES)}; got '{stage}'")
     if not 0 <= val_fraction < 1:
@@ -399,34 +400,68 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
     inputs = resolve_inputs(input, "input")
     val_inputs = resolve_inputs(val_input, "val_input")
     _check_writable(out_dir)
-    n_workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-
     first_kind, first_loc = _first_record(inputs + val_inputs)
-    stage_origin = "given" if stage != "auto" else f"auto: from the first record, {first_loc}"
-    stage = STAGE_OF_KIND[first_kind] if stage == "auto" else stage
+    settings = {"stage": STAGE_OF_KIND[first_kind] if stage == "auto" else stage,
+                "stage_origin": "given" if stage != "auto" else f"auto: from the first record, {first_loc}",
+                "allow_mixed": allow_mixed, "seed": seed, "val_fraction": val_fraction, "max_len": max_len}
 
     t0 = time.time()
-    if tokenizer == "train":
-        print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on "
-              f"{'all of the input' if not tokenizer_sample_bytes else f'the first {tokenizer_sample_bytes / 1e6:g} MB of input'}")
-        tok = chat.train_tokenizer(_sample_texts(inputs + val_inputs, tokenizer_sample_bytes), vocab_size)
-    else:
+    tok = _make_tokenizer(tokenizer, vocab_size, tokenizer_sample_bytes, inputs + val_inputs)
+    tokenizer_seconds = time.time() - t0
+    _clear_outputs(out_dir)  # from here on the directory is incomplete until meta.json is back
+    tok.save(out_dir)
+    dtype = shards.token_dtype(tok.vocab_size)
+    t0 = time.time()
+    splits, counts, input_bytes, n_workers = _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype,
+                                                           shard_tokens, workers, strict)
+    seconds = time.time() - t0
+
+    meta = {
+        "version": shards.FORMAT_VERSION,
+        "stage": settings["stage"],
+        "dtype": dtype,
+        "vocab_size": tok.vocab_size,
+        "special_ids": tok.special_ids,
+        "reasoning_tag_ids": tok.reasoning_tag_ids,
+        "tokenizer_sha256": shards.sha256_file(os.path.join(out_dir, "tokenizer.json")),
+        "tokenizer_source": tokenizer if tokenizer != "train" else f"trained here, vocab_size={vocab_size}",
+        "added_special_tokens": tok.added_special_tokens,
+        "max_len": max_len,
+        "seed": seed,
+        "val_fraction": 0.0 if val_inputs else val_fraction,
+        "allow_mixed": allow_mixed,
+        "inputs": inputs,
+        "val_inputs": val_inputs,
+        "splits": splits,
+        "counts": counts,
+        "timing": {"tokenizer_seconds": round(tokenizer_seconds, 3), "seconds": round(seconds, 3),
+                   "input_mb": round(input_bytes / 1e6, 3), "mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 3),
+                   "workers": n_workers},
+    }
+    shards.write_meta(out_dir, meta)
+    print_summary(out_dir, meta)
+    return meta
+
+
+def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths):
+    if tokenizer != "train":
         tok = chat.load_tokenizer(tokenizer)
         if tok.added_special_tokens:
             print(f"tokenizer {tokenizer}: added {tok.added_special_tokens} special tokens, vocab_size {tok.vocab_size}")
-    tokenizer_seconds = time.time() - t0
+        return tok
+    sample = f"the first {sample_bytes / 1e6:g} MB of input" if sample_bytes else "all of the input"
+    print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on {sample}")
+    return chat.train_tokenizer(_sample_texts(paths, sample_bytes), vocab_size)
 
-    _clear_outputs(out_dir)
-    tok.save(out_dir)
-    dtype = shards.token_dtype(tok.vocab_size)
+
+def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, strict):
+    """The main pass: every record parsed, tokenized (in `workers` processes) and written.
+    Returns (splits, counts) for meta.json, the bytes of input read and the workers used."""
     writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens) for s in shards.SPLITS}
     counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
               "truncated": 0, "by_format": collections.Counter()}
-    settings = {"stage": stage, "stage_origin": stage_origin, "allow_mixed": allow_mixed, "seed": seed,
-                "val_fraction": val_fraction, "max_len": max_len}
-
-    t0 = time.time()
     total = sum(os.path.getsize(p) for p in inputs + val_inputs)
+    n_workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     n_workers = min(n_workers, 1 + total // _CHUNK_BYTES)  # no idle processes for a small input
     input_bytes = 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None)  # on a terminal only
@@ -443,39 +478,14 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
             _tally(counts, res)
             _write(writers, res)
             input_bytes += res["bytes"]
-    seconds = time.time() - t0
-
     splits = {s: {"tokens": w.tokens, "documents": w.documents, "targets": w.targets, "shards": w.close()}
               for s, w in writers.items()}
     if counts["kept"] == 0:
         configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped)")
     if splits["train"]["documents"] == 0:
         configurator.fail("the train split is empty: lower val_fraction or give more input")
-    meta = {
-        "version": shards.FORMAT_VERSION,
-        "stage": stage,
-        "dtype": dtype,
-        "vocab_size": tok.vocab_size,
-        "special_ids": tok.special_ids,
-        "reasoning_tag_ids": tok.reasoning_tag_ids,
-        "tokenizer_sha256": shards.sha256_file(os.path.join(out_dir, "tokenizer.json")),
-        "tokenizer_source": tokenizer if tokenizer != "train" else f"trained here, vocab_size={vocab_size}",
-        "added_special_tokens": tok.added_special_tokens,
-        "max_len": max_len,
-        "seed": seed,
-        "val_fraction": 0.0 if val_inputs else val_fraction,
-        "allow_mixed": allow_mixed,
-        "inputs": inputs,
-        "val_inputs": val_inputs,
-        "splits": splits,
-        "counts": {**counts, "skipped": dict(counts["skipped"]), "by_format": dict(counts["by_format"])},
-        "timing": {"tokenizer_seconds": round(tokenizer_seconds, 3), "seconds": round(seconds, 3),
-                   "input_mb": round(input_bytes / 1e6, 3), "mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 3),
-                   "workers": n_workers},
-    }
-    shards.write_meta(out_dir, meta)
-    print_summary(out_dir, meta)
-    return meta
+    counts.update(skipped=dict(counts["skipped"]), by_format=dict(counts["by_format"]))
+    return splits, counts, input_bytes, n_workers
 
 
 def _check_writable(out_dir):
@@ -572,6 +582,8 @@ def print_summary(out_dir, meta):
     for name, s in meta["splits"].items():
         rows.append((f"{name} split", f"{s['documents']:,} documents, {s['tokens']:,} tokens, "
                                       f"{s['targets']:,} targets, {len(s['shards'])} shards"))
+    if not meta["splits"]["val"]["documents"]:
+        rows.append(("note", "the val split is empty: raise val_fraction or give val_input to measure val loss"))
     per_worker = t["mb_per_s"] / t["workers"]
     rows.append(("speed", f"{t['input_mb']:.1f} MB of jsonl in {t['seconds']:.1f} s: {t['mb_per_s']:.2f} MB/s "
                           f"({t['workers']} workers, {per_worker:.2f} MB/s per worker)"))

@@ -52,9 +52,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
-
-
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` with the chat special tokens, plain-text encoding and ChatML rendering."""
 

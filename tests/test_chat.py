@@ -218,6 +218,15 @@ def test_load_saved_tokenizer(data_tok, data_tok_dir):
         assert tok.render_chat(CONVERSATION) == data_tok.render_chat(CONVERSATION)
 
 
+def test_load_hf_directory_without_tokenizer_json(data_tok, data_corpus, tmp_path):
+    pytest.importorskip("transformers")
+    data_tok._tok.model.save(str(tmp_path))  # vocab.json + merges.txt, a slow GPT-2 style tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    tok = chat.load_tokenizer(tmp_path)
+    assert tok.special_ids == data_tok.special_ids and tok.vocab_size == data_tok.vocab_size
+    assert [tok.encode(t) for t in data_corpus] == [data_tok.encode(t) for t in data_corpus]
+
+
 def test_load_tokenizer_adds_missing_specials(tmp_path):
     raw = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "<|endoftext|>": 3}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

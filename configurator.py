@@ -35,9 +35,9 @@ def fail(message):
 
 
 def config_keys(namespace):
-    """The configurable globals of a script: plain values, not modules, functions or private names."""
+    """The configurable globals of a script: plain values; not modules, functions, _private or CONSTANT names."""
     allowed = (int, float, bool, str, list, tuple, dict, type(None))
-    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, allowed)]
+    return [k for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, allowed)]
 
 
 def _unknown_key(key, known, where=""):

@@ -1,0 +1,16 @@
+# Long-context SFT: continue the SFT run at twice the length, on data prepared with --max_len=1024.
+stage = "sft"
+init_from = "out/sft"
+out_dir = "out/sft_long"
+data_dir = "data/sft_long"
+block_size = 1024
+# rope_scaling = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 512}  # optional, see README
+batch_size = 16
+gradient_accumulation_steps = 8
+max_iters = 2000
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 50
+weight_decay = 0.0
+eval_interval = 250
+log_interval = 50

@@ -74,6 +74,8 @@ def is_chat_model(path, info):
 def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        configurator.fail(f"device {name!r} asked for, but torch sees no CUDA GPU")
     return name
 
 
@@ -249,6 +251,10 @@ def interactive_chat(model, tokenizer, info, settings, read=input):
     if budget <= 0:
         configurator.fail(f"max_new_tokens ({settings['sampling']['max_new_tokens']}) leaves no room for a prompt "
                           f"in the context of {info['block_size']} tokens")
+    try:
+        import readline  # noqa: F401 -- line editing and history for input()
+    except ImportError:
+        pass
     print("chat: /reset clears the conversation, /exit leaves", file=sys.stderr)
     history = []
     while True:
@@ -317,6 +323,7 @@ def check_config(c):
 def main(argv=None):
     c = configurator.configure(dict(_DEFAULTS), argv, quiet=True)
     check_config(c)
+    prompts = read_prompts(c)  # None: interactive
     path = c["out_dir"] or c["hf_dir"]
     dev = resolve_device(c["device"])
     model, tokenizer, info = load(path, dev, resolve_dtype(c["dtype"], dev), c["compile"])
@@ -329,9 +336,9 @@ def main(argv=None):
                          top_p=c["top_p"], repetition_penalty=c["repetition_penalty"], generator=generator,
                          think=c["think"]),
     }
-    print(f"{path}: {info['kind']} {info['stage'] or ''} {model.num_params() / 1e6:.1f}M params, "
-          f"{'chat' if chat else 'complete'} mode, {dev}", file=sys.stderr)
-    prompts = read_prompts(c)
+    kind = f"{info['stage']} run" if info["kind"] == "run" else "HF model"
+    print(f"{path}: {kind}, {model.num_params() / 1e6:.1f}M params, {'chat' if chat else 'complete'} mode, {dev}",
+          file=sys.stderr)
     if prompts is None:
         if not chat:
             configurator.fail("complete mode needs --prompt or --prompt_file (interactive mode is chat)")

@@ -207,7 +207,7 @@ class Split:
         self.num_tokens = int(offset)
         self.doc_starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         # Documents fill their shards back to back, so each ends where the next starts.
-        self.doc_ends = np.append(self.doc_starts[1:], self.num_tokens).astype(np.int64)
+        self.doc_ends = np.append(self.doc_starts[1:], self.num_tokens)[: len(self.doc_starts)].astype(np.int64)
         self.num_docs = len(self.doc_starts)
 
     def read(self, start, length):

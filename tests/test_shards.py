@@ -49,6 +49,8 @@ def test_split_reads_across_shard_boundaries(tmp_path):
     with pytest.raises(IndexError):
         split.read(len(everything) - 3, 4)
     assert meta["splits"]["train"]["targets"] == int((everything % 2).sum())
+    val = shards.open_split(tmp_path, "val", verify=True)  # an empty split is valid
+    assert (val.num_tokens, val.num_docs, len(val.doc_starts), len(val.doc_ends)) == (0, 0, 0, 0)
 
 
 def test_big_document_gets_its_own_shard_and_pairs_stay_together(tmp_path):

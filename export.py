@@ -69,7 +69,7 @@ def _write_json(path, obj):
 
 
 def export(run_dir, hf_dir, dtype="float32"):
-    """Write the HF directory for the model in run_dir; return the paths written."""
+    """Write the HF directory for the model in run_dir; return the names of the files now in hf_dir."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:

@@ -372,7 +372,7 @@ def train_step(run, it):
     run.scaler.unscale_(opt)
     grad_norm = clip_grad_norm(run, cfg["grad_clip"])
     flags = torch.stack([loss_sum / denom, grad_norm.float(), torch.tensor(float(run.stop_requested), device=run.device)]
-                        + [v / (denom if False else 1.0) for v in stats_sum.values()])
+                        + list(stats_sum.values()))
     flags[1] = flags[1] / run.world  # every rank holds the same global norm: the sum over ranks is world x
     flags = all_reduce_sum(flags, run.world).tolist()  # the one host sync of the step
     loss, gnorm, stop = flags[0], flags[1], flags[2] > 0
@@ -449,7 +449,7 @@ def reference_logps_eval(run, batch):
 def precompute_reference(run, batches):
     """Reference log-probs of every pair of a split, computed once with the starting weights."""
     out = torch.zeros(batches.n_units, 2, dtype=torch.float32)
-    run.model.eval()
+    model = run.raw_model.eval()  # not yet wrapped: the starting weights, whole on every rank
     B = batches.B
     for first in range(run.rank * B, batches.n_units, run.world * B):
         units = list(range(first, min(first + B, batches.n_units)))
@@ -459,9 +459,9 @@ def precompute_reference(run, batches):
         batch = to_device(SimpleNamespace(x=torch.from_numpy(tokens[:, :-1].copy()), y=torch.from_numpy(tokens[:, 1:].copy()),
                                           w=torch.from_numpy(mask[:, 1:].astype(np.float32))), run.device)
         with run.autocast:
-            logps = sequence_logps(run.model, batch).float().cpu()
+            logps = sequence_logps(model, batch).float().cpu()
         out[units, 0], out[units, 1] = logps[: len(units)], logps[len(units):]
-    run.model.train()
+    model.train()
     return all_reduce_sum(out.to(run.device), run.world).cpu()
 
 

@@ -1,0 +1,164 @@
+"""Post-training stages in the one loop: long-context SFT with RoPE scaling, reasoning distillation, DPO."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import export
+import train
+from chat import load_tokenizer
+from checkpoint import load_checkpoint, load_model
+from tests.test_train import TINY, metrics, run_train, train_losses
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def sft_run(demo_sft, tmp_path_factory):
+    """A tiny SFT model, the starting point of every post-training stage here."""
+    out = str(tmp_path_factory.mktemp("sft_run"))
+    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=40", "--eval_interval=40",
+               "--learning_rate=3e-3", *TINY])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# long-context SFT
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_logits_equal_transformers_at_twice_the_length(kind, sft_run, demo_sft, tmp_path):
+    out, hf_dir = str(tmp_path / "long"), str(tmp_path / "hf")
+    scaling = {"type": kind, "factor": 2.0, "original_max_seq_len": 64}
+    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", f"--init_from={sft_run}",
+               "--max_iters=2", "--eval_interval=2", *TINY, "--block_size=128", f"--rope_scaling={scaling}"])
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert state["model_config"]["rope_scaling"]["type"] == kind and state["model_config"]["max_seq_len"] == 128
+    export.export(out, hf_dir)
+    ours, _ = load_model(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    idx = torch.randint(0, ours.cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_block_size_beyond_rope_scaling_is_refused(sft_run, demo_sft, tmp_path):
+    scaling = {"type": "linear", "factor": 2.0, "original_max_seq_len": 64}
+    p = run_train([f"--data_dir={demo_sft}", f"--out_dir={tmp_path}", "--stage=sft", f"--init_from={sft_run}",
+                   *TINY, "--block_size=256", f"--rope_scaling={scaling}"], check=False)
+    assert p.returncode == 2 and "larger than rope_scaling allows" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# reasoning distillation
+
+
+def distill_run(data_dir, out_dir, weight, **extra):
+    args = {"data_dir": data_dir, "out_dir": out_dir, "stage": "sft", "dim": 32, "n_layers": 1, "n_heads": 2,
+            "block_size": 256, "batch_size": 4, "warmup_iters": 0, "verify_data": False,
+            "think_tag_weight": weight, **extra}
+    cfg = train.configurator.configure(vars(train).copy(), [f"--{k}={v}" for k, v in args.items()], quiet=True)
+    cfg["checkpoint_interval"] = cfg["eval_interval"]
+    return train.build(cfg)
+
+
+def test_think_tag_weight_lands_exactly_on_reply_tags(demo_reason, tmp_path):
+    run = distill_run(demo_reason, str(tmp_path), 10.0)
+    tok = load_tokenizer(demo_reason)
+    tags = {tok.special_ids[t] for t in ("<think>", "</think>", "<answer>", "</answer>")}
+    assert all(len(tok.encode(t)) > 1 for t in ("<think>", "</think>"))  # typed text is not the special token
+    n_weighted = 0
+    for g in range(6):
+        b = run.train_batches.get(g)
+        y, w = b.y.numpy(), b.w.numpy()
+        is_tag = np.isin(y, list(tags))
+        # weight 10 exactly where the label is a reasoning tag inside a reply, 1 on other reply tokens, 0 elsewhere
+        assert set(np.unique(w)) <= {0.0, 1.0, 10.0}
+        assert np.array_equal(w == 10.0, is_tag & (w > 0))
+        assert not np.any(w[~is_tag] == 10.0)
+        n_weighted += int((w == 10.0).sum())
+        for row in range(len(y)):  # each reply in view opens and closes its think block: tags come in pairs
+            text = tok.decode(y[row][w[row] > 0].tolist())
+            assert text.count("<think>") == int(((w[row] == 10.0) & (y[row] == tok.special_ids["<think>"])).sum())
+    assert n_weighted >= 6 * 4  # every row of these batches holds tags
+
+
+def test_weighted_loss_is_normalised_by_the_weighted_count(demo_reason, tmp_path):
+    run = distill_run(demo_reason, str(tmp_path), 10.0)
+    b = run.train_batches.get(0)
+    with torch.no_grad():
+        ce = train.token_losses(run.model, b.x, b.y)
+    expected = float((ce * b.w).sum() / b.w.sum())  # sum(w * ce) / sum(w)
+    assert train.train_step(run, 0)["loss"] == pytest.approx(expected, rel=1e-6)
+    # weight 1 is plain SFT: the mean over target tokens
+    plain = distill_run(demo_reason, str(tmp_path), 1.0)
+    b1 = plain.train_batches.get(0)
+    assert torch.equal(b1.w, (b.w > 0).float())
+
+
+def test_validation_loss_is_unweighted(demo_reason, tmp_path):
+    weighted = train.evaluate(distill_run(demo_reason, str(tmp_path), 10.0, eval_iters=2))
+    plain = train.evaluate(distill_run(demo_reason, str(tmp_path), 1.0, eval_iters=2))
+    assert weighted["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# DPO
+
+
+def dpo_args(demo_dpo, sft_run, out, *extra):
+    return [f"--data_dir={demo_dpo}", f"--out_dir={out}", "--stage=dpo", f"--init_from={sft_run}", *TINY,
+            "--eval_iters=4", *extra]
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_loss_is_log2_at_step_0(demo_dpo, sft_run, tmp_path, precompute):
+    out = str(tmp_path / "dpo")
+    run_train(dpo_args(demo_dpo, sft_run, out, "--max_iters=1", "--eval_interval=1",
+                       f"--dpo_precompute_ref={precompute}"))
+    rows = metrics(out)
+    assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["val_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    first = [r for r in rows if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_raises_held_out_margin_and_accuracy(demo_dpo, sft_run, tmp_path):
+    out = str(tmp_path / "dpo")
+    run_train(dpo_args(demo_dpo, sft_run, out, "--max_iters=40", "--eval_interval=40", "--learning_rate=2e-3",
+                       "--batch_size=8", "--eval_iters=10", "--dpo_beta=0.5"))
+    evals = [r for r in metrics(out) if "val_loss" in r]
+    before, after = evals[0], evals[-1]
+    assert after["val_rewards/margins"] > before["val_rewards/margins"] + 0.1
+    assert after["val_rewards/accuracies"] > 0.6 and after["val_loss"] < before["val_loss"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert key in [r for r in metrics(out) if "loss" in r and "val_loss" not in r][-1]
+
+
+def test_dpo_precomputed_reference_equals_reference_model(demo_dpo, sft_run, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_train(dpo_args(demo_dpo, sft_run, a, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3"))
+    run_train(dpo_args(demo_dpo, sft_run, b, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3",
+                       "--dpo_precompute_ref=True"))
+    la, lb = train_losses(a), train_losses(b)
+    assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
+
+
+def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--max_iters=3", "--eval_interval=3", "--learning_rate=1e-3", "--gradient_accumulation_steps=2",
+            "--device=cpu"]
+    run_train(dpo_args(demo_dpo, sft_run, one, *args))
+    run_train(dpo_args(demo_dpo, sft_run, two, *args), nproc=2)
+    l1, l2 = train_losses(one), train_losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    assert all(abs(l1[i] - l2[i]) <= 1e-5 for i in l1), (l1, l2)
+    m1 = [r for r in metrics(one) if "val_loss" in r][-1]
+    m2 = [r for r in metrics(two) if "val_loss" in r][-1]
+    assert m1["val_rewards/margins"] == pytest.approx(m2["val_rewards/margins"], abs=1e-5)

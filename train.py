@@ -128,12 +128,12 @@ def peak_tflops(device_name):
 # setup
 
 
-def setup_distributed():
+def setup_distributed(device_name):
     """rank, local_rank, world_size; initialises the process group under torchrun."""
     if "RANK" not in os.environ:
         return 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and not device_name.startswith("cpu") else "gloo"
     torch.distributed.init_process_group(backend=backend)
     return rank, local_rank, world
 
@@ -635,7 +635,7 @@ def memory_mb(dev):
 
 def build(cfg):
     """Everything a step needs, from a resolved config: the run namespace train_step() and bench.py use."""
-    rank, local_rank, world = setup_distributed()
+    rank, local_rank, world = setup_distributed(cfg["device"])
     check_config(cfg, world)
     dev = resolve_device(cfg["device"], local_rank)
     if dev.type == "cuda":

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import sys
 
 import torch
 
@@ -33,7 +34,10 @@ def _fsync_dir(path):
 
 
 def save_checkpoint(out_dir, state, keep_last=0):
-    """Atomically write state to out_dir/ckpt.pt; keep the previous `keep_last` as ckpt_<iter>.pt."""
+    """Atomically write state to out_dir/ckpt.pt; keep the previous `keep_last` as ckpt_<iter>.pt.
+
+    Any failure before the rename (disk full, unwritable directory) removes the temporary file and
+    raises OSError with a clear message; ckpt.pt is then the previous checkpoint, untouched."""
     path = os.path.join(out_dir, CKPT_NAME)
     tmp = path + ".tmp"
     try:
@@ -41,14 +45,14 @@ def save_checkpoint(out_dir, state, keep_last=0):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_last > 0 and os.path.exists(path):
+            older = os.path.join(out_dir, f"ckpt_{_saved_iter(path):08d}.pt")
+            if not os.path.exists(older):
+                os.link(path, older)  # a second name for the old file: ckpt.pt is never missing
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(f"could not write checkpoint {path} ({e}); the previous checkpoint is unchanged") from e
-    if keep_last > 0 and os.path.exists(path):
-        older = os.path.join(out_dir, f"ckpt_{_saved_iter(path):08d}.pt")
-        if not os.path.exists(older):
-            os.link(path, older)  # a second name for the old file: ckpt.pt is never missing
     os.replace(tmp, path)
     _fsync_dir(out_dir)
     for stale in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
@@ -62,28 +66,60 @@ def _saved_iter(path):
         return 0
 
 
+class UnreadableCheckpoint(Exception):
+    """A file that is not a checkpoint this project can load safely; str() is a one-line reason."""
+
+
+def _read_checkpoint(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnreadableCheckpoint(
+            f"refusing to load {path}: it is not a plain checkpoint of tensors, numbers and strings "
+            f"({_unpickling_reason(e)}); unpickling it fully could run arbitrary code") from None
+    except Exception as e:  # torn zip, empty file, not a torch file at all: torch raises many kinds
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path} (torn, empty or not a PyTorch file): {reason}") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise UnreadableCheckpoint(f"{path} is not a checkpoint of this project (a dict with model and model_config)")
+    return state
+
+
+def _unpickling_reason(error):
+    """The line of torch's weights_only error that says what was refused (not its advice to disable the check)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line.split("WeightsUnpickler error: ")[-1]
+    return next((line for line in lines if line), "unsupported content")
+
+
 def load_checkpoint(path):
     """Load a checkpoint dict with weights_only=True; refuse anything that would need arbitrary unpickling."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        fail(f"refusing to load {path}: it holds Python objects that would run code when unpickled "
-             f"(loaded with weights_only=True): {str(e).splitlines()[0]}")
-    except (RuntimeError, EOFError, OSError) as e:
-        fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+        return _read_checkpoint(path)
+    except UnreadableCheckpoint as e:
+        fail(str(e))
 
 
 def resume_checkpoint_path(out_dir):
-    """ckpt.pt, or the newest readable ckpt_<iter>.pt beside it; None when there is none."""
+    """ckpt.pt, or the newest readable ckpt_<iter>.pt beside it; None when there is none at all.
+
+    When checkpoints exist but none can be read, fail rather than start again from scratch: that
+    would overwrite them."""
     candidates = [os.path.join(out_dir, CKPT_NAME)]
     candidates += sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")), reverse=True)
+    errors = []
     for path in candidates:
         if os.path.exists(path):
             try:
-                load_checkpoint(path)
+                _read_checkpoint(path)
                 return path
-            except SystemExit:
-                print(f"warning: skipping unreadable checkpoint {path}")
+            except UnreadableCheckpoint as e:
+                print(f"warning: skipping {e}", file=sys.stderr, flush=True)
+                errors.append(str(e))
+    if errors:
+        fail(f"no readable checkpoint in {out_dir} to resume from ({len(errors)} unreadable; first: {errors[0]})")
     return None
 
 
@@ -189,6 +225,9 @@ def load_model(path, device="cpu"):
         if missing or unexpected:
             fail(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
         info = {"kind": "hf", "stage": None, "iter": None, "config": {}}
+    elif glob.glob(os.path.join(path, "*.bin")) or glob.glob(os.path.join(path, "*.pth")):
+        fail(f"{path} holds pickled weights (*.bin/*.pth) but no *.safetensors: they are not loaded, since "
+             f"unpickling can run code; convert them to safetensors with a tool you trust")
     else:
         fail(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json + *.safetensors)")
     return model.to(device).eval(), info

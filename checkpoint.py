@@ -52,11 +52,21 @@ def save_checkpoint(out_dir, state, keep_last=0):
     except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"could not write checkpoint {path} ({e}); the previous checkpoint is unchanged") from e
+        cause = _os_error_behind(e)
+        raise OSError(f"could not write checkpoint {path} ({cause}); the previous checkpoint is unchanged") from e
     os.replace(tmp, path)
     _fsync_dir(out_dir)
     for stale in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
         os.remove(stale)
+
+
+def _os_error_behind(error):
+    """The OSError (disk full, permission denied) behind an error: torch.save reports a failed write of its
+    file object as a RuntimeError about zip positions, with the OSError as its context."""
+    e = error
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e or error
 
 
 def _saved_iter(path):

@@ -269,7 +269,7 @@ def _hf_backend(path):
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(path)
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)  # a local dir; never the Hub
         return Tokenizer.from_str(hf.backend_tokenizer.to_str())
     except Exception as e:
         configurator.fail(f"cannot load the tokenizer in '{path}' with transformers: {str(e).splitlines()[0]}")

@@ -1,0 +1,523 @@
+"""
+bench.py: how fast is training, really? train.py's real step, side by side with HuggingFace's
+LlamaForCausalLM of the same shape in the same process, plus data loading, prepare.py and decoding.
+
+    python bench.py config/bench_124m.py --device=cuda --compile=True --compare_hf=True
+    python bench.py --device=cpu --model=tiny --json=bench.json
+
+How it measures:
+- The training step is train.train_step itself (loading the step's micro-batches, forward, loss,
+  backward, clipping, AdamW and the step's one host sync), with the model, precision, compile and
+  accumulation settings train.py would use. `warmup_steps` untimed steps first (compilation,
+  allocator, caches); then every step is timed between two device synchronisations and the figure
+  is the median.
+- compare_hf=True: the baseline is LlamaForCausalLM (attn_implementation="sdpa") with our weights,
+  trained by the very same train.train_step, the same batches, loss, precision, clipping and AdamW
+  settings (train.configure_optimizer), compiled iff ours is: only the model differs. Ours and HF
+  take turns, `rounds` times `steps` steps each, so a machine that slows down mid-run (shared cores,
+  clocks) slows both; ours/HF is the ratio of median tokens/s.
+- MFU = flops_per_token x tokens per step / step time / peak, where flops_per_token is
+  model.flops_per_token (6N + 12·L·H·Q·T, PaLM appendix B) and the peak comes from
+  train.PEAK_TFLOPS by device name, or peak_tflops. No MFU on CPU unless peak_tflops is given.
+- Peak memory on CUDA: weights and optimizer state of the model plus the most its steps allocated
+  on top (so the other model, resident at the same time, does not count); on CPU only the
+  process's maximum resident set, for the whole run.
+- Data loading: run.train_batches.get + train.to_device per micro-batch, as a share of the step.
+- prepare.py MB/s: its main pass (tokenize + write shards; not tokenizer training) on a jsonl of
+  `prepare_mb` MB made of the demo corpus, median of three runs.
+- Decode tokens/s at batch 1, greedy, not compiled: ours (Transformer.generate, KV cache) and HF
+  generate with the same weights, `decode_tokens` new tokens after a 16-token prompt.
+
+`model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
+every key given after it (in a config file or as --key=value) wins. `--json=PATH` writes every
+figure with its name, the config, the command, the device, torch and transformers versions and
+the date.
+"""
+
+import contextlib
+import datetime
+import importlib.metadata
+import io
+import json as jsonlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import configurator
+import prepare
+import shards
+import train
+from configurator import fail
+from model import to_hf_state_dict
+
+# -----------------------------------------------------------------------------
+# defaults (override with config files and --key=value)
+model = "tiny"  # size preset: tiny | 26m | 124m | 500m | 1b (config/model_<model>.py), "" to give the shape below
+data_dir = ""  # a prepared pretraining directory to read batches from; "": random tokens in a temporary one
+# model shape (a preset sets these)
+vocab_size = 0  # 0: the preset's vocabulary
+dim = 512
+n_layers = 8
+n_heads = 8
+n_kv_heads = 0  # 0: n_heads
+ffn_dim = 0  # 0: 8/3 * dim rounded up to a multiple of 64
+rope_theta = 10000.0
+tie_embeddings = True
+# the training step, as train.py takes it
+block_size = 256
+batch_size = 8
+gradient_accumulation_steps = 1
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on recent GPUs, fp32 on CPU)
+compile = False
+compile_mode = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs (both models)
+seed = 1337
+threads = 0  # torch CPU threads (0: torch's default, one per core)
+# what to measure
+compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
+warmup_steps = 3  # untimed steps per model before timing
+steps = 5  # timed steps per model per round
+rounds = 3  # ours and HF take turns this many times
+peak_tflops = 0.0  # 0: train.PEAK_TFLOPS by GPU name (none on CPU)
+data_batches = 20  # micro-batches timed for the data loading figure (0: skip)
+prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
+decode_tokens = 64  # new tokens per decode run (0: skip)
+json = ""  # write every figure to this path
+# -----------------------------------------------------------------------------
+_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_CORPUS = os.path.join(ROOT, "data", "demo", "pretrain.jsonl")
+# the vocabulary of each size preset (config/model_*.py leave it to the data)
+PRESET_VOCAB = {
+    "tiny": 4096,  # the demo tokenizer, config/prepare_demo.py
+    "26m": 6400,  # MiniMind's tokenizer
+    "124m": 50304,  # GPT-2's 50,257 rounded up to a multiple of 64, as nanoGPT does
+    "500m": 32000,
+    "1b": 32000,
+}
+PROMPT_TOKENS = 16  # decode prompt length
+MFU_FORMULA = "MFU = flops_per_token x tokens_per_step / step_time / peak, flops_per_token = 6N + 12*L*H*Q*T"
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
+STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "seed")
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+def configure(argv=None):
+    """bench.py's config: the defaults, then the shape of the `model` preset, then argv (which wins)."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset = configurator.configure(dict(_DEFAULTS), argv, quiet=True)["model"]
+    namespace = dict(_DEFAULTS)
+    if preset:
+        if preset not in PRESET_VOCAB:
+            fail(f"model must be one of {', '.join(PRESET_VOCAB)} or \"\", got {preset!r}")
+        configurator.configure(namespace, [os.path.join(ROOT, "config", f"model_{preset}.py")], quiet=True)
+        namespace["vocab_size"] = PRESET_VOCAB[preset]
+    cfg = configurator.configure(namespace, argv, quiet=True)
+    if min(cfg["warmup_steps"], cfg["data_batches"], cfg["decode_tokens"]) < 0 or min(cfg["steps"], cfg["rounds"]) < 1:
+        fail("steps and rounds must be >= 1; warmup_steps, data_batches and decode_tokens >= 0")
+    if not cfg["data_dir"] and cfg["vocab_size"] < 1:
+        fail("with no data_dir, set vocab_size (or pick a model preset)")
+    return cfg
+
+
+def train_config(b, data_dir, out_dir):
+    """train.py's resolved config for a pretraining run with bench's shape and step settings."""
+    keys = {k: b[k] for k in SHAPE_KEYS + STEP_KEYS}
+    keys.update(data_dir=data_dir, out_dir=out_dir, stage="pretrain", verify_data=False,
+                compile=b["compile"] and b["compile_mode"] == "default")  # train.py has no mode: bench() compiles
+    cfg = configurator.configure(vars(train).copy(), [f"--{k}={v!r}" for k, v in keys.items()], quiet=True)
+    cfg["checkpoint_interval"] = cfg["eval_interval"]
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+
+def write_synthetic_data(out_dir, vocab, n_tokens, seed):
+    """A prepared pretraining directory of random token ids, as train.py reads it (meta.json last)."""
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = shards.token_dtype(vocab)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", n_tokens), ("val", max(n_tokens // 100, 4096))):
+        writer = shards.ShardWriter(out_dir, split, dtype, shard_tokens=n)
+        writer.add(rng.integers(1, vocab, n), np.ones(n, dtype=np.uint8))
+        written = writer.close()
+        splits[split] = {"tokens": writer.tokens, "documents": writer.documents, "targets": writer.targets,
+                         "shards": written}
+    shards.write_meta(out_dir, {"version": shards.FORMAT_VERSION, "stage": "pretrain", "dtype": dtype,
+                                "vocab_size": vocab, "special_ids": {"<|endoftext|>": 0}, "tokenizer_sha256": None,
+                                "tokenizer_source": "none: random token ids (bench.py)", "splits": splits})
+    return out_dir
+
+
+def write_corpus(path, mb):
+    """A jsonl of about `mb` MB: the demo corpus, repeated as often as needed."""
+    with open(DEMO_CORPUS, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    target, written = int(mb * 1e6), 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            for line in lines:
+                f.write(line)
+                written += len(line.encode("utf-8"))
+                if written >= target:
+                    break
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the models
+
+
+class Logits(torch.nn.Module):
+    """An HF causal LM as train.py calls a model: token ids in, logits out."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, idx):
+        return self.hf(input_ids=idx, use_cache=False).logits
+
+
+def hf_model(raw, dev):
+    """LlamaForCausalLM (sdpa attention) of raw's shape, holding a copy of raw's weights."""
+    import transformers
+
+    from checkpoint import hf_config_dict
+
+    config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.cfg, pad_id=0), attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(raw), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"HF baseline does not take our weights: missing {missing}, unexpected {unexpected}")
+    if raw.cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.to(dev).train()
+
+
+def hf_run(run, hf, b):
+    """A run namespace for train.train_step that trains `hf` instead of ours; everything else equal."""
+    hf_run = SimpleNamespace(**vars(run))
+    hf_run.raw_model = hf
+    hf_run.model = Logits(torch.compile(hf, mode=b["compile_mode"]) if b["compile"] else hf)
+    hf_run.optimizer = train.configure_optimizer(hf, run.cfg, run.device)
+    hf_run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled())
+    return hf_run
+
+
+# -----------------------------------------------------------------------------
+# measuring
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_steps(run, first_it, n):
+    """Seconds of each of n train.train_step calls, iterations first_it...; peak extra CUDA bytes."""
+    dev, times = run.device, []
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        resident = torch.cuda.memory_allocated(dev)
+    for it in range(first_it, first_it + n):
+        sync(dev)
+        t0 = time.perf_counter()
+        train.train_step(run, it)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    extra = torch.cuda.max_memory_allocated(dev) - resident if dev.type == "cuda" else None
+    return times, extra
+
+
+def resident_bytes(run):
+    """Weights and optimizer state of a run's model: what stays allocated between steps."""
+    tensors = list(run.raw_model.parameters())
+    tensors += [t for state in run.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def step_figures(raw_model, block_size, tokens_per_step, step_seconds, peak):
+    """tokens/s, step time and (given a peak in TFLOP/s) MFU of a median step time."""
+    flops = raw_model.flops_per_token(block_size) * tokens_per_step
+    return {"step_ms": 1000 * step_seconds, "tokens_per_s": tokens_per_step / step_seconds,
+            "tflops": flops / step_seconds / 1e12, "mfu": flops / step_seconds / (peak * 1e12) if peak else None}
+
+
+def measure_training(runs, b):
+    """({name: figures}, tokens per step, (peak, its source)) of the runs ({name: run}), timed in turns."""
+    for run in runs.values():
+        for it in range(b["warmup_steps"]):
+            train.train_step(run, it)
+    times, extra = {name: [] for name in runs}, dict.fromkeys(runs, 0)
+    for r in range(b["rounds"]):
+        first = b["warmup_steps"] + r * b["steps"]
+        for name, run in runs.items():
+            t, e = time_steps(run, first, b["steps"])
+            times[name] += t
+            extra[name] = max(extra[name], e or 0)
+    ours = runs["ours"]
+    cfg = ours.cfg
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    peak = peak_of(ours.device, b)
+    out = {}
+    for name, run in runs.items():
+        fig = step_figures(ours.raw_model, cfg["block_size"], tokens, statistics.median(times[name]), peak[0])
+        fig["step_ms_min"], fig["step_ms_max"] = 1000 * min(times[name]), 1000 * max(times[name])
+        fig["peak_mem_mb"] = (resident_bytes(run) + extra[name]) / 2**20 if run.device.type == "cuda" else None
+        out[name] = fig
+    return out, tokens, peak
+
+
+def peak_of(dev, b):
+    """(peak TFLOP/s or None, where it came from)."""
+    if b["peak_tflops"] > 0:
+        return b["peak_tflops"], "--peak_tflops"
+    if dev.type != "cuda":
+        return None, f"none on {dev.type} (give --peak_tflops to get an MFU)"
+    name = torch.cuda.get_device_name(dev)
+    tf = train.peak_tflops(name)
+    return (tf, f"train.PEAK_TFLOPS['{name}']") if tf else (None, f"unknown GPU '{name}': give --peak_tflops")
+
+
+def measure_data_loading(run, n):
+    """Median seconds to build one micro-batch (train_batches.get) and put it on the device."""
+    times = []
+    for g in range(n):
+        sync(run.device)
+        t0 = time.perf_counter()
+        train.to_device(run.train_batches.get(g), run.device)
+        sync(run.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_prepare(mb, workdir):
+    """prepare.py's main-pass MB/s (median of three runs; the tokenizer is trained once, not timed) and workers."""
+    corpus = write_corpus(os.path.join(workdir, "corpus.jsonl"), mb)
+    speeds, tokenizer = [], "train"
+    for i in range(3):
+        out = os.path.join(workdir, f"prepared{i}")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            meta = prepare.main([f"--input={corpus}", f"--out_dir={out}", f"--tokenizer={tokenizer}",
+                                 "--vocab_size=4096", "--tokenizer_sample_bytes=1000000"])
+        speeds.append(meta["timing"]["mb_per_s"])
+        tokenizer = os.path.join(workdir, "prepared0")
+    return statistics.median(speeds), meta["timing"]["workers"], meta["timing"]["input_mb"]
+
+
+def measure_decode(raw, hf, n_new, run, repeats=3):
+    """Greedy decode tokens/s at batch 1, ours and HF, on the same weights and prompt; same tokens?"""
+    dev, vocab = run.device, raw.cfg.vocab_size
+    prompt = torch.randint(1, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def ours():
+        return list(raw.generate(prompt, n_new, temperature=0, max_len=PROMPT_TOKENS + n_new))
+
+    def theirs():
+        ids = torch.tensor([prompt], device=dev)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                          do_sample=False, pad_token_id=0)
+        return out[0, PROMPT_TOKENS:].tolist()
+
+    result = {}
+    was_training = {m: m.training for m in (raw, hf) if m is not None}
+    for m in was_training:
+        m.eval()
+    with run.autocast:
+        for name, fn in (("ours", ours), ("hf", theirs)):
+            if name == "hf" and hf is None:
+                continue
+            tokens = fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                sync(dev)
+                t0 = time.perf_counter()
+                fn()
+                sync(dev)
+                times.append(time.perf_counter() - t0)
+            result[name] = (n_new / statistics.median(times), tokens)
+    for m, training in was_training.items():
+        m.train(training)
+    return result
+
+
+def max_logit_diff(run, hf):
+    """Largest |ours - HF| logit on a validation batch: the baseline is the same function as ours."""
+    batch = train.to_device(run.val_batches.get(0), run.device)
+    with torch.no_grad(), run.autocast:
+        theirs = hf(input_ids=batch.x, use_cache=False).logits
+        return (run.raw_model(batch.x).float() - theirs.float()).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# putting it together
+
+
+FIGURE_KEYS = [
+    "model.params", "model.flops_per_token", "train.tokens_per_step", "train.peak_tflops",
+    *[f"train.{who}.{k}" for who in ("ours", "hf") for k in
+      ("tokens_per_s", "step_ms", "step_ms_min", "step_ms_max", "tflops", "mfu", "peak_mem_mb")],
+    "train.ours_over_hf", "train.hf_max_logit_diff",
+    "data.load_ms_per_batch", "data.load_pct_of_step",
+    "prepare.mb_per_s", "prepare.input_mb", "prepare.workers",
+    "decode.ours.tokens_per_s", "decode.hf.tokens_per_s", "decode.ours_over_hf", "decode.same_tokens",
+    "process.max_rss_mb",
+]
+
+
+def bench(b):
+    """Every figure, by name (FIGURE_KEYS; None where not measured), and notes on how."""
+    fig = dict.fromkeys(FIGURE_KEYS)
+    notes = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data = b["data_dir"]
+        if not data:
+            rows = b["batch_size"] * b["gradient_accumulation_steps"] * (b["warmup_steps"] + b["steps"] * b["rounds"])
+            data = write_synthetic_data(os.path.join(tmp, "data"), b["vocab_size"],
+                                        min(max(rows, 64) * (b["block_size"] + 1), 1 << 24), b["seed"])
+        run = train.build(train_config(b, data, os.path.join(tmp, "out")))
+        raw = run.raw_model
+        if b["compile"] and b["compile_mode"] != "default":
+            run.model = torch.compile(raw, mode=b["compile_mode"])
+        fig["model.params"] = raw.num_params()
+        fig["model.flops_per_token"] = raw.flops_per_token(b["block_size"])
+        runs = {"ours": run}
+        hf = None
+        if b["compare_hf"]:
+            hf = hf_model(raw, run.device)
+            fig["train.hf_max_logit_diff"] = max_logit_diff(run, hf)
+            runs["hf"] = hf_run(run, hf, b)
+        train_figs, tokens, (peak, peak_source) = measure_training(runs, b)
+        notes["peak"] = peak_source
+        fig["train.tokens_per_step"], fig["train.peak_tflops"] = tokens, peak
+        for who, f in train_figs.items():
+            for k, v in f.items():
+                fig[f"train.{who}.{k}"] = v
+        if hf is not None:
+            fig["train.ours_over_hf"] = fig["train.ours.tokens_per_s"] / fig["train.hf.tokens_per_s"]
+        if b["data_batches"]:
+            load = measure_data_loading(run, b["data_batches"])
+            fig["data.load_ms_per_batch"] = 1000 * load
+            fig["data.load_pct_of_step"] = 100 * load * run.local_micro / (fig["train.ours.step_ms"] / 1000)
+        if b["decode_tokens"]:
+            n_new = min(b["decode_tokens"], b["block_size"] - PROMPT_TOKENS)
+            dec = measure_decode(raw, hf, n_new, run)
+            fig["decode.ours.tokens_per_s"] = dec["ours"][0]
+            if hf is not None:
+                fig["decode.hf.tokens_per_s"] = dec["hf"][0]
+                fig["decode.ours_over_hf"] = dec["ours"][0] / dec["hf"][0]
+                fig["decode.same_tokens"] = dec["ours"][1] == dec["hf"][1]
+            notes["decode"] = f"batch 1, greedy, {PROMPT_TOKENS}-token prompt, {n_new} new tokens, not compiled"
+        if b["prepare_mb"]:
+            speed, workers, mb = measure_prepare(b["prepare_mb"], tmp)
+            fig.update({"prepare.mb_per_s": speed, "prepare.workers": workers, "prepare.input_mb": mb})
+        fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        device = describe_device(run.device)
+        notes["dtype"] = str(run.ptdtype).split(".")[-1]
+    return fig, notes, device
+
+
+def describe_device(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def report(b, fig, notes, device):
+    """The table printed at the end."""
+    def num(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    def ratio(v):
+        return "-" if v is None else f"{v:.2f}x"
+
+    hf = b["compare_hf"]
+    lines = [f"bench: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}, "
+             f"{notes['dtype']}, compile={b['compile']}" + (f" ({b['compile_mode']})" if b["compile"] else "")
+             + f", batch {b['batch_size']} x {b['block_size']} x {b['gradient_accumulation_steps']} micro-steps "
+             f"= {fig['train.tokens_per_step']:,} tokens/step",
+             f"{'':28}{'ours':>12}{'HF' if hf else '':>12}{'ours/HF' if hf else '':>10}"]
+
+    def row(label, key, spec, r=None):
+        theirs = num(fig[key.format("hf")], spec) if hf else ""
+        lines.append(f"{label:28}{num(fig[key.format('ours')], spec):>12}{theirs:>12}{ratio(r) if hf else '':>10}")
+
+    row("train tokens/s", "train.{}.tokens_per_s", ",.0f", fig["train.ours_over_hf"])
+    row("step time, median (ms)", "train.{}.step_ms", ",.1f")
+    row("step time, min (ms)", "train.{}.step_ms_min", ",.1f")
+    row("achieved TFLOP/s", "train.{}.tflops", ".3f")
+    row("MFU", "train.{}.mfu", ".1%")
+    row("peak memory (MB)", "train.{}.peak_mem_mb", ",.0f")
+    row("decode tokens/s (batch 1)", "decode.{}.tokens_per_s", ",.1f", fig["decode.ours_over_hf"])
+    lines.append(f"{MFU_FORMULA}: {fig['model.flops_per_token']:,} FLOPs/token at T={b['block_size']}; "
+                 f"peak {num(fig['train.peak_tflops'], 'g')} TFLOP/s ({notes['peak']})")
+    if hf:
+        same = fig["decode.same_tokens"]
+        same = "" if same is None else f"; greedy decoding, same tokens: {same}"
+        lines.append(f"HF baseline: LlamaForCausalLM, sdpa, our weights (max |logit diff| "
+                     f"{fig['train.hf_max_logit_diff']:.2e}){same}")
+    if fig["data.load_ms_per_batch"] is not None:
+        lines.append(f"data loading: {fig['data.load_ms_per_batch']:.3f} ms per micro-batch, "
+                     f"{fig['data.load_pct_of_step']:.2f}% of a training step")
+    if fig["prepare.mb_per_s"] is not None:
+        lines.append(f"prepare.py: {fig['prepare.mb_per_s']:.2f} MB/s on {fig['prepare.input_mb']:.1f} MB of jsonl, "
+                     f"{fig['prepare.workers']} worker(s)")
+    lines.append(f"process max RSS {fig['process.max_rss_mb']:,.0f} MB; torch {torch.__version__}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    b = configure(argv)
+    if b["threads"]:
+        torch.set_num_threads(b["threads"])
+    torch.manual_seed(b["seed"])
+    fig, notes, device = bench(b)
+    print(report(b, fig, notes, device), flush=True)
+    if b["json"]:
+        record = {"command": " ".join(["python", "bench.py", *argv]), "device": device, "dtype": notes["dtype"],
+                  "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                  "transformers": package_version("transformers"), "mfu_formula": MFU_FORMULA,
+                  "peak_source": notes["peak"],
+                  "decode": notes.get("decode"), "config": b, "figures": fig}
+        with open(b["json"], "w", encoding="utf-8") as f:
+            jsonlib.dump(record, f, indent=1)
+            f.write("\n")
+    return fig
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except configurator.ConfigError:
+        sys.exit(2)

@@ -14,8 +14,9 @@ How it measures:
 - compare_hf=True: the baseline is LlamaForCausalLM (attn_implementation="sdpa") with our weights,
   trained by the very same train.train_step, the same batches, loss, precision, clipping and AdamW
   settings (train.configure_optimizer), compiled iff ours is: only the model differs. Ours and HF
-  take turns, `rounds` times `steps` steps each, so a machine that slows down mid-run (shared cores,
-  clocks) slows both; ours/HF is the ratio of median tokens/s.
+  take turns, `rounds` times `steps` steps each, so a machine whose load changes mid-run (shared
+  cores, clocks) slows both. ours/HF is the ratio of median tokens/s; ours/HF paired is the median
+  over rounds of HF's time / ours in that round, the steadier of the two when the load changes.
 - MFU = flops_per_token x tokens per step / step time / peak, where flops_per_token is
   model.flops_per_token (6N + 12·L·H·Q·T, PaLM appendix B) and the peak comes from
   train.PEAK_TFLOPS by device name, or peak_tflops. No MFU on CPU unless peak_tflops is given.
@@ -84,8 +85,8 @@ threads = 0  # torch CPU threads (0: torch's default, one per core)
 # what to measure
 compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
 warmup_steps = 3  # untimed steps per model before timing
-steps = 5  # timed steps per model per round
-rounds = 3  # ours and HF take turns this many times
+steps = 2  # timed steps per model per round
+rounds = 5  # ours and HF take turns this many times
 peak_tflops = 0.0  # 0: train.PEAK_TFLOPS by GPU name (none on CPU)
 data_batches = 20  # micro-batches timed for the data loading figure (0: skip)
 prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
@@ -261,17 +262,22 @@ def step_figures(raw_model, block_size, tokens_per_step, step_seconds, peak):
 
 
 def measure_training(runs, b):
-    """({name: figures}, tokens per step, (peak, its source)) of the runs ({name: run}), timed in turns."""
+    """({name: figures}, tokens per step, (peak, its source), ours/HF paired by round or None) of the
+    runs ({name: run}), timed in turns."""
     for run in runs.values():
         for it in range(b["warmup_steps"]):
             train.train_step(run, it)
-    times, extra = {name: [] for name in runs}, dict.fromkeys(runs, 0)
+    times, extra, ratios = {name: [] for name in runs}, dict.fromkeys(runs, 0), []
     for r in range(b["rounds"]):
         first = b["warmup_steps"] + r * b["steps"]
+        spent = {}
         for name, run in runs.items():
             t, e = time_steps(run, first, b["steps"])
             times[name] += t
             extra[name] = max(extra[name], e or 0)
+            spent[name] = sum(t)
+        if "hf" in spent:
+            ratios.append(spent["hf"] / spent["ours"])
     ours = runs["ours"]
     cfg = ours.cfg
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -282,7 +288,7 @@ def measure_training(runs, b):
         fig["step_ms_min"], fig["step_ms_max"] = 1000 * min(times[name]), 1000 * max(times[name])
         fig["peak_mem_mb"] = (resident_bytes(run) + extra[name]) / 2**20 if run.device.type == "cuda" else None
         out[name] = fig
-    return out, tokens, peak
+    return out, tokens, peak, statistics.median(ratios) if ratios else None
 
 
 def peak_of(dev, b):
@@ -322,8 +328,9 @@ def measure_prepare(mb, workdir):
     return statistics.median(speeds), meta["timing"]["workers"], meta["timing"]["input_mb"]
 
 
-def measure_decode(raw, hf, n_new, run, repeats=3):
-    """Greedy decode tokens/s at batch 1, ours and HF, on the same weights and prompt; same tokens?"""
+def measure_decode(raw, hf, n_new, run, repeats=5):
+    """Greedy decode at batch 1 on the same weights and prompt, ours and HF taking turns:
+    {name: (median tokens/s, tokens)}."""
     dev, vocab = run.device, raw.cfg.vocab_size
     prompt = torch.randint(1, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -336,26 +343,23 @@ def measure_decode(raw, hf, n_new, run, repeats=3):
                           do_sample=False, pad_token_id=0)
         return out[0, PROMPT_TOKENS:].tolist()
 
-    result = {}
-    was_training = {m: m.training for m in (raw, hf) if m is not None}
-    for m in was_training:
+    fns = {"ours": ours} if hf is None else {"ours": ours, "hf": theirs}
+    models = [m for m in (raw, hf) if m is not None]
+    for m in models:
         m.eval()
     with run.autocast:
-        for name, fn in (("ours", ours), ("hf", theirs)):
-            if name == "hf" and hf is None:
-                continue
-            tokens = fn()  # warm-up
-            times = []
-            for _ in range(repeats):
+        tokens = {name: fn() for name, fn in fns.items()}  # also the warm-up
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
                 sync(dev)
                 t0 = time.perf_counter()
                 fn()
                 sync(dev)
-                times.append(time.perf_counter() - t0)
-            result[name] = (n_new / statistics.median(times), tokens)
-    for m, training in was_training.items():
-        m.train(training)
-    return result
+                times[name].append(time.perf_counter() - t0)
+    for m in models:
+        m.train()
+    return {name: (n_new / statistics.median(t), tokens[name]) for name, t in times.items()}
 
 
 def max_logit_diff(run, hf):
@@ -374,7 +378,7 @@ FIGURE_KEYS = [
     "model.params", "model.flops_per_token", "train.tokens_per_step", "train.peak_tflops",
     *[f"train.{who}.{k}" for who in ("ours", "hf") for k in
       ("tokens_per_s", "step_ms", "step_ms_min", "step_ms_max", "tflops", "mfu", "peak_mem_mb")],
-    "train.ours_over_hf", "train.hf_max_logit_diff",
+    "train.ours_over_hf", "train.ours_over_hf_paired", "train.hf_max_logit_diff",
     "data.load_ms_per_batch", "data.load_pct_of_step",
     "prepare.mb_per_s", "prepare.input_mb", "prepare.workers",
     "decode.ours.tokens_per_s", "decode.hf.tokens_per_s", "decode.ours_over_hf", "decode.same_tokens",
@@ -404,7 +408,7 @@ def bench(b):
             hf = hf_model(raw, run.device)
             fig["train.hf_max_logit_diff"] = max_logit_diff(run, hf)
             runs["hf"] = hf_run(run, hf, b)
-        train_figs, tokens, (peak, peak_source) = measure_training(runs, b)
+        train_figs, tokens, (peak, peak_source), fig["train.ours_over_hf_paired"] = measure_training(runs, b)
         notes["peak"] = peak_source
         fig["train.tokens_per_step"], fig["train.peak_tflops"] = tokens, peak
         for who, f in train_figs.items():
@@ -486,6 +490,8 @@ def report(b, fig, notes, device):
         same = "" if same is None else f"; greedy decoding, same tokens: {same}"
         lines.append(f"HF baseline: LlamaForCausalLM, sdpa, our weights (max |logit diff| "
                      f"{fig['train.hf_max_logit_diff']:.2e}){same}")
+        lines.append(f"train ours/HF paired by round (median of HF's time / ours): "
+                     f"{fig['train.ours_over_hf_paired']:.2f}x")
     if fig["data.load_ms_per_batch"] is not None:
         lines.append(f"data loading: {fig['data.load_ms_per_batch']:.3f} ms per micro-batch, "
                      f"{fig['data.load_pct_of_step']:.2f}% of a training step")

@@ -4,3 +4,5 @@ model = "tiny"
 device = "cpu"
 block_size = 256
 batch_size = 8
+steps = 1  # ours and HF alternate step by step: a shared machine's load changes slow both alike
+rounds = 12

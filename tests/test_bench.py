@@ -39,6 +39,8 @@ def test_runs_end_to_end_and_writes_every_figure(tmp_path, capsys):
     step_s = fig["train.ours.step_ms"] / 1000
     assert fig["train.ours.tokens_per_s"] == pytest.approx(fig["train.tokens_per_step"] / step_s)
     assert fig["train.ours_over_hf"] == pytest.approx(fig["train.ours.tokens_per_s"] / fig["train.hf.tokens_per_s"])
+    assert fig["decode.ours_over_hf"] == pytest.approx(fig["decode.ours.tokens_per_s"] / fig["decode.hf.tokens_per_s"])
+    assert fig["train.ours_over_hf_paired"] > 0
     # the baseline is the same function with the same weights
     assert fig["train.hf_max_logit_diff"] < 1e-4 and fig["decode.same_tokens"] is True
     assert record["device"] and record["torch"] and record["date"]

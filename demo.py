@@ -1,0 +1,618 @@
+"""
+The whole pipeline on the embedded demo data (data/demo), in one command, ending in a report card.
+
+    python demo.py                   # `make demo` runs this inside .venv
+    python demo.py --quick=True      # the same stages in a couple of minutes (tests/test_demo.py runs it)
+
+Stages, each announced by a header and followed by its own progress output:
+
+    prepare   train a byte-level BPE tokenizer on pretrain.jsonl, tokenize the chat sets with it
+    pretrain  config/pretrain_demo.py   a tiny LLaMA from scratch on the fortunes corpus
+    sft       config/sft_demo.py        chat data, from pretrain
+    sft_long  config/sft_long_demo.py   twice the block size with YaRN RoPE scaling, from sft
+    distill   config/distill_demo.py    <think>...</think> answers, the tags weighted 10x, from sft
+    dpo       config/dpo_demo.py        chosen/rejected pairs, from sft (why: see the config)
+    evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl)
+    export    the DPO model to a transformers directory; logits and greedy text compared with transformers
+    chat      a few prompts to the final model, printed as it streams
+
+It writes, under out_dir: one run directory per stage, hf/ (the export), eval/<stage>.jsonl
+(every held-out answer and its score), loss.png, report.json (every figure of the report)
+and report.md, which it prints. Prepared data goes to <data_dir>/demo_<set>.
+
+On a GPU (torch.cuda.is_available()) it trains a bigger model (config/model_26m.py) in
+bfloat16 with torch.compile; `--preset=cpu` keeps the CPU settings.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import configurator
+
+# -----------------------------------------------------------------------------
+# options (--key=value)
+out_dir = "out/demo"  # run directories, export, report
+data_dir = "data"  # prepared sets go to <data_dir>/demo_pretrain, demo_sft, ...
+quick = False  # a shortened run: smaller model and vocabulary, a few dozen steps per stage, fewer prompts
+preset = "auto"  # auto (gpu when torch sees a CUDA device) | cpu | gpu
+max_prompts = 0  # held-out prompts scored per model, spread over the tasks (0: all 150; quick: 10)
+workers = 0  # prepare.py tokenizing processes (0: all cores)
+# -----------------------------------------------------------------------------
+
+DEMO = "data/demo"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# stage, its config file, the stage whose run it starts from, the prepared set it trains on
+STAGES = [
+    ("pretrain", "config/pretrain_demo.py", None, "pretrain"),
+    ("sft", "config/sft_demo.py", "pretrain", "sft"),
+    ("sft_long", "config/sft_long_demo.py", "sft", "sft_long"),
+    ("distill", "config/distill_demo.py", "sft", "reason"),
+    ("dpo", "config/dpo_demo.py", "sft", "dpo"),
+]
+CHAT_STAGES = ["sft", "sft_long", "distill", "dpo"]  # scored on the held-out tasks
+# prepared chat set -> the demo files it reads and the stage whose block_size is its max_len
+CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
+             "dpo": ("dpo", "dpo")}
+
+MODEL_PRESET = {"cpu": "config/model_tiny.py", "gpu": "config/model_26m.py"}
+GPU_FLAGS = ["--compile=True"]  # dtype=auto is already bfloat16 on a GPU that supports it
+GPU_LR_SCALE = 1 / 3  # a 26M model wants a smaller step than the ~1M one the configs are tuned for (not yet
+# tuned on a GPU: a conservative guess)
+
+QUICK_MODEL = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
+QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6}
+QUICK_FLAGS = ["--batch_size=8", "--eval_iters=2"]
+QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
+QUICK_PROMPTS = 10
+QUICK_NEW_TOKENS = 24
+QUICK_CHATS = 2
+
+MAX_NEW_TOKENS = {"distill": 128}  # room for the reasoning; the others answer in a few tokens
+DEFAULT_NEW_TOKENS = 48
+PARITY_SEQUENCES = 8  # held-out conversations whose logits are compared with transformers
+
+# the closing chat: each item is one conversation, its user turns in order
+CHAT = [
+    ["Who are you?"],
+    ["你是谁？"],
+    ["What is 25 + 17?", "再加上10呢？"],
+    ['Reverse the word "hello".'],
+    ["床前明月光，下一句是？"],
+]
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def header(title):
+    line = "=" * 100
+    print(f"\n{line}\n== {title}\n{line}", flush=True)
+
+
+def config_value(path, key):
+    """A value set by a config file (config files are Python: executed as train.py would)."""
+    scope = {}
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    return scope[key]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def git_commit():
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        commit = run("rev-parse", "--short=12", "HEAD").strip()
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no").strip())
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+@contextlib.contextmanager
+def timed(wall, name):
+    """Record the wall seconds of the block in wall[name]."""
+    t0 = time.perf_counter()
+    yield
+    wall[name] = time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
+# 1. prepare
+
+
+def prepare_all(c, sets):
+    """Tokenizer + pretraining shards, then every chat set tokenized with that tokenizer."""
+    import prepare
+
+    args = ["config/prepare_demo.py", f"--out_dir={sets['pretrain']}", f"--workers={c['workers']}"]
+    if c["quick"]:
+        args += QUICK_PREPARE
+    metas = {"pretrain": prepare.main(args)}
+    for name, (stem, stage) in CHAT_SETS.items():
+        max_len = config_value(dict((s, f) for s, f, _, _ in STAGES)[stage], "block_size")
+        print(f"\n-- {name}: {stem}_train.jsonl (+ {stem}_val.jsonl held out), max_len {max_len}", flush=True)
+        metas[name] = prepare.main([
+            f"--input={DEMO}/{stem}_train.jsonl", f"--val_input={DEMO}/{stem}_val.jsonl",
+            f"--out_dir={sets[name]}", f"--tokenizer={sets['pretrain']}", f"--max_len={max_len}",
+            f"--workers={c['workers']}"])
+    return metas
+
+
+# -----------------------------------------------------------------------------
+# 2. training: train.py as a subprocess (it exits on errors and handles signals), its output streamed
+
+
+def train_command(c, stage, config_file, init_stage, data, device_kind, device="cpu"):
+    cmd = [sys.executable, "train.py"]
+    if init_stage is None:  # the model's shape: only a run from scratch reads it
+        cmd.append(MODEL_PRESET[device_kind])
+    cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(c, stage)}", f"--device={device}"]
+    if init_stage is not None:
+        cmd.append(f"--init_from={run_dir(c, init_stage)}")
+    if device_kind == "gpu":
+        lr = config_value(config_file, "learning_rate") * GPU_LR_SCALE
+        cmd += GPU_FLAGS + [f"--learning_rate={lr:.3g}", f"--min_lr={lr / 10:.3g}"]
+    if c["quick"]:
+        n = QUICK_ITERS[stage]
+        cmd += QUICK_MODEL if init_stage is None else []
+        cmd += QUICK_FLAGS + [f"--max_iters={n}", f"--eval_interval={n}", f"--warmup_iters={max(1, n // 10)}",
+                              f"--log_interval={max(1, n // 5)}"]
+    return cmd
+
+
+def run_dir(c, stage):
+    return os.path.join(c["out_dir"], stage)
+
+
+def run_train(cmd):
+    print("$ " + " ".join(shlex.quote(a) for a in cmd), flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if p.returncode != 0:
+        print(f"\ndemo: the command above exited with status {p.returncode}; its output says why", file=sys.stderr)
+        sys.exit(p.returncode)
+
+
+def stage_summary(path, meta, init_stage):
+    """Figures of one training run, from its config.json and metrics.jsonl."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    train = [r for r in rows if "loss" in r and not r.get("skipped")]
+    evals = [r for r in rows if "val_loss" in r]
+    units_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]  # rows (sft), windows, or pairs (dpo)
+    tokens_per_step = units_per_step * cfg["block_size"] * (2 if cfg["stage"] == "dpo" else 1)
+    split = meta["splits"]["train"]
+    units = {"pretrain": (split["tokens"] - 1) // cfg["block_size"], "sft": split["documents"],
+             "dpo": split["documents"] // 2}[cfg["stage"]]
+    steps = train[-1]["iter"]
+    return {
+        "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps,
+        "tokens": steps * tokens_per_step, "epochs": steps * units_per_step / units,
+        "train_loss": train[-1]["loss"], "val_loss_start": evals[0]["val_loss"], "val_loss": evals[-1]["val_loss"],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+        "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
+        "curve": {"iter": [r["iter"] for r in train], "loss": [r["loss"] for r in train],
+                  "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]},
+        "evals": evals,
+    }
+
+
+# -----------------------------------------------------------------------------
+# 3. evaluation on the held-out tasks
+
+
+def pick_tasks(tasks, limit):
+    """All tasks, or `limit` of them taken round-robin over the task kinds (every kind represented)."""
+    if not limit or limit >= len(tasks):
+        return tasks
+    by_kind = {}
+    for t in tasks:
+        by_kind.setdefault(t["task"], []).append(t)
+    picked, i = [], 0
+    while len(picked) < limit:
+        for group in by_kind.values():
+            if i < len(group) and len(picked) < limit:
+                picked.append(group[i])
+        i += 1
+    return picked
+
+
+THINK = re.compile(r"<think>(.+?)</think>(.*)", re.S)
+
+
+def score(task, reply):
+    """Score one reply. The answer is what follows </think> when there is one; the identity
+    answer must contain the bot's name, every other answer must equal the expected one."""
+    m = THINK.fullmatch(reply.strip())
+    well_formed = bool(m) and reply.count("<think>") == 1 and reply.count("</think>") == 1 \
+        and bool(m.group(1).strip()) and bool(m.group(2).strip())
+    final = reply.rsplit("</think>", 1)[-1].strip()
+    if task["task"] == "identity":
+        correct = task["answer"] in final
+    else:
+        correct = final == task["answer"]
+    return {**task, "reply": reply, "final": final, "correct": correct, "think_well_formed": well_formed}
+
+
+def answer_tasks(path, tasks, device, max_new_tokens):
+    import sample
+
+    model, tok, info = sample.load(path, device)
+    results = []
+    for t in tasks:
+        text = sample.reply(model, tok, [{"role": "user", "content": t["prompt"]}], temperature=0.0,
+                            max_new_tokens=max_new_tokens, max_len=info["block_size"])
+        results.append(score(t, text))
+    return results
+
+
+def accuracy_table(results):
+    by_task = {}
+    for r in results:
+        k = by_task.setdefault(r["task"], [0, 0])
+        k[0] += r["correct"]
+        k[1] += 1
+    correct = sum(r["correct"] for r in results)
+    return {"correct": correct, "n": len(results), "accuracy": correct / max(1, len(results)),
+            "by_task": {k: {"correct": v[0], "n": v[1], "accuracy": v[0] / v[1]} for k, v in by_task.items()},
+            "think_well_formed": sum(r["think_well_formed"] for r in results)}
+
+
+def new_tokens(c, stage):
+    n = MAX_NEW_TOKENS.get(stage, DEFAULT_NEW_TOKENS)
+    return min(n, QUICK_NEW_TOKENS) if c["quick"] else n
+
+
+def evaluate_all(c, tasks, device):
+    scored = {}
+    os.makedirs(os.path.join(c["out_dir"], "eval"), exist_ok=True)
+    for stage in CHAT_STAGES:
+        t0 = time.perf_counter()
+        results = answer_tasks(run_dir(c, stage), tasks, device, new_tokens(c, stage))
+        with open(os.path.join(c["out_dir"], "eval", f"{stage}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        scored[stage] = accuracy_table(results)
+        s = scored[stage]
+        print(f"{stage:9s} {s['correct']:3d}/{s['n']} correct ({100 * s['accuracy']:.1f}%)  "
+              + "  ".join(f"{k} {v['correct']}/{v['n']}" for k, v in s["by_task"].items())
+              + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        scored[stage]["results"] = results
+    return scored
+
+
+# -----------------------------------------------------------------------------
+# 4. export and parity with transformers
+
+
+def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
+    """Export `run`; max |logits ours - logits transformers| over held-out conversations (fp32, CPU);
+    the chat template's ids against ours; greedy chat replies of both."""
+    import transformers
+
+    import export
+    import sample
+
+    export.export(run, hf_dir)
+    ours, tok, _ = sample.load(run, "cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    diff, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for t in tasks[:PARITY_SEQUENCES]:
+            ids, _ = tok.render_chat([{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["answer"]}])
+            x = torch.tensor([ids])
+            diff = max(diff, (ours(x) - hf(x).logits).abs().max().item())
+            n_tokens += len(ids)
+    same_ids, same_text = 0, 0
+    for turns in chats:
+        messages = [{"role": "user", "content": turns[0]}]
+        hf_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        same_ids += hf_ids == sample.chat_prompt_ids(tok, messages)
+        x = torch.tensor([hf_ids])
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False)
+        hf_text = hf_tok.decode(out[0, len(hf_ids):], skip_special_tokens=True)
+        same_text += hf_text == sample.reply(ours, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens)
+    return {"hf_dir": hf_dir, "max_abs_diff": diff, "sequences": min(len(tasks), PARITY_SEQUENCES),
+            "tokens": n_tokens, "template_ids_equal": same_ids, "greedy_equal": same_text, "prompts": len(chats)}
+
+
+# -----------------------------------------------------------------------------
+# 5. chat
+
+
+def chat_with(path, device, chats, max_new_tokens):
+    import sample
+
+    model, tok, info = sample.load(path, device)
+    transcript = []
+    for turns in chats:
+        messages = []
+        for text in turns:
+            messages.append({"role": "user", "content": text})
+            print(f"user: {text}\nassistant: ", end="", flush=True)
+            answer = sample.reply(model, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens,
+                                  max_len=info["block_size"], on_text=lambda s: print(s, end="", flush=True))
+            print(flush=True)
+            messages.append({"role": "assistant", "content": answer})
+            transcript.append({"user": text, "assistant": answer})
+    return transcript
+
+
+# -----------------------------------------------------------------------------
+# 6. report
+
+
+def plot_losses(stages, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4))
+    for ax, (name, s) in zip(axes, stages.items()):
+        curve = s["curve"]
+        ax.plot(curve["iter"], curve["loss"], label="train", lw=1.2)
+        ax.plot(curve["val_iter"], curve["val_loss"], "o-", label="val", ms=4)
+        ax.set_title(name + (" (train loss tag-weighted)" if s["think_tag_weight"] != 1 else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (DPO: sigmoid loss)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pct(x):
+    return f"{100 * x:.1f}%"
+
+
+def shorten(text, limit=300):
+    """A reply for a code block: at most `limit` characters, no code fence inside."""
+    text = text.replace("```", "'''")
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def compare(a, b, higher_is_better=True):
+    """'better', 'worse' or 'the same' for a against b."""
+    if a == b:
+        return "the same"
+    return "better" if (a > b) == higher_is_better else "worse"
+
+
+def render_report(r):
+    """report.md from report.json alone: every figure in it is a value of r."""
+    env, st, models = r["environment"], r["stages"], r["tasks"]["models"]
+    sft, long, distill, dpo = models["sft"], models["sft_long"], models["distill"], models["dpo"]
+    ident, x = r["identity"], r["export"]
+    example = r["distill"]["example"]
+    before, after = r["dpo"]["before"], r["dpo"]["after"]
+    wall = " · ".join(f"{k} {v:.0f} s" for k, v in r["wall_s"].items() if k != "total")
+    lines = [
+        "# Report card: the demo pipeline",
+        "",
+        f"`{r['command']}`, finished {env['finished']}. Every figure below was computed in this run "
+        "(report.json holds them all; eval/ holds every scored answer).",
+        "",
+        "## Environment",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| commit | `{env['commit']}` |",
+        f"| device | {env['device']}, {env['threads']} threads, preset {env['preset']}{', quick' if env['quick'] else ''} |",
+        f"| torch | {env['torch']} (python {env['python']}) |",
+        f"| model | {env['params'] / 1e6:.2f}M parameters: {env['n_layers']} layers, dim {env['dim']}, "
+        f"{env['n_heads']} heads ({env['n_kv_heads']} KV), vocabulary {env['vocab_size']:,} |",
+        f"| wall time | {wall} · **total {r['wall_s']['total']:.0f} s** |",
+        "",
+        "## Training",
+        "",
+        "| stage | from | block | steps | tokens | epochs | final train loss | val loss: start → end | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in st.items():
+        lines.append(f"| {name} | {s['init_from'] or 'scratch'} | {s['block_size']} | {s['steps']} | {s['tokens']:,} | "
+                     f"{s['epochs']:.2f} | {s['train_loss']:.3f} | {s['val_loss_start']:.3f} → {s['val_loss']:.3f} | "
+                     f"{s['tokens_per_s']:,.0f} |")
+    lines += [
+        "",
+        "Tokens are rows × block size (padding included for the chat stages); an epoch is one pass over the "
+        f"stage's train split. The distill train loss counts each reasoning tag {st['distill']['think_tag_weight']:g} "
+        "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs).",
+        "",
+        "![loss curves of every stage](loss.png)",
+        "",
+        f"## Held-out tasks ({r['tasks']['n']} prompts of tasks_val.jsonl, greedy)",
+        "",
+        "| task | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+    for kind in list(sft["by_task"]) + ["all"]:
+        cells = [m if kind == "all" else m["by_task"][kind] for m in models.values()]
+        lines.append(f"| {'**all**' if kind == 'all' else kind} | "
+                     + " | ".join(f"{k['correct']}/{k['n']} ({pct(k['accuracy'])})" for k in cells) + " |")
+    lines += [
+        "",
+        "Exact match, except identity (the reply must contain the bot's name); for the distilled model, the "
+        "answer after `</think>`.",
+        "",
+        f"**Who is it?** The SFT model, asked the held-out question “{ident['prompt']}”, answered "
+        f"“{ident['reply']}” ({'it names itself' if ident['correct'] else 'it does not name itself'}; "
+        f"{ident['correct_all']}/{ident['n']} held-out identity questions answered with the name).",
+        "",
+        f"## Long-context SFT (block {st['sft_long']['block_size']}, RoPE scaling {st['sft_long']['rope_scaling']})",
+        "",
+        f"Held-out val loss {st['sft_long']['val_loss']:.3f} against {st['sft']['val_loss']:.3f} for the SFT model it "
+        f"continues ({compare(st['sft_long']['val_loss'], st['sft']['val_loss'], higher_is_better=False)}); task "
+        f"accuracy {pct(long['accuracy'])} against {pct(sft['accuracy'])} "
+        f"({compare(long['accuracy'], sft['accuracy'])}). The held-out conversations are short, so this measures "
+        "what the doubled context costs on them"
+        + (": nothing here." if long["accuracy"] >= sft["accuracy"] and st["sft_long"]["val_loss"] <= st["sft"]["val_loss"]
+           else ", not a gain on long inputs."),
+        "",
+        "## Reasoning distillation",
+        "",
+        f"- {distill['think_well_formed']}/{distill['n']} held-out replies ({pct(r['distill']['think_share'])}) "
+        "are well formed: one `<think>...</think>` block, then an answer;",
+        f"- task accuracy {pct(distill['accuracy'])} against {pct(sft['accuracy'])} for SFT alone: distillation "
+        + ("helped on this budget." if distill["accuracy"] > sft["accuracy"] else "did not help on this budget"
+           + (": the model writes the reasoning format, but its reasoning is not right yet (example below)."
+              if r["distill"]["think_share"] > 0.5 else ".")),
+        f"- a held-out {example['task']} question and the distilled model's reply:",
+        "",
+        "```",
+        f"user: {example['prompt']}",
+        f"assistant: {shorten(example['reply'])}",
+        "```",
+        "",
+        "## DPO (from the SFT model, which is also its frozen reference)",
+        "",
+        "| held-out pairs | before | after |",
+        "|---|---:|---:|",
+        f"| reward accuracy (chosen > rejected) | {pct(before['accuracy'])} | {pct(after['accuracy'])} |",
+        f"| reward margin (β · difference of log-ratios) | {before['margin']:.4f} | {after['margin']:.4f} |",
+        f"| DPO loss | {before['loss']:.4f} | {after['loss']:.4f} |",
+        "",
+        "Before is the first step, where the policy is the reference and every reward is zero. DPO "
+        + ("separated the held-out pairs the preferred way. " if after["margin"] > before["margin"]
+           and after["accuracy"] > before["accuracy"] else "did not separate the held-out pairs on this budget. ")
+        + f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
+        f"({compare(dpo['accuracy'], sft['accuracy'])}).",
+        "",
+        "## Export to transformers",
+        "",
+        f"`{x['hf_dir']}` (the DPO model) loaded with `AutoModelForCausalLM`: max |logit difference| "
+        f"{x['max_abs_diff']:.2e} over {x['tokens']} positions of {x['sequences']} held-out conversations (float "
+        f"weights, CPU); the chat template's ids equal ours for {x['template_ids_equal']}/{x['prompts']} prompts; "
+        f"greedy replies equal for {x['greedy_equal']}/{x['prompts']}.",
+        "",
+        "## Chat (the DPO model, greedy)",
+        "",
+        "```",
+    ]
+    for turn in r["chat"]:
+        lines += [f"user: {turn['user']}", f"assistant: {shorten(turn['assistant'])}"]
+    lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    c = configurator.configure(dict((k, globals()[k]) for k in configurator.config_keys(globals())), argv, quiet=True)
+    if c["preset"] not in ("auto", "cpu", "gpu"):
+        configurator.fail(f"preset must be auto, cpu or gpu, got {c['preset']!r}")
+    kind = c["preset"] if c["preset"] != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.chdir(ROOT)
+    os.makedirs(c["out_dir"], exist_ok=True)
+    sets = {name: os.path.join(c["data_dir"], f"demo_{name}") for name in ["pretrain", *CHAT_SETS]}
+    wall, t_start = {}, time.perf_counter()
+    print(f"demo: {kind} preset on {device}{' (quick)' if c['quick'] else ''}; everything goes to {c['out_dir']}",
+          flush=True)
+
+    header("1. prepare: tokenizer and token shards")
+    with timed(wall, "prepare"):
+        metas = prepare_all(c, sets)
+
+    stages = {}
+    for i, (stage, config_file, init_stage, data) in enumerate(STAGES, start=2):
+        header(f"{i}. {stage}: train.py {config_file}" + (f", from {init_stage}" if init_stage else ""))
+        with timed(wall, stage):
+            run_train(train_command(c, stage, config_file, init_stage, sets[data], kind, device))
+        stages[stage] = stage_summary(run_dir(c, stage), metas[data], init_stage)
+
+    header("7. evaluate: greedy answers to the held-out tasks")
+    tasks = pick_tasks(read_jsonl(f"{DEMO}/tasks_val.jsonl"), c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0))
+    with timed(wall, "evaluate"):
+        scored = evaluate_all(c, tasks, device)
+
+    header("8. export: the DPO model to transformers, compared")
+    chats = CHAT[:QUICK_CHATS] if c["quick"] else CHAT
+    with timed(wall, "export"):
+        parity = export_and_compare(run_dir(c, "dpo"), os.path.join(c["out_dir"], "hf"), tasks, chats,
+                                    new_tokens(c, "dpo"))
+    print(f"max |logits ours - transformers| = {parity['max_abs_diff']:.2e}; greedy replies equal "
+          f"{parity['greedy_equal']}/{parity['prompts']}", flush=True)
+
+    header("9. chat with the DPO model")
+    with timed(wall, "chat"):
+        transcript = chat_with(run_dir(c, "dpo"), device, chats, new_tokens(c, "dpo"))
+
+    header("report")
+    report = build_report(c, kind, device, stages, metas, scored, parity, transcript, wall, t_start)
+    print(write_report(c["out_dir"], report, stages))
+
+
+def build_report(c, kind, device, stages, metas, scored, parity, transcript, wall, t_start):
+    from checkpoint import load_model
+
+    model, _ = load_model(run_dir(c, "pretrain"))
+    mc = model.cfg
+    identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
+    distill = scored["distill"]["results"]
+    example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
+    dpo_evals = stages["dpo"]["evals"]
+    dpo_point = lambda e: {"accuracy": e["val_rewards/accuracies"], "margin": e["val_rewards/margins"],
+                           "loss": e["val_loss"]}
+    wall = dict(wall, total=time.perf_counter() - t_start)
+    return {
+        "command": "python demo.py" + (" --quick=True" if c["quick"] else ""),
+        "environment": {
+            "commit": git_commit(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.machine()}",
+            "threads": torch.get_num_threads(), "preset": kind, "quick": c["quick"],
+            "torch": torch.__version__, "python": platform.python_version(),
+            "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
+            "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size,
+        },
+        "wall_s": wall,
+        "data": {name: {split: {k: m["splits"][split][k] for k in ("documents", "tokens", "targets")}
+                        for split in ("train", "val")} for name, m in metas.items()},
+        "stages": {name: {k: v for k, v in s.items() if k != "evals"} for name, s in stages.items()},
+        "tasks": {"n": len(scored["sft"]["results"]),
+                  "models": {name: {k: v for k, v in s.items() if k != "results"} for name, s in scored.items()}},
+        "identity": {"prompt": identity[0]["prompt"], "reply": identity[0]["reply"], "correct": identity[0]["correct"],
+                     "correct_all": sum(r["correct"] for r in identity), "n": len(identity)},
+        "distill": {"think_share": scored["distill"]["think_well_formed"] / len(distill),
+                    "example": {k: example[k] for k in ("task", "prompt", "reply")}},
+        "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
+        "export": parity,
+        "chat": transcript,
+    }
+
+
+def write_report(out, report, stages):
+    plot_losses(stages, os.path.join(out, "loss.png"))
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    text = render_report(report)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return text + f"\n(written to {os.path.join(out, 'report.md')}, with report.json and loss.png)"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except configurator.ConfigError:
+        sys.exit(2)

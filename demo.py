@@ -24,9 +24,11 @@ On a GPU (torch.cuda.is_available()) it trains a bigger model (config/model_26m.
 bfloat16 with torch.compile; `--preset=cpu` keeps the CPU settings.
 """
 
+import ast
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -103,11 +105,14 @@ def header(title):
 
 
 def config_value(path, key):
-    """A value set by a config file (config files are Python: executed as train.py would)."""
-    scope = {}
+    """The literal a demo config file assigns to `key` (read, not executed)."""
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-        exec(compile(f.read(), path, "exec"), scope)
-    return scope[key]
+        tree = ast.parse(f.read(), path)
+    values = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+              and any(isinstance(t, ast.Name) and t.id == key for t in node.targets)]
+    if not values:
+        raise KeyError(f"{path} sets no {key}")
+    return values[-1]
 
 
 def read_jsonl(path):
@@ -311,8 +316,8 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
 
     export.export(run, hf_dir)
     ours, tok, _ = sample.load(run, "cpu")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     diff, n_tokens = 0.0, 0
     with torch.no_grad():
         for t in tasks[:PARITY_SEQUENCES]:
@@ -397,6 +402,18 @@ def compare(a, b, higher_is_better=True):
     return "better" if (a > b) == higher_is_better else "worse"
 
 
+def noise(a, b):
+    """Whether two task accuracies ({"correct", "n"}) differ by no more than two standard errors
+    of their difference (binomial, pooled): on 150 prompts a few answers either way is chance."""
+    p = (a["correct"] + b["correct"]) / (a["n"] + b["n"])
+    se = math.sqrt(p * (1 - p) * (1 / a["n"] + 1 / b["n"]))
+    return abs(a["correct"] / a["n"] - b["correct"] / b["n"]) <= 2 * se
+
+
+def compare_tasks(a, b):
+    return compare(a["accuracy"], b["accuracy"]) + (", within sampling noise" if a["accuracy"] != b["accuracy"] and noise(a, b) else "")
+
+
 def render_report(r):
     """report.md from report.json alone: every figure in it is a value of r."""
     env, st, models = r["environment"], r["stages"], r["tasks"]["models"]
@@ -462,7 +479,7 @@ def render_report(r):
         f"Held-out val loss {st['sft_long']['val_loss']:.3f} against {st['sft']['val_loss']:.3f} for the SFT model it "
         f"continues ({compare(st['sft_long']['val_loss'], st['sft']['val_loss'], higher_is_better=False)}); task "
         f"accuracy {pct(long['accuracy'])} against {pct(sft['accuracy'])} "
-        f"({compare(long['accuracy'], sft['accuracy'])}). The held-out conversations are short, so this measures "
+        f"({compare_tasks(long, sft)}). The held-out conversations are short, so this measures "
         "what the doubled context costs on them"
         + (": nothing here." if long["accuracy"] >= sft["accuracy"] and st["sft_long"]["val_loss"] <= st["sft"]["val_loss"]
            else ", not a gain on long inputs."),
@@ -471,9 +488,11 @@ def render_report(r):
         "",
         f"- {distill['think_well_formed']}/{distill['n']} held-out replies ({pct(r['distill']['think_share'])}) "
         "are well formed: one `<think>...</think>` block, then an answer;",
-        f"- task accuracy {pct(distill['accuracy'])} against {pct(sft['accuracy'])} for SFT alone: distillation "
-        + ("helped on this budget." if distill["accuracy"] > sft["accuracy"] else "did not help on this budget"
-           + (": the model writes the reasoning format, but its reasoning is not right yet (example below)."
+        f"- task accuracy {pct(distill['accuracy'])} against {pct(sft['accuracy'])} for SFT alone "
+        f"({compare_tasks(distill, sft)}): "
+        + ("distillation helped." if distill["accuracy"] > sft["accuracy"] and not noise(distill, sft) else
+           "on this budget distillation does not clearly help"
+           + ("; the model has learnt the format, not yet the reasoning (example below)."
               if r["distill"]["think_share"] > 0.5 else ".")),
         f"- a held-out {example['task']} question and the distilled model's reply:",
         "",
@@ -494,7 +513,7 @@ def render_report(r):
         + ("separated the held-out pairs the preferred way. " if after["margin"] > before["margin"]
            and after["accuracy"] > before["accuracy"] else "did not separate the held-out pairs on this budget. ")
         + f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
-        f"({compare(dpo['accuracy'], sft['accuracy'])}).",
+        f"({compare_tasks(dpo, sft)}).",
         "",
         "## Export to transformers",
         "",

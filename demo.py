@@ -63,6 +63,7 @@ STAGES = [
     ("distill", "config/distill_demo.py", "sft", "reason"),
     ("dpo", "config/dpo_demo.py", "sft", "dpo"),
 ]
+CONFIG_OF = {stage: config_file for stage, config_file, _, _ in STAGES}
 CHAT_STAGES = ["sft", "sft_long", "distill", "dpo"]  # scored on the held-out tasks
 # prepared chat set -> the demo files it reads and the stage whose block_size is its max_len
 CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
@@ -151,7 +152,7 @@ def prepare_all(c, sets):
         args += QUICK_PREPARE
     metas = {"pretrain": prepare.main(args)}
     for name, (stem, stage) in CHAT_SETS.items():
-        max_len = config_value(dict((s, f) for s, f, _, _ in STAGES)[stage], "block_size")
+        max_len = config_value(CONFIG_OF[stage], "block_size")
         print(f"\n-- {name}: {stem}_train.jsonl (+ {stem}_val.jsonl held out), max_len {max_len}", flush=True)
         metas[name] = prepare.main([
             f"--input={DEMO}/{stem}_train.jsonl", f"--val_input={DEMO}/{stem}_val.jsonl",

@@ -108,7 +108,8 @@ PRESET_VOCAB = {
 PROMPT_TOKENS = 16  # decode prompt length
 MFU_FORMULA = "MFU = flops_per_token x tokens_per_step / step_time / peak, flops_per_token = 6N + 12*L*H*Q*T"
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
-STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "seed")
+STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "compile", "compile_mode",
+             "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +137,7 @@ def configure(argv=None):
 def train_config(b, data_dir, out_dir):
     """train.py's resolved config for a pretraining run with bench's shape and step settings."""
     keys = {k: b[k] for k in SHAPE_KEYS + STEP_KEYS}
-    keys.update(data_dir=data_dir, out_dir=out_dir, stage="pretrain", verify_data=False,
-                compile=b["compile"] and b["compile_mode"] == "default")  # train.py has no mode: bench() compiles
+    keys.update(data_dir=data_dir, out_dir=out_dir, stage="pretrain", verify_data=False)
     cfg = configurator.configure(vars(train).copy(), [f"--{k}={v!r}" for k, v in keys.items()], quiet=True)
     cfg["checkpoint_interval"] = cfg["eval_interval"]
     return cfg
@@ -398,8 +398,6 @@ def bench(b):
                                         min(max(rows, 64) * (b["block_size"] + 1), 1 << 24), b["seed"])
         run = train.build(train_config(b, data, os.path.join(tmp, "out")))
         raw = run.raw_model
-        if b["compile"] and b["compile_mode"] != "default":
-            run.model = torch.compile(raw, mode=b["compile_mode"])
         fig["model.params"] = raw.num_params()
         fig["model.flops_per_token"] = raw.flops_per_token(b["block_size"])
         runs = {"ours": run}

@@ -15,6 +15,7 @@ is a one-line error naming the key (with close matches), exit status 2.
 import ast
 import difflib
 import sys
+import traceback
 
 
 class ConfigError(SystemExit):
@@ -98,7 +99,13 @@ def _apply_file(path, namespace, defaults):
         fail(f"cannot read config file '{path}': {e.strerror}")
     scope = dict(namespace)
     before = set(scope)
-    exec(compile(source, path, "exec"), scope)
+    try:  # a config file is code: an error in it is still one line, saying where
+        exec(compile(source, path, "exec"), scope)
+    except SyntaxError as e:
+        fail(f"config file '{path}', line {e.lineno}: SyntaxError: {e.msg}")
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        fail(f"config file '{path}', line {line}: {type(e).__name__}: {e}")
     for key in scope:
         if key.startswith("_") or key == "__builtins__":
             continue

@@ -84,6 +84,7 @@ dpo_precompute_ref = False  # reference log-probs computed once up front: no ref
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | bfloat16 | float16 | float32
 compile = False
+compile_mode = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
 fsdp = False  # FSDP2 fully_shard per block (under torchrun) instead of DDP
 seed = 1337
 # evaluation, logging, checkpoints
@@ -101,17 +102,22 @@ debug_nonfinite_iters = []  # fault injection for tests: iterations whose loss i
 # -----------------------------------------------------------------------------
 
 STAGES = ("pretrain", "sft", "dpo")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Datasheet dense (no sparsity) BF16 tensor-core peaks, TFLOP/s, matched by substring of the device name.
 PEAK_TFLOPS = [
+    ("H200 NVL", 835.0),  # NVIDIA H200 NVL datasheet: BF16 1,671 TF with sparsity -> 835 dense
     ("H200", 989.0),  # NVIDIA H200 datasheet: BF16 1,979 TF with sparsity -> 989 dense (SXM)
     ("H100 NVL", 835.0),  # NVIDIA H100 datasheet, NVL column: 1,671 TF with sparsity
     ("H100 PCIe", 756.0),  # NVIDIA H100 datasheet, PCIe column: 1,513 TF with sparsity
     ("H100", 989.0),  # NVIDIA H100 datasheet, SXM column: 1,979 TF with sparsity
     ("A100", 312.0),  # NVIDIA A100 datasheet: BF16 312 TF dense
+    ("B200", 2250.0),  # NVIDIA HGX B200 datasheet: FP16/BF16 4.5 PF per GPU with sparsity -> 2,250 dense
     ("L40S", 362.0),  # NVIDIA L40S datasheet: BF16 362.05 TF dense (733 with sparsity)
+    ("L40", 181.0),  # NVIDIA L40 datasheet: BF16 181.05 TF dense (362.1 with sparsity); before "L4"
     ("L4", 121.0),  # NVIDIA L4 datasheet: BF16 242 TF with sparsity -> 121 dense
     ("A10G", 70.0),  # AWS/NVIDIA A10G: 70 TF dense BF16 (sparse 140)
+    ("A10", 125.0),  # NVIDIA A10 datasheet: BF16 125 TF dense (250 with sparsity); after "A100" and "A10G"
     ("RTX 4090", 165.2),  # Ada whitepaper: BF16 with FP32 accumulate 165.2 TF dense
     ("RTX 3090", 71.0),  # Ampere GA102 whitepaper: BF16 with FP32 accumulate 71 TF dense
 ]
@@ -133,7 +139,8 @@ def setup_distributed(device_name):
     if "RANK" not in os.environ:
         return 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if torch.cuda.is_available() and not device_name.startswith("cpu") else "gloo"
+    # CPU tensors (the step's target count) go through gloo even when CUDA tensors go through NCCL
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not device_name.startswith("cpu") else "gloo"
     torch.distributed.init_process_group(backend=backend)
     return rank, local_rank, world
 
@@ -172,8 +179,19 @@ def check_config(cfg, world):
              f"number of processes ({world}): it counts micro-batches over all ranks")
     if min(cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"], cfg["max_iters"]) < 1:
         fail("batch_size, block_size, gradient_accumulation_steps and max_iters must be >= 1")
+    if cfg["compile_mode"] not in COMPILE_MODES:
+        fail(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg['compile_mode']!r}")
     if cfg["fsdp"] and world == 1:
         fail("fsdp=True shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    for key in ("eval_interval", "log_interval", "eval_iters"):
+        if cfg[key] < 1:
+            fail(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["checkpoint_interval"] < 0 or cfg["keep_last"] < 0:
+        fail("checkpoint_interval (0: every eval_interval) and keep_last must be >= 0")
+    if not cfg["learning_rate"] > 0 or min(cfg["min_lr"], cfg["weight_decay"], cfg["grad_clip"]) < 0:
+        fail("learning_rate must be > 0; min_lr, weight_decay and grad_clip (0: no clipping) must be >= 0")
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        fail(f"out_dir '{cfg['out_dir']}' exists and is not a directory")
     scaling = cfg["rope_scaling"]
     if scaling is not None:
         if not isinstance(scaling, dict) or scaling.get("type") not in ("linear", "dynamic", "yarn"):
@@ -185,6 +203,12 @@ def check_config(cfg, world):
                  f"(factor x original_max_seq_len = {int(limit)})")
     if cfg["stage"] == "dpo" and cfg["dropout"] > 0:
         fail("dpo needs dropout=0: the policy and the reference must agree at step 0")
+    # the model shape as far as the config decides it (a checkpoint being continued decides the rest)
+    shape = {"dim": cfg["dim"], "n_heads": cfg["n_heads"], "n_kv_heads": cfg["n_kv_heads"] or None}
+    try:
+        ModelConfig(rope_scaling=scaling, **(shape if cfg["init_from"] == "scratch" else {}))
+    except ValueError as e:
+        fail(str(e))
 
 
 def lr_at(it, cfg):
@@ -349,17 +373,16 @@ def train_step(run, it):
     """One optimizer step at iteration `it`. Returns a dict of floats (one host sync per step)."""
     cfg, model, opt = run.cfg, run.model, run.optimizer
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 101 + run.rank)  # dropout: a function of (seed, it, rank)
-    micros = [run.train_batches.get(it * cfg["gradient_accumulation_steps"] + run.rank * run.local_micro + m)
-              for m in range(run.local_micro)]
+    ahead = run.next_micros
+    targets, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
     # the step's loss is a mean over the targets of every micro-batch on every rank
-    total = all_reduce_sum(torch.tensor(sum(normaliser(b, cfg["stage"]) for b in micros), dtype=torch.float64), run.world)
+    total = all_reduce_sum(torch.tensor(targets, dtype=torch.float64), run.world)
     denom = max(float(total), 1.0)
     for g in opt.param_groups:
         g["lr"] = lr_at(it, cfg)
     loss_sum = torch.zeros((), device=run.device)
     stats_sum = {}
     for m, batch in enumerate(micros):
-        batch = to_device(batch, run.device)
         with sync_gradients(run, last=m == len(micros) - 1), run.autocast:
             loss, stats = micro_loss(run, batch)
             if it in cfg["debug_nonfinite_iters"]:
@@ -369,6 +392,8 @@ def train_step(run, it):
         loss_sum += loss.detach()
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float()
+    # the device is still busy with this step: read and copy the next step's batches meanwhile
+    run.next_micros = (it + 1, load_micros(run, it + 1))
     run.scaler.unscale_(opt)
     grad_norm = clip_grad_norm(run, cfg["grad_clip"])
     flags = torch.stack([loss_sum / denom, grad_norm.float(), torch.tensor(float(run.stop_requested), device=run.device)]
@@ -385,6 +410,14 @@ def train_step(run, it):
     for i, k in enumerate(stats_sum):
         out[k] = flags[3 + i] / denom
     return out
+
+
+def load_micros(run, it):
+    """(target count, micro-batches on the device) of this rank at iteration it; the count is taken on the host."""
+    cfg = run.cfg
+    micros = [run.train_batches.get(it * cfg["gradient_accumulation_steps"] + run.rank * run.local_micro + m)
+              for m in range(run.local_micro)]
+    return sum(normaliser(b, cfg["stage"]) for b in micros), [to_device(b, run.device) for b in micros]
 
 
 def sync_gradients(run, last):
@@ -528,7 +561,7 @@ def wrap_model(model, cfg, dev, ptdtype, world, local_rank):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
     if cfg["compile"]:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg["compile_mode"])
     if world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -588,11 +621,19 @@ class Logger:
             self.wandb = start_wandb(run.cfg)
 
     def _truncate_after(self, it):
-        """Drop lines a killed run wrote after its last checkpoint: they are about to be redone."""
+        """Drop what a stopped run logged after its last checkpoint, and the evaluation at it: the resumed
+        run redoes them. A line cut short (power loss, full disk) is dropped too."""
         if not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iter"] <= it]
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record["iter"] < it or (record["iter"] == it and "val_loss" not in record):
+                    kept.append(json.dumps(record) + "\n")
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
@@ -638,6 +679,9 @@ def build(cfg):
     rank, local_rank, world = setup_distributed(cfg["device"])
     check_config(cfg, world)
     dev = resolve_device(cfg["device"], local_rank)
+    missing = {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}
+    if missing.get(dev.type):
+        fail(f"device={cfg['device']!r}, but this PyTorch sees no such device: use device=cpu or auto")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -666,6 +710,7 @@ def build(cfg):
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=dev, ptdtype=ptdtype, raw_model=raw,
                           fsdp=cfg["fsdp"] and world > 1, local_micro=cfg["gradient_accumulation_steps"] // world,
                           stop_requested=False, best_val_loss=float("inf"), ref_model=None, ref_logps=None,
+                          next_micros=None,
                           val_ref_logps=None, data_identity=data_identity(cfg, meta))
     run.autocast = (torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32
                     else contextlib.nullcontext())
@@ -738,7 +783,10 @@ def main(argv=None):
     run = RUN = build(cfg)
     if run.rank == 0:
         configurator.print_config(cfg)
-        os.makedirs(cfg["out_dir"], exist_ok=True)
+        try:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror}")
         copy_tokenizer(cfg)
         with open(os.path.join(cfg["out_dir"], "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)

@@ -3,10 +3,11 @@
 #   make test   the test suite (pytest, CPU)
 # Each creates .venv and installs requirements.txt on first use; later runs install nothing
 # (the stamp .venv/.installed is newer than requirements.txt).
-# torch: without an NVIDIA GPU (no nvidia-smi), the CPU build of torch==2.13.0 from the PyTorch CPU
-# index (PyPI's Linux build carries CUDA libraries a CPU machine does not need). With one, a torch already
-# in .venv is left as it is (install your CUDA build there first to pick it); otherwise torch==2.13.0
-# from PyPI, which is a CUDA build on Linux.
+# torch: without an NVIDIA GPU (no nvidia-smi), the CPU build of torch==2.13.0 from the PyTorch CPU index
+# (PyPI's Linux build carries CUDA libraries a CPU machine does not need), one try only, then torch's
+# dependencies from PyPI (where that index cannot be reached, this second step takes torch from PyPI).
+# With a GPU, a torch already in .venv is left as it is (install your CUDA build there first to pick it);
+# otherwise torch==2.13.0 from PyPI, which is a CUDA build on Linux.
 
 PYTHON ?= python3
 VENV := .venv
@@ -35,7 +36,8 @@ $(STAMP): requirements.txt
 		fi; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of $(TORCH)"; \
-		$(PY) -m pip install $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install --retries 1 --no-deps $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install $(TORCH); \
 	fi
 	grep -v '^torch' requirements.txt > $(VENV)/requirements-without-torch.txt
 	$(PY) -m pip install -r $(VENV)/requirements-without-torch.txt

@@ -554,17 +554,14 @@ def _tally(counts, res):
 
 
 def _write(writers, res):
-    ends = np.cumsum(res["doc_lens"])
-    starts = ends - res["doc_lens"]
-    d = 0
-    for n_docs, is_val in zip(res["unit_docs"], res["unit_val"]):
-        docs = [(res["ids"][starts[k] : ends[k]], res["mask"][starts[k] : ends[k]]) for k in range(d, d + n_docs)]
-        writer = writers["val" if is_val else "train"]
-        if n_docs == 1:
-            writer.add(*docs[0])
-        else:
-            writer.add_pair(*docs[0], *docs[1])
-        d += n_docs
+    """A chunk's documents, each unit (a document, or a DPO pair) to its split, in order."""
+    unit_docs = np.asarray(res["unit_docs"], dtype=np.int64)
+    unit_val = np.asarray(res["unit_val"], dtype=bool)
+    doc_val = np.repeat(unit_val, unit_docs)
+    token_val = np.repeat(doc_val, res["doc_lens"])
+    for split, units, docs, tokens in (("train", ~unit_val, ~doc_val, ~token_val), ("val", unit_val, doc_val, token_val)):
+        if units.any():
+            writers[split].add_units(res["ids"][tokens], res["mask"][tokens], res["doc_lens"][docs], unit_docs[units])
 
 
 def print_summary(out_dir, meta):

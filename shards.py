@@ -62,26 +62,45 @@ class ShardWriter:
 
     def add(self, ids, mask):
         """Append one document."""
-        self._make_room(len(ids))
-        self._put(ids, mask)
+        self.add_units(ids, mask, [len(ids)], [1])
 
     def add_pair(self, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
         """Append a DPO pair: two consecutive documents, always in the same shard."""
-        self._make_room(len(chosen_ids) + len(rejected_ids))
-        self._put(chosen_ids, chosen_mask)
-        self._put(rejected_ids, rejected_mask)
+        self.add_units(np.concatenate([np.asarray(chosen_ids), np.asarray(rejected_ids)]),
+                       np.concatenate([np.asarray(chosen_mask), np.asarray(rejected_mask)]),
+                       [len(chosen_ids), len(rejected_ids)], [2])
+
+    def add_units(self, ids, mask, doc_lens, unit_docs):
+        """Append many documents at once: `ids` and `mask` concatenated, `doc_lens` tokens each; the
+        documents of a unit (`unit_docs` per unit: 1, or 2 for a DPO pair) stay in one shard. The same
+        shards as adding them one by one, without a Python step per document."""
+        ids, mask = np.asarray(ids), np.asarray(mask, dtype=np.uint8)
+        doc_lens = np.asarray(doc_lens, dtype=np.int64)
+        if len(ids) != len(mask) or len(ids) != doc_lens.sum() or len(doc_lens) != sum(unit_docs):
+            raise ValueError(f"{len(ids)} tokens, {len(mask)} mask values, {int(doc_lens.sum())} in documents, "
+                             f"{len(doc_lens)} documents, {sum(unit_docs)} in units")
+        doc_ends = np.cumsum(doc_lens)
+        unit_doc_ends = np.cumsum(unit_docs)
+        unit_ends = doc_ends[unit_doc_ends - 1] if len(unit_docs) else doc_ends[:0]
+        u = d = t = 0  # next unit, document and token
+        while u < len(unit_ends):
+            if self._files is None:
+                self._start_shard()
+            # units that fit in this shard; a shard starts with at least one, however long
+            fit = int(np.searchsorted(unit_ends[u:] - t, self.shard_tokens - self._shard_tokens, side="right"))
+            if fit == 0 and self._shard_tokens > 0:
+                self._finish_shard()
+                continue
+            u_end = u + max(fit, 1)
+            d_end, t_end = int(unit_doc_ends[u_end - 1]), int(unit_ends[u_end - 1])
+            self._put(ids[t:t_end], mask[t:t_end], doc_lens[d:d_end])
+            u, d, t = u_end, d_end, t_end
 
     def close(self):
         """Finish the last shard; return the list of shard dicts."""
         if self._files is not None:
             self._finish_shard()
         return self.shards
-
-    def _make_room(self, n):
-        if self._files is not None and self._shard_tokens + n > self.shard_tokens and self._shard_tokens > 0:
-            self._finish_shard()
-        if self._files is None:
-            self._start_shard()
 
     def _start_shard(self):
         self._name = shard_name(self.split, len(self.shards))
@@ -91,18 +110,16 @@ class ShardWriter:
         self._pending_tokens = 0
         self._shard_tokens = self._shard_docs = 0
 
-    def _put(self, ids, mask):
+    def _put(self, ids, mask, doc_lens):
         n = len(ids)
-        if len(mask) != n:
-            raise ValueError(f"document has {n} tokens but {len(mask)} mask values")
-        self._pending["idx"].append(self._shard_tokens)
-        self._pending["bin"].append(np.asarray(ids).astype(self.dtype, copy=False))
-        self._pending["mask"].append(np.asarray(mask).astype(np.uint8, copy=False))
+        self._pending["idx"].append(self._shard_tokens + np.cumsum(doc_lens) - doc_lens)
+        self._pending["bin"].append(ids.astype(self.dtype, copy=False))
+        self._pending["mask"].append(mask)
         self._shard_tokens += n
-        self._shard_docs += 1
+        self._shard_docs += len(doc_lens)
         self.tokens += n
-        self.documents += 1
-        self.targets += int(np.count_nonzero(self._pending["mask"][-1]))
+        self.documents += len(doc_lens)
+        self.targets += int(np.count_nonzero(mask))
         self._pending_tokens += n
         if self._pending_tokens >= self._FLUSH_TOKENS:
             self._flush()
@@ -111,7 +128,7 @@ class ShardWriter:
         arrays = {
             "bin": np.concatenate(self._pending["bin"]) if self._pending["bin"] else np.zeros(0, self.dtype),
             "mask": np.concatenate(self._pending["mask"]) if self._pending["mask"] else np.zeros(0, np.uint8),
-            "idx": np.asarray(self._pending["idx"], dtype=np.uint64),
+            "idx": (np.concatenate(self._pending["idx"]) if self._pending["idx"] else np.zeros(0)).astype(np.uint64),
         }
         for s, a in arrays.items():
             data = a.tobytes()

@@ -59,6 +59,39 @@ def test_big_document_gets_its_own_shard_and_pairs_stay_together(tmp_path):
     assert counts == [(32, 2), (4, 2)]  # pair 1 overflows shard_tokens but is never cut
 
 
+def test_units_added_in_batches_give_the_same_shards_as_one_by_one(tmp_path):
+    """add_units() places many units per call; the shards must be those of the one-unit-at-a-time rule: a unit
+    goes into the current shard if it fits or the shard is empty, else it starts the next one."""
+    rng = np.random.default_rng(0)
+    units = [[list(rng.integers(1, 999, rng.integers(1, 30))) for _ in range(rng.choice([1, 2]))] for _ in range(60)]
+    shard_tokens = 40  # some units (up to 58 tokens) are longer than a shard
+
+    def write(name, batches):
+        writer = shards.ShardWriter(str(tmp_path / name), "train", "uint16", shard_tokens)
+        os.makedirs(tmp_path / name)
+        for batch in batches:
+            docs = [d for u in batch for d in u]
+            ids = np.concatenate([np.array(d) for d in docs])
+            writer.add_units(ids, ids % 2, [len(d) for d in docs], [len(u) for u in batch])
+        return writer.close(), {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+
+    expected, used = [], shard_tokens  # the rule, unit by unit: (tokens, documents) per shard
+    for u in units:
+        n = sum(map(len, u))
+        if used + n > shard_tokens and used > 0:
+            expected.append([0, 0])
+            used = 0
+        expected[-1][0] += n
+        expected[-1][1] += len(u)
+        used += n
+    one_by_one = write("one", [[u] for u in units])
+    cuts = sorted(rng.choice(np.arange(1, len(units)), 7, replace=False))
+    batched = write("batched", [units[a:b] for a, b in zip([0, *cuts], [*cuts, len(units)])])
+    whole = write("whole", [units])
+    assert [[s["tokens"], s["documents"]] for s in one_by_one[0]] == expected
+    assert one_by_one == batched == whole
+
+
 def test_uint32_ids(tmp_path):
     docs = [[70000, 1, 65535, 65536], [99999]]
     make_dataset(tmp_path, docs, shard_tokens=100, vocab_size=100_000)

@@ -80,8 +80,8 @@ class ShardWriter:
             raise ValueError(f"{len(ids)} tokens, {len(mask)} mask values, {int(doc_lens.sum())} in documents, "
                              f"{len(doc_lens)} documents, {sum(unit_docs)} in units")
         doc_ends = np.cumsum(doc_lens)
-        unit_doc_ends = np.cumsum(unit_docs)
-        unit_ends = doc_ends[unit_doc_ends - 1] if len(unit_docs) else doc_ends[:0]
+        unit_doc_ends = np.cumsum(np.asarray(unit_docs, dtype=np.int64))
+        unit_ends = doc_ends[unit_doc_ends - 1]
         u = d = t = 0  # next unit, document and token
         while u < len(unit_ends):
             if self._files is None:

@@ -13,9 +13,9 @@ How it measures:
   is the median.
 - compare_hf=True: the baseline is LlamaForCausalLM (attn_implementation="sdpa") with our weights,
   trained by the very same train.train_step, the same batches, loss, precision, clipping and AdamW
-  settings (train.configure_optimizer), compiled iff ours is: only the model differs. Ours and HF
-  take turns, `rounds` times `steps` steps each, so a machine whose load changes mid-run (shared
-  cores, clocks) slows both. ours/HF is the ratio of median tokens/s; ours/HF paired is the median
+  settings (train.configure_optimizer), compiled iff ours is (together with the loss, as ours):
+  only the model differs. Ours and HF take turns, `rounds` times `steps` steps each, so a machine
+  whose load changes mid-run (shared cores, clocks) slows both. ours/HF is the ratio of median tokens/s; ours/HF paired is the median
   over rounds of HF's time / ours in that round, the steadier of the two when the load changes.
 - MFU = flops_per_token x tokens per step / step time / peak, where flops_per_token is
   model.flops_per_token (6N + 12·L·H·Q·T, PaLM appendix B) and the peak comes from
@@ -57,7 +57,7 @@ import prepare
 import shards
 import train
 from configurator import fail
-from model import to_hf_state_dict
+from model import to_hf_state_dict, token_cross_entropy
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
@@ -184,15 +184,17 @@ def write_corpus(path, mb):
 # the models
 
 
-class Logits(torch.nn.Module):
-    """An HF causal LM as train.py calls a model: token ids in, logits out."""
+class AsOurs(torch.nn.Module):
+    """An HF causal LM as train.py calls a model: token ids in, logits out, or with targets our per-position
+    loss (model.token_cross_entropy), so that compiling this module compiles HF's model with the loss, as ours."""
 
     def __init__(self, hf):
         super().__init__()
         self.hf = hf
 
-    def forward(self, idx):
-        return self.hf(input_ids=idx, use_cache=False).logits
+    def forward(self, idx, targets=None):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        return logits if targets is None else token_cross_entropy(logits, targets)
 
 
 def hf_model(raw, dev):
@@ -215,7 +217,7 @@ def hf_run(run, hf, b):
     """A run namespace for train.train_step that trains `hf` instead of ours; everything else equal."""
     hf_run = SimpleNamespace(**vars(run))
     hf_run.raw_model = hf
-    hf_run.model = Logits(torch.compile(hf, mode=b["compile_mode"]) if b["compile"] else hf)
+    hf_run.model = torch.compile(AsOurs(hf), mode=b["compile_mode"]) if b["compile"] else AsOurs(hf)
     hf_run.optimizer = train.configure_optimizer(hf, run.cfg, run.device)
     hf_run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled())
     return hf_run

@@ -269,9 +269,12 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start_pos)
         return self.model.norm(x)
 
-    def forward(self, idx, cache=None, start_pos=0):
-        """Logits (B, T, vocab) of token ids idx (B, T)."""
-        return self.lm_head(self.hidden_states(idx, cache, start_pos))
+    def forward(self, idx, cache=None, start_pos=0, targets=None):
+        """Logits (B, T, vocab) of token ids idx (B, T); given targets (B, T), each position's float32
+        cross-entropy (B, T) instead. The loss is part of the model so that torch.compile fuses it with
+        the head: the float32 copy of the logits is never written out."""
+        logits = self.lm_head(self.hidden_states(idx, cache, start_pos))
+        return logits if targets is None else token_cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------
     # sizes
@@ -322,6 +325,12 @@ class Transformer(nn.Module):
                 return
             ids[pos] = next_id
             logits = self(ids.new_full((1, 1), next_id), cache, pos)[:, -1]
+
+
+def token_cross_entropy(logits, targets):
+    """Cross-entropy of every position in float32, shape of targets."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="none").view(
+        targets.shape)
 
 
 # ----------------------------------------------------------------------------

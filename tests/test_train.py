@@ -90,6 +90,23 @@ def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
     assert s1["loss"] == pytest.approx(float((ce * b.w).sum() / b.w.sum()), rel=1e-6)
 
 
+def test_compiled_step_equals_eager(demo_sft, tmp_path):
+    """compile=True (model and loss in one graph, as on a GPU) trains the same as eager: loss, grad norm, weights."""
+    runs = {c: build_run(demo_sft, str(tmp_path), compile=c, batch_size=2, gradient_accumulation_steps=2)
+            for c in (False, True)}
+    for it in range(2):
+        eager, compiled = (train.train_step(runs[c], it) for c in (False, True))
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+        assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-4)
+    for a, b in zip(runs[False].raw_model.parameters(), runs[True].raw_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    b = runs[True].val_batches.get(0)
+    with torch.no_grad():  # the compiled model's loss is the cross-entropy of its own logits
+        logits = runs[True].raw_model(b.x)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
+        assert torch.allclose(train.token_losses(runs[True].model, b.x, b.y), ce.view(b.y.shape), atol=1e-5)
+
+
 def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):
     a = build_run(demo_pretrain, str(tmp_path), stage="pretrain").train_batches
     b = build_run(demo_pretrain, str(tmp_path), stage="pretrain").train_batches

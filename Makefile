@@ -16,13 +16,34 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test
+.PHONY: demo test bench-gpu
 
 demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# make bench-gpu: every GPU figure of docs/BENCHMARKS.md, the most wanted first (124M with compile against HF,
+# on real prepared data so the data-loading share is measured too), each run capped at BENCH_TIMEOUT seconds so
+# that one slow compile does not cost the rest; a JSON and a log per run in BENCH_OUT. With PY given (a python
+# that already has CUDA torch and transformers) nothing is installed:
+#   make bench-gpu PY=python3 BENCH_OUT=/tmp/bench
+BENCH_OUT ?= out/bench
+BENCH_TIMEOUT ?= 300
+bench_run = PYTHONUNBUFFERED=1 timeout $(BENCH_TIMEOUT) $(PY) bench.py $(2) --device=cuda --json=$(BENCH_OUT)/$(1).json \
+	>$(BENCH_OUT)/$(1).log 2>&1; echo "== $(1): exit $$? ($(2))"; grep -v -i warn $(BENCH_OUT)/$(1).log | tail -n 14
+
+bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	@mkdir -p $(BENCH_OUT)
+	-nvidia-smi -q | grep -i -E "product name|driver version|clocks|max clocks" >$(BENCH_OUT)/gpu.txt
+	@test -f data/demo_pretrain/meta.json || $(PY) prepare.py config/prepare_demo.py >$(BENCH_OUT)/prepare.log 2>&1
+	-@$(call bench_run,124m_compile,config/bench_124m.py --compare_hf=True --data_dir=data/demo_pretrain)
+	-@$(call bench_run,26m_compile,config/bench_26m.py --compare_hf=True --prepare_mb=0)
+	-@$(call bench_run,26m_cudagraphs,config/bench_26m.py --compare_hf=True --compile_mode=reduce-overhead --prepare_mb=0)
+	-@$(call bench_run,124m_eager,config/bench_124m.py --compare_hf=True --compile=False --prepare_mb=0)
+	-@$(call bench_run,26m_eager,config/bench_26m.py --compare_hf=True --compile=False --prepare_mb=0)
+	-@$(call bench_run,26m_autotune,config/bench_26m.py --compare_hf=True --compile_mode=max-autotune-no-cudagraphs --prepare_mb=0)
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "error: Python 3.10 or newer is needed (this is " + sys.version.split()[0] + "); run: make PYTHON=python3.12 ...")'

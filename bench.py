@@ -15,8 +15,9 @@ How it measures:
   trained by the very same train.train_step, the same batches, loss, precision, clipping and AdamW
   settings (train.configure_optimizer), compiled iff ours is (together with the loss, as ours):
   only the model differs. Ours and HF take turns, `rounds` times `steps` steps each, so a machine
-  whose load changes mid-run (shared cores, clocks) slows both. ours/HF is the ratio of median tokens/s; ours/HF paired is the median
-  over rounds of HF's time / ours in that round, the steadier of the two when the load changes.
+  whose load changes mid-run (shared cores, clocks) slows both. ours/HF is the ratio of median
+  tokens/s; ours/HF paired is the median over rounds of HF's time / ours in that round, the
+  steadier of the two when the load changes.
 - MFU = flops_per_token x tokens per step / step time / peak, where flops_per_token is
   model.flops_per_token (6N + 12·L·H·Q·T, PaLM appendix B) and the peak comes from
   train.PEAK_TFLOPS by device name, or peak_tflops. No MFU on CPU unless peak_tflops is given.

@@ -36,7 +36,7 @@ bench_run = PYTHONUNBUFFERED=1 timeout $(BENCH_TIMEOUT) $(PY) bench.py $(2) --de
 
 bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	@mkdir -p $(BENCH_OUT)
-	-nvidia-smi -q | grep -i -E "product name|driver version|clocks|max clocks" >$(BENCH_OUT)/gpu.txt
+	-nvidia-smi -q | grep -i -E "product name|driver version|clocks" >$(BENCH_OUT)/gpu.txt
 	@test -f data/demo_pretrain/meta.json || $(PY) prepare.py config/prepare_demo.py >$(BENCH_OUT)/prepare.log 2>&1
 	-@$(call bench_run,124m_compile,config/bench_124m.py --compare_hf=True --data_dir=data/demo_pretrain)
 	-@$(call bench_run,26m_compile,config/bench_26m.py --compare_hf=True --prepare_mb=0)

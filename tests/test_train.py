@@ -94,6 +94,7 @@ def test_compiled_step_equals_eager(demo_sft, tmp_path):
     """compile=True (model and loss in one graph, as on a GPU) trains the same as eager: loss, grad norm, weights."""
     runs = {c: build_run(demo_sft, str(tmp_path), compile=c, batch_size=2, gradient_accumulation_steps=2)
             for c in (False, True)}
+    assert isinstance(runs[True].model, torch._dynamo.eval_frame.OptimizedModule)  # really compiled
     for it in range(2):
         eager, compiled = (train.train_step(runs[c], it) for c in (False, True))
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)

@@ -20,27 +20,28 @@ How it measures:
   steadier of the two when the load changes.
 - MFU = flops_per_token x tokens per step / step time / peak, where flops_per_token is
   model.flops_per_token (6N + 12·L·H·Q·T, PaLM appendix B) and the peak comes from
-  train.PEAK_TFLOPS by device name, or peak_tflops. No MFU on CPU unless peak_tflops is given.
+  common.PEAK_TFLOPS by device name, or peak_tflops. No MFU on CPU unless peak_tflops is given.
 - Peak memory on CUDA: weights and optimizer state of the model plus the most its steps allocated
   on top (so the other model, resident at the same time, does not count); on CPU only the
   process's maximum resident set, for the whole run.
-- Data loading: run.train_batches.get + train.to_device per micro-batch, as a share of the step.
+- Data loading: run.train_batches.get + Batch.to(device) per micro-batch, as a share of the step.
 - prepare.py MB/s: its main pass (tokenize + write shards; not tokenizer training) on a jsonl of
   `prepare_mb` MB made of the demo corpus, median of three runs.
 - Decode tokens/s at batch 1, greedy, not compiled: ours (Transformer.generate, KV cache) and HF
   generate with the same weights, `decode_tokens` new tokens after a 16-token prompt.
 
 `model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
-every key given after it (in a config file or as --key=value) wins. `--json=PATH` writes every
+every key given after it (in a config file or as --key=value) wins. The shape keys and their
+defaults are train.py's. `--json=PATH` writes every
 figure with its name, the config, the command, the device, torch and transformers versions and
 the date.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import io
-import json as jsonlib
 import os
 import platform
 import resource
@@ -48,31 +49,29 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+import common
 import configurator
 import prepare
 import shards
 import train
 from configurator import fail
+from files import write_json
 from model import to_hf_state_dict, token_cross_entropy
+
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
+STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "compile", "compile_mode",
+             "seed")
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 model = "tiny"  # size preset: tiny | 26m | 124m | 500m | 1b (config/model_<model>.py), "" to give the shape below
 data_dir = ""  # a prepared pretraining directory to read batches from; "": random tokens in a temporary one
-# model shape (a preset sets these)
-vocab_size = 0  # 0: the preset's vocabulary
-dim = 512
-n_layers = 8
-n_heads = 8
-n_kv_heads = 0  # 0: n_heads
-ffn_dim = 0  # 0: 8/3 * dim rounded up to a multiple of 64
-rope_theta = 10000.0
-tie_embeddings = True
+# the model shape: train.py's keys (vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, rope_theta,
+# tie_embeddings) with train.py's defaults; a preset sets them; vocab_size 0: the preset's vocabulary
 # the training step, as train.py takes it
 block_size = 256
 batch_size = 8
@@ -94,7 +93,7 @@ prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
 decode_tokens = 64  # new tokens per decode run (0: skip)
 json = ""  # write every figure to this path
 # -----------------------------------------------------------------------------
-_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}
+_DEFAULTS = {**{k: train._DEFAULTS[k] for k in SHAPE_KEYS}, **configurator.defaults(globals())}
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CORPUS = os.path.join(ROOT, "data", "demo", "pretrain.jsonl")
@@ -108,9 +107,6 @@ PRESET_VOCAB = {
 }
 PROMPT_TOKENS = 16  # decode prompt length
 MFU_FORMULA = "MFU = flops_per_token x tokens_per_step / step_time / peak, flops_per_token = 6N + 12*L*H*Q*T"
-SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
-STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "compile", "compile_mode",
-             "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -120,14 +116,12 @@ STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device"
 def configure(argv=None):
     """bench.py's config: the defaults, then the shape of the `model` preset, then argv (which wins)."""
     argv = sys.argv[1:] if argv is None else argv
-    preset = configurator.configure(dict(_DEFAULTS), argv, quiet=True)["model"]
-    namespace = dict(_DEFAULTS)
+    preset = configurator.configure(_DEFAULTS, argv)["model"]
     if preset:
         if preset not in PRESET_VOCAB:
             fail(f"model must be one of {', '.join(PRESET_VOCAB)} or \"\", got {preset!r}")
-        configurator.configure(namespace, [os.path.join(ROOT, "config", f"model_{preset}.py")], quiet=True)
-        namespace["vocab_size"] = PRESET_VOCAB[preset]
-    cfg = configurator.configure(namespace, argv, quiet=True)
+        argv = [os.path.join(ROOT, "config", f"model_{preset}.py"), f"--vocab_size={PRESET_VOCAB[preset]}", *argv]
+    cfg = configurator.configure(_DEFAULTS, argv)
     if min(cfg["warmup_steps"], cfg["data_batches"], cfg["decode_tokens"]) < 0 or min(cfg["steps"], cfg["rounds"]) < 1:
         fail("steps and rounds must be >= 1; warmup_steps, data_batches and decode_tokens >= 0")
     if not cfg["data_dir"] and cfg["vocab_size"] < 1:
@@ -139,9 +133,7 @@ def train_config(b, data_dir, out_dir):
     """train.py's resolved config for a pretraining run with bench's shape and step settings."""
     keys = {k: b[k] for k in SHAPE_KEYS + STEP_KEYS}
     keys.update(data_dir=data_dir, out_dir=out_dir, stage="pretrain", verify_data=False)
-    cfg = configurator.configure(vars(train).copy(), [f"--{k}={v!r}" for k, v in keys.items()], quiet=True)
-    cfg["checkpoint_interval"] = cfg["eval_interval"]
-    return cfg
+    return train.configure([f"--{k}={v!r}" for k, v in keys.items()])
 
 
 # -----------------------------------------------------------------------------
@@ -215,13 +207,11 @@ def hf_model(raw, dev):
 
 
 def hf_run(run, hf, b):
-    """A run namespace for train.train_step that trains `hf` instead of ours; everything else equal."""
-    hf_run = SimpleNamespace(**vars(run))
-    hf_run.raw_model = hf
-    hf_run.model = torch.compile(AsOurs(hf), mode=b["compile_mode"]) if b["compile"] else AsOurs(hf)
-    hf_run.optimizer = train.configure_optimizer(hf, run.cfg, run.device)
-    hf_run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled())
-    return hf_run
+    """A train.Run for train.train_step that trains `hf` instead of ours; everything else equal."""
+    return dataclasses.replace(
+        run, raw_model=hf, model=torch.compile(AsOurs(hf), mode=b["compile_mode"]) if b["compile"] else AsOurs(hf),
+        optimizer=train.configure_optimizer(hf, run.cfg, run.device), prefetched=None,
+        scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()))
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +273,7 @@ def measure_training(runs, b):
             ratios.append(spent["hf"] / spent["ours"])
     ours = runs["ours"]
     cfg = ours.cfg
-    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    tokens = train.tokens_per_step(cfg)
     peak = peak_of(ours.device, b)
     out = {}
     for name, run in runs.items():
@@ -301,8 +291,8 @@ def peak_of(dev, b):
     if dev.type != "cuda":
         return None, f"none on {dev.type} (give --peak_tflops to get an MFU)"
     name = torch.cuda.get_device_name(dev)
-    tf = train.peak_tflops(name)
-    return (tf, f"train.PEAK_TFLOPS['{name}']") if tf else (None, f"unknown GPU '{name}': give --peak_tflops")
+    tf = common.peak_tflops(name)
+    return (tf, f"common.PEAK_TFLOPS['{name}']") if tf else (None, f"unknown GPU '{name}': give --peak_tflops")
 
 
 def measure_data_loading(run, n):
@@ -311,7 +301,7 @@ def measure_data_loading(run, n):
     for g in range(n):
         sync(run.device)
         t0 = time.perf_counter()
-        train.to_device(run.train_batches.get(g), run.device)
+        run.train_batches.get(g).to(run.device)
         sync(run.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -367,7 +357,7 @@ def measure_decode(raw, hf, n_new, run, repeats=5):
 
 def max_logit_diff(run, hf):
     """Largest |ours - HF| logit on a validation batch: the baseline is the same function as ours."""
-    batch = train.to_device(run.val_batches.get(0), run.device)
+    batch = run.val_batches.get(0).to(run.device)
     with torch.no_grad(), run.autocast:
         theirs = hf(input_ids=batch.x, use_cache=False).logits
         return (run.raw_model(batch.x).float() - theirs.float()).abs().max().item()
@@ -435,7 +425,7 @@ def bench(b):
             fig.update({"prepare.mb_per_s": speed, "prepare.workers": workers, "prepare.input_mb": mb})
         fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         device = describe_device(run.device)
-        notes["dtype"] = str(run.ptdtype).split(".")[-1]
+        notes["dtype"] = common.dtype_name(run.ptdtype)
     return fig, notes, device
 
 
@@ -517,14 +507,9 @@ def main(argv=None):
                   "transformers": package_version("transformers"), "mfu_formula": MFU_FORMULA,
                   "peak_source": notes["peak"],
                   "decode": notes.get("decode"), "config": b, "figures": fig}
-        with open(b["json"], "w", encoding="utf-8") as f:
-            jsonlib.dump(record, f, indent=1)
-            f.write("\n")
+        write_json(b["json"], record, indent=1)
     return fig
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except configurator.ConfigError:
-        sys.exit(2)
+    main()

@@ -1,6 +1,7 @@
 """
 Checkpoints: ours (out_dir/ckpt.pt) and HuggingFace Llama directories, shared by
-train.py, sample.py, export.py and bench.py.
+train.py, sample.py, export.py and bench.py; and what a training run saves in
+them and starts from.
 
 Our checkpoint is a plain dict of tensors, numbers and strings, written to a
 temporary file, fsynced and renamed over ckpt.pt, so a crash at any moment
@@ -14,23 +15,18 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 
 import torch
 
+import distributed
+import files
 from configurator import fail
 from model import ModelConfig, Transformer, from_hf_state_dict
 
 CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(out_dir, state, keep_last=0):
@@ -41,10 +37,7 @@ def save_checkpoint(out_dir, state, keep_last=0):
     path = os.path.join(out_dir, CKPT_NAME)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_synced(tmp, lambda f: torch.save(state, f))
         if keep_last > 0 and os.path.exists(path):
             older = os.path.join(out_dir, f"ckpt_{_saved_iter(path):08d}.pt")
             if not os.path.exists(older):
@@ -54,8 +47,7 @@ def save_checkpoint(out_dir, state, keep_last=0):
             os.remove(tmp)
         cause = _os_error_behind(e)
         raise OSError(f"could not write checkpoint {path} ({cause}); the previous checkpoint is unchanged") from e
-    os.replace(tmp, path)
-    _fsync_dir(out_dir)
+    files.replace_durably(tmp, path)
     for stale in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
         os.remove(stale)
 
@@ -241,3 +233,85 @@ def load_model(path, device="cpu"):
     else:
         fail(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json + *.safetensors)")
     return model.to(device).eval(), info
+
+
+# ----------------------------------------------------------------------------
+# a training run: what it saves, and what it starts from
+
+
+def save_run(run, it):
+    """Save a training run at iteration `it` (train.Run); a collective: every rank calls it, rank 0 writes."""
+    model_sd, optim_sd = distributed.full_state_dicts(run.model, run.optimizer)
+    if run.rank == 0:
+        state = {"model": {k: v.float() for k, v in model_sd.items()}, "optimizer": optim_sd,
+                 "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
+                 "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
+                 "data": run.data_identity}
+        try:
+            save_checkpoint(run.cfg["out_dir"], state, run.cfg["keep_last"])
+        except OSError as e:
+            fail(str(e))
+        print(f"saved checkpoint at iter {it} to {os.path.join(run.cfg['out_dir'], CKPT_NAME)}", flush=True)
+    distributed.barrier(run.world)
+
+
+def load_start(cfg):
+    """The state a run starts from: None (scratch), a checkpoint dict (resume or a run dir), or HF weights."""
+    src = cfg["init_from"]
+    if src == "scratch":
+        return None
+    if src == "resume":
+        path = resume_checkpoint_path(cfg["out_dir"])
+        if path is None:
+            print(f"init_from=resume: no checkpoint in {cfg['out_dir']} yet, starting from scratch")
+            return None
+        state = load_checkpoint(path)
+        state["resume"] = True
+        return state
+    if os.path.isfile(os.path.join(src, CKPT_NAME)):
+        state = load_checkpoint(os.path.join(src, CKPT_NAME))
+        return {"model": state["model"], "model_config": state["model_config"], "data": state.get("data", {}),
+                "stage": state.get("stage")}
+    if os.path.isdir(src) and is_hf_dir(src):
+        model, _ = load_model(src)
+        return {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "data": {}, "stage": None}
+    fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
+
+
+def model_config(cfg, meta, start):
+    """The model's shape: from the checkpoint being continued, else from the config."""
+    if start is not None:
+        mc = ModelConfig(**{**start["model_config"], "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"]})
+        if cfg["rope_scaling"] is not None:
+            mc.rope_scaling = dict(cfg["rope_scaling"])
+        return ModelConfig(**mc.to_dict())
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"] or meta["vocab_size"], dim=cfg["dim"], n_layers=cfg["n_layers"],
+        n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None, ffn_dim=cfg["ffn_dim"] or None,
+        max_seq_len=cfg["block_size"], rope_theta=cfg["rope_theta"], rope_scaling=cfg["rope_scaling"],
+        norm_eps=cfg["norm_eps"], tie_embeddings=cfg["tie_embeddings"], dropout=cfg["dropout"],
+    )
+
+
+def data_identity(cfg, meta):
+    """What a checkpoint remembers of the data it was trained on."""
+    return {"data_dir": os.path.abspath(cfg["data_dir"]), "tokenizer_sha256": meta.get("tokenizer_sha256"),
+            "vocab_size": meta["vocab_size"]}
+
+
+def check_data_identity(cfg, meta, start):
+    """A checkpoint continued on data from another tokenizer would train on garbage: refuse it."""
+    if start is None or not start.get("data"):
+        return
+    theirs, ours = start["data"].get("tokenizer_sha256"), meta.get("tokenizer_sha256")
+    if theirs and ours and theirs != ours:
+        fail(f"{cfg['data_dir']} was tokenized with a different tokenizer than the checkpoint in "
+             f"{cfg['init_from'] if cfg['init_from'] != 'resume' else cfg['out_dir']} was trained with")
+
+
+def copy_tokenizer(data_dir, out_dir):
+    """A run directory is self-contained: sample.py and export.py need only it."""
+    for name in TOKENIZER_FILES:
+        src = os.path.join(data_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))

@@ -1,9 +1,12 @@
 """
 Configuration shared by every script, nanoGPT style.
 
-A script defines its defaults as plain module globals, then calls
+A script defines its defaults as plain module globals, collects them once
+right after, and resolves a config from them in main():
 
-    config = configurator.configure(globals())
+    _DEFAULTS = configurator.defaults(globals())
+    ...
+    config = configurator.configure(_DEFAULTS, argv)
 
 Each bare command-line argument is a Python config file that is executed
 (a config file is code, like a script: only run config files you trust); each
@@ -35,10 +38,11 @@ def fail(message):
     raise ConfigError(message)
 
 
-def config_keys(namespace):
-    """The configurable globals of a script: plain values; not modules, functions, _private or CONSTANT names."""
+def defaults(namespace):
+    """The configurable globals of a script and their values: plain values; not modules, functions,
+    _private or CONSTANT names."""
     allowed = (int, float, bool, str, list, tuple, dict, type(None))
-    return [k for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, allowed)]
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper() and isinstance(v, allowed)}
 
 
 def _unknown_key(key, known, where=""):
@@ -70,35 +74,31 @@ def check_type(key, value, default):
     fail(f"config key '{key}' expects {type(default).__name__} (default {default!r}), got {value!r}")
 
 
-def configure(namespace, argv=None, quiet=False):
-    """Apply config files and --key=value overrides to `namespace`; return the resolved config dict."""
+def configure(defaults, argv=None):
+    """The config resolved from `defaults` (left unchanged), config files and --key=value overrides in argv."""
     argv = sys.argv[1:] if argv is None else argv
-    known = config_keys(namespace)
-    defaults = {k: namespace[k] for k in known}
+    config = dict(defaults)
+    known = list(defaults)
     for arg in argv:
         if not arg.startswith("--"):
-            _apply_file(arg, namespace, defaults)
+            _apply_file(arg, config, defaults)
             continue
         if "=" not in arg:
             fail(f"argument '{arg}' must look like --key=value")
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             _unknown_key(key, known)
-        namespace[key] = check_type(key, _parse_value(text), defaults[key])
-    config = {k: namespace[k] for k in known}
-    if not quiet:
-        print_config(config)
+        config[key] = check_type(key, _parse_value(text), defaults[key])
     return config
 
 
-def _apply_file(path, namespace, defaults):
+def _apply_file(path, config, defaults):
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as e:
         fail(f"cannot read config file '{path}': {e.strerror}")
-    scope = dict(namespace)
-    before = set(scope)
+    scope = dict(config)
     try:  # a config file is code: an error in it is still one line, saying where
         exec(compile(source, path, "exec"), scope)
     except SyntaxError as e:
@@ -110,12 +110,12 @@ def _apply_file(path, namespace, defaults):
         if key.startswith("_") or key == "__builtins__":
             continue
         value = scope[key]
-        if key not in before and key not in defaults:
+        if key not in defaults:
             if callable(value) or type(value).__name__ == "module":
                 continue  # helpers a config file defines or imports for itself
             _unknown_key(key, list(defaults), f" in config file '{path}'")
-        if key in defaults and value is not namespace.get(key):
-            namespace[key] = check_type(f"{key}' in '{path}", value, defaults[key])
+        if value is not config[key]:
+            config[key] = check_type(f"{key}' in '{path}", value, defaults[key])
 
 
 def print_config(config):

@@ -41,6 +41,9 @@ import time
 import torch
 
 import configurator
+import train
+from batches import count_units
+from files import write_json
 
 # -----------------------------------------------------------------------------
 # options (--key=value)
@@ -51,6 +54,7 @@ preset = "auto"  # auto (gpu when torch sees a CUDA device) | cpu | gpu
 max_prompts = 0  # held-out prompts scored per model, spread over the tasks (0: all 150; quick: 10)
 workers = 0  # prepare.py tokenizing processes (0: all cores)
 # -----------------------------------------------------------------------------
+_DEFAULTS = configurator.defaults(globals())
 
 DEMO = "data/demo"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -200,21 +204,19 @@ def stage_summary(path, meta, init_stage):
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
-    train = [r for r in rows if "loss" in r and not r.get("skipped")]
+    steps_logged = [r for r in rows if "loss" in r and not r.get("skipped")]
     evals = [r for r in rows if "val_loss" in r]
     units_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]  # rows (sft), windows, or pairs (dpo)
-    tokens_per_step = units_per_step * cfg["block_size"] * (2 if cfg["stage"] == "dpo" else 1)
     split = meta["splits"]["train"]
-    units = {"pretrain": (split["tokens"] - 1) // cfg["block_size"], "sft": split["documents"],
-             "dpo": split["documents"] // 2}[cfg["stage"]]
-    steps = train[-1]["iter"]
+    units = count_units(cfg["stage"], split["tokens"], split["documents"], cfg["block_size"])
+    steps = steps_logged[-1]["iter"]
     return {
         "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps,
-        "tokens": steps * tokens_per_step, "epochs": steps * units_per_step / units,
-        "train_loss": train[-1]["loss"], "val_loss_start": evals[0]["val_loss"], "val_loss": evals[-1]["val_loss"],
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+        "tokens": steps * train.tokens_per_step(cfg), "epochs": steps * units_per_step / units,
+        "train_loss": steps_logged[-1]["loss"], "val_loss_start": evals[0]["val_loss"],
+        "val_loss": evals[-1]["val_loss"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
         "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
-        "curve": {"iter": [r["iter"] for r in train], "loss": [r["loss"] for r in train],
+        "curve": {"iter": [r["iter"] for r in steps_logged], "loss": [r["loss"] for r in steps_logged],
                   "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]},
         "evals": evals,
     }
@@ -258,15 +260,19 @@ def score(task, reply):
 
 
 def answer_tasks(path, tasks, device, max_new_tokens):
-    import sample
+    """(scored greedy replies to the tasks, the model's shape for the report)."""
+    import generation
 
-    model, tok, info = sample.load(path, device)
+    model, tok, info = generation.load(path, device)
     results = []
     for t in tasks:
-        text = sample.reply(model, tok, [{"role": "user", "content": t["prompt"]}], temperature=0.0,
-                            max_new_tokens=max_new_tokens, max_len=info["block_size"])
+        text = generation.reply(model, tok, [{"role": "user", "content": t["prompt"]}], temperature=0.0,
+                                max_new_tokens=max_new_tokens, max_len=info["block_size"])
         results.append(score(t, text))
-    return results
+    mc = model.cfg
+    shape = {"params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
+             "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size}
+    return results, shape
 
 
 def accuracy_table(results):
@@ -287,11 +293,12 @@ def new_tokens(c, stage):
 
 
 def evaluate_all(c, tasks, device):
+    """({stage: accuracy table with its results}, the models' shape: every stage continues the same model)."""
     scored = {}
     os.makedirs(os.path.join(c["out_dir"], "eval"), exist_ok=True)
     for stage in CHAT_STAGES:
         t0 = time.perf_counter()
-        results = answer_tasks(run_dir(c, stage), tasks, device, new_tokens(c, stage))
+        results, shape = answer_tasks(run_dir(c, stage), tasks, device, new_tokens(c, stage))
         with open(os.path.join(c["out_dir"], "eval", f"{stage}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         scored[stage] = accuracy_table(results)
@@ -300,7 +307,7 @@ def evaluate_all(c, tasks, device):
               + "  ".join(f"{k} {v['correct']}/{v['n']}" for k, v in s["by_task"].items())
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         scored[stage]["results"] = results
-    return scored
+    return scored, shape
 
 
 # -----------------------------------------------------------------------------
@@ -313,10 +320,10 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
     import transformers
 
     import export
-    import sample
+    import generation
 
     export.export(run, hf_dir)
-    ours, tok, _ = sample.load(run, "cpu")
+    ours, tok, _ = generation.load(run, "cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     diff, n_tokens = 0.0, 0
@@ -330,11 +337,11 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
     for turns in chats:
         messages = [{"role": "user", "content": turns[0]}]
         hf_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-        same_ids += hf_ids == sample.chat_prompt_ids(tok, messages)
+        same_ids += hf_ids == generation.chat_prompt_ids(tok, messages)
         x = torch.tensor([hf_ids])
         out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False)
         hf_text = hf_tok.decode(out[0, len(hf_ids):], skip_special_tokens=True)
-        same_text += hf_text == sample.reply(ours, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens)
+        same_text += hf_text == generation.reply(ours, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens)
     return {"hf_dir": hf_dir, "max_abs_diff": diff, "sequences": min(len(tasks), PARITY_SEQUENCES),
             "tokens": n_tokens, "template_ids_equal": same_ids, "greedy_equal": same_text, "prompts": len(chats)}
 
@@ -344,16 +351,16 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
 
 
 def chat_with(path, device, chats, max_new_tokens):
-    import sample
+    import generation
 
-    model, tok, info = sample.load(path, device)
+    model, tok, info = generation.load(path, device)
     transcript = []
     for turns in chats:
         messages = []
         for text in turns:
             messages.append({"role": "user", "content": text})
             print(f"user: {text}\nassistant: ", end="", flush=True)
-            answer = sample.reply(model, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens,
+            answer = generation.reply(model, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens,
                                   max_len=info["block_size"], on_text=lambda s: print(s, end="", flush=True))
             print(flush=True)
             messages.append({"role": "assistant", "content": answer})
@@ -415,121 +422,99 @@ def compare_tasks(a, b):
     return compare(a["accuracy"], b["accuracy"]) + (", within sampling noise" if a["accuracy"] != b["accuracy"] and noise(a, b) else "")
 
 
+def verdicts(r):
+    """Every judgement the report makes, each computed once from the report's figures (words only, no numbers)."""
+    st, models, dpo = r["stages"], r["tasks"]["models"], r["dpo"]
+    sft, long, distill = models["sft"], models["sft_long"], models["distill"]
+    separated = dpo["after"]["margin"] > dpo["before"]["margin"] and dpo["after"]["accuracy"] > dpo["before"]["accuracy"]
+    helped = distill["accuracy"] > sft["accuracy"] and not noise(distill, sft)
+    long_costs_nothing = long["accuracy"] >= sft["accuracy"] and st["sft_long"]["val_loss"] <= st["sft"]["val_loss"]
+    return {
+        "identity": "it names itself" if r["identity"]["correct"] else "it does not name itself",
+        "tasks_vs_sft": {name: compare_tasks(models[name], sft) for name in ("sft_long", "distill", "dpo")},
+        "sft_long_val_loss": compare(st["sft_long"]["val_loss"], st["sft"]["val_loss"], higher_is_better=False),
+        "sft_long": ": nothing here." if long_costs_nothing else ", not a gain on long inputs.",
+        "distill": "distillation helped." if helped else "on this budget distillation does not clearly help" + (
+            "; the model has learnt the format, not yet the reasoning (example below)."
+            if distill["think_well_formed"] > distill["n"] / 2 else "."),
+        "dpo": ("separated the held-out pairs the preferred way." if separated
+                else "did not separate the held-out pairs on this budget."),
+    }
+
+
+def table(header, rows, left=1):
+    """A Markdown table: the header's cells, the first `left` columns left-aligned, the others (numbers) right."""
+    return [f"| {' | '.join(header)} |", "|---|" * left + "---:|" * (len(header) - left)] + [
+        f"| {' | '.join(map(str, row))} |" for row in rows]
+
+
 def render_report(r):
-    """report.md from report.json alone: every figure in it is a value of r."""
-    env, st, models = r["environment"], r["stages"], r["tasks"]["models"]
-    sft, long, distill, dpo = models["sft"], models["sft_long"], models["distill"], models["dpo"]
-    ident, x = r["identity"], r["export"]
-    example = r["distill"]["example"]
-    before, after = r["dpo"]["before"], r["dpo"]["after"]
-    wall = " · ".join(f"{k} {v:.0f} s" for k, v in r["wall_s"].items() if k != "total")
+    """report.md from report.json alone: every figure in it is a value of r, every judgement one of r["verdicts"]."""
+    env, st, models, v = r["environment"], r["stages"], r["tasks"]["models"], r["verdicts"]
+    sft, long, distill, dpo = (models[k] for k in ("sft", "sft_long", "distill", "dpo"))
+    ident, x, example, (before, after) = r["identity"], r["export"], r["distill"]["example"], r["dpo"].values()
+    wall = " · ".join(f"{k} {t:.0f} s" for k, t in r["wall_s"].items() if k != "total")
+    count = lambda k: f"{k['correct']}/{k['n']} ({pct(k['accuracy'])})"  # noqa: E731
+    environment = [("commit", f"`{env['commit']}`"),
+                   ("device", f"{env['device']}, {env['threads']} threads, preset {env['preset']}"
+                              f"{', quick' if env['quick'] else ''}"),
+                   ("torch", f"{env['torch']} (python {env['python']})"),
+                   ("model", f"{env['params'] / 1e6:.2f}M parameters: {env['n_layers']} layers, dim {env['dim']}, "
+                             f"{env['n_heads']} heads ({env['n_kv_heads']} KV), vocabulary {env['vocab_size']:,}"),
+                   ("wall time", f"{wall} · **total {r['wall_s']['total']:.0f} s**")]
+    training = [(name, s["init_from"] or "scratch", s["block_size"], s["steps"], f"{s['tokens']:,}", f"{s['epochs']:.2f}",
+                 f"{s['train_loss']:.3f}", f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}", f"{s['tokens_per_s']:,.0f}")
+                for name, s in st.items()]
+    tasks = [(kind, *(count(m["by_task"][kind]) for m in models.values())) for kind in sft["by_task"]]
+    tasks.append(("**all**", *(count(m) for m in models.values())))
+    dpo_rows = [("reward accuracy (chosen > rejected)", pct(before["accuracy"]), pct(after["accuracy"])),
+                ("reward margin (β · difference of log-ratios)", f"{before['margin']:.4f}", f"{after['margin']:.4f}"),
+                ("DPO loss", f"{before['loss']:.4f}", f"{after['loss']:.4f}")]
     lines = [
-        "# Report card: the demo pipeline",
-        "",
+        "# Report card: the demo pipeline", "",
         f"`{r['command']}`, finished {env['finished']}. Every figure below was computed in this run "
-        "(report.json holds them all; eval/ holds every scored answer).",
-        "",
-        "## Environment",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| commit | `{env['commit']}` |",
-        f"| device | {env['device']}, {env['threads']} threads, preset {env['preset']}{', quick' if env['quick'] else ''} |",
-        f"| torch | {env['torch']} (python {env['python']}) |",
-        f"| model | {env['params'] / 1e6:.2f}M parameters: {env['n_layers']} layers, dim {env['dim']}, "
-        f"{env['n_heads']} heads ({env['n_kv_heads']} KV), vocabulary {env['vocab_size']:,} |",
-        f"| wall time | {wall} · **total {r['wall_s']['total']:.0f} s** |",
-        "",
-        "## Training",
-        "",
-        "| stage | from | block | steps | tokens | epochs | final train loss | val loss: start → end | tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in st.items():
-        lines.append(f"| {name} | {s['init_from'] or 'scratch'} | {s['block_size']} | {s['steps']} | {s['tokens']:,} | "
-                     f"{s['epochs']:.2f} | {s['train_loss']:.3f} | {s['val_loss_start']:.3f} → {s['val_loss']:.3f} | "
-                     f"{s['tokens_per_s']:,.0f} |")
-    lines += [
-        "",
+        "(report.json holds them all; eval/ holds every scored answer).", "",
+        "## Environment", "", "| | |", "|---|---|", *(f"| {k} | {val} |" for k, val in environment), "",
+        "## Training", "",
+        *table(["stage", "from", "block", "steps", "tokens", "epochs", "final train loss", "val loss: start → end",
+                "tokens/s"], training, left=2), "",
         "Tokens are rows × block size (padding included for the chat stages); an epoch is one pass over the "
         f"stage's train split. The distill train loss counts each reasoning tag {st['distill']['think_tag_weight']:g} "
-        "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs).",
-        "",
-        "![loss curves of every stage](loss.png)",
-        "",
-        f"## Held-out tasks ({r['tasks']['n']} prompts of tasks_val.jsonl, greedy)",
-        "",
-        "| task | " + " | ".join(models) + " |",
-        "|---|" + "---:|" * len(models),
-    ]
-    for kind in list(sft["by_task"]) + ["all"]:
-        cells = [m if kind == "all" else m["by_task"][kind] for m in models.values()]
-        lines.append(f"| {'**all**' if kind == 'all' else kind} | "
-                     + " | ".join(f"{k['correct']}/{k['n']} ({pct(k['accuracy'])})" for k in cells) + " |")
-    lines += [
-        "",
+        "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs).", "",
+        "![loss curves of every stage](loss.png)", "",
+        f"## Held-out tasks ({r['tasks']['n']} prompts of tasks_val.jsonl, greedy)", "",
+        *table(["task", *models], tasks), "",
         "Exact match, except identity (the reply must contain the bot's name); for the distilled model, the "
-        "answer after `</think>`.",
-        "",
-        f"**Who is it?** The SFT model, asked the held-out question “{ident['prompt']}”, answered "
-        f"“{ident['reply']}” ({'it names itself' if ident['correct'] else 'it does not name itself'}; "
-        f"{ident['correct_all']}/{ident['n']} held-out identity questions answered with the name).",
-        "",
-        f"## Long-context SFT (block {st['sft_long']['block_size']}, RoPE scaling {st['sft_long']['rope_scaling']})",
-        "",
+        "answer after `</think>`.", "",
+        f"**Who is it?** The SFT model, asked the held-out question “{ident['prompt']}”, answered “{ident['reply']}” "
+        f"({v['identity']}; "
+        f"{ident['correct_all']}/{ident['n']} held-out identity questions answered with the name).", "",
+        f"## Long-context SFT (block {st['sft_long']['block_size']}, RoPE scaling {st['sft_long']['rope_scaling']})", "",
         f"Held-out val loss {st['sft_long']['val_loss']:.3f} against {st['sft']['val_loss']:.3f} for the SFT model it "
-        f"continues ({compare(st['sft_long']['val_loss'], st['sft']['val_loss'], higher_is_better=False)}); task "
-        f"accuracy {pct(long['accuracy'])} against {pct(sft['accuracy'])} "
-        f"({compare_tasks(long, sft)}). The held-out conversations are short, so this measures "
-        "what the doubled context costs on them"
-        + (": nothing here." if long["accuracy"] >= sft["accuracy"] and st["sft_long"]["val_loss"] <= st["sft"]["val_loss"]
-           else ", not a gain on long inputs."),
-        "",
-        "## Reasoning distillation",
-        "",
+        f"continues ({v['sft_long_val_loss']}); task accuracy {pct(long['accuracy'])} against {pct(sft['accuracy'])} "
+        f"({v['tasks_vs_sft']['sft_long']}). The held-out conversations are short, so this measures what the doubled "
+        f"context costs on them{v['sft_long']}", "",
+        "## Reasoning distillation", "",
         f"- {distill['think_well_formed']}/{distill['n']} held-out replies ({pct(r['distill']['think_share'])}) "
         "are well formed: one `<think>...</think>` block, then an answer;",
         f"- task accuracy {pct(distill['accuracy'])} against {pct(sft['accuracy'])} for SFT alone "
-        f"({compare_tasks(distill, sft)}): "
-        + ("distillation helped." if distill["accuracy"] > sft["accuracy"] and not noise(distill, sft) else
-           "on this budget distillation does not clearly help"
-           + ("; the model has learnt the format, not yet the reasoning (example below)."
-              if r["distill"]["think_share"] > 0.5 else ".")),
-        f"- a held-out {example['task']} question and the distilled model's reply:",
-        "",
-        "```",
-        f"user: {example['prompt']}",
-        f"assistant: {shorten(example['reply'])}",
-        "```",
-        "",
-        "## DPO (from the SFT model, which is also its frozen reference)",
-        "",
-        "| held-out pairs | before | after |",
-        "|---|---:|---:|",
-        f"| reward accuracy (chosen > rejected) | {pct(before['accuracy'])} | {pct(after['accuracy'])} |",
-        f"| reward margin (β · difference of log-ratios) | {before['margin']:.4f} | {after['margin']:.4f} |",
-        f"| DPO loss | {before['loss']:.4f} | {after['loss']:.4f} |",
-        "",
-        "Before is the first step, where the policy is the reference and every reward is zero. DPO "
-        + ("separated the held-out pairs the preferred way. " if after["margin"] > before["margin"]
-           and after["accuracy"] > before["accuracy"] else "did not separate the held-out pairs on this budget. ")
-        + f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
-        f"({compare_tasks(dpo, sft)}).",
-        "",
-        "## Export to transformers",
-        "",
+        f"({v['tasks_vs_sft']['distill']}): {v['distill']}",
+        f"- a held-out {example['task']} question and the distilled model's reply:", "",
+        "```", f"user: {example['prompt']}", f"assistant: {shorten(example['reply'])}", "```", "",
+        "## DPO (from the SFT model, which is also its frozen reference)", "",
+        *table(["held-out pairs", "before", "after"], dpo_rows), "",
+        f"Before is the first step, where the policy is the reference and every reward is zero. DPO {v['dpo']} "
+        f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
+        f"({v['tasks_vs_sft']['dpo']}).", "",
+        "## Export to transformers", "",
         f"`{x['hf_dir']}` (the DPO model) loaded with `AutoModelForCausalLM`: max |logit difference| "
         f"{x['max_abs_diff']:.2e} over {x['tokens']} positions of {x['sequences']} held-out conversations (float "
         f"weights, CPU); the chat template's ids equal ours for {x['template_ids_equal']}/{x['prompts']} prompts; "
-        f"greedy replies equal for {x['greedy_equal']}/{x['prompts']}.",
-        "",
-        "## Chat (the DPO model, greedy)",
-        "",
+        f"greedy replies equal for {x['greedy_equal']}/{x['prompts']}.", "",
+        "## Chat (the DPO model, greedy)", "", "```",
+        *(line for turn in r["chat"] for line in (f"user: {turn['user']}", f"assistant: {shorten(turn['assistant'])}")),
         "```",
     ]
-    for turn in r["chat"]:
-        lines += [f"user: {turn['user']}", f"assistant: {shorten(turn['assistant'])}"]
-    lines.append("```")
     return "\n".join(lines) + "\n"
 
 
@@ -537,7 +522,7 @@ def render_report(r):
 
 
 def main(argv=None):
-    c = configurator.configure(dict((k, globals()[k]) for k in configurator.config_keys(globals())), argv, quiet=True)
+    c = configurator.configure(_DEFAULTS, argv)
     if c["preset"] not in ("auto", "cpu", "gpu"):
         configurator.fail(f"preset must be auto, cpu or gpu, got {c['preset']!r}")
     kind = c["preset"] if c["preset"] != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
@@ -563,7 +548,7 @@ def main(argv=None):
     header("7. evaluate: greedy answers to the held-out tasks")
     tasks = pick_tasks(read_jsonl(f"{DEMO}/tasks_val.jsonl"), c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0))
     with timed(wall, "evaluate"):
-        scored = evaluate_all(c, tasks, device)
+        scored, shape = evaluate_all(c, tasks, device)
 
     header("8. export: the DPO model to transformers, compared")
     chats = CHAT[:QUICK_CHATS] if c["quick"] else CHAT
@@ -578,15 +563,11 @@ def main(argv=None):
         transcript = chat_with(run_dir(c, "dpo"), device, chats, new_tokens(c, "dpo"))
 
     header("report")
-    report = build_report(c, kind, device, stages, metas, scored, parity, transcript, wall, t_start)
+    report = build_report(c, kind, device, shape, stages, metas, scored, parity, transcript, wall, t_start)
     print(write_report(c["out_dir"], report, stages))
 
 
-def build_report(c, kind, device, stages, metas, scored, parity, transcript, wall, t_start):
-    from checkpoint import load_model
-
-    model, _ = load_model(run_dir(c, "pretrain"))
-    mc = model.cfg
+def build_report(c, kind, device, shape, stages, metas, scored, parity, transcript, wall, t_start):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
     example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
@@ -594,7 +575,7 @@ def build_report(c, kind, device, stages, metas, scored, parity, transcript, wal
     dpo_point = lambda e: {"accuracy": e["val_rewards/accuracies"], "margin": e["val_rewards/margins"],
                            "loss": e["val_loss"]}
     wall = dict(wall, total=time.perf_counter() - t_start)
-    return {
+    report = {
         "command": "python demo.py" + (" --quick=True" if c["quick"] else ""),
         "environment": {
             "commit": git_commit(),
@@ -602,8 +583,7 @@ def build_report(c, kind, device, stages, metas, scored, parity, transcript, wal
             "threads": torch.get_num_threads(), "preset": kind, "quick": c["quick"],
             "torch": torch.__version__, "python": platform.python_version(),
             "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
-            "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size,
+            **shape,
         },
         "wall_s": wall,
         "data": {name: {split: {k: m["splits"][split][k] for k in ("documents", "tokens", "targets")}
@@ -619,12 +599,13 @@ def build_report(c, kind, device, stages, metas, scored, parity, transcript, wal
         "export": parity,
         "chat": transcript,
     }
+    report["verdicts"] = verdicts(report)
+    return report
 
 
 def write_report(out, report, stages):
     plot_losses(stages, os.path.join(out, "loss.png"))
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
+    write_json(os.path.join(out, "report.json"), report, indent=1)
     text = render_report(report)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -632,7 +613,4 @@ def write_report(out, report, stages):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except configurator.ConfigError:
-        sys.exit(2)
+    main()

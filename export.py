@@ -1,8 +1,8 @@
 """
 Export a run directory to a HuggingFace transformers directory (LlamaForCausalLM).
 
-    python export.py --out_dir=out/sft_demo --hf_dir=hf/sft_demo
-    python export.py --out_dir=out/sft_demo --hf_dir=hf/sft_demo_bf16 --dtype=bfloat16
+    python export.py --out_dir=out/demo/sft --hf_dir=hf/sft
+    python export.py --out_dir=out/demo/sft --hf_dir=hf/sft_bf16 --dtype=bfloat16
 
 Writes config.json, generation_config.json, model.safetensors and the tokenizer
 files with the chat template. No custom code: `AutoModelForCausalLM` and
@@ -19,22 +19,20 @@ import json
 import os
 import shutil
 
-import torch
-
 import checkpoint
 import configurator
-from chat import load_tokenizer
+from common import DTYPES
+from files import write_json
+from generation import is_chat_model
 from model import to_hf_state_dict
-from sample import is_chat_model
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run directory (ckpt.pt + tokenizer files) to export
 hf_dir = ""  # the directory to write
 dtype = "float32"  # float32 | bfloat16 | float16: the dtype of the saved weights
 # -----------------------------------------------------------------------------
-_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}  # main() leaves these unchanged
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULTS = configurator.defaults(globals())
 
 
 def hf_weights(model, dtype):
@@ -59,13 +57,7 @@ def write_tokenizer(run_dir, hf_dir, tokenizer):
     elif os.path.isfile(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             config["chat_template"] = f.read()
-        _write_json(config_path, config)
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        write_json(config_path, config)
 
 
 def export(run_dir, hf_dir, dtype="float32"):
@@ -87,8 +79,8 @@ def export(run_dir, hf_dir, dtype="float32"):
 
     eot, im_end = tokenizer.eot_id, tokenizer.im_end_id
     eos = im_end if chat else eot
-    _write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(model.cfg, eot, eos, eot, dtype))
-    _write_json(os.path.join(hf_dir, "generation_config.json"), {
+    write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(model.cfg, eot, eos, eot, dtype))
+    write_json(os.path.join(hf_dir, "generation_config.json"), {
         "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
     })
     save_file(hf_weights(model, dtype), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -97,7 +89,8 @@ def export(run_dir, hf_dir, dtype="float32"):
 
 
 def main(argv=None):
-    config = configurator.configure(dict(_DEFAULTS), argv)
+    config = configurator.configure(_DEFAULTS, argv)
+    configurator.print_config(config)
     if not config["out_dir"] or not config["hf_dir"]:
         configurator.fail("both --out_dir (the run directory) and --hf_dir (the directory to write) are required")
     written = export(config["out_dir"], config["hf_dir"], config["dtype"])

@@ -16,7 +16,7 @@ the main pass faster, since bz2 decompression runs in the one reading process.
 A .json file that holds one JSON array (pretty-printed Alpaca style) is read
 whole, element by element: convert it to .jsonl to keep memory bounded.
 
-Records are detected one by one (chat.normalize_record): plain text
+Records are detected one by one (records.detect_record): plain text
 ({"text"}, {"content"}, {"completion"}), chat (conversations/messages with
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
 instruction/input/output with optional system and history, assistant
@@ -60,9 +60,10 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-import chat
 import configurator
 import shards
+from records import BadRecord, detect_record
+from tokenizer import load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -81,7 +82,7 @@ workers = 0  # tokenizing processes (0 = all cores)
 seed = 1337  # for the train/val split
 strict = False  # stop at the first bad record
 # -----------------------------------------------------------------------------
-_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}
+_DEFAULTS = configurator.defaults(globals())
 
 STAGES = ("pretrain", "sft", "dpo")
 STAGE_OF_KIND = {"text": "pretrain", "chat": "sft", "pair": "dpo"}
@@ -231,9 +232,9 @@ def iter_records(paths):
             if line.strip():
                 loc = f"{label}:{first + i}"
                 try:
-                    kind, payload, _ = chat.detect_record(_parse_line(line))
+                    kind, payload, _ = detect_record(_parse_line(line))
                     yield loc, kind, payload
-                except chat.BadRecord as e:
+                except BadRecord as e:
                     yield loc, "bad", e.reason
 
 
@@ -241,11 +242,11 @@ def _parse_line(line):
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
-        raise chat.BadRecord("invalid_utf8") from None
+        raise BadRecord("invalid_utf8") from None
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
-        raise chat.BadRecord("invalid_json") from None
+        raise BadRecord("invalid_json") from None
 
 
 # -----------------------------------------------------------------------------
@@ -286,8 +287,8 @@ def process_chunk(chunk):
             continue
         res["records"] += 1
         try:
-            kind, payload, fmt = chat.detect_record(_parse_line(line))
-        except chat.BadRecord as e:
+            kind, payload, fmt = detect_record(_parse_line(line))
+        except BadRecord as e:
             res["bad"].append((e.reason, f"{label}:{first + i}"))
             continue
         if not _kind_fits(kind, w):
@@ -381,8 +382,8 @@ def _results(chunks, tok, settings, n_workers):
 
 
 def main(argv=None):
-    namespace = dict(_DEFAULTS)
-    config = configurator.configure(namespace, argv)
+    config = configurator.configure(_DEFAULTS, argv)
+    configurator.print_config(config)
     return prepare(**config)
 
 
@@ -445,13 +446,13 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
 
 def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths):
     if tokenizer != "train":
-        tok = chat.load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer)
         if tok.added_special_tokens:
             print(f"tokenizer {tokenizer}: added {tok.added_special_tokens} special tokens, vocab_size {tok.vocab_size}")
         return tok
     sample = f"the first {sample_bytes / 1e6:g} MB of input" if sample_bytes else "all of the input"
     print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on {sample}")
-    return chat.train_tokenizer(_sample_texts(paths, sample_bytes), vocab_size)
+    return train_tokenizer(_sample_texts(paths, sample_bytes), vocab_size)
 
 
 def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, strict):

@@ -1,10 +1,10 @@
 """
 Generate from a run directory (ckpt.pt) or an exported HF directory.
 
-    python sample.py --out_dir=out/sft_demo --prompt="你好，你是谁？"
-    python sample.py --out_dir=out/sft_demo                   # interactive chat (stdin is a terminal)
-    python sample.py --out_dir=out/pretrain_demo --mode=complete --prompt="床前明月光，"
-    python sample.py --hf_dir=hf/sft_demo --prompt_file=prompts.txt --num_samples=3
+    python sample.py --out_dir=out/demo/sft --prompt="你好，你是谁？"
+    python sample.py --out_dir=out/demo/sft                   # interactive chat (stdin is a terminal)
+    python sample.py --out_dir=out/demo/pretrain --mode=complete --prompt="床前明月光，"
+    python sample.py --hf_dir=out/demo/hf --prompt_file=prompts.txt --num_samples=3
 
 Modes: `chat` renders the prompt with the chat template and stops at <|im_end|>;
 `complete` continues plain text until <|endoftext|>. The default is chat for a
@@ -13,21 +13,17 @@ template, complete otherwise. Interactive chat keeps the conversation, dropping
 whole turns, oldest first, when it no longer fits the context; /reset clears it,
 /exit (or end of input) leaves. Replies stream as they are generated.
 
-The functions below (load, reply, complete, ...) are what other scripts call.
+What turns messages into ids and ids into streamed text is generation.py's,
+shared with the server and demo.py.
 """
 
-import json
-import os
-import re
 import sys
-import time
-from itertools import takewhile
 
 import torch
 
 import configurator
-from chat import load_tokenizer
-from checkpoint import load_model
+from common import dtype_name, resolve_device, resolve_dtype
+from generation import chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, hide_think, load
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...
@@ -48,174 +44,7 @@ device = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 on a GPU that has it, float16 on other GPUs, float32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model (worth it for long generations on a GPU)
 # -----------------------------------------------------------------------------
-_DEFAULTS = {k: globals()[k] for k in configurator.config_keys(globals())}  # main() leaves these unchanged
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHAT_STAGES = ("sft", "dpo")
-THINK_BLOCK = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.S)  # an unclosed block hides to the end
-
-
-def has_chat_template(path):
-    """Whether the tokenizer files in `path` carry a chat template."""
-    if os.path.isfile(os.path.join(path, "chat_template.jinja")):
-        return True
-    try:
-        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get("chat_template"))
-    except (OSError, ValueError):
-        return False
-
-
-def is_chat_model(path, info):
-    """Chat by default: a tokenizer with a chat template and a model trained on conversations (sft, dpo, or HF)."""
-    return has_chat_template(path) and (info["kind"] == "hf" or info["stage"] in CHAT_STAGES)
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        configurator.fail(f"device {name!r} asked for, but torch sees no CUDA GPU")
-    return name
-
-
-def resolve_dtype(name, device):
-    if name != "auto":
-        if name not in DTYPES:
-            configurator.fail(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def load(path, device="cpu", dtype="float32", compile=False):
-    """(model in eval mode, tokenizer, info) from a run directory or an HF directory.
-
-    info: load_model's info plus "chat" (the default mode is chat) and "block_size"
-    (the context the model was trained at: prompt + reply must fit in it).
-    """
-    model, info = load_model(path, device)
-    model.to(DTYPES[dtype])
-    tokenizer = load_tokenizer(path)
-    control = (tokenizer.eot_id, tokenizer.im_start_id, tokenizer.im_end_id)
-    if max(control) >= model.cfg.vocab_size:  # a foreign tokenizer that got our special tokens added
-        configurator.fail(f"{path}: the chat special tokens (ids {control}) are outside the model's vocabulary "
-                          f"of {model.cfg.vocab_size}; fine-tune the model with this tokenizer first")
-    if compile:
-        model.compile(dynamic=True)
-    block_size = (info.get("config") or {}).get("block_size") or model.cfg.max_seq_len
-    return model, tokenizer, dict(info, chat=is_chat_model(path, info), block_size=int(block_size))
-
-
-# -----------------------------------------------------------------------------
-# prompts
-
-
-def chat_prompt_ids(tokenizer, messages):
-    """Token ids of a conversation followed by the header of the assistant's reply."""
-    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
-    return ids
-
-
-def fit_history(tokenizer, messages, budget):
-    """(messages, prompt ids): the conversation without its oldest whole turns, as few dropped as fit `budget` tokens.
-
-    A leading system message is kept; a turn is a user message and the replies after it.
-    (None, ids) when even the last turn alone is too long.
-    """
-    head = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(head):]
-    while True:
-        ids = chat_prompt_ids(tokenizer, head + turns)
-        if len(ids) <= budget:
-            return head + turns, ids
-        later_turns = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
-        if not later_turns:
-            return None, ids
-        turns = turns[later_turns[0]:]
-
-
-def complete_prompt_ids(tokenizer, text):
-    """Plain text as the start of a document: pretraining puts <|endoftext|> between documents."""
-    return [tokenizer.eot_id] + tokenizer.encode(text)
-
-
-# -----------------------------------------------------------------------------
-# generation
-
-
-def hide_think(text):
-    return THINK_BLOCK.sub("", text)
-
-
-def stream_text(tokenizer, token_ids, think="show"):
-    """Yield the text of a stream of token ids piece by piece, never half a character.
-
-    The running ids are decoded whole and only the new suffix is yielded; while the text
-    ends in U+FFFD (the first bytes of a multi-byte character) it waits for the rest.
-    With think="hide", nothing of a <think>...</think> block is yielded.
-    """
-    ids, shown = [], ""
-    for token in token_ids:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        text = hide_think(text) if think == "hide" else text
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(ids)  # the end of the stream: whatever is left, even a broken character
-    text = hide_think(text) if think == "hide" else text
-    if len(text) > len(shown):
-        yield text[len(shown):]
-
-
-def generate_text(model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, think="show", on_text=None,
-                  max_len=None, **sampling):
-    """The text generated after prompt_ids, up to a stop token (not included); on_text(piece) as it streams.
-
-    sampling: temperature, top_k, top_p, repetition_penalty, generator (see Transformer.generate).
-    """
-    tokens = model.generate(prompt_ids, max_new_tokens, stop_ids=stop_ids, max_len=max_len, **sampling)
-    pieces = []
-    for piece in stream_text(tokenizer, takewhile(lambda t: t not in stop_ids, tokens), think):
-        pieces.append(piece)
-        if on_text is not None:
-            on_text(piece)
-    return "".join(pieces)
-
-
-def chat_stop_ids(tokenizer):
-    return (tokenizer.im_end_id, tokenizer.eot_id)
-
-
-def reply(model, tokenizer, messages, **sampling):
-    """The assistant's reply to a conversation [{"role", "content"}, ...]; keywords as generate_text."""
-    return generate_text(model, tokenizer, chat_prompt_ids(tokenizer, messages), chat_stop_ids(tokenizer), **sampling)
-
-
-def complete(model, tokenizer, text, **sampling):
-    """The continuation of plain text (without the text itself); keywords as generate_text."""
-    return generate_text(model, tokenizer, complete_prompt_ids(tokenizer, text), (tokenizer.eot_id,), **sampling)
-
-
-@torch.no_grad()
-def decode_speed(model, prompt_len=16, new_tokens=200, repeats=3):
-    """Greedy decode tokens/s at batch 1 with the KV cache (best of `repeats`); every step runs, no stop token."""
-    prompt = list(range(1, prompt_len + 1))
-    on_gpu = model.lm_head.weight.device.type == "cuda"
-    best = 0.0
-    for _ in range(repeats):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = sum(1 for _ in model.generate(prompt, new_tokens, temperature=0, max_len=prompt_len + new_tokens))
-        if on_gpu:
-            torch.cuda.synchronize()
-        best = max(best, n / (time.perf_counter() - t0))
-    return best
+_DEFAULTS = configurator.defaults(globals())
 
 
 # -----------------------------------------------------------------------------
@@ -321,12 +150,12 @@ def check_config(c):
 
 
 def main(argv=None):
-    c = configurator.configure(dict(_DEFAULTS), argv, quiet=True)
+    c = configurator.configure(_DEFAULTS, argv)
     check_config(c)
     prompts = read_prompts(c)  # None: interactive
     path = c["out_dir"] or c["hf_dir"]
     dev = resolve_device(c["device"])
-    model, tokenizer, info = load(path, dev, resolve_dtype(c["dtype"], dev), c["compile"])
+    model, tokenizer, info = load(path, dev, dtype_name(resolve_dtype(c["dtype"], dev)), c["compile"])
     chat = info["chat"] if c["mode"] == "auto" else c["mode"] == "chat"
     generator = torch.Generator(dev).manual_seed(c["seed"])
     settings = {

@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 import configurator
+import files
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -63,12 +64,6 @@ class ShardWriter:
     def add(self, ids, mask):
         """Append one document."""
         self.add_units(ids, mask, [len(ids)], [1])
-
-    def add_pair(self, chosen_ids, chosen_mask, rejected_ids, rejected_mask):
-        """Append a DPO pair: two consecutive documents, always in the same shard."""
-        self.add_units(np.concatenate([np.asarray(chosen_ids), np.asarray(rejected_ids)]),
-                       np.concatenate([np.asarray(chosen_mask), np.asarray(rejected_mask)]),
-                       [len(chosen_ids), len(rejected_ids)], [2])
 
     def add_units(self, ids, mask, doc_lens, unit_docs):
         """Append many documents at once: `ids` and `mask` concatenated, `doc_lens` tokens each; the
@@ -154,19 +149,7 @@ class ShardWriter:
 
 def write_meta(out_dir, meta):
     """Write meta.json atomically: a temporary file, fsync, rename, fsync of the directory."""
-    path = os.path.join(out_dir, "meta.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.write_json(os.path.join(out_dir, "meta.json"), meta, indent=1, durable=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +227,12 @@ class Split:
             i += 1
         return tokens, mask
 
-    def document(self, i):
-        """(tokens, mask) of document i (for DPO: 2k is the chosen, 2k+1 the rejected of pair k)."""
+    def document(self, i, max_tokens=None):
+        """(tokens, mask) of document i, its first max_tokens only when given (for DPO: 2k is the chosen,
+        2k+1 the rejected of pair k)."""
         start = int(self.doc_starts[i])
-        return self.read(start, int(self.doc_ends[i]) - start)
+        length = int(self.doc_ends[i]) - start
+        return self.read(start, length if max_tokens is None else min(length, max_tokens))
 
 
 def _check_ids(tokens, vocab_size, path, chunk=1 << 24):

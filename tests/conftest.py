@@ -2,7 +2,7 @@
 
 import pytest
 
-import chat
+import tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -23,7 +23,7 @@ def data_corpus():
 @pytest.fixture(scope="session")
 def data_tok():
     """A byte-level BPE ChatTokenizer (vocab 600) trained on CORPUS."""
-    return chat.train_tokenizer(CORPUS * 20, 600)
+    return tokenizer.train_tokenizer(CORPUS * 20, 600)
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import export
-from chat import load_tokenizer, train_tokenizer
+from tokenizer import load_tokenizer, train_tokenizer
 from checkpoint import load_model, save_checkpoint
 from model import ModelConfig, Transformer
-from sample import chat_prompt_ids, complete, reply
+from generation import chat_prompt_ids, complete, reply
 
 transformers = pytest.importorskip("transformers")
 

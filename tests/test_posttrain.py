@@ -1,6 +1,5 @@
 """Post-training stages in the one loop: long-context SFT with RoPE scaling, reasoning distillation, DPO."""
 
-import json
 import math
 import os
 
@@ -9,8 +8,9 @@ import pytest
 import torch
 
 import export
+import losses
 import train
-from chat import load_tokenizer
+from tokenizer import load_tokenizer
 from checkpoint import load_checkpoint, load_model
 from tests.test_train import TINY, metrics, run_train, train_losses
 
@@ -62,9 +62,7 @@ def distill_run(data_dir, out_dir, weight, **extra):
     args = {"data_dir": data_dir, "out_dir": out_dir, "stage": "sft", "dim": 32, "n_layers": 1, "n_heads": 2,
             "block_size": 256, "batch_size": 4, "warmup_iters": 0, "verify_data": False,
             "think_tag_weight": weight, **extra}
-    cfg = train.configurator.configure(vars(train).copy(), [f"--{k}={v}" for k, v in args.items()], quiet=True)
-    cfg["checkpoint_interval"] = cfg["eval_interval"]
-    return train.build(cfg)
+    return train.build(train.configure([f"--{k}={v}" for k, v in args.items()]))
 
 
 def test_think_tag_weight_lands_exactly_on_reply_tags(demo_reason, tmp_path):
@@ -92,7 +90,7 @@ def test_weighted_loss_is_normalised_by_the_weighted_count(demo_reason, tmp_path
     run = distill_run(demo_reason, str(tmp_path), 10.0)
     b = run.train_batches.get(0)
     with torch.no_grad():
-        ce = train.token_losses(run.model, b.x, b.y)
+        ce = losses.token_losses(run.model, b.x, b.y)
     expected = float((ce * b.w).sum() / b.w.sum())  # sum(w * ce) / sum(w)
     assert train.train_step(run, 0)["loss"] == pytest.approx(expected, rel=1e-6)
     # weight 1 is plain SFT: the mean over target tokens

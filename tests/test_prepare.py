@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import chat
 import prepare
 import shards
+from records import detect_record
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(path, records):
@@ -78,11 +79,11 @@ def test_chat_formats_become_rendered_documents(tmp_path, data_tok, data_tok_dir
     assert meta["stage"] == "sft" and meta["counts"]["kept"] == len(CHAT_RECORDS)
     assert meta["counts"]["by_format"] == {"conversations": 2, "messages": 1, "sharegpt": 1, "message_list": 1,
                                            "alpaca": 1}
-    expected = [data_tok.render_chat(chat.normalize_record(r)[1]) for r in CHAT_RECORDS]
+    expected = [data_tok.render_chat(detect_record(r)[1]) for r in CHAT_RECORDS]
     assert documents(tmp_path / "out") == expected
     assert meta["splits"]["train"]["targets"] == sum(sum(m) for _, m in expected)
     assert meta["tokenizer_source"] == str(data_tok_dir) and meta["added_special_tokens"] == 0
-    assert chat.load_tokenizer(tmp_path / "out").to_str() == data_tok.to_str()  # a copy of the tokenizer travels along
+    assert load_tokenizer(tmp_path / "out").to_str() == data_tok.to_str()  # a copy of the tokenizer travels along
 
 
 def test_text_documents_and_a_seeded_val_split(tmp_path, data_tok, data_tok_dir, data_corpus):
@@ -190,13 +191,13 @@ def test_max_len_truncates_and_counts(tmp_path, data_tok, data_tok_dir, data_cor
     assert meta["counts"]["truncated"] == 2 and meta["counts"]["skipped"] == {"no_target_after_truncation": 1}
     assert docs[0][0] == data_tok.encode(long_text)[:15] + [data_tok.eot_id]  # text keeps its <|endoftext|>
     assert docs[1][0] == data_tok.encode("short") + [data_tok.eot_id]
-    full_ids, full_mask = data_tok.render_chat(chat.normalize_record(records[2])[1])
+    full_ids, full_mask = data_tok.render_chat(detect_record(records[2])[1])
     assert docs[2] == (full_ids[:16], full_mask[:16]) and sum(docs[2][1]) > 0  # visible reply tokens stay targets
     write_jsonl(tmp_path / "p.jsonl", records[4:])
     meta = run_prepare(tmp_path / "dpo", input=tmp_path / "p.jsonl", **dict(cfg, stage="dpo"))
     assert meta["counts"]["skipped"] == {"prompt_too_long": 1} and meta["counts"]["truncated"] == 1
     assert [len(ids) for ids, _ in documents(tmp_path / "dpo")] == [16, len(data_tok.render_chat(
-        chat.normalize_record(records[5])[1][1])[0])]
+        detect_record(records[5])[1][1])[0])]
 
 
 def test_val_input_files_make_the_val_split(tmp_path, data_tok_dir):
@@ -284,7 +285,7 @@ def test_big_vocab_uses_uint32_and_added_specials_are_recorded(tmp_path):
 def test_tokenizer_trained_on_the_input(tmp_path, data_corpus):
     path = mixed_corpus(tmp_path / "in.jsonl", 300, data_corpus)
     meta = run_prepare(tmp_path / "out", input=path, tokenizer="train", vocab_size=400, val_fraction=0.0)
-    tok = chat.load_tokenizer(tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
     assert tok.vocab_size == meta["vocab_size"] <= 400 and tok.special_ids == meta["special_ids"]
     assert meta["tokenizer_sha256"] == shards.sha256_file(tmp_path / "out" / "tokenizer.json")
     first = json.loads(path.read_text().splitlines()[0])["text"]

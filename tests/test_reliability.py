@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import checkpoint
+import files
 import prepare
 import sample
 import shards
@@ -186,7 +187,7 @@ def test_kill_at_each_step_of_a_checkpoint_write(tmp_path, point):
             elif point == "before the rename":
                 os.replace = _die
             elif point == "after the rename":
-                checkpoint._fsync_dir = _die
+                files.fsync_dir = _die
             else:
                 os.remove = _die
             checkpoint.save_checkpoint(out, new, keep_last=1)
@@ -590,7 +591,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, m
     checkpoint.save_checkpoint(str(out), _state(1), keep_last=1)
     checkpoint.save_checkpoint(str(out), _state(2), keep_last=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(checkpoint, "open", _full_disk_open(room), raising=False)
+    monkeypatch.setattr(files, "open", _full_disk_open(room), raising=False)
     with pytest.raises(OSError) as e:
         checkpoint.save_checkpoint(str(out), _state(3), keep_last=1)
     assert "No space left on device" in str(e.value) and "previous checkpoint is unchanged" in str(e.value)
@@ -598,7 +599,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, m
     # through train.py: one clear line, exit 2
     run = build_run(demo_pretrain, str(out), stage="pretrain")
     with pytest.raises(SystemExit) as e:
-        train.save(run, 3)
+        checkpoint.save_run(run, 3)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "No space left on device" in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,9 +1,9 @@
-"""sample.py: prompts, history truncation, streaming decode, --think, the command line."""
+"""sample.py and generation.py: prompts, history truncation, streaming decode, --think, the command line."""
 
 import pytest
 
+import generation
 import sample
-from chat import load_tokenizer
 from test_export import make_run_dir  # the tiny run directory shared with the export tests
 
 
@@ -14,7 +14,7 @@ def sft_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(sft_run):
-    return sample.load(sft_run)
+    return generation.load(sft_run)
 
 
 def test_streaming_never_prints_half_a_character(loaded):
@@ -23,7 +23,7 @@ def test_streaming_never_prints_half_a_character(loaded):
     ids = tok.encode(text)
     # the test means something only if some token boundary falls inside a character
     assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))
-    pieces = list(sample.stream_text(tok, iter(ids)))
+    pieces = list(generation.stream_text(tok, iter(ids)))
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
 
@@ -32,11 +32,11 @@ def test_think_hide_drops_the_reasoning_block(loaded):
     _, tok, _ = loaded
     think, end_think = tok.special_ids["<think>"], tok.special_ids["</think>"]
     ids = [think] + tok.encode("\n先算个位：5+1=6。\n") + [end_think] + tok.encode("\n答案是166")
-    assert "".join(sample.stream_text(tok, iter(ids), think="hide")) == "答案是166"
-    shown = "".join(sample.stream_text(tok, iter(ids), think="show"))
+    assert "".join(generation.stream_text(tok, iter(ids), think="hide")) == "答案是166"
+    shown = "".join(generation.stream_text(tok, iter(ids), think="show"))
     assert shown == "<think>\n先算个位：5+1=6。\n</think>\n答案是166"
     # a block cut off by max_new_tokens hides to the end
-    assert "".join(sample.stream_text(tok, iter(ids[:8]), think="hide")) == ""
+    assert "".join(generation.stream_text(tok, iter(ids[:8]), think="hide")) == ""
 
 
 def test_history_drops_whole_turns_oldest_first(loaded):
@@ -46,22 +46,22 @@ def test_history_drops_whole_turns_oldest_first(loaded):
     for i in range(6):
         turns += [{"role": "user", "content": f"question {i} 问题"}, {"role": "assistant", "content": f"answer {i} 回答"}]
     messages = [system] + turns + [{"role": "user", "content": "last"}]
-    full = len(sample.chat_prompt_ids(tok, messages))
-    kept, ids = sample.fit_history(tok, messages, full)
+    full = len(generation.chat_prompt_ids(tok, messages))
+    kept, ids = generation.fit_history(tok, messages, full)
     assert kept == messages
-    kept, ids = sample.fit_history(tok, messages, full - 1)
+    kept, ids = generation.fit_history(tok, messages, full - 1)
     assert kept[0] == system and kept[1:] == messages[3:]  # the oldest turn (question + answer) went, whole
-    assert ids == sample.chat_prompt_ids(tok, kept) and len(ids) < full
-    kept, ids = sample.fit_history(tok, messages, len(sample.chat_prompt_ids(tok, [system, messages[-1]])))
+    assert ids == generation.chat_prompt_ids(tok, kept) and len(ids) < full
+    kept, ids = generation.fit_history(tok, messages, len(generation.chat_prompt_ids(tok, [system, messages[-1]])))
     assert kept == [system, messages[-1]]
-    kept, ids = sample.fit_history(tok, messages, 5)
+    kept, ids = generation.fit_history(tok, messages, 5)
     assert kept is None
 
 
 def test_default_mode_follows_the_stage(tmp_path, loaded):
     assert loaded[2]["chat"] and loaded[2]["block_size"] == 256
     pretrain = make_run_dir(tmp_path / "pretrain", stage="pretrain", steps=1)
-    assert not sample.load(pretrain)[2]["chat"]
+    assert not generation.load(pretrain)[2]["chat"]
 
 
 def test_seeded_sampling_is_reproducible(loaded):
@@ -72,7 +72,7 @@ def test_seeded_sampling_is_reproducible(loaded):
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return sample.reply(model, tok, messages, max_new_tokens=20, temperature=1.0, top_p=0.95, generator=g)
+        return generation.reply(model, tok, messages, max_new_tokens=20, temperature=1.0, top_p=0.95, generator=g)
 
     assert draw(1) == draw(1)
     assert len({draw(1), draw(2), draw(3)}) > 1
@@ -81,8 +81,8 @@ def test_seeded_sampling_is_reproducible(loaded):
 def test_main_prints_a_reply_and_exits_0(sft_run, tmp_path, capsys):
     assert sample.main([f"--out_dir={sft_run}", "--prompt=你好，你是谁？", "--max_new_tokens=12", "--temperature=0"]) == 0
     out = capsys.readouterr().out
-    model, tok, _ = sample.load(sft_run)
-    expected = sample.reply(model, tok, [{"role": "user", "content": "你好，你是谁？"}], max_new_tokens=12, temperature=0)
+    model, tok, _ = generation.load(sft_run)
+    expected = generation.reply(model, tok, [{"role": "user", "content": "你好，你是谁？"}], max_new_tokens=12, temperature=0)
     assert expected and out == expected + "\n"
 
     prompts = tmp_path / "prompts.txt"
@@ -120,18 +120,3 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     assert e.value.code == 2
-
-
-def test_decode_speed_runs_every_step(loaded, monkeypatch):
-    model, _, _ = loaded
-    steps = []
-    generate = model.generate
-
-    def counting(*args, **kwargs):
-        for t in generate(*args, **kwargs):
-            steps.append(t)
-            yield t
-
-    monkeypatch.setattr(model, "generate", counting)
-    assert sample.decode_speed(model, prompt_len=4, new_tokens=6, repeats=2) > 0
-    assert len(steps) == 12  # no stop token ends a timed run early

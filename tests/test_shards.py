@@ -15,7 +15,8 @@ def make_dataset(tmp_path, docs, shard_tokens, vocab_size=1000, pairs=False):
     writer = shards.ShardWriter(str(tmp_path), "train", dtype, shard_tokens)
     for i, d in enumerate(docs):
         if pairs and i % 2 == 0:
-            writer.add_pair(d, np.array(d) % 2, docs[i + 1], np.array(docs[i + 1]) % 2)
+            pair = np.array(d + docs[i + 1])
+            writer.add_units(pair, pair % 2, [len(d), len(docs[i + 1])], [2])
         elif not pairs:
             writer.add(d, np.array(d) % 2)
     split = {"tokens": writer.tokens, "documents": writer.documents, "targets": writer.targets, "shards": writer.close()}

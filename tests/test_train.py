@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+import losses
 import train
 from checkpoint import load_checkpoint
 
@@ -63,12 +63,9 @@ def test_pretrain_then_sft_learn(demo_pretrain, demo_sft, tmp_path):
 
 
 def build_run(data_dir, out_dir, **overrides):
-    cfg = train.configurator.configure(vars(train).copy(), [f"--{k}={v}" for k, v in {
+    return train.build(train.configure([f"--{k}={v}" for k, v in {
         "data_dir": data_dir, "out_dir": out_dir, "stage": "sft", "dim": 32, "n_layers": 1, "n_heads": 2,
-        "block_size": 96, "warmup_iters": 0, "grad_clip": 0.0, "verify_data": False, **overrides}.items()],
-        quiet=True)
-    cfg["checkpoint_interval"] = cfg["eval_interval"]
-    return train.build(cfg)
+        "block_size": 96, "warmup_iters": 0, "grad_clip": 0.0, "verify_data": False, **overrides}.items()]))
 
 
 def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
@@ -86,7 +83,7 @@ def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
     ref = build_run(demo_sft, str(tmp_path), batch_size=4, gradient_accumulation_steps=1)
     b = ref.train_batches.get(0)
     with torch.no_grad():
-        ce = train.token_losses(ref.model, b.x, b.y)
+        ce = losses.token_losses(ref.model, b.x, b.y)
     assert s1["loss"] == pytest.approx(float((ce * b.w).sum() / b.w.sum()), rel=1e-6)
 
 
@@ -105,7 +102,7 @@ def test_compiled_step_equals_eager(demo_sft, tmp_path):
     with torch.no_grad():  # the compiled model's loss is the cross-entropy of its own logits
         logits = runs[True].raw_model(b.x)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
-        assert torch.allclose(train.token_losses(runs[True].model, b.x, b.y), ce.view(b.y.shape), atol=1e-5)
+        assert torch.allclose(losses.token_losses(runs[True].model, b.x, b.y), ce.view(b.y.shape), atol=1e-5)
 
 
 def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):

@@ -42,6 +42,7 @@ torchrun_max_iters = 30
 seed = 0
 work_dir = ""  # "" : a temporary directory, removed at the end when every check held
 # -----------------------------------------------------------------------------
+_DEFAULTS = configurator.defaults(globals())
 
 
 def log(message):
@@ -142,7 +143,7 @@ def distributed(data, work, rng):
 
 
 def main():
-    configurator.configure(globals())
+    globals().update(configurator.configure(_DEFAULTS))  # the functions above read the settings as globals
     work = work_dir or tempfile.mkdtemp(prefix="soak_resume_")
     os.makedirs(work, exist_ok=True)
     rng = random.Random(seed)
@@ -159,7 +160,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except configurator.ConfigError:
-        sys.exit(2)
     except subprocess.TimeoutExpired as e:
         sys.exit(f"timed out: {e}")

@@ -1,83 +1,17 @@
-"""chat.py: record formats, the tokenizer (trained, loaded, SentencePiece), ChatML ids, masks and the HF chat template."""
+"""tokenizer.py: the tokenizer (trained, loaded, SentencePiece), ChatML ids, masks and the HF chat template."""
 
 import json
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import chat
-from chat import BadRecord, normalize_record
+import tokenizer
 
 U, A, S = "user", "assistant", "system"
 
 
 def msg(role, content, **extra):
     return {"role": role, "content": content, **extra}
-
-
-# -- input formats ------------------------------------------------------------------------------
-
-PAIR = ([msg(U, "2+2?"), msg(A, "4")], [msg(U, "2+2?"), msg(A, "5")])
-
-
-@pytest.mark.parametrize("record, kind, payload", [
-    ({"text": "hello"}, "text", "hello"),
-    ({"content": "内容"}, "text", "内容"),
-    ({"completion": " spaced "}, "text", " spaced "),
-    ({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-     "chat", [msg(U, "hi"), msg(A, "yo")]),
-    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                   {"role": "assistant", "content": "yo"}]},
-     "chat", [msg(S, "be brief"), msg(U, "hi"), msg(A, "yo")]),
-    ({"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "你好"},
-                        {"from": "gpt", "value": "您好"}, {"from": "user", "value": "再见"},
-                        {"from": "assistant", "value": "拜拜"}]},
-     "chat", [msg(S, "sys"), msg(U, "你好"), msg(A, "您好"), msg(U, "再见"), msg(A, "拜拜")]),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chat", [msg(U, "q"), msg(A, "a")]),
-    ({"instruction": "Translate", "input": "猫", "output": "cat"}, "chat", [msg(U, "Translate\n猫"), msg(A, "cat")]),
-    ({"instruction": "Say hi", "input": "", "output": "hi", "system": "polite",
-      "history": [["first", "one"], ["second", "two"]]},
-     "chat", [msg(S, "polite"), msg(U, "first"), msg(A, "one"), msg(U, "second"), msg(A, "two"),
-              msg(U, "Say hi"), msg(A, "hi")]),
-    ({"conversations": [{"role": "user", "content": "1+1?"},
-                        {"role": "assistant", "content": "2", "reasoning_content": "one and one"}]},
-     "chat", [msg(U, "1+1?"), msg(A, "2", reasoning_content="one and one")]),
-    ({"conversations": [{"role": "user", "content": "1+1?"},
-                        {"role": "assistant", "content": "2", "reasoning_content": ""}]},
-     "chat", [msg(U, "1+1?"), msg(A, "2")]),
-    ({"chosen": PAIR[0], "rejected": PAIR[1]}, "pair", PAIR),
-    ({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "pair", PAIR),
-    ({"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
-      "rejected": {"from": "gpt", "value": "5"}}, "pair", PAIR),
-])
-def test_formats_normalise(record, kind, payload):
-    assert normalize_record(record) == (kind, payload)
-
-
-@pytest.mark.parametrize("record, reason", [
-    ({"foo": 1}, "unknown_shape"),
-    ("just a string", "unknown_shape"),
-    ({"text": ""}, "empty_content"),
-    ({"text": "  \n"}, "empty_content"),
-    ({"text": 42}, "non_string_content"),
-    (json.loads('{"text": "half a pair \\ud83d here"}'), "lone_surrogate"),
-    ({"conversations": []}, "empty_conversation"),
-    ([], "empty_conversation"),
-    ({"conversations": [{"role": "user", "content": "anyone?"}]}, "no_assistant"),
-    ({"conversations": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
-    ({"conversations": [{"role": "user", "content": ["a", "b"]}, {"role": "assistant", "content": "y"}]},
-     "non_string_content"),
-    ({"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}, "empty_content"),
-    ({"conversations": [{"speaker": "user", "text": "x"}]}, "bad_message"),
-    ({"instruction": "x", "output": None}, "non_string_content"),
-    ({"chosen": "yes", "rejected": "no"}, "unknown_shape"),
-    ({"chosen": [msg(U, "a"), msg(A, "b")], "rejected": [msg(U, "other"), msg(A, "c")]}, "pair_prompt_mismatch"),
-    ({"chosen": [msg(U, "a")], "rejected": [msg(U, "a")]}, "no_assistant"),
-])
-def test_bad_records_have_reasons(record, reason):
-    with pytest.raises(BadRecord) as e:
-        normalize_record(record)
-    assert e.value.reason == reason
 
 
 # -- the trained tokenizer ------------------------------------------------------------------------
@@ -101,7 +35,7 @@ def test_trained_tokenizer_is_lossless(data_tok, text):
 
 
 def test_special_tokens_have_fixed_ids(data_tok):
-    assert [data_tok.special_ids[t] for t in chat.SPECIAL_TOKENS] == list(range(7))
+    assert [data_tok.special_ids[t] for t in tokenizer.SPECIAL_TOKENS] == list(range(7))
     assert (data_tok.eot_id, data_tok.im_start_id, data_tok.im_end_id) == (0, 1, 2)
     assert data_tok.reasoning_tag_ids == [3, 4, 5, 6]
     assert 263 < data_tok.vocab_size <= 600 and data_tok.added_special_tokens == 0  # a small corpus has fewer merges
@@ -109,7 +43,7 @@ def test_special_tokens_have_fixed_ids(data_tok):
 
 
 def test_training_is_deterministic(data_tok, data_corpus):
-    assert chat.train_tokenizer(data_corpus * 20, 600).to_str() == data_tok.to_str()
+    assert tokenizer.train_tokenizer(data_corpus * 20, 600).to_str() == data_tok.to_str()
 
 
 # -- ChatML ids and the loss mask -----------------------------------------------------------------
@@ -204,7 +138,7 @@ def test_hf_chat_template_gives_the_same_ids(data_tok, data_tok_dir, messages):
 
 def test_saved_files(data_tok, data_tok_dir):
     config = json.loads((data_tok_dir / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == chat.CHAT_TEMPLATE == (data_tok_dir / "chat_template.jinja").read_text()
+    assert config["chat_template"] == tokenizer.CHAT_TEMPLATE == (data_tok_dir / "chat_template.jinja").read_text()
     assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"
     assert json.loads((data_tok_dir / "special_tokens_map.json").read_text())["pad_token"] == "<|endoftext|>"
 
@@ -213,7 +147,7 @@ def test_saved_files(data_tok, data_tok_dir):
 
 def test_load_saved_tokenizer(data_tok, data_tok_dir):
     for path in (data_tok_dir, data_tok_dir / "tokenizer.json"):
-        tok = chat.load_tokenizer(path)
+        tok = tokenizer.load_tokenizer(path)
         assert tok.added_special_tokens == 0 and tok.vocab_size == data_tok.vocab_size
         assert tok.render_chat(CONVERSATION) == data_tok.render_chat(CONVERSATION)
 
@@ -222,7 +156,7 @@ def test_load_hf_directory_without_tokenizer_json(data_tok, data_corpus, tmp_pat
     pytest.importorskip("transformers")
     data_tok._tok.model.save(str(tmp_path))  # vocab.json + merges.txt, a slow GPT-2 style tokenizer
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
-    tok = chat.load_tokenizer(tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)
     assert tok.special_ids == data_tok.special_ids and tok.vocab_size == data_tok.vocab_size
     assert [tok.encode(t) for t in data_corpus] == [data_tok.encode(t) for t in data_corpus]
 
@@ -231,7 +165,7 @@ def test_load_tokenizer_adds_missing_specials(tmp_path):
     raw = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "<|endoftext|>": 3}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.save(str(tmp_path / "tokenizer.json"))
-    tok = chat.load_tokenizer(tmp_path / "tokenizer.json")
+    tok = tokenizer.load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.added_special_tokens == 6 and tok.vocab_size == 4 + 6
     assert tok.eot_id == 3 and sorted(tok.special_ids.values()) == [3, 4, 5, 6, 7, 8, 9]
     assert tok.encode("hello world") == [1, 2]
@@ -245,7 +179,7 @@ def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
                                    vocab_size=500, model_type=model_type, byte_fallback=True,
                                    hard_vocab_limit=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    tok = chat.load_tokenizer(tmp_path / "sp.model")
+    tok = tokenizer.load_tokenizer(tmp_path / "sp.model")
     assert tok.added_special_tokens == 7 and tok.vocab_size == sp.get_piece_size() + 7
     assert sorted(tok.special_ids.values()) == list(range(sp.get_piece_size(), sp.get_piece_size() + 7))
     for text in ["The quick brown fox.", "床前明月光，疑是地上霜。", "emoji 🙂 and unseen Ωmega"]:
@@ -259,10 +193,10 @@ def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
 def test_bad_tokenizer_path_is_a_clear_error(tmp_path, capsys):
     for bad in (tmp_path / "nope", tmp_path):
         with pytest.raises(SystemExit) as e:
-            chat.load_tokenizer(bad)
+            tokenizer.load_tokenizer(bad)
         assert e.value.code == 2
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(SystemExit):
-        chat.load_tokenizer(tmp_path / "junk.json")
+        tokenizer.load_tokenizer(tmp_path / "junk.json")
     err = capsys.readouterr().err
     assert "does not exist" in err and "has no tokenizer.json" in err and "junk.json" in err

@@ -1,5 +1,6 @@
 """
-The tokenizer and the chat format, shared by prepare.py, train.py, sample.py and export.py.
+The tokenizer and the chat format it renders, shared by prepare.py, the
+generation code (sample.py, the server) and export.py.
 
 ChatML, one message after another:
 
@@ -36,6 +37,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import configurator
+from files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -55,14 +57,11 @@ CHAT_TEMPLATE = (
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` with the chat special tokens, plain-text encoding and ChatML rendering."""
 
-    chat_template = CHAT_TEMPLATE
-
-    def __init__(self, tokenizer, source=""):
+    def __init__(self, tokenizer):
         tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: adding tokens must not touch the caller's
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self._tok = tok
-        self.source = source
         self.added_special_tokens = len(missing)
         self.special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self.eot_id = self.special_ids["<|endoftext|>"]
@@ -93,9 +92,6 @@ class ChatTokenizer:
 
     def decode(self, ids, skip_special_tokens=False):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token):
-        return self._tok.token_to_id(token)
 
     # -- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages, add_generation_prompt=False, last_reply_only=False):
@@ -183,8 +179,8 @@ class ChatTokenizer:
             "model_max_length": 1_000_000_000,
             "chat_template": CHAT_TEMPLATE,
         }
-        _write_json(os.path.join(directory, "tokenizer_config.json"), config)
-        _write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
+        write_json(os.path.join(directory, "tokenizer_config.json"), config)
+        write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
         with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(CHAT_TEMPLATE)
 
@@ -209,12 +205,6 @@ def _from_spec(spec, added_tokens):
     return Tokenizer.from_str(json.dumps(dict(spec, added_tokens=added_tokens)))
 
 
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # Making a tokenizer: train one, or load one
 
@@ -235,7 +225,7 @@ def train_tokenizer(texts, vocab_size):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return ChatTokenizer(tok, source="train")
+    return ChatTokenizer(tok)
 
 
 def load_tokenizer(path):
@@ -244,17 +234,17 @@ def load_tokenizer(path):
     path = str(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return ChatTokenizer(_read_tokenizer_json(os.path.join(path, "tokenizer.json")), source=path)
+            return ChatTokenizer(_read_tokenizer_json(os.path.join(path, "tokenizer.json")))
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
-            return ChatTokenizer(sentencepiece_to_tokenizers(os.path.join(path, "tokenizer.model")), source=path)
+            return ChatTokenizer(sentencepiece_to_tokenizers(os.path.join(path, "tokenizer.model")))
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-            return ChatTokenizer(_hf_backend(path), source=path)
+            return ChatTokenizer(_hf_backend(path))
         configurator.fail(f"tokenizer directory '{path}' has no tokenizer.json, tokenizer.model or tokenizer_config.json")
     if not os.path.exists(path):
         configurator.fail(f"tokenizer '{path}' does not exist (give 'train', a tokenizer.json, an HF tokenizer dir, a prepared data dir or a SentencePiece .model)")
     if path.endswith(".model"):
-        return ChatTokenizer(sentencepiece_to_tokenizers(path), source=path)
-    return ChatTokenizer(_read_tokenizer_json(path), source=path)
+        return ChatTokenizer(sentencepiece_to_tokenizers(path))
+    return ChatTokenizer(_read_tokenizer_json(path))
 
 
 def _read_tokenizer_json(path):
@@ -366,150 +356,3 @@ def _sentencepiece_merges(vocab):
             if left in vocab and right in vocab:
                 merges.append((rank, vocab[left], vocab[right], left, right))
     return [(left, right) for *_, left, right in sorted(merges)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Input records -> one internal form
-
-
-class BadRecord(Exception):
-    """A record that cannot be used; `reason` is a short machine-readable word for the summary."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
-_ROLES = {
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
-    "system": "system",
-}
-
-
-def normalize_record(obj):
-    """(kind, payload) of one input record: ("text", str), ("chat", messages) or
-    ("pair", (chosen_messages, rejected_messages)); raises BadRecord."""
-    kind, payload, _ = detect_record(obj)
-    return kind, payload
-
-
-def detect_record(obj):
-    """normalize_record() plus the name of the input format it was recognised as."""
-    if isinstance(obj, list):
-        return "chat", _conversation(obj), "message_list"
-    if not isinstance(obj, dict):
-        raise BadRecord("unknown_shape")
-    if "chosen" in obj and "rejected" in obj:
-        return "pair", _pair(obj), "pair"
-    for key in ("conversations", "messages"):
-        if key in obj:
-            messages = _system_field(obj) + _messages(obj[key])
-            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and "from" in obj[key][0] else key
-            return "chat", _checked(messages), fmt
-    if "instruction" in obj and "output" in obj:
-        return "chat", _alpaca(obj), "alpaca"
-    for key in ("text", "content", "completion"):
-        if key in obj:
-            return "text", _text(obj[key]), key
-    raise BadRecord("unknown_shape")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _text(value, allow_empty=False):
-    if not isinstance(value, str):
-        raise BadRecord("non_string_content")
-    if _SURROGATE.search(value):  # a JSON escape such as "\ud800" alone: not encodable text
-        raise BadRecord("lone_surrogate")
-    if not allow_empty and not value.strip():
-        raise BadRecord("empty_content")
-    return value
-
-
-def _message(m):
-    if not isinstance(m, dict) or ("role" not in m and "from" not in m) or ("content" not in m and "value" not in m):
-        raise BadRecord("bad_message")
-    # role/content (OpenAI) or from/value (ShareGPT); a null one is absent (Parquet rows carry both)
-    role = m.get("role") if m.get("role") is not None else m.get("from")
-    content = m.get("content") if m.get("content") is not None else m.get("value")
-    role = _ROLES.get(role.lower()) if isinstance(role, str) else None
-    if role is None:
-        raise BadRecord("unknown_role")
-    out = {"role": role, "content": _text(content, allow_empty=role == "system")}
-    reasoning = m.get("reasoning_content")
-    if role == "assistant" and reasoning is not None and _text(reasoning, allow_empty=True).strip():
-        out["reasoning_content"] = reasoning
-    return out
-
-
-def _messages(value):
-    """Messages of a list, with empty system messages dropped; not yet checked for a reply."""
-    if not isinstance(value, list):
-        raise BadRecord("unknown_shape")
-    messages = [_message(m) for m in value]
-    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
-
-
-def _checked(messages):
-    if not messages:
-        raise BadRecord("empty_conversation")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord("no_assistant")
-    return messages
-
-
-def _conversation(value):
-    if not value:
-        raise BadRecord("empty_conversation")
-    return _checked(_messages(value))
-
-
-def _system_field(obj):
-    """A top-level "system" string (Alpaca, some ShareGPT dumps) as a leading system message."""
-    system = obj.get("system")
-    if system is None:
-        return []
-    return [{"role": "system", "content": _text(system, allow_empty=True)}] if _text(system, allow_empty=True).strip() else []
-
-
-def _alpaca(obj):
-    instruction, extra = _text(obj["instruction"], allow_empty=True), _text(obj.get("input") or "", allow_empty=True)
-    prompt = "\n".join(s for s in (instruction, extra) if s)
-    messages = _system_field(obj)
-    history = obj.get("history") or []
-    if not isinstance(history, list):
-        raise BadRecord("bad_message")
-    for turn in history:
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise BadRecord("bad_message")
-        messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
-    messages += [{"role": "user", "content": _text(prompt)}, {"role": "assistant", "content": _text(obj["output"])}]
-    return messages
-
-
-def _pair(obj):
-    """(chosen, rejected) message lists that share every message but the final assistant reply."""
-    prompt = obj.get("prompt")
-    if prompt is None:
-        prompt = obj.get("conversations", obj.get("messages", []))
-    prompt = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
-    if not prompt and (isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str)):
-        raise BadRecord("unknown_shape")
-    chosen, rejected = _answer(obj["chosen"], prompt), _answer(obj["rejected"], prompt)
-    for side in (chosen, rejected):
-        if not side or side[-1]["role"] != "assistant":
-            raise BadRecord("no_assistant")
-    if chosen[:-1] != rejected[:-1]:
-        raise BadRecord("pair_prompt_mismatch")
-    return chosen, rejected
-
-
-def _answer(value, prompt):
-    if isinstance(value, str):
-        return prompt + [{"role": "assistant", "content": _text(value)}]
-    if isinstance(value, dict):
-        return prompt + [_message(value)]
-    messages = _messages(value)
-    return messages if messages[: len(prompt)] == prompt else prompt + messages

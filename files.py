@@ -1,0 +1,42 @@
+"""
+Files written so that a crash never leaves half of one, and JSON as every script writes it.
+"""
+
+import json
+import os
+
+
+def write_synced(path, write, mode="wb"):
+    """Write a file with write(f), then flush it to the disk: after a crash it is whole or absent."""
+    with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp, path):
+    """Rename tmp over path and make the rename itself survive a power loss."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json(path, obj, indent=2, durable=False):
+    """JSON in UTF-8 (non-ASCII kept) with a final newline; durable: written beside, synced, then renamed."""
+    def dump(f):
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+        f.write("\n")
+
+    if not durable:
+        with open(path, "w", encoding="utf-8") as f:
+            dump(f)
+        return
+    write_synced(path + ".tmp", dump, mode="w")
+    replace_durably(path + ".tmp", path)

@@ -1,0 +1,114 @@
+"""
+What each stage minimises, per micro-batch, and the statistics it reports.
+
+- pretrain, sft: the cross-entropy of every label position times its weight
+  (batches.Batch.w: 0 off the targets, think_tag_weight on reasoning tags in
+  replies, 1 elsewhere); the step divides the sum by the sum of the weights.
+- dpo: the sigmoid (or IPO) loss of the difference between the policy's and
+  the reference's log-ratio of chosen over rejected reply; the step divides
+  by the number of pairs. The reference is the starting weights, frozen, or
+  their log-probabilities of every pair computed once (Reference).
+
+Each function returns sums, never means: the step's loss is a mean over all
+of its targets, across micro-batches and ranks, which only sums can give.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import distributed
+from model import Transformer
+
+# DPO statistics as TRL names them; each is a mean over pairs
+DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+
+
+def stat_names(stage):
+    """The statistics (besides the loss) the stage's micro_loss reports, in order."""
+    return DPO_STATS if stage == "dpo" else ()
+
+
+def token_losses(model, x, y):
+    """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model."""
+    return model(x, targets=y)
+
+
+def sequence_logps(model, batch):
+    """Summed log-probability of each row's target tokens (the final reply, for DPO data)."""
+    return -(token_losses(model, batch.x, batch.y) * (batch.w > 0)).sum(-1)
+
+
+def lm_loss(model, batch, weighted=True):
+    """(summed loss, {}) of a pretrain/sft micro-batch; weighted=False counts every target once (validation)."""
+    w = batch.w if weighted else (batch.w > 0).float()
+    return (token_losses(model, batch.x, batch.y) * w).sum(), {}
+
+
+def dpo_terms(policy_logps, ref_logps, cfg):
+    """Per-pair DPO loss and the DPO_STATS per pair, from (2B,) summed log-probs, chosen rows first."""
+    pc, pr = policy_logps.chunk(2)
+    rc, rr = ref_logps.chunk(2)
+    logits = (pc - pr) - (rc - rr)
+    beta = cfg["dpo_beta"]
+    if cfg["dpo_loss"] == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        eps = cfg["dpo_label_smoothing"]
+        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    stats = (chosen_r, rejected_r, (chosen_r > rejected_r).float(), chosen_r - rejected_r, pc.detach(), pr.detach())
+    return losses, dict(zip(DPO_STATS, stats))
+
+
+def dpo_loss(model, batch, ref_logps, cfg):
+    """(summed loss, {statistic: sum over pairs}) of a DPO micro-batch."""
+    losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, cfg)
+    return losses.sum(), {k: v.sum() for k, v in stats.items()}
+
+
+def target_count(batch, stage, weighted=True):
+    """What the step's loss is a mean over, for this micro-batch: target weight (tokens) or pairs."""
+    if stage == "dpo":
+        return float(batch.units.numel())
+    return float(batch.w.sum() if weighted else (batch.w > 0).sum())
+
+
+class Reference:
+    """The DPO reference: a frozen copy of the starting weights, or (precompute=True) their log-probs of every
+    pair of each split, computed once, so that no second model stays in memory."""
+
+    def __init__(self, raw_model, batches, device, autocast, rank, world, precompute):
+        self.model, self.tables = None, {}
+        if precompute:
+            self.tables = {split: _precompute(raw_model, b, device, autocast, rank, world)
+                           for split, b in batches.items()}
+        else:
+            self.model = Transformer(raw_model.cfg).to(device)
+            self.model.load_state_dict(raw_model.state_dict())
+            self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch, split):
+        """(2B,) reference log-probs of a batch of `split`, chosen rows first (as sequence_logps)."""
+        if self.model is not None:
+            return sequence_logps(self.model, batch)
+        pairs = self.tables[split][batch.units.cpu()].to(batch.x.device)  # (B, 2)
+        return pairs.T.reshape(-1)
+
+
+@torch.no_grad()
+def _precompute(model, batches, device, autocast, rank, world):
+    """(n_pairs, 2) log-probs of every pair of a split, chosen then rejected, by the (not yet wrapped, whole on
+    every rank) starting weights; ranks share the pairs and sum the table."""
+    out = torch.zeros(batches.n_units, 2, dtype=torch.float32)
+    model.eval()
+    B = batches.B
+    for first in range(rank * B, batches.n_units, world * B):
+        units = list(range(first, min(first + B, batches.n_units)))
+        with autocast:
+            logps = sequence_logps(model, batches.batch(units).to(device)).float().cpu()
+        out[units] = logps.view(2, -1).T
+    model.train()
+    return distributed.all_reduce_sum(out.to(device), world).cpu()
+

@@ -1,0 +1,148 @@
+"""
+Input records -> one internal form, for prepare.py.
+
+Every line of an input file is detected on its own: plain text, a chat in any
+of the usual shapes (role/content, OpenAI messages, ShareGPT from/value,
+Alpaca), or a preference pair. A record that cannot be used raises BadRecord
+with a short reason, which prepare.py counts.
+"""
+
+import re
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; `reason` is a short machine-readable word for the summary."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+_ROLES = {
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
+    "system": "system",
+}
+
+
+def detect_record(obj):
+    """(kind, payload, format) of one input record: ("text", str), ("chat", messages) or
+    ("pair", (chosen_messages, rejected_messages)), and the name of the input format it was recognised as;
+    raises BadRecord."""
+    if isinstance(obj, list):
+        return "chat", _conversation(obj), "message_list"
+    if not isinstance(obj, dict):
+        raise BadRecord("unknown_shape")
+    if "chosen" in obj and "rejected" in obj:
+        return "pair", _pair(obj), "pair"
+    for key in ("conversations", "messages"):
+        if key in obj:
+            messages = _system_field(obj) + _messages(obj[key])
+            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and "from" in obj[key][0] else key
+            return "chat", _checked(messages), fmt
+    if "instruction" in obj and "output" in obj:
+        return "chat", _alpaca(obj), "alpaca"
+    for key in ("text", "content", "completion"):
+        if key in obj:
+            return "text", _text(obj[key]), key
+    raise BadRecord("unknown_shape")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value, allow_empty=False):
+    if not isinstance(value, str):
+        raise BadRecord("non_string_content")
+    if _SURROGATE.search(value):  # a JSON escape such as "\ud800" alone: not encodable text
+        raise BadRecord("lone_surrogate")
+    if not allow_empty and not value.strip():
+        raise BadRecord("empty_content")
+    return value
+
+
+def _message(m):
+    if not isinstance(m, dict) or ("role" not in m and "from" not in m) or ("content" not in m and "value" not in m):
+        raise BadRecord("bad_message")
+    # role/content (OpenAI) or from/value (ShareGPT); a null one is absent (Parquet rows carry both)
+    role = m.get("role") if m.get("role") is not None else m.get("from")
+    content = m.get("content") if m.get("content") is not None else m.get("value")
+    role = _ROLES.get(role.lower()) if isinstance(role, str) else None
+    if role is None:
+        raise BadRecord("unknown_role")
+    out = {"role": role, "content": _text(content, allow_empty=role == "system")}
+    reasoning = m.get("reasoning_content")
+    if role == "assistant" and reasoning is not None and _text(reasoning, allow_empty=True).strip():
+        out["reasoning_content"] = reasoning
+    return out
+
+
+def _messages(value):
+    """Messages of a list, with empty system messages dropped; not yet checked for a reply."""
+    if not isinstance(value, list):
+        raise BadRecord("unknown_shape")
+    messages = [_message(m) for m in value]
+    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
+
+
+def _checked(messages):
+    if not messages:
+        raise BadRecord("empty_conversation")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant")
+    return messages
+
+
+def _conversation(value):
+    if not value:
+        raise BadRecord("empty_conversation")
+    return _checked(_messages(value))
+
+
+def _system_field(obj):
+    """A top-level "system" string (Alpaca, some ShareGPT dumps) as a leading system message."""
+    system = obj.get("system")
+    if system is None:
+        return []
+    return [{"role": "system", "content": _text(system, allow_empty=True)}] if _text(system, allow_empty=True).strip() else []
+
+
+def _alpaca(obj):
+    instruction, extra = _text(obj["instruction"], allow_empty=True), _text(obj.get("input") or "", allow_empty=True)
+    prompt = "\n".join(s for s in (instruction, extra) if s)
+    messages = _system_field(obj)
+    history = obj.get("history") or []
+    if not isinstance(history, list):
+        raise BadRecord("bad_message")
+    for turn in history:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise BadRecord("bad_message")
+        messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
+    messages += [{"role": "user", "content": _text(prompt)}, {"role": "assistant", "content": _text(obj["output"])}]
+    return messages
+
+
+def _pair(obj):
+    """(chosen, rejected) message lists that share every message but the final assistant reply."""
+    prompt = obj.get("prompt")
+    if prompt is None:
+        prompt = obj.get("conversations", obj.get("messages", []))
+    prompt = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
+    if not prompt and (isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str)):
+        raise BadRecord("unknown_shape")
+    chosen, rejected = _answer(obj["chosen"], prompt), _answer(obj["rejected"], prompt)
+    for side in (chosen, rejected):
+        if not side or side[-1]["role"] != "assistant":
+            raise BadRecord("no_assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("pair_prompt_mismatch")
+    return chosen, rejected
+
+
+def _answer(value, prompt):
+    if isinstance(value, str):
+        return prompt + [{"role": "assistant", "content": _text(value)}]
+    if isinstance(value, dict):
+        return prompt + [_message(value)]
+    messages = _messages(value)
+    return messages if messages[: len(prompt)] == prompt else prompt + messages

@@ -43,7 +43,7 @@ def save_checkpoint(out_dir, state, keep_last=0):
             if not os.path.exists(older):
                 os.link(path, older)  # a second name for the old file: ckpt.pt is never missing
     except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
         cause = _os_error_behind(e)
         raise OSError(f"could not write checkpoint {path} ({cause}); the previous checkpoint is unchanged") from e
@@ -242,7 +242,10 @@ def load_model(path, device="cpu"):
 def save_run(run, it):
     """Save a training run at iteration `it` (train.Run); a collective: every rank calls it, rank 0 writes."""
     model_sd, optim_sd = distributed.full_state_dicts(run.model, run.optimizer)
-    if run.rank == 0:
+
+    def write():
+        if run.rank != 0:
+            return
         state = {"model": {k: v.float() for k, v in model_sd.items()}, "optimizer": optim_sd,
                  "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
@@ -252,7 +255,8 @@ def save_run(run, it):
         except OSError as e:
             fail(str(e))
         print(f"saved checkpoint at iter {it} to {os.path.join(run.cfg['out_dir'], CKPT_NAME)}", flush=True)
-    distributed.barrier(run.world)
+
+    distributed.together(write, run.rank, run.world, "the checkpoint write")
 
 
 def load_start(cfg):

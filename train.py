@@ -24,6 +24,7 @@ Guarantees, each tested:
 
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -91,6 +92,7 @@ dtype = "auto"  # auto | bfloat16 | float16 | float32
 compile = False
 compile_mode = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
 fsdp = False  # FSDP2 fully_shard per block (under torchrun) instead of DDP
+dist_timeout_s = 600.0  # torchrun: a collective not done by then (a process stuck or gone) stops the run, exit 3
 seed = 1337
 # evaluation, logging, checkpoints
 eval_interval = 200
@@ -104,6 +106,7 @@ wandb_run_name = ""
 verify_data = True  # checksums and token ids of every shard before the first step
 max_bad_steps = 3  # non-finite steps in a row before the run stops
 debug_nonfinite_iters = []  # fault injection for tests: iterations whose loss is made NaN
+debug_stall = []  # fault injection for tests: [rank, it]: that rank stalls in the step from iteration it to it+1
 # -----------------------------------------------------------------------------
 
 _DEFAULTS = configurator.defaults(globals())
@@ -122,18 +125,24 @@ def configure(argv=None):
 
 def main(argv=None):
     cfg = configure(argv)
-    run = build(cfg)
-    if run.rank == 0:
-        configurator.print_config(cfg)
-        try:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-        except OSError as e:
-            fail(f"cannot create out_dir '{cfg['out_dir']}': {e.strerror}")
-        checkpoint.copy_tokenizer(cfg["data_dir"], cfg["out_dir"])
-        write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)
+    run = None
+    try:
+        run = build(cfg)
+        start(run)
+    except RuntimeError as e:
+        if not distributed.is_collective_failure(e):
+            raise
+        stop_on_collective_failure(cfg, run.phase if run else "startup (building the run)", e)
+
+
+def start(run):
+    """Write the run directory's config and tokenizer, install the signal handlers, then train."""
+    cfg = run.cfg
+    distributed.together(lambda: prepare_out_dir(run), run.rank, run.world, "preparing out_dir")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: request_stop(run, signum))
-    logger = Logger(cfg, run.rank, run.start_iter if run.resumed else None)
+    logger = distributed.together(lambda: Logger(cfg, run.rank, run.start_iter if run.resumed else None),
+                                  run.rank, run.world, "starting the log")
     print_plan(run)
     train_loop(run, logger)
 
@@ -146,12 +155,14 @@ def train_loop(run, logger):
     it, bad_in_row, t0 = run.start_iter, 0, time.time()
     while True:
         if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+            run.phase = f"evaluation at iteration {it}"
             ev = evaluate(run)
             run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
             logger.log({"iter": it, **ev}, "eval  " + format_line(it, ev))
             t0 = time.time()
         if it >= cfg["max_iters"]:
             break
+        run.phase = f"the training step from iteration {it} to {it + 1}"
         stats = train_step(run, it)
         it += 1
         dt, t0 = time.time() - t0, time.time()
@@ -173,12 +184,14 @@ def train_loop(run, logger):
             if peak:
                 record["mfu"] = flops_per_step / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
+        run.phase = f"checkpoint save at iteration {it}"
         if stats["stop"]:
             checkpoint.save_run(run, it)
             print("stopped by signal; resume with --init_from=resume", flush=True)
             sys.exit(0)
         if it % cfg["checkpoint_interval"] == 0 and it < cfg["max_iters"]:
             checkpoint.save_run(run, it)
+    run.phase = f"checkpoint save at iteration {it}"
     checkpoint.save_run(run, it)
     distributed.destroy(run.world)
 
@@ -191,6 +204,10 @@ def train_step(run, it):
     """One optimizer step at iteration `it`. Returns a dict of floats (one host sync per step)."""
     cfg, model, opt = run.cfg, run.model, run.optimizer
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 101 + run.rank)  # dropout: a function of (seed, it, rank)
+    if cfg["debug_stall"] == [run.rank, it]:  # as a rank stuck elsewhere: the others time out in a collective
+        deadline = time.time() + 10 * cfg["dist_timeout_s"]
+        while time.time() < deadline and not run.stop_requested:
+            time.sleep(0.05)
     ahead = run.prefetched
     targets, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
     # the step's loss is a mean over the targets of every micro-batch on every rank
@@ -249,17 +266,20 @@ def load_micros(run, it):
 
 @torch.no_grad()
 def evaluate(run):
-    """Validation figures: token-exact mean cross-entropy (unweighted), or DPO loss and reward statistics."""
-    cfg, model = run.cfg, run.model
+    """Validation figures over eval_iters micro-batches shared by the ranks: token-exact mean cross-entropy
+    (unweighted), or DPO loss and reward statistics."""
+    cfg, model, n = run.cfg, run.model, run.cfg["eval_iters"]
     names = ("loss", "count", *losses.stat_names(cfg["stage"]))
     model.eval()
     sums = torch.zeros(len(names), device=run.device)
-    for i in range(run.rank, cfg["eval_iters"], run.world):
-        batch = run.val_batches.get(i).to(run.device)
+    for i in range(run.rank, -(-n // run.world) * run.world, run.world):
+        # past the last batch a rank still runs a forward (the rule in distributed.py), on a batch not counted
+        batch = run.val_batches.get(i % n).to(run.device)
         with run.autocast:
             loss, stats = micro_loss(run, batch, "val")
-        count = torch.tensor(losses.target_count(batch, cfg["stage"], weighted=False), device=run.device)
-        sums += torch.stack([loss.float(), count] + [stats[k].float() for k in names[2:]])
+        if i < n:
+            count = torch.tensor(losses.target_count(batch, cfg["stage"], weighted=False), device=run.device)
+            sums += torch.stack([loss.float(), count] + [stats[k].float() for k in names[2:]])
     sums = dict(zip(names, distributed.all_reduce_sum(sums, run.world).tolist()))
     model.train()
     count = max(sums.pop("count"), 1.0)
@@ -292,6 +312,7 @@ class Run:
     resumed: bool = False
     best_val_loss: float = float("inf")
     stop_requested: bool = False  # set by SIGTERM/SIGINT; every rank stops after the same step
+    phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
     prefetched: Optional[tuple] = None  # (iteration, (target count, micro-batches)) read while the device works
 
     @property
@@ -307,8 +328,8 @@ class Run:
 def build(cfg):
     """The Run for a resolved config: process group, data, model (from scratch, a run, or an HF directory),
     reference, wrapping, optimizer, and the state of a resumed run."""
-    rank, local_rank, world = distributed.init_process_group(cfg["device"])
-    check_config(cfg, world)
+    check_config(cfg, distributed.rank_and_world()[1])
+    rank, local_rank, world = distributed.init_process_group(cfg["device"], cfg["dist_timeout_s"])
     dev = common.resolve_device(cfg["device"], local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -319,8 +340,9 @@ def build(cfg):
     if meta["stage"] != cfg["stage"] and cfg["stage"] != "pretrain":
         fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
              f"(prepare.py --stage={cfg['stage']})")
-    verify = cfg["verify_data"] and rank == 0
-    splits = {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify) for s in shards.SPLITS}
+    verify = cfg["verify_data"] and rank == 0  # rank 0 checks every byte; the others trust it
+    splits = distributed.together(lambda: {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify)
+                                           for s in shards.SPLITS}, rank, world, "checking the data")
 
     start = checkpoint.load_start(cfg)
     checkpoint.check_data_identity(cfg, meta, start)
@@ -356,6 +378,10 @@ def build(cfg):
         run.scaler.load_state_dict(start["scaler"])
         run.start_iter, run.resumed = int(start["iter"]), True
         run.best_val_loss = float(start.get("best_val_loss", float("inf")))
+    first, last = distributed.spread(run.start_iter, world)
+    if first != last:  # e.g. nodes whose out_dir is not the same directory: only rank 0 writes checkpoints
+        fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
+             f"node must see the same out_dir ({cfg['out_dir']})")
     return run
 
 
@@ -381,6 +407,8 @@ def check_config(cfg, world):
     for key in ("eval_interval", "log_interval", "eval_iters"):
         if cfg[key] < 1:
             fail(f"{key} must be >= 1, got {cfg[key]}")
+    if not cfg["dist_timeout_s"] > 0:
+        fail(f"dist_timeout_s must be > 0 seconds, got {cfg['dist_timeout_s']}")
     if cfg["checkpoint_interval"] < 0 or cfg["keep_last"] < 0:
         fail("checkpoint_interval (0: every eval_interval) and keep_last must be >= 0")
     if not cfg["learning_rate"] > 0 or min(cfg["min_lr"], cfg["weight_decay"], cfg["grad_clip"]) < 0:
@@ -454,6 +482,31 @@ def print_plan(run):
           f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
           f"{' x 2 (chosen, rejected)' if cfg['stage'] == 'dpo' else ''}), {cfg['max_iters']} steps"
           + (f", resuming at step {run.start_iter}" if run.resumed else ""), flush=True)
+
+
+def prepare_out_dir(run):
+    """Rank 0: the run directory with the config and the tokenizer (a run directory is self-contained)."""
+    if run.rank != 0:
+        return
+    configurator.print_config(run.cfg)
+    try:
+        os.makedirs(run.cfg["out_dir"], exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create out_dir '{run.cfg['out_dir']}': {e.strerror}")
+    checkpoint.copy_tokenizer(run.cfg["data_dir"], run.cfg["out_dir"])
+    write_json(os.path.join(run.cfg["out_dir"], "config.json"), run.cfg)
+
+
+def stop_on_collective_failure(cfg, phase, error):
+    """One line for a collective that failed or timed out, then exit 3 at once: waiting on would hang."""
+    rank, world = distributed.rank_and_world()
+    reason = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])[:160]  # without gloo's file:line
+    print(f"error: rank {rank} of {world}: a collective did not complete during {phase} "
+          f"({reason}): another process is stuck or gone "
+          f"(dist_timeout_s={cfg['dist_timeout_s']:g}). The last good checkpoint is in {cfg['out_dir']}; "
+          "resume with --init_from=resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(3)  # not sys.exit: tearing down a process group whose peer is stuck can block
 
 
 def request_stop(run, signum):

@@ -2,67 +2,164 @@
 Training rows from a prepared split (shards.py): what a batch is for each stage.
 
 A unit is what a row holds: a window of block_size+1 tokens of the token
-stream (pretrain), one document from its start (sft), or a chosen/rejected
-pair (dpo, two rows). The order of the units is a seeded permutation per
-epoch, and row r of global micro-batch g is unit g * batch_size + r of it, so
-a batch is a pure function of (seed, g): a resumed run, or N ranks taking
-their share of the micro-batches, sees exactly what one uninterrupted process
-would.
+stream (pretrain), one document from its start (sft), whole documents packed
+together (sft with pack=True), or a chosen/rejected pair (dpo, two rows). Each
+epoch orders the units by a seeded permutation, and row r of global
+micro-batch g is unit g * batch_size + r of the sequence of epochs, so a batch
+is a pure function of (seed, g): a resumed run, or N ranks taking their share
+of the micro-batches, sees exactly what one uninterrupted process would.
+
+Packing (pack=True): each epoch's documents, in their seeded order, are taken
+a window of PACK_WINDOW at a time and placed by best-fit decreasing into rows
+of block_size+1 tokens; the rows of the epoch are then shuffled (seeded). A
+validation micro-batch packs exactly the documents its unpacked version holds,
+so the val loss is the same packed or not. A packed row carries `segments`,
+the document of every position, so that attention and positions never cross
+documents (model.py); the label after a document's last token belongs to the
+next document and is never a target. doc_mask=True (pretrain) gives windows of
+the token stream the same segments: a segment starts at the <|endoftext|> that
+precedes a document (where sample.py's complete mode starts a prompt) and
+ends with the document's last text token, whose label, that <|endoftext|>
+closing it, stays a target.
 """
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
 from configurator import fail
 
+PACK_WINDOW = 1000  # documents packed together: rows come out nearly full, and packing an epoch stays fast
+
 
 @dataclass
 class Batch:
     """One micro-batch: inputs x and labels y (rows, T) int64, w (rows, T) float32 the loss weight of each label
     position (0 = not a target), units (the unit of each row; a DPO batch has all chosen rows, then all
-    rejected rows, so 2 rows per unit)."""
+    rejected rows, so 2 rows per unit; -1 for a packed row), segments (rows, T) int64 the document of every
+    position of a packed row (None: one document, or a window, per row), real the number of x positions that
+    are not padding."""
 
     x: torch.Tensor
     y: torch.Tensor
     w: torch.Tensor
     units: torch.Tensor
+    segments: Optional[torch.Tensor] = None
+    real: int = field(default=0)
 
     def to(self, dev):
         """The batch on `dev`; from pinned memory without blocking on CUDA, so the copy overlaps the step."""
         pin = dev.type == "cuda"
-        return Batch(**{k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in vars(self).items()})
+        moved = {k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) if torch.is_tensor(v) else v
+                 for k, v in vars(self).items()}
+        return Batch(**moved)
 
 
 def count_units(stage, num_tokens, num_docs, block_size):
-    """Units in a split of num_tokens tokens in num_docs documents: an epoch of the stage."""
+    """Units in a split of num_tokens tokens in num_docs documents: an epoch of the stage (unpacked)."""
     if stage == "pretrain":
         return (num_tokens - 1) // block_size
     return num_docs if stage == "sft" else num_docs // 2
 
 
-class Batches:
-    """Rows of one split for one stage, in a seeded order per epoch (see the module docstring)."""
+def pack(lengths, capacity):
+    """Best-fit decreasing: lists of indices into `lengths` (each <= capacity), each list's total <= capacity.
+    Deterministic: the same lengths always give the same rows."""
+    rows, free = [], []  # free: sorted (room left, row) of the rows still open
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(free, (lengths[i], -1))  # the fullest row it still fits in
+        if k == len(free):
+            rows.append([])
+            room, r = capacity, len(rows) - 1
+        else:
+            room, r = free.pop(k)
+        rows[r].append(i)
+        bisect.insort(free, (room - lengths[i], r))
+    return rows
 
-    def __init__(self, split, stage, block_size, batch_size, seed, pad_id, tag_ids=(), tag_weight=1.0):
+
+class Batches:
+    """Rows of one split for one stage, in a seeded order per epoch (see the module docstring).
+
+    packing: None, "epoch" (training: documents packed over each epoch) or "micro-batch" (validation: each
+    micro-batch packs the documents it holds unpacked). doc_mask: pretrain windows get segments."""
+
+    def __init__(self, split, stage, block_size, batch_size, seed, pad_id, tag_ids=(), tag_weight=1.0,
+                 packing=None, doc_mask=False):
         self.split, self.stage, self.T, self.B = split, stage, block_size, batch_size
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.packing, self.doc_mask = seed, pad_id, packing, doc_mask
         self.tag_ids, self.tag_weight = np.array(sorted(tag_ids), dtype=np.int64), tag_weight
+        lengths = split.doc_ends - split.doc_starts
+        self.lengths = np.minimum(lengths, block_size + 1)  # a longer document is cut to one row, as prepare.py cuts
+        self.truncated = int((lengths > block_size + 1).sum()) if stage != "pretrain" else 0
         self.n_units = count_units(stage, split.num_tokens, split.num_docs, block_size)
         if self.n_units < 1:
-            fail(f"split '{split.name}' of {split.meta.get('data_dir', 'the data')} is too small for "
-                 f"stage {stage} with block_size {block_size} ({split.num_tokens} tokens, {split.num_docs} documents)")
-        self._epoch, self._order = None, None
+            fail(f"split '{split.name}' of {split.data_dir} is too small for stage {stage} with block_size "
+                 f"{block_size} ({split.num_tokens} tokens, {split.num_docs} documents)")
+        self._epoch = self._order = None
+        self._epoch_starts = [0]  # packing="epoch": the first unit of each epoch planned so far
+
+    # -- the order of the units ------------------------------------------------------------------
+    def _plan(self, epoch):
+        """The units of an epoch, in order: document, window or pair numbers, or packed rows (lists of
+        documents)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_units)
+        if self.packing != "epoch":
+            return order
+        rows = []
+        for w in range(0, len(order), PACK_WINDOW):
+            docs = order[w: w + PACK_WINDOW]
+            rows += [docs[r].tolist() for r in pack(self.lengths[docs].tolist(), self.T + 1)]
+        shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))
+        return [rows[i] for i in shuffle]
+
+    def _epoch_of(self, g):
+        """(epoch, position in it) of unit number g of the sequence of epochs."""
+        if self.packing != "epoch":
+            return divmod(g, self.n_units)
+        while self._epoch_starts[-1] <= g:  # plan the epochs up to g's, once each
+            epoch = len(self._epoch_starts) - 1
+            self._set_epoch(epoch)
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self._order))
+        epoch = bisect.bisect_right(self._epoch_starts, g) - 1
+        return epoch, g - self._epoch_starts[epoch]
+
+    def _set_epoch(self, epoch):
+        if epoch != self._epoch:
+            self._order, self._epoch = self._plan(epoch), epoch
 
     def unit(self, g):
         """The unit at position g of the endless sequence of epochs."""
-        epoch, pos = divmod(g, self.n_units)
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_units)
-            self._epoch = epoch
-        return int(self._order[pos])
+        epoch, pos = self._epoch_of(g)
+        self._set_epoch(epoch)
+        unit = self._order[pos]
+        return unit if isinstance(unit, list) else int(unit)
 
+    def epochs(self, g):
+        """How many epochs the first g units of the sequence make, fractional."""
+        epoch, pos = self._epoch_of(g)
+        size = self._epoch_starts[epoch + 1] - self._epoch_starts[epoch] if self.packing == "epoch" else self.n_units
+        return epoch + pos / size
+
+    def rows_per_epoch(self):
+        """Rows in the first epoch (packed: as many as the documents fill)."""
+        self._set_epoch(0)
+        return len(self._order)
+
+    def expected_fill(self):
+        """Real tokens / computed positions over the first epoch."""
+        if self.stage == "pretrain":
+            return 1.0
+        if self.packing == "epoch":
+            self._set_epoch(0)
+            real = sum(min(int(self.lengths[row].sum()), self.T) for row in self._order)
+            return real / (len(self._order) * self.T)
+        return float(np.minimum(self.lengths, self.T).mean()) / self.T
+
+    # -- rows ------------------------------------------------------------------------------------
     def _padded(self, tokens, mask):
         """tokens, mask padded to block_size+1 (padding is never a target)."""
         n = self.T + 1 - len(tokens)
@@ -72,25 +169,55 @@ class Batches:
         return tokens, mask
 
     def rows(self, unit):
-        """The rows (tokens, mask), each of block_size+1, that a unit makes: one, or two for a DPO pair."""
+        """The rows a unit makes, one (two for a DPO pair), each (tokens, mask, segment of every token or None,
+        tokens before the padding), block_size+1 tokens long."""
         if self.stage == "pretrain":
-            return [self.split.read(unit * self.T, self.T + 1)]
+            start = unit * self.T
+            tokens, mask = self.split.read(start, self.T + 1)
+            return [(tokens, mask, self._window_segments(start) if self.doc_mask else None, self.T + 1)]
+        if isinstance(unit, list):
+            return [self._packed_row(unit)]
         docs = [unit] if self.stage == "sft" else [2 * unit, 2 * unit + 1]
-        return [self._padded(*self.split.document(d, self.T + 1)) for d in docs]
+        return [(*self._padded(*self.split.document(d, self.T + 1)), None, int(self.lengths[d])) for d in docs]
+
+    def _packed_row(self, docs):
+        parts = [self.split.document(d, self.T + 1) for d in docs]
+        used = sum(len(t) for t, _ in parts)
+        tokens, mask = self._padded(np.concatenate([t for t, _ in parts]), np.concatenate([m for _, m in parts]))
+        # the padding after the documents is a segment of its own: it attends to itself only
+        segments = np.repeat(np.arange(len(docs) + 1), [len(t) for t, _ in parts] + [len(tokens) - used])
+        return tokens, mask, segments, used
+
+    def _window_segments(self, start):
+        """Segments of the window [start, start+T+1): each begins at the token before a document's start."""
+        first = self.split.doc_starts[1:] - 1  # the <|endoftext|> closing the previous document
+        positions = np.arange(start, start + self.T + 1)
+        return np.searchsorted(first, positions, side="right")
 
     def batch(self, units):
         """The Batch of these units, in this order."""
         rows = [self.rows(u) for u in units]
         rows = [r[0] for r in rows] + ([r[1] for r in rows] if self.stage == "dpo" else [])
-        tokens = np.stack([t for t, _ in rows])
-        mask = np.stack([m for _, m in rows])
+        tokens = np.stack([r[0] for r in rows])
+        mask = np.stack([r[1] for r in rows])
         x, y = tokens[:, :-1], tokens[:, 1:]
         w = mask[:, 1:].astype(np.float32)  # the mask applies to label positions
+        segments = None
+        if rows[0][2] is not None:
+            seg = np.stack([r[2] for r in rows])
+            if self.stage != "pretrain":  # the label after a document's last token is the next document's
+                w[seg[:, :-1] != seg[:, 1:]] = 0
+            segments = torch.from_numpy(np.ascontiguousarray(seg[:, :-1]))
         if self.tag_weight != 1.0 and len(self.tag_ids):
             w[(w > 0) & np.isin(y, self.tag_ids)] *= self.tag_weight
+        real = sum(min(r[3], self.T) for r in rows)  # x holds a row's first T tokens
         return Batch(x=torch.from_numpy(np.ascontiguousarray(x)), y=torch.from_numpy(np.ascontiguousarray(y)),
-                     w=torch.from_numpy(w), units=torch.tensor(units))
+                     w=torch.from_numpy(w), units=torch.tensor([u if isinstance(u, int) else -1 for u in units]),
+                     segments=segments, real=real)
 
     def get(self, g_micro):
         """Global micro-batch number g_micro."""
-        return self.batch([self.unit(g_micro * self.B + r) for r in range(self.B)])
+        units = [self.unit(g_micro * self.B + r) for r in range(self.B)]
+        if self.packing == "micro-batch":
+            units = [[units[i] for i in row] for row in pack(self.lengths[units].tolist(), self.T + 1)]
+        return self.batch(units)

@@ -29,6 +29,12 @@ How it measures:
   `prepare_mb` MB made of the demo corpus, median of three runs.
 - Decode tokens/s at batch 1, greedy, not compiled: ours (Transformer.generate, KV cache) and HF
   generate with the same weights, `decode_tokens` new tokens after a 16-token prompt.
+- sft=True measures SFT rows instead: target tokens (those that carry loss) per second of the
+  same train.train_step with pack=True against pack=False, in turns, on a prepared SFT directory
+  (data_dir) or on synthetic chats whose lengths are long-tailed (lognormal, sigma 1) with mean
+  block_size/3, a third of each a prompt. Fill is real tokens / computed positions.
+
+    python bench.py --sft=True --model=26m --block_size=512 --device=cpu --threads=2
 
 `model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
 every key given after it (in a config file or as --key=value) wins. The shape keys and their
@@ -69,7 +75,7 @@ STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device"
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 model = "tiny"  # size preset: tiny | 26m | 124m | 500m | 1b (config/model_<model>.py), "" to give the shape below
-data_dir = ""  # a prepared pretraining directory to read batches from; "": random tokens in a temporary one
+data_dir = ""  # a prepared pretraining (sft=True: sft) directory to read batches from; "": synthetic data
 # the model shape: train.py's keys (vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, rope_theta,
 # tie_embeddings) with train.py's defaults; a preset sets them; vocab_size 0: the preset's vocabulary
 # the training step, as train.py takes it
@@ -84,6 +90,8 @@ seed = 1337
 threads = 0  # torch CPU threads (0: torch's default, one per core)
 # what to measure
 compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
+sft = False  # SFT rows instead: target tokens/s packed against padded (data_dir: a prepared sft set)
+sft_docs = 4000  # synthetic chats when sft=True and no data_dir
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
@@ -129,10 +137,10 @@ def configure(argv=None):
     return cfg
 
 
-def train_config(b, data_dir, out_dir):
-    """train.py's resolved config for a pretraining run with bench's shape and step settings."""
-    keys = {k: b[k] for k in SHAPE_KEYS + STEP_KEYS}
-    keys.update(data_dir=data_dir, out_dir=out_dir, stage="pretrain", verify_data=False)
+def train_config(b, data_dir, out_dir, stage="pretrain", **keys):
+    """train.py's resolved config for a run with bench's shape and step settings."""
+    keys = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS}, **keys}
+    keys.update(data_dir=data_dir, out_dir=out_dir, stage=stage, verify_data=False)
     return train.configure([f"--{k}={v!r}" for k, v in keys.items()])
 
 
@@ -153,6 +161,27 @@ def write_synthetic_data(out_dir, vocab, n_tokens, seed):
         splits[split] = {"tokens": writer.tokens, "documents": writer.documents, "targets": writer.targets,
                          "shards": written}
     shards.write_meta(out_dir, {"version": shards.FORMAT_VERSION, "stage": "pretrain", "dtype": dtype,
+                                "vocab_size": vocab, "special_ids": {"<|endoftext|>": 0}, "tokenizer_sha256": None,
+                                "tokenizer_source": "none: random token ids (bench.py)", "splits": splits})
+    return out_dir
+
+
+def write_synthetic_chats(out_dir, vocab, block_size, n_docs, seed):
+    """A prepared SFT directory of random-token chats: lognormal lengths (sigma 1, mean block_size/3), the first
+    third of each a prompt (not a target), the rest its reply."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sigma = 1.0
+    lengths = np.maximum(rng.lognormal(np.log(block_size / 3) - sigma**2 / 2, sigma, n_docs).astype(np.int64), 4)
+    splits = {}
+    for split, docs in (("train", lengths), ("val", lengths[: max(n_docs // 50, 8)])):
+        writer = shards.ShardWriter(out_dir, split, shards.token_dtype(vocab), shard_tokens=1 << 30)
+        mask = np.concatenate([np.arange(n) >= n // 3 for n in docs]).astype(np.uint8)
+        writer.add_units(rng.integers(1, vocab, int(docs.sum())), mask, docs, [1] * len(docs))
+        written = writer.close()
+        splits[split] = {"tokens": writer.tokens, "documents": writer.documents, "targets": writer.targets,
+                         "shards": written}
+    shards.write_meta(out_dir, {"version": shards.FORMAT_VERSION, "stage": "sft", "dtype": shards.token_dtype(vocab),
                                 "vocab_size": vocab, "special_ids": {"<|endoftext|>": 0}, "tokenizer_sha256": None,
                                 "tokenizer_source": "none: random token ids (bench.py)", "splits": splits})
     return out_dir
@@ -185,7 +214,9 @@ class AsOurs(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, segments=None):
+        if segments is not None:
+            raise ValueError("the HF baseline runs unpacked rows only")
         logits = self.hf(input_ids=idx, use_cache=False).logits
         return logits if targets is None else token_cross_entropy(logits, targets)
 
@@ -224,8 +255,9 @@ def sync(dev):
 
 
 def time_steps(run, first_it, n):
-    """Seconds of each of n train.train_step calls, iterations first_it...; peak extra CUDA bytes."""
-    dev, times = run.device, []
+    """Seconds of each of n train.train_step calls, iterations first_it...; peak extra CUDA bytes; what each
+    step returned."""
+    dev, times, stats = run.device, [], []
     if dev.type == "cuda":
         sync(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -233,11 +265,11 @@ def time_steps(run, first_it, n):
     for it in range(first_it, first_it + n):
         sync(dev)
         t0 = time.perf_counter()
-        train.train_step(run, it)
+        stats.append(train.train_step(run, it))
         sync(dev)
         times.append(time.perf_counter() - t0)
     extra = torch.cuda.max_memory_allocated(dev) - resident if dev.type == "cuda" else None
-    return times, extra
+    return times, extra, stats
 
 
 def resident_bytes(run):
@@ -265,7 +297,7 @@ def measure_training(runs, b):
         first = b["warmup_steps"] + r * b["steps"]
         spent = {}
         for name, run in runs.items():
-            t, e = time_steps(run, first, b["steps"])
+            t, e, _ = time_steps(run, first, b["steps"])
             times[name] += t
             extra[name] = max(extra[name], e or 0)
             spent[name] = sum(t)
@@ -429,6 +461,69 @@ def bench(b):
     return fig, notes, device
 
 
+SFT_KEYS = [
+    "model.params", "sft.documents", "sft.mean_length", "sft.truncated", "sft.tokens_per_step",
+    *[f"sft.{how}.{k}" for how in ("packed", "padded") for k in ("target_tokens_per_s", "fill", "step_ms")],
+    "sft.packed_over_padded", "sft.packed_over_padded_paired", "process.max_rss_mb",
+]
+
+
+def bench_sft(b):
+    """SFT_KEYS: target tokens/s of packed and padded rows, the same step timed in turns."""
+    fig, notes = dict.fromkeys(SFT_KEYS), {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data = b["data_dir"] or write_synthetic_chats(os.path.join(tmp, "data"), b["vocab_size"], b["block_size"],
+                                                      b["sft_docs"], b["seed"])
+        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", pack=how == "packed"))
+                for how in ("packed", "padded")}
+        batches = runs["padded"].train_batches
+        fig.update({"model.params": runs["packed"].raw_model.num_params(), "sft.documents": batches.split.num_docs,
+                    "sft.mean_length": float((batches.split.doc_ends - batches.split.doc_starts).mean()),
+                    "sft.truncated": batches.truncated, "sft.tokens_per_step": train.tokens_per_step(runs["packed"].cfg)})
+        for run in runs.values():
+            for it in range(b["warmup_steps"]):
+                train.train_step(run, it)
+        spent, targets, fills = ({how: [] for how in runs} for _ in range(3))
+        ratios = []
+        for r in range(b["rounds"]):
+            first = b["warmup_steps"] + r * b["steps"]
+            rate = {}
+            for how, run in runs.items():
+                times, _, stats = time_steps(run, first, b["steps"])
+                spent[how] += times
+                targets[how] += [s["target_tokens"] for s in stats]
+                fills[how] += [s["fill"] for s in stats]
+                rate[how] = sum(targets[how][-b["steps"]:]) / sum(times)
+            ratios.append(rate["packed"] / rate["padded"])
+        for how in runs:
+            fig[f"sft.{how}.target_tokens_per_s"] = sum(targets[how]) / sum(spent[how])
+            fig[f"sft.{how}.fill"] = statistics.mean(fills[how])
+            fig[f"sft.{how}.step_ms"] = 1000 * statistics.median(spent[how])
+        fig["sft.packed_over_padded"] = fig["sft.packed.target_tokens_per_s"] / fig["sft.padded.target_tokens_per_s"]
+        fig["sft.packed_over_padded_paired"] = statistics.median(ratios)
+        fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        notes["dtype"] = common.dtype_name(runs["packed"].ptdtype)
+        notes["data"] = b["data_dir"] or "synthetic chats, lognormal lengths (sigma 1) with mean block_size/3"
+        device = describe_device(runs["packed"].device)
+    return fig, notes, device
+
+
+def report_sft(b, fig, notes, device):
+    lines = [f"bench sft: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}, "
+             f"{notes['dtype']}, compile={b['compile']}, {b['batch_size']} rows x {b['block_size']} x "
+             f"{b['gradient_accumulation_steps']} micro-steps per step",
+             f"data: {notes['data']}: {fig['sft.documents']:,} documents, mean {fig['sft.mean_length']:.1f} tokens, "
+             f"{fig['sft.truncated']:,} longer than block_size+1 (cut)",
+             f"{'':26}{'packed':>12}{'padded':>12}"]
+    for label, key, spec in (("target tokens/s", "target_tokens_per_s", ",.0f"), ("fill", "fill", ".1%"),
+                             ("step time, median (ms)", "step_ms", ",.1f")):
+        lines.append(f"{label:26}{format(fig[f'sft.packed.{key}'], spec):>12}{format(fig[f'sft.padded.{key}'], spec):>12}")
+    lines.append(f"packed/padded target tokens/s: {fig['sft.packed_over_padded']:.2f}x "
+                 f"(paired by round: {fig['sft.packed_over_padded_paired']:.2f}x)")
+    lines.append(f"process max RSS {fig['process.max_rss_mb']:,.0f} MB; torch {torch.__version__}")
+    return "\n".join(lines)
+
+
 def describe_device(dev):
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -499,14 +594,13 @@ def main(argv=None):
     if b["threads"]:
         torch.set_num_threads(b["threads"])
     torch.manual_seed(b["seed"])
-    fig, notes, device = bench(b)
-    print(report(b, fig, notes, device), flush=True)
+    fig, notes, device = (bench_sft if b["sft"] else bench)(b)
+    print((report_sft if b["sft"] else report)(b, fig, notes, device), flush=True)
     if b["json"]:
         record = {"command": " ".join(["python", "bench.py", *argv]), "device": device, "dtype": notes["dtype"],
                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                   "transformers": package_version("transformers"), "mfu_formula": MFU_FORMULA,
-                  "peak_source": notes["peak"],
-                  "decode": notes.get("decode"), "config": b, "figures": fig}
+                  "notes": notes, "config": b, "figures": fig}
         write_json(b["json"], record, indent=1)
     return fig
 

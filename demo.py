@@ -42,7 +42,6 @@ import torch
 
 import configurator
 import train
-from batches import count_units
 from files import write_json
 
 # -----------------------------------------------------------------------------
@@ -199,22 +198,21 @@ def run_train(cmd):
         sys.exit(p.returncode)
 
 
-def stage_summary(path, meta, init_stage):
+def stage_summary(path, init_stage):
     """Figures of one training run, from its config.json and metrics.jsonl."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     steps_logged = [r for r in rows if "loss" in r and not r.get("skipped")]
     evals = [r for r in rows if "val_loss" in r]
-    units_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]  # rows (sft), windows, or pairs (dpo)
-    split = meta["splits"]["train"]
-    units = count_units(cfg["stage"], split["tokens"], split["documents"], cfg["block_size"])
     steps = steps_logged[-1]["iter"]
     return {
         "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps,
-        "tokens": steps * train.tokens_per_step(cfg), "epochs": steps * units_per_step / units,
+        "tokens": steps * train.tokens_per_step(cfg), "epochs": steps_logged[-1]["epoch"],
         "train_loss": steps_logged[-1]["loss"], "val_loss_start": evals[0]["val_loss"],
         "val_loss": evals[-1]["val_loss"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
+        "fill": statistics.mean(r["fill"] for r in steps_logged), "pack": cfg["pack"],
+        "target_tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in steps_logged),
         "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
         "curve": {"iter": [r["iter"] for r in steps_logged], "loss": [r["loss"] for r in steps_logged],
                   "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]},
@@ -444,7 +442,7 @@ def verdicts(r):
 
 def table(header, rows, left=1):
     """A Markdown table: the header's cells, the first `left` columns left-aligned, the others (numbers) right."""
-    return [f"| {' | '.join(header)} |", "|---|" * left + "---:|" * (len(header) - left)] + [
+    return [f"| {' | '.join(header)} |", "|" + "---|" * left + "---:|" * (len(header) - left)] + [
         f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
@@ -463,8 +461,8 @@ def render_report(r):
                              f"{env['n_heads']} heads ({env['n_kv_heads']} KV), vocabulary {env['vocab_size']:,}"),
                    ("wall time", f"{wall} · **total {r['wall_s']['total']:.0f} s**")]
     training = [(name, s["init_from"] or "scratch", s["block_size"], s["steps"], f"{s['tokens']:,}", f"{s['epochs']:.2f}",
-                 f"{s['train_loss']:.3f}", f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}", f"{s['tokens_per_s']:,.0f}")
-                for name, s in st.items()]
+                 f"{s['train_loss']:.3f}", f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}", pct(s["fill"]),
+                 f"{s['tokens_per_s']:,.0f}", f"{s['target_tokens_per_s']:,.0f}") for name, s in st.items()]
     tasks = [(kind, *(count(m["by_task"][kind]) for m in models.values())) for kind in sft["by_task"]]
     tasks.append(("**all**", *(count(m) for m in models.values())))
     dpo_rows = [("reward accuracy (chosen > rejected)", pct(before["accuracy"]), pct(after["accuracy"])),
@@ -477,8 +475,10 @@ def render_report(r):
         "## Environment", "", "| | |", "|---|---|", *(f"| {k} | {val} |" for k, val in environment), "",
         "## Training", "",
         *table(["stage", "from", "block", "steps", "tokens", "epochs", "final train loss", "val loss: start → end",
-                "tokens/s"], training, left=2), "",
-        "Tokens are rows × block size (padding included for the chat stages); an epoch is one pass over the "
+                "fill", "tokens/s", "target tokens/s"], training, left=2), "",
+        "Tokens are the positions computed, rows × block size; fill is the share of them that hold real tokens, "
+        f"not padding ({', '.join(n for n, s in st.items() if s['pack'])}: whole conversations packed into each row, "
+        "each attending only to itself); target tokens are those that carry loss. An epoch is one pass over the "
         f"stage's train split. The distill train loss counts each reasoning tag {st['distill']['think_tag_weight']:g} "
         "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs).", "",
         "![loss curves of every stage](loss.png)", "",
@@ -543,7 +543,7 @@ def main(argv=None):
         header(f"{i}. {stage}: train.py {config_file}" + (f", from {init_stage}" if init_stage else ""))
         with timed(wall, stage):
             run_train(train_command(c, stage, config_file, init_stage, sets[data], kind, device))
-        stages[stage] = stage_summary(run_dir(c, stage), metas[data], init_stage)
+        stages[stage] = stage_summary(run_dir(c, stage), init_stage)
 
     header("7. evaluate: greedy answers to the held-out tasks")
     tasks = pick_tasks(read_jsonl(f"{DEMO}/tasks_val.jsonl"), c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0))

@@ -29,20 +29,21 @@ def stat_names(stage):
     return DPO_STATS if stage == "dpo" else ()
 
 
-def token_losses(model, x, y):
-    """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model."""
-    return model(x, targets=y)
+def token_losses(model, x, y, segments=None):
+    """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model;
+    segments: the documents of packed rows (batches.Batch)."""
+    return model(x, targets=y, segments=segments)
 
 
 def sequence_logps(model, batch):
     """Summed log-probability of each row's target tokens (the final reply, for DPO data)."""
-    return -(token_losses(model, batch.x, batch.y) * (batch.w > 0)).sum(-1)
+    return -(token_losses(model, batch.x, batch.y, batch.segments) * (batch.w > 0)).sum(-1)
 
 
 def lm_loss(model, batch, weighted=True):
     """(summed loss, {}) of a pretrain/sft micro-batch; weighted=False counts every target once (validation)."""
     w = batch.w if weighted else (batch.w > 0).float()
-    return (token_losses(model, batch.x, batch.y) * w).sum(), {}
+    return (token_losses(model, batch.x, batch.y, batch.segments) * w).sum(), {}
 
 
 def dpo_terms(policy_logps, ref_logps, cfg):
@@ -72,6 +73,13 @@ def target_count(batch, stage, weighted=True):
     if stage == "dpo":
         return float(batch.units.numel())
     return float(batch.w.sum() if weighted else (batch.w > 0).sum())
+
+
+def batch_counts(batch, stage):
+    """float64 [loss normaliser (target_count), target tokens, real positions, computed positions] of a
+    micro-batch, taken on the host: the step's mean, and how full its rows are."""
+    return torch.tensor([target_count(batch, stage), float((batch.w > 0).sum()), batch.real, batch.x.numel()],
+                        dtype=torch.float64)
 
 
 class Reference:

@@ -75,6 +75,10 @@ def format_line(it, record):
             parts.append(f"lr {v:.2e}")
         elif k == "tokens_per_s":
             parts.append(f"{v:,.0f} tok/s")
+        elif k == "target_tokens_per_s":
+            parts.append(f"{v:,.0f} target tok/s")
+        elif k == "fill":
+            parts.append(f"fill {100 * v:.1f}%")
         elif k == "mfu":
             parts.append(f"mfu {100 * v:.1f}%")
         elif k == "mem_mb":

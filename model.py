@@ -12,6 +12,11 @@ the output dimension) and `gate_up_proj` (gate, up stacked). `to_hf_state_dict`
 and `from_hf_state_dict` split and join them; nothing is permuted because the
 rotary layout is already HF's.
 
+Packed training rows (several documents in one row) pass `segments`, the
+document of every position: attention then stays inside each document
+(block-diagonal causal) and positions restart at 0 for each, so every document
+is computed as it would be alone.
+
 Generation keeps a preallocated KV cache (no torch.cat per step).
 """
 
@@ -183,7 +188,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
+        """mask: None (causal), or (B, 1, T, T) bool, True where a query may attend to a key (packed rows)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -192,7 +198,7 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)
-        mask, causal = None, T > 1
+        causal = T > 1 and mask is None
         if causal and start_pos > 0:
             # new tokens after a cached prefix: causal, aligned to the end of the keys
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
@@ -225,8 +231,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -259,21 +265,26 @@ class Transformer(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.model.embed_tokens.weight.dtype
 
-    def hidden_states(self, idx, cache=None, start_pos=0):
-        """Final-norm hidden states (B, T, dim) of token ids idx (B, T)."""
+    def hidden_states(self, idx, cache=None, start_pos=0, segments=None):
+        """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc."""
         dtype = self.compute_dtype(idx.device)
         # cast once here, not in every layer's apply_rotary: 4 fewer kernels per layer under autocast
         cos, sin = (t.to(dtype) for t in self.rotary(start_pos, idx.shape[1], idx.device))
+        mask = None
+        if segments is not None:
+            positions = segment_positions(segments)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+            mask = segment_mask(segments)
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache, start_pos)
+            x = block(x, cos, sin, cache, start_pos, mask)
         return self.model.norm(x)
 
-    def forward(self, idx, cache=None, start_pos=0, targets=None):
+    def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None):
         """Logits (B, T, vocab) of token ids idx (B, T); given targets (B, T), each position's float32
         cross-entropy (B, T) instead. The loss is part of the model so that torch.compile fuses it with
         the head: the float32 copy of the logits is never written out."""
-        logits = self.lm_head(self.hidden_states(idx, cache, start_pos))
+        logits = self.lm_head(self.hidden_states(idx, cache, start_pos, segments))
         return logits if targets is None else token_cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------
@@ -325,6 +336,21 @@ class Transformer(nn.Module):
                 return
             ids[pos] = next_id
             logits = self(ids.new_full((1, 1), next_id), cache, pos)[:, -1]
+
+
+def segment_positions(segments):
+    """The position of every token within its segment, (B, T): 0 where a segment starts. Segments are runs."""
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+def segment_mask(segments):
+    """(B, 1, T, T) bool: query i may attend to key j when both are in one segment and j <= i."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments.unsqueeze(2) == segments.unsqueeze(1)) & causal).unsqueeze(1)
 
 
 def token_cross_entropy(logits, targets):

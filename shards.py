@@ -181,7 +181,7 @@ class Split:
     def __init__(self, data_dir, name, meta, verify=False):
         if name not in meta["splits"]:
             configurator.fail(f"data directory '{data_dir}' has no split '{name}'")
-        self.name, self.meta = name, meta
+        self.name, self.meta, self.data_dir = name, meta, data_dir
         dtype = np.dtype(meta["dtype"])
         self._bins, self._masks, starts = [], [], []
         offset = 0

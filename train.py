@@ -82,6 +82,8 @@ beta2 = 0.95
 grad_clip = 1.0  # 0: no clipping
 # post-training
 think_tag_weight = 1.0  # sft: weight of target positions whose label is a reasoning tag
+pack = None  # sft: whole documents packed into each row, attention and positions kept per document (None: True for sft)
+doc_mask = False  # pretrain: documents in a window do not attend to each other, positions restart per document
 dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
 dpo_label_smoothing = 0.0
@@ -120,6 +122,8 @@ def configure(argv=None):
     cfg = configurator.configure(_DEFAULTS, argv)
     if cfg["checkpoint_interval"] == 0:
         cfg["checkpoint_interval"] = cfg["eval_interval"]
+    if cfg["pack"] is None:
+        cfg["pack"] = cfg["stage"] == "sft"
     return cfg
 
 
@@ -179,8 +183,11 @@ def train_loop(run, logger):
         bad_in_row = 0
         if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
             record = {"iter": it, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": tokens_per_step(cfg) / dt, "dt_ms": dt * 1000,
-                      "mem_mb": common.memory_mb(run.device), **{k: stats[k] for k in losses.stat_names(cfg["stage"])}}
+                      "tokens_per_s": tokens_per_step(cfg) / dt, "target_tokens_per_s": stats["target_tokens"] / dt,
+                      "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
+                                                                               * cfg["batch_size"]),
+                      "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
+                      **{k: stats[k] for k in losses.stat_names(cfg["stage"])}}
             if peak:
                 record["mfu"] = flops_per_step / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
@@ -209,10 +216,10 @@ def train_step(run, it):
         while time.time() < deadline and not run.stop_requested:
             time.sleep(0.05)
     ahead = run.prefetched
-    targets, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
+    counts, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
     # the step's loss is a mean over the targets of every micro-batch on every rank
-    total = distributed.all_reduce_sum(torch.tensor(targets, dtype=torch.float64), run.world)
-    denom = max(float(total), 1.0)
+    counts = distributed.all_reduce_sum(counts, run.world).tolist()
+    denom = max(counts[0], 1.0)
     for g in opt.param_groups:
         g["lr"] = lr_at(it, cfg)
     loss_sum = torch.zeros((), device=run.device)
@@ -242,7 +249,7 @@ def train_step(run, it):
         run.scaler.update()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr_at(it, cfg), "finite": finite, "stop": sums["stop"] > 0,
-            **{k: sums[k] / denom for k in stats_sum}}
+            "target_tokens": counts[1], "fill": counts[2] / counts[3], **{k: sums[k] / denom for k in stats_sum}}
 
 
 def micro_loss(run, batch, split="train"):
@@ -254,10 +261,10 @@ def micro_loss(run, batch, split="train"):
 
 
 def load_micros(run, it):
-    """(target count, micro-batches on the device) of this rank at iteration it; the count is taken on the host."""
+    """(losses.batch_counts summed, micro-batches on the device) of this rank at iteration it."""
     gas = run.cfg["gradient_accumulation_steps"]
     micros = [run.train_batches.get(it * gas + run.rank * run.local_micro + m) for m in range(run.local_micro)]
-    return sum(losses.target_count(b, run.cfg["stage"]) for b in micros), [b.to(run.device) for b in micros]
+    return sum(losses.batch_counts(b, run.cfg["stage"]) for b in micros), [b.to(run.device) for b in micros]
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +320,7 @@ class Run:
     best_val_loss: float = float("inf")
     stop_requested: bool = False  # set by SIGTERM/SIGINT; every rank stops after the same step
     phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
-    prefetched: Optional[tuple] = None  # (iteration, (target count, micro-batches)) read while the device works
+    prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
 
     @property
     def fsdp(self):
@@ -360,8 +367,10 @@ def build(cfg):
     batch_args = dict(stage=cfg["stage"], block_size=cfg["block_size"], batch_size=cfg["batch_size"],
                       pad_id=meta["special_ids"].get("<|endoftext|>", 0))
     train_batches = Batches(splits["train"], seed=cfg["seed"], tag_ids=meta.get("reasoning_tag_ids", ()),
-                            tag_weight=cfg["think_tag_weight"], **batch_args)
-    val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, **batch_args)
+                            tag_weight=cfg["think_tag_weight"], packing="epoch" if cfg["pack"] else None,
+                            doc_mask=cfg["doc_mask"], **batch_args)
+    val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
+                          doc_mask=cfg["doc_mask"], **batch_args)
     reference = None
     if cfg["stage"] == "dpo":
         reference = losses.Reference(raw, {"train": train_batches, "val": val_batches}, dev, autocast, rank, world,
@@ -426,6 +435,15 @@ def check_config(cfg, world):
                  f"(factor x original_max_seq_len = {int(limit)})")
     if cfg["stage"] == "dpo" and cfg["dropout"] > 0:
         fail("dpo needs dropout=0: the policy and the reference must agree at step 0")
+    if cfg["pack"] not in (True, False):
+        fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
+    if cfg["pack"] and cfg["stage"] != "sft":
+        fail(f"pack=True packs sft documents; stage {cfg['stage']} "
+             + ("rows are windows of the token stream: doc_mask=True keeps its documents apart"
+                if cfg["stage"] == "pretrain" else "rows stay one chosen/rejected pair each: set pack=False"))
+    if cfg["doc_mask"] and cfg["stage"] != "pretrain":
+        fail(f"doc_mask=True is for pretrain windows; stage {cfg['stage']} rows are documents already "
+             "(pack=True packs sft documents, each kept apart)")
     # the model shape as far as the config decides it (a checkpoint being continued decides the rest)
     shape = {"dim": cfg["dim"], "n_heads": cfg["n_heads"], "n_kv_heads": cfg["n_kv_heads"] or None}
     try:
@@ -478,10 +496,17 @@ def print_plan(run):
     print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.cfg.n_layers} layers, dim {raw.cfg.dim}, "
           f"vocab {raw.cfg.vocab_size}; device {run.device}, {common.dtype_name(run.ptdtype)}, "
           f"{run.world} process(es){', FSDP' if run.fsdp else ''}")
+    batches = run.train_batches
     print(f"stage {cfg['stage']}: {tokens_per_step(cfg):,} tokens per optimizer step "
           f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
           f"{' x 2 (chosen, rejected)' if cfg['stage'] == 'dpo' else ''}), {cfg['max_iters']} steps"
           + (f", resuming at step {run.start_iter}" if run.resumed else ""), flush=True)
+    layout = ("packed" if cfg["pack"] else "documents kept apart" if cfg["doc_mask"]
+              else "one unit per row" if cfg["stage"] != "pretrain" else "windows of the token stream")
+    cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
+           f"{cfg['block_size'] + 1} and cut" if cfg["stage"] != "pretrain" else "")
+    print(f"rows: {layout}, fill {batches.expected_fill():.1%} (real tokens / computed positions), "
+          f"{batches.rows_per_epoch():,} rows per epoch{cut}", flush=True)
 
 
 def prepare_out_dir(run):

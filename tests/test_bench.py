@@ -86,3 +86,14 @@ def test_presets_give_the_shape_and_later_keys_win():
         bench.configure(["--model=7b"])
     with pytest.raises(configurator.ConfigError):
         bench.configure(["--model=", "--vocab_size=0"])
+
+
+def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main(SMALL + ["--sft=True", "--sft_docs=200", "--block_size=64", "--rounds=2", f"--json={path}"])
+    fig = json.loads(path.read_text())["figures"]
+    assert list(fig) == bench.SFT_KEYS and all(v is not None for v in fig.values())
+    assert fig["sft.packed.fill"] > 0.9 > 0.5 > fig["sft.padded.fill"]  # mean length a third of the block
+    assert fig["sft.packed_over_padded"] == pytest.approx(
+        fig["sft.packed.target_tokens_per_s"] / fig["sft.padded.target_tokens_per_s"])
+    assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut

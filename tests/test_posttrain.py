@@ -90,7 +90,7 @@ def test_weighted_loss_is_normalised_by_the_weighted_count(demo_reason, tmp_path
     run = distill_run(demo_reason, str(tmp_path), 10.0)
     b = run.train_batches.get(0)
     with torch.no_grad():
-        ce = losses.token_losses(run.model, b.x, b.y)
+        ce = losses.token_losses(run.model, b.x, b.y, b.segments)
     expected = float((ce * b.w).sum() / b.w.sum())  # sum(w * ce) / sum(w)
     assert train.train_step(run, 0)["loss"] == pytest.approx(expected, rel=1e-6)
     # weight 1 is plain SFT: the mean over target tokens
@@ -129,11 +129,12 @@ def test_dpo_loss_is_log2_at_step_0(demo_dpo, sft_run, tmp_path, precompute):
 def test_dpo_raises_held_out_margin_and_accuracy(demo_dpo, sft_run, tmp_path):
     out = str(tmp_path / "dpo")
     run_train(dpo_args(demo_dpo, sft_run, out, "--max_iters=40", "--eval_interval=40", "--learning_rate=2e-3",
-                       "--batch_size=8", "--eval_iters=10", "--dpo_beta=0.5"))
+                       "--batch_size=8", "--eval_iters=10", "--dpo_beta=0.1"))
     evals = [r for r in metrics(out) if "val_loss" in r]
     before, after = evals[0], evals[-1]
     assert after["val_rewards/margins"] > before["val_rewards/margins"] + 0.1
-    assert after["val_rewards/accuracies"] > 0.6 and after["val_loss"] < before["val_loss"]
+    # 80 held-out pairs of right vs wrong answers, from a 0.4M-parameter model: above chance, not far above
+    assert after["val_rewards/accuracies"] > 0.55 and after["val_loss"] < before["val_loss"] - 0.05
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"):
         assert key in [r for r in metrics(out) if "loss" in r and "val_loss" not in r][-1]

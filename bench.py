@@ -254,6 +254,19 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def timed_in_turns(runs, b):
+    """warmup_steps untimed steps for each run, then `rounds` rounds in which each run takes `steps` timed steps
+    in turn: {name: [time_steps(...) of each round]}."""
+    for run in runs.values():
+        for it in range(b["warmup_steps"]):
+            train.train_step(run, it)
+    out = {name: [] for name in runs}
+    for r in range(b["rounds"]):
+        for name, run in runs.items():
+            out[name].append(time_steps(run, b["warmup_steps"] + r * b["steps"], b["steps"]))
+    return out
+
+
 def time_steps(run, first_it, n):
     """Seconds of each of n train.train_step calls, iterations first_it...; peak extra CUDA bytes; what each
     step returned."""
@@ -289,20 +302,10 @@ def step_figures(raw_model, block_size, tokens_per_step, step_seconds, peak):
 def measure_training(runs, b):
     """({name: figures}, tokens per step, (peak, its source), ours/HF paired by round or None) of the
     runs ({name: run}), timed in turns."""
-    for run in runs.values():
-        for it in range(b["warmup_steps"]):
-            train.train_step(run, it)
-    times, extra, ratios = {name: [] for name in runs}, dict.fromkeys(runs, 0), []
-    for r in range(b["rounds"]):
-        first = b["warmup_steps"] + r * b["steps"]
-        spent = {}
-        for name, run in runs.items():
-            t, e, _ = time_steps(run, first, b["steps"])
-            times[name] += t
-            extra[name] = max(extra[name], e or 0)
-            spent[name] = sum(t)
-        if "hf" in spent:
-            ratios.append(spent["hf"] / spent["ours"])
+    rounds = timed_in_turns(runs, b)
+    times = {name: [t for ts, _, _ in rs for t in ts] for name, rs in rounds.items()}
+    extra = {name: max(e or 0 for _, e, _ in rs) for name, rs in rounds.items()}
+    ratios = [sum(h[0]) / sum(o[0]) for o, h in zip(rounds["ours"], rounds["hf"])] if "hf" in rounds else []
     ours = runs["ours"]
     cfg = ours.cfg
     tokens = train.tokens_per_step(cfg)
@@ -480,25 +483,16 @@ def bench_sft(b):
         fig.update({"model.params": runs["packed"].raw_model.num_params(), "sft.documents": batches.split.num_docs,
                     "sft.mean_length": float((batches.split.doc_ends - batches.split.doc_starts).mean()),
                     "sft.truncated": batches.truncated, "sft.tokens_per_step": train.tokens_per_step(runs["packed"].cfg)})
-        for run in runs.values():
-            for it in range(b["warmup_steps"]):
-                train.train_step(run, it)
-        spent, targets, fills = ({how: [] for how in runs} for _ in range(3))
-        ratios = []
-        for r in range(b["rounds"]):
-            first = b["warmup_steps"] + r * b["steps"]
-            rate = {}
-            for how, run in runs.items():
-                times, _, stats = time_steps(run, first, b["steps"])
-                spent[how] += times
-                targets[how] += [s["target_tokens"] for s in stats]
-                fills[how] += [s["fill"] for s in stats]
-                rate[how] = sum(targets[how][-b["steps"]:]) / sum(times)
-            ratios.append(rate["packed"] / rate["padded"])
-        for how in runs:
-            fig[f"sft.{how}.target_tokens_per_s"] = sum(targets[how]) / sum(spent[how])
-            fig[f"sft.{how}.fill"] = statistics.mean(fills[how])
-            fig[f"sft.{how}.step_ms"] = 1000 * statistics.median(spent[how])
+        rounds = timed_in_turns(runs, b)
+
+        def rate(rs):  # target tokens per second over the steps of these rounds
+            return sum(s["target_tokens"] for _, _, stats in rs for s in stats) / sum(sum(t) for t, _, _ in rs)
+
+        for how, rs in rounds.items():
+            fig[f"sft.{how}.target_tokens_per_s"] = rate(rs)
+            fig[f"sft.{how}.fill"] = statistics.mean(s["fill"] for _, _, stats in rs for s in stats)
+            fig[f"sft.{how}.step_ms"] = 1000 * statistics.median(t for ts, _, _ in rs for t in ts)
+        ratios = [rate([p]) / rate([q]) for p, q in zip(rounds["packed"], rounds["padded"])]
         fig["sft.packed_over_padded"] = fig["sft.packed.target_tokens_per_s"] / fig["sft.padded.target_tokens_per_s"]
         fig["sft.packed_over_padded_paired"] = statistics.median(ratios)
         fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

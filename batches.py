@@ -49,6 +49,10 @@ class Batch:
     units: torch.Tensor
     segments: Optional[torch.Tensor] = None
     real: int = field(default=0)
+    # grpo rollouts (grpo.py): each row's advantage, and the rollout policy's and the reference's log-probs
+    advantages: Optional[torch.Tensor] = None
+    old_logps: Optional[torch.Tensor] = None
+    ref_logps: Optional[torch.Tensor] = None
 
     def to(self, dev):
         """The batch on `dev`; from pinned memory without blocking on CUDA, so the copy overlaps the step."""
@@ -59,10 +63,11 @@ class Batch:
 
 
 def count_units(stage, num_tokens, num_docs, block_size):
-    """Units in a split of num_tokens tokens in num_docs documents: an epoch of the stage (unpacked)."""
+    """Units in a split of num_tokens tokens in num_docs documents: an epoch of the stage (unpacked); a grpo
+    unit is a prompt."""
     if stage == "pretrain":
         return (num_tokens - 1) // block_size
-    return num_docs if stage == "sft" else num_docs // 2
+    return num_docs // 2 if stage == "dpo" else num_docs
 
 
 def pack(lengths, capacity):

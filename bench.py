@@ -214,9 +214,9 @@ class AsOurs(torch.nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, idx, targets=None, segments=None):
-        if segments is not None:
-            raise ValueError("the HF baseline runs unpacked rows only")
+    def forward(self, idx, targets=None, segments=None, temperature=1.0):
+        if segments is not None or temperature != 1.0:
+            raise ValueError("the HF baseline runs unpacked rows, at temperature 1")
         logits = self.hf(input_ids=idx, use_cache=False).logits
         return logits if targets is None else token_cross_entropy(logits, targets)
 

@@ -12,7 +12,10 @@ Stages, each announced by a header and followed by its own progress output:
     sft_long  config/sft_long_demo.py   twice the block size with YaRN RoPE scaling, from sft
     distill   config/distill_demo.py    <think>...</think> answers, the tags weighted 10x, from sft
     dpo       config/dpo_demo.py        chosen/rejected pairs, from sft (why: see the config)
-    evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl)
+    grpo      config/grpo_demo.py       reinforcement learning on the counting prompts, reward: the exact answer,
+                                        from distill
+    evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl), and the
+              pass@grpo_group of GRPO's start model
     export    the DPO model to a transformers directory; logits and greedy text compared with transformers
     chat      a few prompts to the final model, printed as it streams
 
@@ -65,12 +68,17 @@ STAGES = [
     ("sft_long", "config/sft_long_demo.py", "sft", "sft_long"),
     ("distill", "config/distill_demo.py", "sft", "reason"),
     ("dpo", "config/dpo_demo.py", "sft", "dpo"),
+    ("grpo", "config/grpo_demo.py", "distill", "grpo"),
 ]
 CONFIG_OF = {stage: config_file for stage, config_file, _, _ in STAGES}
-CHAT_STAGES = ["sft", "sft_long", "distill", "dpo"]  # scored on the held-out tasks
-# prepared chat set -> the demo files it reads and the stage whose block_size is its max_len
+CHAT_STAGES = ["sft", "sft_long", "distill", "dpo", "grpo"]  # scored on the held-out tasks
+# prepared chat set -> the demo files it reads (<stem>_train.jsonl, <stem>_val.jsonl) and the stage whose config
+# decides its max_len; the count files are written by count_prompts
 CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
-             "dpo": ("dpo", "dpo")}
+             "dpo": ("dpo", "dpo"), "grpo": ("count", "grpo")}
+# the counting prompts of the reasoning set (make_chat.py's templates), GRPO's task
+COUNT_PROMPT = re.compile(r"How many characters are in|Count the characters in|What is the length of|有几个字符|"
+                          r"有多少个字符|的长度是多少")
 
 MODEL_PRESET = {"cpu": "config/model_tiny.py", "gpu": "config/model_26m.py"}
 GPU_FLAGS = ["--compile=True"]  # dtype=auto is already bfloat16 on a GPU that supports it
@@ -78,14 +86,15 @@ GPU_LR_SCALE = 1 / 3  # a 26M model wants a smaller step than the ~1M one the co
 # tuned on a GPU: a conservative guess)
 
 QUICK_MODEL = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
-QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6}
+QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3}
 QUICK_FLAGS = ["--batch_size=8", "--eval_iters=2"]
+QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=16", "--eval_iters=1"]}
 QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
 QUICK_PROMPTS = 10
 QUICK_NEW_TOKENS = 24
 QUICK_CHATS = 2
 
-MAX_NEW_TOKENS = {"distill": 128}  # room for the reasoning; the others answer in a few tokens
+MAX_NEW_TOKENS = {"distill": 128, "grpo": 128}  # room for the reasoning; the others answer in a few tokens
 DEFAULT_NEW_TOKENS = 48
 PARITY_SEQUENCES = 8  # held-out conversations whose logits are compared with transformers
 
@@ -155,13 +164,28 @@ def prepare_all(c, sets):
         args += QUICK_PREPARE
     metas = {"pretrain": prepare.main(args)}
     for name, (stem, stage) in CHAT_SETS.items():
-        max_len = config_value(CONFIG_OF[stage], "block_size")
+        config_file, extra, where = CONFIG_OF[stage], [], DEMO
+        max_len = config_value(config_file, "block_size")
+        if stage == "grpo":  # prompts with their answers; a prompt leaves room for the completion
+            where, extra = count_prompts(c["data_dir"]), ["--stage=grpo"]
+            max_len -= config_value(config_file, "max_new_tokens")
         print(f"\n-- {name}: {stem}_train.jsonl (+ {stem}_val.jsonl held out), max_len {max_len}", flush=True)
         metas[name] = prepare.main([
-            f"--input={DEMO}/{stem}_train.jsonl", f"--val_input={DEMO}/{stem}_val.jsonl",
+            f"--input={where}/{stem}_train.jsonl", f"--val_input={where}/{stem}_val.jsonl",
             f"--out_dir={sets[name]}", f"--tokenizer={sets['pretrain']}", f"--max_len={max_len}",
-            f"--workers={c['workers']}"])
+            f"--workers={c['workers']}", *extra])
     return metas
+
+
+def count_prompts(data_dir):
+    """count_train.jsonl and count_val.jsonl in data_dir/demo_count: the reasoning set's counting records."""
+    out = os.path.join(data_dir, "demo_count")
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "val"):
+        with open(os.path.join(out, f"count_{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl(f"{DEMO}/reason_{split}.jsonl")
+                         if COUNT_PROMPT.search(r["conversations"][0]["content"]))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +206,7 @@ def train_command(c, stage, config_file, init_stage, data, device_kind, device="
         n = QUICK_ITERS[stage]
         cmd += QUICK_MODEL if init_stage is None else []
         cmd += QUICK_FLAGS + [f"--max_iters={n}", f"--eval_interval={n}", f"--warmup_iters={max(1, n // 10)}",
-                              f"--log_interval={max(1, n // 5)}"]
+                              f"--log_interval={max(1, n // 5)}"] + QUICK_STAGE_FLAGS.get(stage, [])
     return cmd
 
 
@@ -206,16 +230,19 @@ def stage_summary(path, init_stage):
     steps_logged = [r for r in rows if "loss" in r and not r.get("skipped")]
     evals = [r for r in rows if "val_loss" in r]
     steps = steps_logged[-1]["iter"]
+    per_step = train.tokens_per_step(cfg)  # None for grpo: its rows are as long as prompt and completion
     return {
-        "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps,
-        "tokens": steps * train.tokens_per_step(cfg), "epochs": steps_logged[-1]["epoch"],
+        "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps, "stage": cfg["stage"],
+        "tokens": steps * per_step if per_step else None, "epochs": steps_logged[-1]["epoch"],
         "train_loss": steps_logged[-1]["loss"], "val_loss_start": evals[0]["val_loss"],
         "val_loss": evals[-1]["val_loss"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
         "fill": statistics.mean(r["fill"] for r in steps_logged), "pack": cfg["pack"],
         "target_tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in steps_logged),
         "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
         "curve": {"iter": [r["iter"] for r in steps_logged], "loss": [r["loss"] for r in steps_logged],
-                  "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals]},
+                  "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals],
+                  **({"reward": [r["reward"] for r in steps_logged], "accuracy": [r["accuracy"] for r in steps_logged],
+                      "val_reward": [r["val_reward"] for r in evals]} if cfg["stage"] == "grpo" else {})},
         "evals": evals,
     }
 
@@ -273,6 +300,23 @@ def answer_tasks(path, tasks, device, max_new_tokens):
     return results, shape
 
 
+def pass_at(path, tasks, device, group, temperature, max_new_tokens):
+    """The accuracy table of `group` replies sampled per task (a task counts as correct when any reply is)."""
+    import generation
+
+    model, tok, info = generation.load(path, device)
+    gen, stop, results = torch.Generator(device).manual_seed(0), generation.chat_stop_ids(tok), []
+    for i in range(0, len(tasks), 8):  # 8 prompts x group completions sampled together
+        chunk = tasks[i: i + 8]
+        prompts = [generation.chat_prompt_ids(tok, [{"role": "user", "content": t["prompt"]}]) for t in chunk]
+        outs = model.generate_batch([p for p in prompts for _ in range(group)], max_new_tokens, temperature=temperature,
+                                    stop_ids=stop, generator=gen, max_len=info["block_size"])
+        for j, t in enumerate(chunk):
+            scores = [score(t, tok.decode(o[:-1] if o and o[-1] in stop else o)) for o in outs[j * group:(j + 1) * group]]
+            results.append(next((s for s in scores if s["correct"]), scores[0]))
+    return accuracy_table(results)
+
+
 def accuracy_table(results):
     by_task = {}
     for r in results:
@@ -281,8 +325,15 @@ def accuracy_table(results):
         k[1] += 1
     correct = sum(r["correct"] for r in results)
     return {"correct": correct, "n": len(results), "accuracy": correct / max(1, len(results)),
-            "by_task": {k: {"correct": v[0], "n": v[1], "accuracy": v[0] / v[1]} for k, v in by_task.items()},
+            "by_task": {k: {"correct": v[0], "n": v[1], "accuracy": v[0] / v[1],
+                            "se": math.sqrt(v[0] / v[1] * (1 - v[0] / v[1]) / v[1])} for k, v in by_task.items()},
             "think_well_formed": sum(r["think_well_formed"] for r in results)}
+
+
+def grpo_group(c):
+    """The completions per prompt of the demo's GRPO stage (the quick run's flags win)."""
+    quick = [f for f in QUICK_STAGE_FLAGS["grpo"] if f.startswith("--grpo_group=")] if c["quick"] else []
+    return int(quick[0].split("=")[1]) if quick else config_value(CONFIG_OF["grpo"], "grpo_group")
 
 
 def new_tokens(c, stage):
@@ -379,12 +430,18 @@ def plot_losses(stages, path):
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4))
     for ax, (name, s) in zip(axes, stages.items()):
         curve = s["curve"]
-        ax.plot(curve["iter"], curve["loss"], label="train", lw=1.2)
-        ax.plot(curve["val_iter"], curve["val_loss"], "o-", label="val", ms=4)
+        if s["stage"] == "grpo":  # rewards, not losses: the sampled completions' and the greedy held-out ones'
+            ax.plot(curve["iter"], curve["reward"], label="reward (sampled)", lw=1.2)
+            ax.plot(curve["iter"], curve["accuracy"], label="accuracy (sampled)", lw=1.0, alpha=0.7)
+            ax.plot(curve["val_iter"], curve["val_reward"], "o-", label="held-out reward (greedy)", ms=4)
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(curve["iter"], curve["loss"], label="train", lw=1.2)
+            ax.plot(curve["val_iter"], curve["val_loss"], "o-", label="val", ms=4)
         ax.set_title(name + (" (train loss tag-weighted)" if s["think_tag_weight"] != 1 else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (DPO: sigmoid loss)")
+    axes[0].set_ylabel("loss (DPO: sigmoid loss; GRPO: reward)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -420,9 +477,19 @@ def compare_tasks(a, b):
     return compare(a["accuracy"], b["accuracy"]) + (", within sampling noise" if a["accuracy"] != b["accuracy"] and noise(a, b) else "")
 
 
+def grpo_wins(models):
+    """The tasks on which GRPO's greedy accuracy exceeds every other chat model's by more than two standard errors
+    of the difference (two-proportion, pooled)."""
+    grpo = models["grpo"]["by_task"]
+    return [task for task, g in grpo.items() if all(
+        g["accuracy"] > m["by_task"][task]["accuracy"] and not noise(g, m["by_task"][task])
+        for name, m in models.items() if name != "grpo")]
+
+
 def verdicts(r):
     """Every judgement the report makes, each computed once from the report's figures (words only, no numbers)."""
     st, models, dpo = r["stages"], r["tasks"]["models"], r["dpo"]
+    wins = grpo_wins(models)
     sft, long, distill = models["sft"], models["sft_long"], models["distill"]
     separated = dpo["after"]["margin"] > dpo["before"]["margin"] and dpo["after"]["accuracy"] > dpo["before"]["accuracy"]
     helped = distill["accuracy"] > sft["accuracy"] and not noise(distill, sft)
@@ -437,6 +504,12 @@ def verdicts(r):
             if distill["think_well_formed"] > distill["n"] / 2 else "."),
         "dpo": ("separated the held-out pairs the preferred way." if separated
                 else "did not separate the held-out pairs on this budget."),
+        "grpo": (f"On {', '.join(wins)}, GRPO's greedy held-out accuracy exceeds every other chat model's by more "
+                 "than two standard errors." if wins else
+                 "On no task does GRPO's greedy held-out accuracy exceed every other chat model's by more than two "
+                 "standard errors: on this budget it does not lift held-out accuracy (config/grpo_demo.py lists the "
+                 "learning rates, group sizes and temperatures tried, none of which did; the model cannot copy the "
+                 "characters it counts, so a correct count is luck it cannot learn to repeat)."),
     }
 
 
@@ -460,11 +533,21 @@ def render_report(r):
                    ("model", f"{env['params'] / 1e6:.2f}M parameters: {env['n_layers']} layers, dim {env['dim']}, "
                              f"{env['n_heads']} heads ({env['n_kv_heads']} KV), vocabulary {env['vocab_size']:,}"),
                    ("wall time", f"{wall} · **total {r['wall_s']['total']:.0f} s**")]
-    training = [(name, s["init_from"] or "scratch", s["block_size"], s["steps"], f"{s['tokens']:,}", f"{s['epochs']:.2f}",
-                 f"{s['train_loss']:.3f}", f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}", pct(s["fill"]),
-                 f"{s['tokens_per_s']:,.0f}", f"{s['target_tokens_per_s']:,.0f}") for name, s in st.items()]
+    def val(s):  # grpo's val_loss is minus its held-out greedy reward: show the reward
+        if s["stage"] == "grpo":
+            return f"reward {-s['val_loss_start']:.3f} → {-s['val_loss']:.3f}"
+        return f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}"
+
+    training = [(name, s["init_from"] or "scratch", s["block_size"], s["steps"],
+                 "–" if s["tokens"] is None else f"{s['tokens']:,}", f"{s['epochs']:.2f}", f"{s['train_loss']:.3f}",
+                 val(s), pct(s["fill"]), f"{s['tokens_per_s']:,.0f}", f"{s['target_tokens_per_s']:,.0f}")
+                for name, s in st.items()]
     tasks = [(kind, *(count(m["by_task"][kind]) for m in models.values())) for kind in sft["by_task"]]
     tasks.append(("**all**", *(count(m) for m in models.values())))
+    g = r["grpo"]
+    with_se = lambda k: f"{k['correct']}/{k['n']} ({pct(k['accuracy'])} ± {pct(k['se'])})"  # noqa: E731
+    grpo_rows = [(task, with_se(distill["by_task"][task]), count(g["pass"]["by_task"][task]),
+                  with_se(models["grpo"]["by_task"][task])) for task in sft["by_task"]]
     dpo_rows = [("reward accuracy (chosen > rejected)", pct(before["accuracy"]), pct(after["accuracy"])),
                 ("reward margin (β · difference of log-ratios)", f"{before['margin']:.4f}", f"{after['margin']:.4f}"),
                 ("DPO loss", f"{before['loss']:.4f}", f"{after['loss']:.4f}")]
@@ -506,6 +589,13 @@ def render_report(r):
         f"Before is the first step, where the policy is the reference and every reward is zero. DPO {v['dpo']} "
         f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
         f"({v['tasks_vs_sft']['dpo']}).", "",
+        f"## GRPO (from the distilled model; reward {g['reward']}; the counting prompts of the reasoning set)", "",
+        *table(["task", "distill (the start), greedy", f"start, pass@{g['group']}", "GRPO, greedy"], grpo_rows), "",
+        f"{st['grpo']['steps']} steps of {g['prompts']} prompts x {g['group']} completions (temperature "
+        f"{g['temperature']:g}); the sampled reward {g['reward_start']:.3f} at the first logged step, "
+        f"{g['reward_end']:.3f} at the last; held-out greedy reward {g['val_reward_start']:.3f} → "
+        f"{g['val_reward_end']:.3f}. Generating took {pct(g['gen_share'])} of a step, the update the rest. "
+        f"± is one standard error. {v['grpo']}", "",
         "## Export to transformers", "",
         f"`{x['hf_dir']}` (the DPO model) loaded with `AutoModelForCausalLM`: max |logit difference| "
         f"{x['max_abs_diff']:.2e} over {x['tokens']} positions of {x['sequences']} held-out conversations (float "
@@ -545,12 +635,17 @@ def main(argv=None):
             run_train(train_command(c, stage, config_file, init_stage, sets[data], kind, device))
         stages[stage] = stage_summary(run_dir(c, stage), init_stage)
 
-    header("7. evaluate: greedy answers to the held-out tasks")
+    step = len(STAGES) + 2
+    header(f"{step}. evaluate: greedy answers to the held-out tasks, and pass@{grpo_group(c)} of GRPO's start")
     tasks = pick_tasks(read_jsonl(f"{DEMO}/tasks_val.jsonl"), c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0))
     with timed(wall, "evaluate"):
         scored, shape = evaluate_all(c, tasks, device)
+        passed = pass_at(run_dir(c, "distill"), tasks, device, grpo_group(c), config_value(CONFIG_OF["grpo"],
+                         "temperature"), new_tokens(c, "grpo"))
+    print(f"distill, pass@{grpo_group(c)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"
+                                                        for k, v in passed["by_task"].items()), flush=True)
 
-    header("8. export: the DPO model to transformers, compared")
+    header(f"{step + 1}. export: the DPO model to transformers, compared")
     chats = CHAT[:QUICK_CHATS] if c["quick"] else CHAT
     with timed(wall, "export"):
         parity = export_and_compare(run_dir(c, "dpo"), os.path.join(c["out_dir"], "hf"), tasks, chats,
@@ -558,16 +653,16 @@ def main(argv=None):
     print(f"max |logits ours - transformers| = {parity['max_abs_diff']:.2e}; greedy replies equal "
           f"{parity['greedy_equal']}/{parity['prompts']}", flush=True)
 
-    header("9. chat with the DPO model")
+    header(f"{step + 2}. chat with the DPO model")
     with timed(wall, "chat"):
         transcript = chat_with(run_dir(c, "dpo"), device, chats, new_tokens(c, "dpo"))
 
     header("report")
-    report = build_report(c, kind, device, shape, stages, metas, scored, parity, transcript, wall, t_start)
+    report = build_report(c, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start)
     print(write_report(c["out_dir"], report, stages))
 
 
-def build_report(c, kind, device, shape, stages, metas, scored, parity, transcript, wall, t_start):
+def build_report(c, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
     example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
@@ -596,11 +691,25 @@ def build_report(c, kind, device, shape, stages, metas, scored, parity, transcri
         "distill": {"think_share": scored["distill"]["think_well_formed"] / len(distill),
                     "example": {k: example[k] for k in ("task", "prompt", "reply")}},
         "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
+        "grpo": grpo_summary(run_dir(c, "grpo"), passed),
         "export": parity,
         "chat": transcript,
     }
     report["verdicts"] = verdicts(report)
     return report
+
+
+def grpo_summary(path, passed):
+    """The GRPO run's settings and figures for the report, from its config.json and metrics.jsonl."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val_reward" in r]
+    return {"reward": cfg["reward"], "group": cfg["grpo_group"], "prompts": cfg["batch_size"],
+            "temperature": cfg["temperature"], "pass": {k: v for k, v in passed.items() if k != "results"},
+            "reward_start": steps[0]["reward"], "reward_end": steps[-1]["reward"],
+            "val_reward_start": evals[0]["val_reward"], "val_reward_end": evals[-1]["val_reward"],
+            "gen_share": statistics.median(r["gen_s"] / (r["dt_ms"] / 1000) for r in steps)}
 
 
 def write_report(out, report, stages):

@@ -15,7 +15,7 @@ from checkpoint import load_model
 from common import DTYPES
 from tokenizer import load_tokenizer
 
-CHAT_STAGES = ("sft", "dpo")
+CHAT_STAGES = ("sft", "dpo", "grpo")
 THINK_BLOCK = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.S)  # an unclosed block hides to the end
 
 

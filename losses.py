@@ -8,6 +8,11 @@ What each stage minimises, per micro-batch, and the statistics it reports.
   the reference's log-ratio of chosen over rejected reply; the step divides
   by the number of pairs. The reference is the starting weights, frozen, or
   their log-probabilities of every pair computed once (Reference).
+- grpo: on every completion token of a rollout (grpo.py), the clipped policy
+  gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
+  and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
+  the starting weights; the step divides by the completion tokens of the
+  step (token-level normalisation).
 
 Each function returns sums, never means: the step's loss is a mean over all
 of its targets, across micro-batches and ranks, which only sums can give.
@@ -24,15 +29,18 @@ DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "reward
              "logps/rejected")
 
 
+GRPO_STATS = ("kl", "clip_fraction")  # means over the step's completion tokens
+
+
 def stat_names(stage):
     """The statistics (besides the loss) the stage's micro_loss reports, in order."""
-    return DPO_STATS if stage == "dpo" else ()
+    return {"dpo": DPO_STATS, "grpo": GRPO_STATS}.get(stage, ())
 
 
-def token_losses(model, x, y, segments=None):
+def token_losses(model, x, y, segments=None, temperature=1.0):
     """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model;
-    segments: the documents of packed rows (batches.Batch)."""
-    return model(x, targets=y, segments=segments)
+    segments: the documents of packed rows (batches.Batch); temperature: of the distribution scored."""
+    return model(x, targets=y, segments=segments, temperature=temperature)
 
 
 def sequence_logps(model, batch):
@@ -66,6 +74,32 @@ def dpo_loss(model, batch, ref_logps, cfg):
     """(summed loss, {statistic: sum over pairs}) of a DPO micro-batch."""
     losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, cfg)
     return losses.sum(), {k: v.sum() for k, v in stats.items()}
+
+
+def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):
+    """(summed loss, {GRPO_STATS: sums}) over the target tokens (w > 0) of rows of per-token log-probs (N, T):
+    the clipped policy gradient with each row's advantage adv (N,), plus kl_coef times the k3 KL estimate
+    exp(ref - logp) - (ref - logp) - 1 when ref_logp is given."""
+    mask = (w > 0).float()
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+    clipped = ((ratio - 1).abs() > clip).float()
+    stats = {"kl": (kl.detach() * mask).sum(), "clip_fraction": (clipped * mask).sum()}
+    return ((pg + kl_coef * kl) * mask).sum(), stats
+
+
+def grpo_loss(model, batch, cfg):
+    """(summed loss, {GRPO_STATS: sums}) of a micro-batch of rollouts. The policy is the distribution the
+    completions were sampled from (the logits divided by the sampling temperature). Without rollout log-probs
+    (one update per rollout batch) the ratio is p / p.detach(): 1, with the policy gradient's gradient."""
+    logp = -token_losses(model, batch.x, batch.y, temperature=cfg["temperature"])
+    old = batch.old_logps if batch.old_logps is not None else logp.detach()
+    return grpo_terms(logp, old, batch.ref_logps, batch.advantages, batch.w, cfg["grpo_clip"], cfg["grpo_kl"])
 
 
 def target_count(batch, stage, weighted=True):

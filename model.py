@@ -171,6 +171,14 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer, start_pos, k, v):
+        """Write k, v (B, kv_heads, T, head_dim) at positions start_pos..; return the keys and values to attend.
+        start_pos a (B,) tensor: one new token per row, each at its own position (batched decoding); every
+        position is returned then, and the caller's mask says which ones a row may see."""
+        if torch.is_tensor(start_pos):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer, rows, :, start_pos] = k[:, :, 0]
+            self.v[layer, rows, :, start_pos] = v[:, :, 0]
+            return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
@@ -269,23 +277,34 @@ class Transformer(nn.Module):
         """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc."""
         dtype = self.compute_dtype(idx.device)
         # cast once here, not in every layer's apply_rotary: 4 fewer kernels per layer under autocast
-        cos, sin = (t.to(dtype) for t in self.rotary(start_pos, idx.shape[1], idx.device))
+        cos, sin = (t.to(dtype) for t in self.rotary(0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1],
+                                                   idx.device))
         mask = None
         if segments is not None:
             positions = segment_positions(segments)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
             mask = segment_mask(segments)
+        elif torch.is_tensor(start_pos):  # batched decoding: row b's one new token is at position start_pos[b]
+            cos, sin = (t.to(dtype)[start_pos][:, None, None] for t in self.rotary(0, cache.max_len, idx.device))
+            mask = (torch.arange(cache.max_len, device=idx.device) <= start_pos[:, None])[:, None, None]
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
             x = block(x, cos, sin, cache, start_pos, mask)
         return self.model.norm(x)
 
-    def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None):
+    def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None, logits_at=None, temperature=1.0):
         """Logits (B, T, vocab) of token ids idx (B, T); given targets (B, T), each position's float32
-        cross-entropy (B, T) instead. The loss is part of the model so that torch.compile fuses it with
-        the head: the float32 copy of the logits is never written out."""
-        logits = self.lm_head(self.hidden_states(idx, cache, start_pos, segments))
-        return logits if targets is None else token_cross_entropy(logits, targets)
+        cross-entropy (B, T) instead, of the logits divided by temperature (grpo: the distribution its
+        completions were sampled from). The loss is part of the model so that torch.compile fuses it with
+        the head: the float32 copy of the logits is never written out. logits_at (B,): the logits (B, 1,
+        vocab) of that one position per row only (the last of a prompt)."""
+        h = self.hidden_states(idx, cache, start_pos, segments)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at].unsqueeze(1)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return token_cross_entropy(logits if temperature == 1.0 else logits / temperature, targets)
 
     # ------------------------------------------------------------------
     # sizes
@@ -337,6 +356,42 @@ class Transformer(nn.Module):
             ids[pos] = next_id
             logits = self(ids.new_full((1, 1), next_id), cache, pos)[:, -1]
 
+    @torch.no_grad()
+    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                       generator=None, max_len=None, pad_id=0, check_every=8, all_done=None):
+        """New token ids for each of a batch of prompts of different lengths (lists of ids), sampled together.
+
+        Each prompt starts at position 0 and its new tokens follow its own end, in one preallocated KV cache;
+        a row stops at a token in stop_ids (kept), after max_new_tokens, or when it reaches max_len (default
+        max_seq_len). Every call goes through forward() (FSDP-safe); the loop runs at most max_new_tokens
+        steps and ends early when every row is done, checked every check_every steps (no host sync per
+        token): all_done(done) decides, given (all ranks must stop at the same step), else done.all()."""
+        device = self.lm_head.weight.device
+        max_len = max_len or self.cfg.max_seq_len
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        if int(lens.max()) >= max_len:
+            raise ValueError(f"a prompt of {int(lens.max())} tokens leaves no room in a context of {max_len}")
+        budget = (max_len - lens).clamp(max=max_new_tokens)
+        ids = torch.full((len(prompts), int(lens.max())), pad_id, dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        cache = KVCache(self.cfg, len(prompts), int(lens.max()) + max_new_tokens, device, self.compute_dtype(device))
+        logits = self(ids, cache, 0, logits_at=lens - 1)[:, -1]  # a prompt's pad positions come after it: unseen
+        out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        length = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        all_done = all_done or (lambda d: bool(d.all()))
+        for t in range(max_new_tokens):
+            token = torch.where(done, pad_id, sample_tokens(logits.float(), temperature, top_k, top_p, generator))
+            out[:, t] = token
+            length += ~done
+            done |= torch.isin(token, stop) | (t + 1 >= budget)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and all_done(done)):
+                break
+            logits = self(token[:, None], cache, (lens + t).clamp(max=cache.max_len - 1))[:, -1]
+        return [row[:n].tolist() for row, n in zip(out.cpu(), length.cpu().tolist())]
+
 
 def segment_positions(segments):
     """The position of every token within its segment, (B, T): 0 where a segment starts. Segments are runs."""
@@ -387,13 +442,18 @@ def filter_top_k_top_p(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, seen_ids, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
-    """One token id from logits (1, vocab): greedy when temperature is 0."""
-    logits = apply_repetition_penalty(logits, seen_ids, repetition_penalty)
+def sample_tokens(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (N, vocab), (N,): greedy when temperature is 0."""
     if temperature == 0:
-        return int(logits.argmax(-1))
+        return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def sample_next(logits, seen_ids, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+    """One token id from logits (1, vocab), the repetition penalty applied: greedy when temperature is 0."""
+    logits = apply_repetition_penalty(logits, seen_ids, repetition_penalty)
+    return int(sample_tokens(logits, temperature, top_k, top_p, generator)[0])
 
 
 # ----------------------------------------------------------------------------

@@ -21,8 +21,10 @@ Records are detected one by one (records.detect_record): plain text
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
 instruction/input/output with optional system and history, assistant
 `reasoning_content`), preference pairs ({"chosen","rejected"}, optionally with
-"prompt"). stage=auto takes the stage from the first usable record (text ->
-pretrain, chat -> sft, pair -> dpo); a record of another kind later is an
+"prompt"), tasks for grpo ({"prompt", "answer"}, or with stage=grpo a chat whose
+last assistant reply is the reference answer). stage=auto takes the stage from
+the first usable record (text -> pretrain, chat -> sft, pair -> dpo, task ->
+grpo); a record of another kind later is an
 error, except plain text in a chat set with allow_mixed=True (all its tokens
 are targets). Bad records are skipped and counted by reason (strict=True stops
 at the first, naming file:line).
@@ -30,7 +32,9 @@ at the first, naming file:line).
 Documents: pretraining text is encode(text) + <|endoftext|>, every token a
 target; a chat is its ChatML rendering with targets on the assistant replies;
 a DPO pair is two documents (chosen, rejected) with targets on the final reply
-only. max_len > 0 truncates longer documents (text keeps its final
+only; a task is its prompt rendered up to the assistant's header, no targets,
+with {"prompt": the last user message, "answer": the reference} in the .ref
+sidecar. max_len > 0 truncates longer documents (text keeps its final
 <|endoftext|>), counted in the summary; a chat left with no target, or a pair
 whose prompt alone reaches max_len, is skipped and counted. A record goes to
 the val split when hash(seed, record number) < val_fraction, or when it comes
@@ -62,7 +66,7 @@ from tqdm import tqdm
 
 import configurator
 import shards
-from records import BadRecord, detect_record
+from records import BadRecord, as_task, detect_record
 from tokenizer import load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -73,7 +77,7 @@ out_dir = "data/prepared"
 tokenizer = "train"  # "train", or a path: prepared data dir, run dir, HF tokenizer dir, tokenizer.json, SentencePiece .model
 vocab_size = 6400  # for tokenizer="train"
 tokenizer_sample_bytes = 100_000_000  # train the tokenizer on the first this many bytes of input (0 = all)
-stage = "auto"  # auto | pretrain | sft | dpo
+stage = "auto"  # auto | pretrain | sft | dpo | grpo
 allow_mixed = False  # keep plain-text records in a chat (sft) set, every token a target
 val_fraction = 0.01  # share of records (by document) in the val split
 max_len = 0  # truncate documents to this many tokens (0 = no limit)
@@ -84,8 +88,8 @@ strict = False  # stop at the first bad record
 # -----------------------------------------------------------------------------
 _DEFAULTS = configurator.defaults(globals())
 
-STAGES = ("pretrain", "sft", "dpo")
-STAGE_OF_KIND = {"text": "pretrain", "chat": "sft", "pair": "dpo"}
+STAGES = ("pretrain", "sft", "dpo", "grpo")
+STAGE_OF_KIND = {"text": "pretrain", "chat": "sft", "pair": "dpo", "task": "grpo"}
 _CHUNK_BYTES = 1 << 20  # input is handed to workers in chunks of about this many bytes
 _EXAMPLES = 5  # file:line examples kept per skip reason
 _COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd")
@@ -265,7 +269,8 @@ def _is_val(seed, ordinal, fraction):
 
 
 def _kind_fits(kind, w):
-    return w["stage"] == STAGE_OF_KIND[kind] or (w["stage"] == "sft" and kind == "text" and w["allow_mixed"])
+    return (w["stage"] == STAGE_OF_KIND[kind] or (w["stage"] == "sft" and kind == "text" and w["allow_mixed"])
+            or (w["stage"] == "grpo" and kind == "chat"))  # a chat's last reply is the task's reference
 
 
 def _kind_error(kind, loc, w):
@@ -294,6 +299,12 @@ def process_chunk(chunk):
         if not _kind_fits(kind, w):
             res["fatal"] = _kind_error(kind, f"{label}:{first + i}", w)
             return res
+        if w["stage"] == "grpo" and kind == "chat":
+            try:
+                kind, payload = "task", as_task(payload)
+            except BadRecord as e:
+                res["bad"].append((e.reason, f"{label}:{first + i}"))
+                continue
         res["by_format"][fmt] += 1
         is_val = to_val if to_val is not None else _is_val(w["seed"], ordinal + i, w["val_fraction"])
         units.append((kind, payload, is_val, i))
@@ -301,13 +312,17 @@ def process_chunk(chunk):
     texts = iter(tok.encode_batch([p for k, p, _, _ in units if k == "text"]))
     chats = iter(tok.render_chats([p for k, p, _, _ in units if k == "chat"]))
     pairs = iter(tok.render_chats([c for k, p, _, _ in units if k == "pair" for c in p], last_reply_only=True))
-    docs, unit_docs, unit_val = [], [], []
-    for kind, _, is_val, i in units:
+    prompts = iter(tok.render_chats([p[0] for k, p, _, _ in units if k == "task"], add_generation_prompt=True))
+    docs, unit_docs, unit_val, refs = [], [], [], []
+    for kind, payload, is_val, i in units:
         if kind == "text":
             ids = np.array(next(texts) + [tok.eot_id], dtype=np.uint32)
             unit = [_truncate_text(ids, w["max_len"], tok.eot_id, res)]
         elif kind == "chat":
             unit = [_truncate_chat(next(chats), w["max_len"], res)]
+        elif kind == "task":  # the prompt, ending in the assistant's header; its answer goes to the .ref line
+            ids, mask = next(prompts)
+            unit = [(ids, np.zeros_like(mask)) if not w["max_len"] or len(ids) < w["max_len"] else None]
         else:
             unit = _truncate_pair(next(pairs), next(pairs), w["max_len"], res)
         if unit[0] is None:  # skipped for max_len, not for bad input: strict does not stop here
@@ -317,10 +332,12 @@ def process_chunk(chunk):
         docs += unit
         unit_docs.append(len(unit))
         unit_val.append(is_val)
+        if kind == "task":
+            refs.append({"prompt": payload[0][-1]["content"], "answer": payload[1]})
     res["ids"] = np.concatenate([d[0] for d in docs]).astype(np.uint32) if docs else np.zeros(0, np.uint32)
     res["mask"] = np.concatenate([d[1] for d in docs]) if docs else np.zeros(0, np.uint8)
     res["doc_lens"] = np.array([len(d[0]) for d in docs], dtype=np.int64)
-    res["unit_docs"], res["unit_val"] = unit_docs, unit_val
+    res["unit_docs"], res["unit_val"], res["refs"] = unit_docs, unit_val, refs
     return res
 
 
@@ -458,7 +475,8 @@ def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths):
 def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, strict):
     """The main pass: every record parsed, tokenized (in `workers` processes) and written.
     Returns (splits, counts) for meta.json, the bytes of input read and the workers used."""
-    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens) for s in shards.SPLITS}
+    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=settings["stage"] == "grpo")
+               for s in shards.SPLITS}
     counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
               "truncated": 0, "by_format": collections.Counter()}
     total = sum(os.path.getsize(p) for p in inputs + val_inputs)
@@ -532,7 +550,10 @@ def _sample_texts(paths, limit):
         if kind == "text":
             texts = [payload]
         else:
-            messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
+            if kind == "task":
+                messages = payload[0] + [{"role": "assistant", "content": payload[1]}]
+            else:
+                messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
             texts = [f"{m['role']}\n{m['content']}" for m in messages]
             texts += [f"\n{m['reasoning_content']}\n" for m in messages if m.get("reasoning_content")]
         for t in texts:
@@ -560,9 +581,11 @@ def _write(writers, res):
     unit_val = np.asarray(res["unit_val"], dtype=bool)
     doc_val = np.repeat(unit_val, unit_docs)
     token_val = np.repeat(doc_val, res["doc_lens"])
+    refs = np.array(res["refs"] + [None], dtype=object)[:-1]  # grpo: one per document (each unit is one)
     for split, units, docs, tokens in (("train", ~unit_val, ~doc_val, ~token_val), ("val", unit_val, doc_val, token_val)):
         if units.any():
-            writers[split].add_units(res["ids"][tokens], res["mask"][tokens], res["doc_lens"][docs], unit_docs[units])
+            writers[split].add_units(res["ids"][tokens], res["mask"][tokens], res["doc_lens"][docs], unit_docs[units],
+                                     refs=list(refs[docs]) if len(refs) else None)
 
 
 def print_summary(out_dir, meta):

@@ -3,8 +3,9 @@ Input records -> one internal form, for prepare.py.
 
 Every line of an input file is detected on its own: plain text, a chat in any
 of the usual shapes (role/content, OpenAI messages, ShareGPT from/value,
-Alpaca), or a preference pair. A record that cannot be used raises BadRecord
-with a short reason, which prepare.py counts.
+Alpaca), a preference pair, or a task (a prompt with its reference answer, for
+grpo). A record that cannot be used raises BadRecord with a short reason,
+which prepare.py counts.
 """
 
 import re
@@ -26,15 +27,17 @@ _ROLES = {
 
 
 def detect_record(obj):
-    """(kind, payload, format) of one input record: ("text", str), ("chat", messages) or
-    ("pair", (chosen_messages, rejected_messages)), and the name of the input format it was recognised as;
-    raises BadRecord."""
+    """(kind, payload, format) of one input record: ("text", str), ("chat", messages),
+    ("pair", (chosen_messages, rejected_messages)) or ("task", (prompt_messages, reference answer)), and the
+    name of the input format it was recognised as; raises BadRecord."""
     if isinstance(obj, list):
         return "chat", _conversation(obj), "message_list"
     if not isinstance(obj, dict):
         raise BadRecord("unknown_shape")
     if "chosen" in obj and "rejected" in obj:
         return "pair", _pair(obj), "pair"
+    if "prompt" in obj and "answer" in obj:
+        return "task", _task(obj), "task"
     for key in ("conversations", "messages"):
         if key in obj:
             messages = _system_field(obj) + _messages(obj[key])
@@ -120,6 +123,24 @@ def _alpaca(obj):
         messages += [{"role": "user", "content": _text(turn[0])}, {"role": "assistant", "content": _text(turn[1])}]
     messages += [{"role": "user", "content": _text(prompt)}, {"role": "assistant", "content": _text(obj["output"])}]
     return messages
+
+
+def _task(obj):
+    """(prompt messages, reference answer) of {"prompt": str or messages, "answer": str}."""
+    prompt = obj["prompt"]
+    messages = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
+    if not messages or messages[-1]["role"] != "user":
+        raise BadRecord("no_prompt")
+    return messages, _text(obj["answer"])
+
+
+def as_task(messages):
+    """A chat as a task for grpo: the messages before its last assistant reply, and that reply as the
+    reference answer (its reasoning, if any, is not part of the answer)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if not any(m["role"] == "user" for m in messages[:last]):
+        raise BadRecord("no_prompt")
+    return messages[:last], messages[last]["content"]
 
 
 def _pair(obj):

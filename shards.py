@@ -6,6 +6,8 @@ The on-disk format of a prepared dataset: written by prepare.py, read by train.p
     {split}_{NNNNN}.bin    token ids, uint16 (uint32 when vocab_size > 65535)
     {split}_{NNNNN}.mask   uint8 per token, 1 = this token is a training target
     {split}_{NNNNN}.idx    uint64 start offset of each document within the shard
+    {split}_{NNNNN}.ref    grpo only: one JSON line per document, {"prompt": ..., "answer": ...},
+                           the text a reward function reads
 
 Splits are "train" and "val". A document never spans two shards; a DPO pair
 is two consecutive documents (chosen, then rejected) of one shard. Readers
@@ -26,7 +28,7 @@ import files
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 SUFFIXES = ("bin", "mask", "idx")
-SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.(bin|mask|idx)$")
+SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.(bin|mask|idx|ref)$")
 
 
 def token_dtype(vocab_size):
@@ -55,8 +57,9 @@ class ShardWriter:
 
     _FLUSH_TOKENS = 1 << 20
 
-    def __init__(self, out_dir, split, dtype, shard_tokens):
+    def __init__(self, out_dir, split, dtype, shard_tokens, refs=False):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, np.dtype(dtype), shard_tokens
+        self.suffixes = SUFFIXES + (("ref",) if refs else ())  # refs: a .ref line per document too
         self.shards = []  # finished shard dicts, as they go into meta.json
         self.tokens = self.documents = self.targets = 0
         self._files = None
@@ -65,10 +68,11 @@ class ShardWriter:
         """Append one document."""
         self.add_units(ids, mask, [len(ids)], [1])
 
-    def add_units(self, ids, mask, doc_lens, unit_docs):
+    def add_units(self, ids, mask, doc_lens, unit_docs, refs=None):
         """Append many documents at once: `ids` and `mask` concatenated, `doc_lens` tokens each; the
         documents of a unit (`unit_docs` per unit: 1, or 2 for a DPO pair) stay in one shard. The same
-        shards as adding them one by one, without a Python step per document."""
+        shards as adding them one by one, without a Python step per document. refs: the .ref line
+        (a JSON-able value) of each document, for a writer made with refs=True."""
         ids, mask = np.asarray(ids), np.asarray(mask, dtype=np.uint8)
         doc_lens = np.asarray(doc_lens, dtype=np.int64)
         if len(ids) != len(mask) or len(ids) != doc_lens.sum() or len(doc_lens) != sum(unit_docs):
@@ -88,7 +92,7 @@ class ShardWriter:
                 continue
             u_end = u + max(fit, 1)
             d_end, t_end = int(unit_doc_ends[u_end - 1]), int(unit_ends[u_end - 1])
-            self._put(ids[t:t_end], mask[t:t_end], doc_lens[d:d_end])
+            self._put(ids[t:t_end], mask[t:t_end], doc_lens[d:d_end], refs[d:d_end] if refs is not None else ())
             u, d, t = u_end, d_end, t_end
 
     def close(self):
@@ -99,14 +103,17 @@ class ShardWriter:
 
     def _start_shard(self):
         self._name = shard_name(self.split, len(self.shards))
-        self._files = {s: open(os.path.join(self.out_dir, f"{self._name}.{s}"), "wb") for s in SUFFIXES}
-        self._hashes = {s: hashlib.sha256() for s in SUFFIXES}
-        self._pending = {s: [] for s in SUFFIXES}
+        self._files = {s: open(os.path.join(self.out_dir, f"{self._name}.{s}"), "wb") for s in self.suffixes}
+        self._hashes = {s: hashlib.sha256() for s in self.suffixes}
+        self._pending = {s: [] for s in self.suffixes}
+        self._ref_bytes = 0
         self._pending_tokens = 0
         self._shard_tokens = self._shard_docs = 0
 
-    def _put(self, ids, mask, doc_lens):
+    def _put(self, ids, mask, doc_lens, refs):
         n = len(ids)
+        if "ref" in self.suffixes:
+            self._pending["ref"] += [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in refs]
         self._pending["idx"].append(self._shard_tokens + np.cumsum(doc_lens) - doc_lens)
         self._pending["bin"].append(ids.astype(self.dtype, copy=False))
         self._pending["mask"].append(mask)
@@ -125,8 +132,11 @@ class ShardWriter:
             "mask": np.concatenate(self._pending["mask"]) if self._pending["mask"] else np.zeros(0, np.uint8),
             "idx": (np.concatenate(self._pending["idx"]) if self._pending["idx"] else np.zeros(0)).astype(np.uint64),
         }
+        if "ref" in self.suffixes:
+            arrays["ref"] = b"".join(self._pending["ref"])
+            self._ref_bytes += len(arrays["ref"])
         for s, a in arrays.items():
-            data = a.tobytes()
+            data = a if isinstance(a, bytes) else a.tobytes()
             self._files[s].write(data)
             self._hashes[s].update(data)
             self._pending[s] = []
@@ -142,6 +152,7 @@ class ShardWriter:
             "name": self._name,
             "tokens": self._shard_tokens,
             "documents": self._shard_docs,
+            **({"ref_bytes": self._ref_bytes} if "ref" in self.suffixes else {}),
             "sha256": {s: h.hexdigest() for s, h in self._hashes.items()},
         })
         self._files = None
@@ -184,10 +195,13 @@ class Split:
         self.name, self.meta, self.data_dir = name, meta, data_dir
         dtype = np.dtype(meta["dtype"])
         self._bins, self._masks, starts = [], [], []
+        self.refs = [] if meta.get("stage") == "grpo" else None  # per document: {"prompt", "answer"}
         offset = 0
         for shard in meta["splits"][name]["shards"]:
-            paths = {s: os.path.join(data_dir, f"{shard['name']}.{s}") for s in SUFFIXES}
-            expected = {"bin": shard["tokens"] * dtype.itemsize, "mask": shard["tokens"], "idx": shard["documents"] * 8}
+            suffixes = SUFFIXES + (("ref",) if self.refs is not None else ())
+            paths = {s: os.path.join(data_dir, f"{shard['name']}.{s}") for s in suffixes}
+            expected = {"bin": shard["tokens"] * dtype.itemsize, "mask": shard["tokens"], "idx": shard["documents"] * 8,
+                        "ref": shard.get("ref_bytes")}
             for s, path in paths.items():
                 if not os.path.isfile(path):
                     configurator.fail(f"shard file '{path}' is missing (listed in meta.json): re-run prepare.py")
@@ -202,6 +216,9 @@ class Split:
             self._bins.append(tokens)
             self._masks.append(np.memmap(paths["mask"], dtype=np.uint8, mode="r", shape=(shard["tokens"],)))
             starts.append(np.fromfile(paths["idx"], dtype=np.uint64).astype(np.int64) + offset)
+            if self.refs is not None:
+                with open(paths["ref"], encoding="utf-8") as f:
+                    self.refs += [json.loads(line) for line in f]
             offset += shard["tokens"]
         self._offsets = np.cumsum([0] + [len(b) for b in self._bins])
         self.num_tokens = int(offset)

@@ -1,8 +1,9 @@
 """
 One training loop for every stage: pretrain, sft (also long-context SFT and
-reasoning distillation) and dpo. The stage decides what a batch is
-(batches.py) and what the loss is (losses.py); optimizer, schedule,
-precision, parallelism, checkpoints and logging are shared.
+reasoning distillation), dpo and grpo. The stage decides what a batch is
+(batches.py; grpo samples its own: grpo.py) and what the loss is (losses.py);
+optimizer, schedule, precision, parallelism, checkpoints and logging are
+shared.
 
     python train.py config/pretrain_demo.py
     python train.py config/sft_demo.py --init_from=out/demo/pretrain
@@ -13,7 +14,8 @@ then build() and the small pieces they call.
 
 Guarantees, each tested:
 - the loss of an optimizer step is the mean over all its target tokens (DPO:
-  over all its pairs), across micro-steps and ranks;
+  over all its pairs; GRPO: over all its completion tokens), across
+  micro-steps and ranks;
 - batches and dropout are a pure function of (seed, iteration, micro-step,
   rank), so a resumed run repeats the uninterrupted one bit for bit, and N
   ranks reproduce one process that accumulates N times as many micro-batches;
@@ -37,6 +39,7 @@ import checkpoint
 import common
 import configurator
 import distributed
+import grpo
 import losses
 import shards
 from batches import Batches
@@ -44,12 +47,14 @@ from configurator import fail
 from files import write_json
 from metrics import Logger, format_line
 from model import ModelConfig, Transformer
+from rewards import Reward
+from tokenizer import ChatTokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 out_dir = "out/run"
 data_dir = "data/demo_pretrain"
-stage = "pretrain"  # pretrain | sft | dpo
+stage = "pretrain"  # pretrain | sft | dpo | grpo
 init_from = "scratch"  # scratch | resume | a run dir (ckpt.pt) | an HF Llama dir
 # model shape, used when training from scratch (otherwise it comes from the checkpoint)
 vocab_size = 0  # 0: the data's vocabulary size
@@ -88,6 +93,15 @@ dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
 dpo_label_smoothing = 0.0
 dpo_precompute_ref = False  # reference log-probs computed once up front: no reference model in memory
+reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, or a weighted sum (rewards.py)
+grpo_group = 8  # grpo: completions sampled per prompt (batch_size counts prompts)
+grpo_epochs = 1  # grpo: optimizer updates on each batch of rollouts (> 1: the ratio to the rollout policy is clipped)
+grpo_clip = 0.2  # grpo: the ratio is clipped to [1 - grpo_clip, 1 + grpo_clip]
+grpo_kl = 0.0  # grpo: weight of the k3 KL to the starting weights (0: no reference model in memory)
+grpo_std_norm = True  # grpo: advantages divided by the standard deviation of the group's rewards
+temperature = 1.0  # grpo rollouts: sampling temperature
+top_p = 1.0  # grpo rollouts: nucleus sampling (1.0: off)
+max_new_tokens = 128  # grpo rollouts: completion length at most (prompt + completion <= block_size)
 # system
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | bfloat16 | float16 | float32
@@ -113,7 +127,8 @@ debug_stall = []  # fault injection for tests: [rank, it]: that rank stalls in t
 
 _DEFAULTS = configurator.defaults(globals())
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "grpo")
+ROLLOUT_FIGURES = {"grpo": ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s")}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -154,7 +169,7 @@ def start(run):
 def train_loop(run, logger):
     """Evaluate every eval_interval, step, log every log_interval, save every checkpoint_interval and at the end."""
     cfg = run.cfg
-    flops_per_step = run.raw_model.flops_per_token(cfg["block_size"]) * tokens_per_step(cfg)
+    flops_per_token = run.raw_model.flops_per_token(cfg["block_size"])
     peak = common.peak_tflops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
     it, bad_in_row, t0 = run.start_iter, 0, time.time()
     while True:
@@ -183,13 +198,13 @@ def train_loop(run, logger):
         bad_in_row = 0
         if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
             record = {"iter": it, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": tokens_per_step(cfg) / dt, "target_tokens_per_s": stats["target_tokens"] / dt,
+                      "tokens_per_s": stats["positions"] / dt, "target_tokens_per_s": stats["target_tokens"] / dt,
                       "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
                                                                                * cfg["batch_size"]),
                       "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
-                      **{k: stats[k] for k in losses.stat_names(cfg["stage"])}}
+                      **{k: stats[k] for k in losses.stat_names(cfg["stage"]) + ROLLOUT_FIGURES.get(cfg["stage"], ())}}
             if peak:
-                record["mfu"] = flops_per_step / dt / (peak * 1e12)
+                record["mfu"] = flops_per_token * stats["positions"] / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
         run.phase = f"checkpoint save at iteration {it}"
         if stats["stop"]:
@@ -208,17 +223,30 @@ def train_loop(run, logger):
 
 
 def train_step(run, it):
-    """One optimizer step at iteration `it`. Returns a dict of floats (one host sync per step)."""
-    cfg, model, opt = run.cfg, run.model, run.optimizer
+    """Iteration `it`: its micro-batches, read (or, for grpo, sampled: grpo_epochs updates on them), then one
+    optimizer update. Returns a dict of floats (one host sync per update)."""
+    cfg = run.cfg
     torch.manual_seed(cfg["seed"] * 1_000_003 + it * 101 + run.rank)  # dropout: a function of (seed, it, rank)
     if cfg["debug_stall"] == [run.rank, it]:  # as a rank stuck elsewhere: the others time out in a collective
         deadline = time.time() + 10 * cfg["dist_timeout_s"]
         while time.time() < deadline and not run.stop_requested:
             time.sleep(0.05)
+    if cfg["stage"] == "grpo":
+        counts, micros, sums = grpo.rollouts(run, it)
+        counts = distributed.all_reduce_sum(counts, run.world).tolist()
+        for _ in range(cfg["grpo_epochs"]):
+            stats = update(run, it, counts, micros)
+        return {**stats, **grpo.rollout_figures(sums, run.world)}
     ahead = run.prefetched
     counts, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
-    # the step's loss is a mean over the targets of every micro-batch on every rank
     counts = distributed.all_reduce_sum(counts, run.world).tolist()
+    return update(run, it, counts, micros, while_busy=lambda: setattr(run, "prefetched", (it + 1, load_micros(run, it + 1))))
+
+
+def update(run, it, counts, micros, while_busy=None):
+    """One optimizer update on this rank's micro-batches; counts: losses.batch_counts summed over every rank,
+    since the step's loss is a mean over the targets of every micro-batch on every rank."""
+    cfg, model, opt = run.cfg, run.model, run.optimizer
     denom = max(counts[0], 1.0)
     for g in opt.param_groups:
         g["lr"] = lr_at(it, cfg)
@@ -234,8 +262,8 @@ def train_step(run, it):
         loss_sum += loss.detach()
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float()
-    # the device is still busy with this step: read and copy the next step's batches meanwhile
-    run.prefetched = (it + 1, load_micros(run, it + 1))
+    if while_busy is not None:  # the device is still busy with this step: read and copy the next step's batches
+        while_busy()
     run.scaler.unscale_(opt)
     grad_norm = distributed.clip_grad_norm(model, cfg["grad_clip"])
     # every rank holds the same global norm: divided by world, the sum over ranks is that norm
@@ -249,7 +277,8 @@ def train_step(run, it):
         run.scaler.update()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr_at(it, cfg), "finite": finite, "stop": sums["stop"] > 0,
-            "target_tokens": counts[1], "fill": counts[2] / counts[3], **{k: sums[k] / denom for k in stats_sum}}
+            "target_tokens": counts[1], "fill": counts[2] / counts[3], "positions": counts[3],
+            **{k: sums[k] / denom for k in stats_sum}}
 
 
 def micro_loss(run, batch, split="train"):
@@ -257,6 +286,8 @@ def micro_loss(run, batch, split="train"):
     Validation counts every target once (no reasoning-tag weight)."""
     if run.cfg["stage"] == "dpo":
         return losses.dpo_loss(run.model, batch, run.reference.logps(batch, split), run.cfg)
+    if run.cfg["stage"] == "grpo":
+        return losses.grpo_loss(run.model, batch, run.cfg)
     return losses.lm_loss(run.model, batch, weighted=split == "train")
 
 
@@ -274,7 +305,9 @@ def load_micros(run, it):
 @torch.no_grad()
 def evaluate(run):
     """Validation figures over eval_iters micro-batches shared by the ranks: token-exact mean cross-entropy
-    (unweighted), or DPO loss and reward statistics."""
+    (unweighted), DPO loss and reward statistics, or (grpo) greedy rewards (grpo.evaluate)."""
+    if run.cfg["stage"] == "grpo":
+        return grpo.evaluate(run)
     cfg, model, n = run.cfg, run.model, run.cfg["eval_iters"]
     names = ("loss", "count", *losses.stat_names(cfg["stage"]))
     model.eval()
@@ -313,13 +346,15 @@ class Run:
     scaler: torch.amp.GradScaler  # loss scaling for float16; disabled otherwise
     train_batches: Batches
     val_batches: Batches
-    reference: Optional[losses.Reference]  # dpo: the frozen starting weights or their log-probs
+    reference: Optional[losses.Reference]  # dpo, grpo with grpo_kl: the frozen starting weights (or their log-probs)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer
     start_iter: int = 0
     resumed: bool = False
     best_val_loss: float = float("inf")
     stop_requested: bool = False  # set by SIGTERM/SIGINT; every rank stops after the same step
     phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
+    tokenizer: Optional[ChatTokenizer] = None  # grpo: completions decoded for the reward
+    reward: Optional[Reward] = None  # grpo
     prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
 
     @property
@@ -372,9 +407,9 @@ def build(cfg):
     val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
                           doc_mask=cfg["doc_mask"], **batch_args)
     reference = None
-    if cfg["stage"] == "dpo":
+    if cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo":
         reference = losses.Reference(raw, {"train": train_batches, "val": val_batches}, dev, autocast, rank, world,
-                                     precompute=cfg["dpo_precompute_ref"])
+                                     precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo")
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
     run = Run(cfg=cfg, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast, raw_model=raw,
@@ -382,6 +417,8 @@ def build(cfg):
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
               data_identity=checkpoint.data_identity(cfg, meta))
+    if cfg["stage"] == "grpo":
+        run.tokenizer, run.reward = load_tokenizer(cfg["data_dir"]), Reward(cfg["reward"])
     if start is not None and start.get("resume"):
         distributed.load_full_state_dicts(run.model, run.optimizer, start["model"], start["optimizer"])
         run.scaler.load_state_dict(start["scaler"])
@@ -433,8 +470,15 @@ def check_config(cfg, world):
         if cfg["block_size"] > limit:
             fail(f"block_size {cfg['block_size']} is larger than rope_scaling allows "
                  f"(factor x original_max_seq_len = {int(limit)})")
-    if cfg["stage"] == "dpo" and cfg["dropout"] > 0:
-        fail("dpo needs dropout=0: the policy and the reference must agree at step 0")
+    if cfg["stage"] in ("dpo", "grpo") and cfg["dropout"] > 0:
+        fail(f"{cfg['stage']} needs dropout=0: the policy and the reference (or the rollout policy) must agree")
+    if cfg["stage"] == "grpo":
+        if cfg["grpo_group"] < 2 or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
+            fail("grpo_group must be >= 2 (advantages compare a group's completions), grpo_epochs and max_new_tokens >= 1")
+        if not cfg["temperature"] > 0 or not 0 < cfg["top_p"] <= 1 or not cfg["grpo_clip"] > 0 or cfg["grpo_kl"] < 0:
+            fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
+        if cfg["max_new_tokens"] >= cfg["block_size"]:
+            fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
     if cfg["pack"] not in (True, False):
         fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
     if cfg["pack"] and cfg["stage"] != "sft":
@@ -484,7 +528,10 @@ def configure_optimizer(model, cfg, dev):
 
 
 def tokens_per_step(cfg):
-    """Positions computed per optimizer step, padding included: rows x block_size x micro-steps (x 2 for dpo)."""
+    """Positions computed per optimizer step, padding included: rows x block_size x micro-steps (x 2 for dpo);
+    None for grpo, whose rows are as long as their prompt and completion."""
+    if cfg["stage"] == "grpo":
+        return None
     rows = 2 if cfg["stage"] == "dpo" else 1
     return rows * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
 
@@ -497,6 +544,12 @@ def print_plan(run):
           f"vocab {raw.cfg.vocab_size}; device {run.device}, {common.dtype_name(run.ptdtype)}, "
           f"{run.world} process(es){', FSDP' if run.fsdp else ''}")
     batches = run.train_batches
+    if cfg["stage"] == "grpo":
+        print(f"stage grpo: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
+              f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
+              f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; {batches.split.num_docs:,} prompts; "
+              f"reward {cfg['reward']}" + (f", resuming at step {run.start_iter}" if run.resumed else ""), flush=True)
+        return
     print(f"stage {cfg['stage']}: {tokens_per_step(cfg):,} tokens per optimizer step "
           f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
           f"{' x 2 (chosen, rejected)' if cfg['stage'] == 'dpo' else ''}), {cfg['max_iters']} steps"

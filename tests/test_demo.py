@@ -12,7 +12,7 @@ import pytest
 import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo"]
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
@@ -44,14 +44,15 @@ def test_every_stage_ran_in_order(quick_demo):
     out, stdout, report, md = quick_demo
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
-                                                "== 5. distill", "== 6. dpo", "== 7. evaluate", "== 8. export",
-                                                "== 9. chat with the DPO model", "== report"]
+                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. evaluate",
+                                                "== 9. export", "== 10. chat with the DPO model", "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
     cfg = {stage: run_config(out, stage) for stage in TRAINED}
     assert cfg["pretrain"]["init_from"] == "scratch"
-    for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft")]:
+    for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft"),
+                          ("grpo", "distill")]:
         assert os.path.normpath(cfg[stage]["init_from"]) == os.path.join(out, parent)
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
@@ -111,6 +112,9 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         train = [r for r in rows if "loss" in r]
         assert s["val_loss"] == evals[-1]["val_loss"] and s["val_loss_start"] == evals[0]["val_loss"]
         assert s["steps"] == train[-1]["iter"] == cfg["max_iters"] and s["train_loss"] == train[-1]["loss"]
+        if stage == "grpo":  # rows as long as prompt and completion: no fixed tokens per step
+            assert s["tokens"] is None
+            continue
         rows_per_step = 2 if stage == "dpo" else 1
         assert s["tokens"] == s["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] \
             * rows_per_step

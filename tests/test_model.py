@@ -116,3 +116,22 @@ def test_residual_projections_scaled_init():
     std_q = m.model.layers[0].self_attn.qkv_proj.weight.std().item()
     assert abs(std_q - 0.02) < 0.002
     assert abs(std_o - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """Prompts of different lengths sampled together (one KV cache, each row after its own prompt) give what each
+    gives alone: greedy tokens, the stop token kept, max_new_tokens and the context respected."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    prompts = [torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 3, 40)]
+    alone = [list(model.generate(p, 30, temperature=0)) for p in prompts]
+    stop = alone[0][2]  # a token the first prompt's reply reaches: it stops there, the others may too
+    alone = [list(model.generate(p, 30, temperature=0, stop_ids=(stop,))) for p in prompts]
+    batched = model.generate_batch(prompts, 30, temperature=0, stop_ids=(stop,))
+    assert batched == alone
+    assert batched[0][-1] == stop and len(batched[0]) < 30
+    assert len(batched[3]) <= 64 - 40  # the long prompt ran into the context
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert model.generate_batch(prompts, 10, generator=g1) == model.generate_batch(prompts, 10, generator=g2)

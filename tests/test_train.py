@@ -113,11 +113,16 @@ def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):
     assert not torch.equal(a.get(0).x, a.get(1).x)
 
 
-@pytest.mark.parametrize("stage, data", [("pretrain", "demo_pretrain"), ("sft", "demo_sft")])
+@pytest.mark.parametrize("stage, data", [("pretrain", "demo_pretrain"), ("sft", "demo_sft"), ("grpo", "toy_grpo")])
 def test_exact_resume_after_sigkill(stage, data, request, tmp_path):
-    """Also for packed SFT rows (pack=True is sft's default): the packing is a pure function of (seed, epoch)."""
-    args = [f"--data_dir={request.getfixturevalue(data)}", f"--stage={stage}", "--max_iters=16", "--eval_interval=4",
-            "--dropout=0.1", *TINY]
+    """Also for packed SFT rows (pack=True is sft's default: the packing is a pure function of (seed, epoch)) and
+    for grpo (its rollouts are a pure function of (seed, micro-batch, weights))."""
+    data = request.getfixturevalue(data)
+    extra = ["--dropout=0.1"]
+    if stage == "grpo":  # (data dir, reward); no dropout: the rollout policy must be the policy trained
+        data, reward = data
+        extra = [f"--reward={reward}", "--grpo_group=4", "--max_new_tokens=8", "--learning_rate=1e-2"]
+    args = [f"--data_dir={data}", f"--stage={stage}", "--max_iters=16", "--eval_interval=4", *TINY, *extra]
     ref = str(tmp_path / "ref")
     run_train([*args, f"--out_dir={ref}"])
     out = str(tmp_path / "killed")

@@ -35,6 +35,12 @@ How it measures:
   block_size/3, a third of each a prompt. Fill is real tokens / computed positions.
 
     python bench.py --sft=True --model=26m --block_size=512 --device=cpu --threads=2
+- serve=True measures serve.py instead: it serves serve_run on 127.0.0.1 and sends serve_clients
+  streaming chat requests at once (the official openai client, one thread each), several rounds;
+  aggregate completion tokens/s (all clients' tokens over the wall time of the round) and the
+  p50 / p95 time to the first token.
+
+    python bench.py --serve=True --serve_run=out/demo/sft --device=cpu
 
 `model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
 every key given after it (in a config file or as --key=value) wins. The shape keys and their
@@ -51,9 +57,12 @@ import io
 import os
 import platform
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -92,6 +101,10 @@ threads = 0  # torch CPU threads (0: torch's default, one per core)
 compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
 sft = False  # SFT rows instead: target tokens/s packed against padded (data_dir: a prepared sft set)
 sft_docs = 4000  # synthetic chats when sft=True and no data_dir
+serve = False  # serve.py instead: aggregate tokens/s and time to first token at serve_clients concurrent clients
+serve_run = ""  # serve=True: the run (or HF) directory to serve
+serve_clients = [1, 4, 16]  # concurrent streaming clients, one measurement each
+serve_max_tokens = 48  # tokens per reply at most
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
@@ -518,6 +531,91 @@ def report_sft(b, fig, notes, device):
     return "\n".join(lines)
 
 
+def bench_serve(b):
+    """Per number of concurrent clients: aggregate completion tokens/s and time to first token, p50 and p95."""
+    import httpx
+    import openai
+    import serve
+
+    if not b["serve_run"]:
+        fail("serve=True needs serve_run: a run or HF directory to serve")
+    port = serve_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={b['serve_run']}",
+                             f"--port={port}", f"--device={b['device']}", f"--max_tokens={b['serve_max_tokens']}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url, fig = f"http://127.0.0.1:{port}", {}
+    try:
+        wait_until_up(url, proc)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        messages = [{"role": "user", "content": "Who are you?"}]
+
+        def one(out, i):
+            t0, first, tokens = time.perf_counter(), None, 0
+            for chunk in client.chat.completions.create(model="m", messages=messages, stream=True, temperature=0.8,
+                                                         max_tokens=b["serve_max_tokens"], seed=i,
+                                                         stream_options={"include_usage": True}):
+                if chunk.choices and first is None and (chunk.choices[0].delta.content or
+                                                        getattr(chunk.choices[0].delta, "reasoning_content", None)):
+                    first = time.perf_counter() - t0
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            out[i] = (first if first is not None else time.perf_counter() - t0, tokens)
+
+        one({}, 0)  # warm-up
+        for n in b["serve_clients"]:
+            ttfts, tokens, seconds = [], 0, 0.0
+            for _ in range(b["rounds"]):
+                out, t0 = {}, time.perf_counter()
+                threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                seconds += time.perf_counter() - t0
+                ttfts += [v[0] for v in out.values()]
+                tokens += sum(v[1] for v in out.values())
+            ttfts.sort()
+            fig.update({f"serve.{n}.tokens_per_s": tokens / seconds, f"serve.{n}.requests": len(ttfts),
+                        f"serve.{n}.ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
+                        f"serve.{n}.ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]})
+        health = httpx.get(url + "/health").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    notes = {"dtype": "auto", "server": f"serve.py {b['serve_run']} ({health['model']}), queued: one generation at a time",
+             "queue": serve.queue_size}
+    return fig, notes, describe_device(torch.device("cpu") if b["device"] in ("auto", "cpu") else torch.device(b["device"]))
+
+
+def serve_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url, proc, seconds=120):
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    fail(f"serve.py did not come up at {url} (exit status {proc.poll()})")
+
+
+def report_serve(b, fig, notes, device):
+    lines = [f"bench serve: {notes['server']}, {device}, {b['serve_max_tokens']} tokens per reply at most, "
+             f"{b['rounds']} rounds", f"{'clients':>8}{'requests':>10}{'tokens/s':>12}{'TTFT p50 ms':>14}{'p95 ms':>10}"]
+    for n in b["serve_clients"]:
+        lines.append(f"{n:>8}{fig[f'serve.{n}.requests']:>10}{fig[f'serve.{n}.tokens_per_s']:>12,.1f}"
+                     f"{fig[f'serve.{n}.ttft_p50_ms']:>14,.0f}{fig[f'serve.{n}.ttft_p95_ms']:>10,.0f}")
+    return "\n".join(lines)
+
+
 def describe_device(dev):
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -588,8 +686,9 @@ def main(argv=None):
     if b["threads"]:
         torch.set_num_threads(b["threads"])
     torch.manual_seed(b["seed"])
-    fig, notes, device = (bench_sft if b["sft"] else bench)(b)
-    print((report_sft if b["sft"] else report)(b, fig, notes, device), flush=True)
+    measure, render = (bench_serve, report_serve) if b["serve"] else (bench_sft, report_sft) if b["sft"] else (bench, report)
+    fig, notes, device = measure(b)
+    print(render(b, fig, notes, device), flush=True)
     if b["json"]:
         record = {"command": " ".join(["python", "bench.py", *argv]), "device": device, "dtype": notes["dtype"],
                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,

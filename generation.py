@@ -5,10 +5,10 @@ sample.py (the command line), the server, demo.py and export.py share it, so a
 reply is the same whichever of them asks.
 """
 
+import itertools
 import json
 import os
-import re
-from itertools import takewhile
+from dataclasses import dataclass
 
 import configurator
 from checkpoint import load_model
@@ -16,7 +16,6 @@ from common import DTYPES
 from tokenizer import load_tokenizer
 
 CHAT_STAGES = ("sft", "dpo", "grpo")
-THINK_BLOCK = re.compile(r"<think>.*?(?:</think>\s*|\Z)", re.S)  # an unclosed block hides to the end
 
 
 def has_chat_template(path):
@@ -91,16 +90,27 @@ def complete_prompt_ids(tokenizer, text):
 # generation
 
 
-def hide_think(text):
-    return THINK_BLOCK.sub("", text)
+def split_think(text, final=True):
+    """(reasoning, content) of a reply's text: the inside of a leading <think> block, without the newline the chat
+    template puts after <think> and before </think>, and what follows the block, without the template's newline
+    after </think>; an unclosed block is all reasoning. final=False (a reply still streaming) holds back the
+    newlines that may turn out to be the template's, so that what was shown never has to be taken back."""
+    body = text.lstrip()
+    if not body.startswith("<think>"):
+        return "", text
+    body = body[len("<think>"):]
+    body = body[1:] if body.startswith("\n") else body
+    if "</think>" not in body:
+        return (body if final else body.rstrip("\n")), ""
+    reasoning, content = body.split("</think>", 1)
+    return reasoning[:-1] if reasoning.endswith("\n") else reasoning, content[1:] if content.startswith("\n") else content
 
 
-def stream_text(tokenizer, token_ids, think="show"):
+def stream_text(tokenizer, token_ids):
     """Yield the text of a stream of token ids piece by piece, never half a character.
 
     The running ids are decoded whole and only the new suffix is yielded; while the text
     ends in U+FFFD (the first bytes of a multi-byte character) it waits for the rest.
-    With think="hide", nothing of a <think>...</think> block is yielded.
     """
     ids, shown = [], ""
     for token in token_ids:
@@ -108,29 +118,86 @@ def stream_text(tokenizer, token_ids, think="show"):
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
             continue
-        text = hide_think(text) if think == "hide" else text
         if len(text) > len(shown):
             yield text[len(shown):]
             shown = text
     text = tokenizer.decode(ids)  # the end of the stream: whatever is left, even a broken character
-    text = hide_think(text) if think == "hide" else text
     if len(text) > len(shown):
         yield text[len(shown):]
+
+
+@dataclass
+class Piece:
+    """What a reply added since the last piece: its raw text, and that text seen as reasoning and content
+    (split_think: the <think> block's inside, and the answer)."""
+
+    text: str
+    reasoning: str
+    content: str
+
+
+class ReplyStream:
+    """A reply being generated after prompt_ids: iterate it for Pieces, as they stream. Afterwards, finish_reason
+    is "stop" (a stop token, or a stop string in the content, which is cut before it) or "length" (max_new_tokens,
+    or the context is full), and tokens says how many tokens were generated. cancelled() is asked after every
+    piece: true ends the reply there. sampling: temperature, top_k, top_p, repetition_penalty, generator (see
+    Transformer.generate)."""
+
+    def __init__(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, stop=(), max_len=None,
+                 cancelled=None, **sampling):
+        self.model, self.tokenizer, self.prompt_ids, self.stop_ids = model, tokenizer, prompt_ids, stop_ids
+        self.max_new_tokens, self.stop, self.max_len, self.sampling = max_new_tokens, tuple(stop), max_len, sampling
+        self.cancelled = cancelled or (lambda: False)
+        self.finish_reason, self.tokens = "length", 0
+
+    def _tokens(self):
+        for token in self.model.generate(self.prompt_ids, self.max_new_tokens, stop_ids=self.stop_ids,
+                                         max_len=self.max_len, **self.sampling):
+            self.tokens += 1
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            yield token
+
+    def _cut(self, content, final):
+        """content up to the first stop string (and whether there was one); while streaming, without a tail
+        that may be the start of one."""
+        hits = [content.find(s) for s in self.stop if s in content]
+        if hits:
+            return content[: min(hits)], True
+        if final:
+            return content, False
+        held = max((n for s in self.stop for n in range(1, len(s)) if content.endswith(s[:n])), default=0)
+        return content[: len(content) - held], False
+
+    def __iter__(self):
+        text, sent = "", ["", ""]
+        pieces = stream_text(self.tokenizer, self._tokens())
+        for final, piece in itertools.chain(((False, p) for p in pieces), [(True, "")]):
+            text += piece
+            reasoning, content = split_think(text, final)
+            content, stopped = self._cut(content, final)
+            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):])
+            sent = [reasoning, content]
+            if stopped:
+                self.finish_reason = "stop"
+                return
+            if self.cancelled():
+                return
 
 
 def generate_text(model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, think="show", on_text=None,
                   max_len=None, **sampling):
     """The text generated after prompt_ids, up to a stop token (not included); on_text(piece) as it streams.
-
-    sampling: temperature, top_k, top_p, repetition_penalty, generator (see Transformer.generate).
-    """
-    tokens = model.generate(prompt_ids, max_new_tokens, stop_ids=stop_ids, max_len=max_len, **sampling)
-    pieces = []
-    for piece in stream_text(tokenizer, takewhile(lambda t: t not in stop_ids, tokens), think):
-        pieces.append(piece)
-        if on_text is not None:
-            on_text(piece)
-    return "".join(pieces)
+    think="hide": the answer only, without the <think> block. sampling: as ReplyStream."""
+    shown = []
+    for piece in ReplyStream(model, tokenizer, prompt_ids, stop_ids, max_new_tokens, max_len=max_len, **sampling):
+        text = piece.text if think == "show" else piece.content
+        if text:
+            shown.append(text)
+            if on_text is not None:
+                on_text(text)
+    return "".join(shown)
 
 
 def chat_stop_ids(tokenizer):

@@ -23,7 +23,7 @@ import torch
 
 import configurator
 from common import dtype_name, resolve_device, resolve_dtype
-from generation import chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, hide_think, load
+from generation import chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load, split_think
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...
@@ -113,7 +113,7 @@ def interactive_chat(model, tokenizer, info, settings, read=input):
             continue
         print()
         # the reasoning of earlier turns is not fed back: the answer is what the conversation keeps
-        history = messages[len(settings["head"]):] + [{"role": "assistant", "content": hide_think(text)}]
+        history = messages[len(settings["head"]):] + [{"role": "assistant", "content": split_think(text)[1]}]
 
 
 def read_prompts(config):

@@ -97,3 +97,15 @@ def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
     assert fig["sft.packed_over_padded"] == pytest.approx(
         fig["sft.packed.target_tokens_per_s"] / fig["sft.padded.target_tokens_per_s"])
     assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut
+
+
+def test_serve_mode_measures_tokens_and_time_to_first_token(tmp_path):
+    from test_export import make_run_dir
+
+    run = make_run_dir(tmp_path / "run")
+    path = tmp_path / "bench.json"
+    bench.main(["--serve=True", f"--serve_run={run}", "--device=cpu", "--serve_clients=[1, 3]", "--rounds=1",
+                "--serve_max_tokens=8", f"--json={path}"])
+    fig = json.loads(path.read_text())["figures"]
+    assert fig["serve.1.requests"] == 1 and fig["serve.3.requests"] == 3
+    assert fig["serve.3.tokens_per_s"] > 0 and 0 < fig["serve.3.ttft_p50_ms"] <= fig["serve.3.ttft_p95_ms"]

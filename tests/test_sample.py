@@ -32,11 +32,39 @@ def test_think_hide_drops_the_reasoning_block(loaded):
     _, tok, _ = loaded
     think, end_think = tok.special_ids["<think>"], tok.special_ids["</think>"]
     ids = [think] + tok.encode("\n先算个位：5+1=6。\n") + [end_think] + tok.encode("\n答案是166")
-    assert "".join(generation.stream_text(tok, iter(ids), think="hide")) == "答案是166"
-    shown = "".join(generation.stream_text(tok, iter(ids), think="show"))
+    shown = "".join(generation.stream_text(tok, iter(ids)))
     assert shown == "<think>\n先算个位：5+1=6。\n</think>\n答案是166"
+    assert generation.split_think(shown) == ("先算个位：5+1=6。", "答案是166")
     # a block cut off by max_new_tokens hides to the end
-    assert "".join(generation.stream_text(tok, iter(ids[:8]), think="hide")) == ""
+    assert generation.split_think("".join(generation.stream_text(tok, iter(ids[:8])))) == (tok.decode(ids[2:8]), "")
+
+
+class Replay:
+    """A model whose generate() replays given token ids."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def generate(self, prompt_ids, max_new_tokens, stop_ids=(), **kwargs):
+        yield from self.ids[:max_new_tokens]
+
+
+def test_streamed_reasoning_and_content_add_up_and_stop_strings_cut(loaded):
+    """ReplyStream's pieces: raw text, and the same text as reasoning and content deltas, never taken back."""
+    _, tok, _ = loaded
+    think, end_think = tok.special_ids["<think>"], tok.special_ids["</think>"]
+    ids = [think] + tok.encode("\n一二\n\n三\n") + [end_think] + tok.encode("\nthe answer is 42. END more") + [tok.im_end_id]
+    stream = generation.ReplyStream(Replay(ids), tok, [], (tok.im_end_id,))
+    pieces = list(stream)
+    raw = "".join(p.text for p in pieces)
+    assert raw == tok.decode(ids[:-1]) and stream.finish_reason == "stop" and stream.tokens == len(ids)
+    assert ("".join(p.reasoning for p in pieces), "".join(p.content for p in pieces)) == generation.split_think(raw)
+    assert "".join(p.reasoning for p in pieces) == "一二\n\n三"
+    cut = generation.ReplyStream(Replay(ids), tok, [], (tok.im_end_id,), stop=[" END", "never"])
+    assert "".join(p.content for p in cut) == "the answer is 42." and cut.finish_reason == "stop"
+    short = generation.ReplyStream(Replay(ids), tok, [], (tok.im_end_id,), max_new_tokens=4)
+    list(short)
+    assert short.finish_reason == "length" and short.tokens == 4
 
 
 def test_history_drops_whole_turns_oldest_first(loaded):

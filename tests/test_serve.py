@@ -1,0 +1,279 @@
+"""serve.py on 127.0.0.1, driven by the official `openai` client, raw HTTP for bad requests, and a real headless
+browser for the chat page."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+import generation
+from checkpoint import save_checkpoint
+from model import ModelConfig, Transformer
+from test_export import demo_lines, make_run_dir
+from tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "data", "demo")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，你是谁？"},
+            {"role": "assistant", "content": "我是一个小模型。"}, {"role": "user", "content": "What is 2 + 3?"}]
+
+
+def reasoning_run_dir(path, steps=80):
+    """A run directory whose model has learnt the shape of the demo's reasoning replies: <think> ... </think>."""
+    torch.manual_seed(0)
+    tok = train_tokenizer(demo_lines(), 400)
+    with open(os.path.join(DEMO, "reason_train.jsonl"), encoding="utf-8") as f:
+        chats = [json.loads(line)["conversations"] for _, line in zip(range(48), f)]
+    rows = [tok.render_chat(c)[0][:96] for c in chats]
+    data = torch.tensor([r + [tok.eot_id] * (97 - len(r)) for r in rows])
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    os.makedirs(path, exist_ok=True)
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "sft",
+                                "iter": steps, "config": {"block_size": 256, "stage": "sft"}})
+    tok.save(str(path))
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in a subprocess on 127.0.0.1, up once /health answers."""
+
+    def __init__(self, run_dir, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={run_dir}", f"--port={self.port}",
+                                      "--device=cpu", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.close()
+        raise AssertionError(f"serve.py did not come up:\n{self.proc.communicate()[0][-3000:]}")
+
+    def client(self, key="unused"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return {"sft": make_run_dir(root / "sft", stage="sft"), "pretrain": make_run_dir(root / "pre", stage="pretrain"),
+            "reason": reasoning_run_dir(root / "reason")}
+
+
+@pytest.fixture(scope="module")
+def sft(runs):
+    server = Server(runs["sft"])
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def local(runs):
+    """The sft model in this process, as sample.py loads it."""
+    return generation.load(runs["sft"])
+
+
+def test_chat_streamed_and_not_equal_sample_py(sft, local):
+    model, tok, info = local
+    expected = generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=24, max_len=info["block_size"])
+    assert expected  # the test compares something
+    client = sft.client()
+    r = client.chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == expected and r.object == "chat.completion"
+    assert r.usage.prompt_tokens == len(generation.chat_prompt_ids(tok, MESSAGES))
+    assert r.usage.completion_tokens <= 24 and r.choices[0].finish_reason in ("stop", "length")
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="sft", messages=MESSAGES, temperature=0, max_tokens=24, stream=True) if c.choices]
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1  # really streamed
+    assert [m.id for m in client.models.list().data] == ["sft"]
+
+
+def test_n_with_a_seed_is_reproducible(sft):
+    client = sft.client()
+    ask = lambda: [c.message.content for c in client.chat.completions.create(  # noqa: E731
+        model="sft", messages=MESSAGES[1:2], temperature=1.0, max_tokens=16, n=2, seed=7).choices]
+    first = ask()
+    assert len(first) == 2 and first == ask()
+
+
+def test_stop_strings_cut_the_reply(sft, local):
+    model, tok, info = local
+    full = generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=24, max_len=info["block_size"])
+    cut = full[3:6]  # a piece of the reply that is not its start
+    r = sft.client().chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=24, stop=[cut])
+    assert r.choices[0].message.content == full[: full.index(cut)] and r.choices[0].finish_reason == "stop"
+
+
+def test_a_reasoning_model_returns_reasoning_content(runs):
+    server = Server(runs["reason"])
+    try:
+        client, messages = server.client(), [{"role": "user", "content": "Compute 361 + 968."}]
+        model, tok, info = generation.load(runs["reason"])
+        raw = generation.reply(model, tok, messages, temperature=0.0, max_new_tokens=96, max_len=info["block_size"])
+        assert raw.startswith("<think>")  # the model learnt the format: the test means something
+        reasoning, content = generation.split_think(raw)
+        r = client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96)
+        message = r.choices[0].message
+        assert message.reasoning_content == reasoning and message.content == content and "<think>" not in content
+        chunks = list(client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96,
+                                                     stream=True, stream_options={"include_usage": True}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == content
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    finally:
+        server.close()
+
+
+def test_completions_continue_a_base_model(runs):
+    server = Server(runs["pretrain"])
+    try:
+        model, tok, info = generation.load(runs["pretrain"])
+        expected = generation.complete(model, tok, "The night was", temperature=0.0, max_new_tokens=20)
+        r = server.client().completions.create(model="pre", prompt="The night was", temperature=0, max_tokens=20)
+        assert r.choices[0].text == expected and expected
+    finally:
+        server.close()
+
+
+def stream_reply(server, results, i, disconnect=False):
+    """One streaming client: its reply (and its time to the first token), or None after leaving mid-stream."""
+    client, t0, text, first = server.client(), time.time(), [], None
+    stream = client.chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=24, stream=True)
+    for chunk in stream:
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            first = first or time.time() - t0
+            text.append(piece)
+            if disconnect:
+                stream.close()  # the client goes away mid-stream
+                results[i] = None
+                return
+    results[i] = ("".join(text), first)
+
+
+def test_16_streaming_clients_at_once_one_leaving(sft, local):
+    model, tok, info = local
+    expected = generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=24, max_len=info["block_size"])
+    results, health = [None] * 16, []
+    threads = [threading.Thread(target=stream_reply, args=(sft, results, i, i == 5)) for i in range(16)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):  # the server answers /health throughout
+        health.append(httpx.get(sft.url + "/health", timeout=5).status_code)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert all(code == 200 for code in health) and len(health) > 3
+    assert results[5] is None
+    assert [r[0] for i, r in enumerate(results) if i != 5] == [expected] * 15  # complete, correct, none mixed
+    deadline = time.time() + 20
+    while httpx.get(sft.url + "/health").json()["waiting"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(sft.url + "/health").json()["waiting"] == 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"messages": [', 400, None),  # malformed JSON
+    (b'[1, 2]', 400, None),
+    (json.dumps({"messages": "hi"}), 400, "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400, "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 100}), 400, "n"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}), 400, "stream"),
+    (json.dumps({"messages": [{"role": "user", "content": "很长的问题 " * 400}]}), 400, "messages"),  # over the context
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 2_000_000}]}), 413, None),
+])
+def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(sft, body, status, param):
+    r = httpx.post(sft.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert httpx.get(sft.url + "/health").status_code == 200
+
+
+def test_unknown_route_and_api_key(runs):
+    server = Server(runs["sft"], "--api_key=s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").chat.completions.create(model="sft", messages=MESSAGES, max_tokens=4)
+        r = server.client("s3cret").chat.completions.create(model="sft", messages=MESSAGES, max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404 and r.json()["error"]["message"]
+        assert httpx.get(server.url + "/health").status_code == 200  # no key needed there
+    finally:
+        server.close()
+
+
+def chromium():
+    """(browser, driver) executables of the system's Chromium, or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium and chromedriver on this machine "
+                                               "(Debian: apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_chat_page_streams_a_reply_in_a_real_browser(sft, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(sft.url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "title").text == "sft")
+        driver.find_element(By.ID, "input").send_keys("你好，你是谁？")
+        driver.find_element(By.ID, "send").click()
+        answer = WebDriverWait(driver, 60).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant .answer") and
+            d.find_element(By.CSS_SELECTOR, ".assistant .answer").text.strip() and
+            d.find_element(By.ID, "send").is_enabled() and d.find_element(By.CSS_SELECTOR, ".assistant .answer"))
+        assert answer.text.strip()
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "你好，你是谁？"
+        driver.save_screenshot(str(tmp_path / "chat_page.png"))
+        assert (tmp_path / "chat_page.png").stat().st_size > 1000
+    finally:
+        driver.quit()

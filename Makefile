@@ -45,6 +45,8 @@ bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	-@$(call bench_run,26m_eager,config/bench_26m.py --compare_hf=True --compile=False --prepare_mb=0)
 	-@$(call bench_run,26m_sft_packed,config/bench_26m.py --sft=True --batch_size=16)
 	-@$(call bench_run,124m_sft_packed,config/bench_124m.py --sft=True --block_size=512 --batch_size=16 --gradient_accumulation_steps=1)
+	-@$(call bench_run,124m_lora,config/bench_124m.py --lora=True --block_size=512 --batch_size=8 --gradient_accumulation_steps=1)
+	-@$(call bench_run,500m_lora,--lora=True --model=500m --block_size=512 --batch_size=8 --compile=True)
 	-@$(call bench_run,26m_autotune,config/bench_26m.py --compare_hf=True --compile_mode=max-autotune-no-cudagraphs --prepare_mb=0)
 
 $(STAMP): requirements.txt

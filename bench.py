@@ -35,6 +35,13 @@ How it measures:
   block_size/3, a third of each a prompt. Fill is real tokens / computed positions.
 
     python bench.py --sft=True --model=26m --block_size=512 --device=cpu --threads=2
+- lora=True measures LoRA against full fine-tuning: the same SFT step (synthetic chats, as sft=True)
+  on the same randomly initialised model, every weight trained or only rank-lora_rank adapters on
+  all projections, in turns; tokens/s, and the bytes each keeps: weights, gradients and AdamW
+  state counted tensor by tensor, plus the CUDA peak on a GPU. lora_runs=["lora"] (or ["full"])
+  runs one of them alone, so that the process's peak RSS is that run's.
+
+    python bench.py --lora=True --model=124m --block_size=256 --batch_size=4 --device=cpu
 - serve=True measures serve.py instead: it serves serve_run on 127.0.0.1 and sends serve_clients
   streaming chat requests at once (the official openai client, one thread each), several rounds;
   aggregate completion tokens/s (all clients' tokens over the wall time of the round) and the
@@ -101,6 +108,9 @@ threads = 0  # torch CPU threads (0: torch's default, one per core)
 compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
 sft = False  # SFT rows instead: target tokens/s packed against padded (data_dir: a prepared sft set)
 sft_docs = 4000  # synthetic chats when sft=True and no data_dir
+lora = False  # LoRA against full fine-tuning instead: tokens/s and memory (weights, gradients, optimizer state)
+lora_rank = 8
+lora_runs = ["full", "lora"]  # lora=True: the runs compared ("lora" or "full" alone: the process RSS is its own)
 serve = False  # serve.py instead: aggregate tokens/s and time to first token at serve_clients concurrent clients
 serve_run = ""  # serve=True: the run (or HF) directory to serve
 serve_clients = [1, 4, 16]  # concurrent streaming clients, one measurement each
@@ -616,6 +626,75 @@ def report_serve(b, fig, notes, device):
     return "\n".join(lines)
 
 
+LORA_KEYS = ["model.params", *[f"lora.{how}.{k}" for how in ("full", "lora") for k in (
+    "trainable_params", "tokens_per_s", "step_ms", "weights_mb", "grads_mb", "optimizer_mb", "state_mb", "peak_mem_mb")],
+    "lora.state_ratio", "lora.tokens_per_s_ratio", "process.max_rss_mb"]
+
+
+def bench_lora(b):
+    """LORA_KEYS: full fine-tuning and LoRA of the same model on the same SFT batches, timed in turns."""
+    import checkpoint
+    from model import Transformer
+
+    fig, notes = dict.fromkeys(LORA_KEYS), {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data = write_synthetic_chats(os.path.join(tmp, "data"), b["vocab_size"], b["block_size"], 400, b["seed"])
+        base_dir = os.path.join(tmp, "base")  # the model both start from: random weights, saved as a run
+        os.makedirs(base_dir)
+        base = Transformer(checkpoint.model_config(train_config(b, data, base_dir, stage="sft"),
+                                                         {"vocab_size": b["vocab_size"]}, None))
+        checkpoint.save_checkpoint(base_dir, {"model": base.state_dict(), "model_config": base.cfg.to_dict()})
+        fig["model.params"] = base.num_params()
+        del base
+        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", init_from=base_dir,
+                                              lora_rank=b["lora_rank"] if how == "lora" else 0))
+                for how in b["lora_runs"]}
+        rounds = timed_in_turns(runs, b)
+        for how, run in runs.items():
+            params = list(run.raw_model.parameters())
+            trainable = [p for p in params if p.requires_grad]
+            weights = sum(p.numel() * p.element_size() for p in params)
+            grads = sum(p.numel() * p.element_size() for p in trainable)  # what backward allocates
+            optimizer = resident_bytes(run) - weights
+            times = [t for ts, _, _ in rounds[how] for t in ts]
+            extra = max(e or 0 for _, e, _ in rounds[how])
+            fig.update({f"lora.{how}.trainable_params": sum(p.numel() for p in trainable),
+                        f"lora.{how}.step_ms": 1000 * statistics.median(times),
+                        f"lora.{how}.tokens_per_s": train.tokens_per_step(run.cfg) / statistics.median(times),
+                        f"lora.{how}.weights_mb": weights / 2**20, f"lora.{how}.grads_mb": grads / 2**20,
+                        f"lora.{how}.optimizer_mb": optimizer / 2**20,
+                        f"lora.{how}.state_mb": (weights + grads + optimizer) / 2**20,
+                        f"lora.{how}.peak_mem_mb": (resident_bytes(run) + extra) / 2**20
+                        if run.device.type == "cuda" else None})
+        if len(runs) == 2:
+            fig["lora.state_ratio"] = fig["lora.lora.state_mb"] / fig["lora.full.state_mb"]
+            fig["lora.tokens_per_s_ratio"] = fig["lora.lora.tokens_per_s"] / fig["lora.full.tokens_per_s"]
+        fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        any_run = next(iter(runs.values()))
+        notes["dtype"] = common.dtype_name(any_run.ptdtype)
+        device = describe_device(any_run.device)
+    return fig, notes, device
+
+
+def report_lora(b, fig, notes, device):
+    runs = b["lora_runs"]
+    lines = [f"bench lora: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.1f}M parameters, {device}, "
+             f"{notes['dtype']}, rank {b['lora_rank']} on every projection, {b['batch_size']} rows x "
+             f"{b['block_size']} x {b['gradient_accumulation_steps']} micro-steps", f"{'':30}" + "".join(
+                 f"{how:>14}" for how in runs)]
+    for label, key, spec in (("trainable parameters", "trainable_params", ",.0f"), ("tokens/s", "tokens_per_s", ",.0f"),
+                             ("step time, median (ms)", "step_ms", ",.0f"), ("weights (MB)", "weights_mb", ",.1f"),
+                             ("gradients (MB)", "grads_mb", ",.1f"), ("AdamW state (MB)", "optimizer_mb", ",.1f"),
+                             ("weights+grads+state (MB)", "state_mb", ",.1f"), ("CUDA peak (MB)", "peak_mem_mb", ",.0f")):
+        values = [fig[f"lora.{how}.{key}"] for how in runs]
+        lines.append(f"{label:30}" + "".join(f"{'-' if v is None else format(v, spec):>14}" for v in values))
+    if fig["lora.state_ratio"] is not None:
+        lines.append(f"LoRA/full: weights+gradients+optimizer state {fig['lora.state_ratio']:.1%}, tokens/s "
+                     f"{fig['lora.tokens_per_s_ratio']:.2f}x")
+    lines.append(f"process max RSS {fig['process.max_rss_mb']:,.0f} MB (runs in this process: {', '.join(runs)})")
+    return "\n".join(lines)
+
+
 def describe_device(dev):
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -686,7 +765,8 @@ def main(argv=None):
     if b["threads"]:
         torch.set_num_threads(b["threads"])
     torch.manual_seed(b["seed"])
-    measure, render = (bench_serve, report_serve) if b["serve"] else (bench_sft, report_sft) if b["sft"] else (bench, report)
+    measure, render = ((bench_serve, report_serve) if b["serve"] else (bench_lora, report_lora) if b["lora"]
+                       else (bench_sft, report_sft) if b["sft"] else (bench, report))
     fig, notes, device = measure(b)
     print(render(b, fig, notes, device), flush=True)
     if b["json"]:

@@ -23,7 +23,8 @@ import torch
 import distributed
 import files
 from configurator import fail
-from model import ModelConfig, Transformer, from_hf_state_dict
+from model import ModelConfig, Transformer, from_hf_state_dict, merge_lora
+from shards import sha256_file
 
 CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -213,9 +214,11 @@ def load_model(path, device="cpu"):
         state = load_checkpoint(ckpt)
         cfg = ModelConfig(**state["model_config"])
         model = Transformer(cfg)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(with_lora_base(state)["model"])
+        if cfg.lora_rank:  # generation and export want plain weights: the adapters merged
+            model = merge_lora(model)
         info = {"kind": "run", "stage": state.get("stage"), "iter": state.get("iter"),
-                "config": state.get("config", {})}
+                "config": state.get("config", {}), "lora_base": state.get("lora_base")}
     elif is_hf_dir(path):
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             cfg = model_config_from_hf(json.load(f))
@@ -226,13 +229,44 @@ def load_model(path, device="cpu"):
         missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, cfg), strict=False)
         if missing or unexpected:
             fail(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        info = {"kind": "hf", "stage": None, "iter": None, "config": {}}
+        info = {"kind": "hf", "stage": None, "iter": None, "config": {}, "lora_base": None}
     elif glob.glob(os.path.join(path, "*.bin")) or glob.glob(os.path.join(path, "*.pth")):
         fail(f"{path} holds pickled weights (*.bin/*.pth) but no *.safetensors: they are not loaded, since "
              f"unpickling can run code; convert them to safetensors with a tool you trust")
     else:
         fail(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json + *.safetensors)")
     return model.to(device).eval(), info
+
+
+# ----------------------------------------------------------------------------
+# LoRA runs: their checkpoint holds the adapters, and names the base they adapt
+
+
+def weights_sha256(path):
+    """The identity of the weights in a model directory: the sha256 of its ckpt.pt, or of its *.safetensors."""
+    files = [os.path.join(path, CKPT_NAME)] if os.path.isfile(os.path.join(path, CKPT_NAME)) else sorted(
+        glob.glob(os.path.join(path, "*.safetensors")))
+    return sha256_file(files[0]) if len(files) == 1 else ":".join(sha256_file(f) for f in files)
+
+
+def lora_base(path):
+    """What a LoRA run records of its base: the directory and the sha256 of its weights."""
+    return {"path": os.path.abspath(path), "sha256": weights_sha256(path)}
+
+
+def with_lora_base(state):
+    """A checkpoint's state with its full model weights: a LoRA checkpoint holds only its adapters, so the base
+    it names is loaded and checked (a base changed since is refused)."""
+    base = state.get("lora_base")
+    if not base:
+        return state
+    if not os.path.isdir(base["path"]):
+        fail(f"the base of this LoRA run, {base['path']}, is not there any more")
+    if weights_sha256(base["path"]) != base["sha256"]:
+        fail(f"the base of this LoRA run, {base['path']}, has changed since the adapters were trained on it "
+             f"(sha256 of its weights); train the adapters again or restore that base")
+    model, _ = load_model(base["path"])
+    return {**state, "model": {**model.state_dict(), **state["model"]}}
 
 
 # ----------------------------------------------------------------------------
@@ -246,10 +280,11 @@ def save_run(run, it):
     def write():
         if run.rank != 0:
             return
-        state = {"model": {k: v.float() for k, v in model_sd.items()}, "optimizer": optim_sd,
+        saved = {k: v for k, v in model_sd.items() if ".lora_" in k or not run.lora_base}  # LoRA: the base is named
+        state = {"model": {k: v.float() for k, v in saved.items()}, "optimizer": optim_sd,
                  "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
-                 "data": run.data_identity}
+                 "data": run.data_identity, "lora_base": run.lora_base}
         try:
             save_checkpoint(run.cfg["out_dir"], state, run.cfg["keep_last"])
         except OSError as e:
@@ -269,11 +304,14 @@ def load_start(cfg):
         if path is None:
             print(f"init_from=resume: no checkpoint in {cfg['out_dir']} yet, starting from scratch")
             return None
-        state = load_checkpoint(path)
+        state = with_lora_base(load_checkpoint(path))
         state["resume"] = True
         return state
     if os.path.isfile(os.path.join(src, CKPT_NAME)):
         state = load_checkpoint(os.path.join(src, CKPT_NAME))
+        if state.get("lora_base"):  # a LoRA run continued: its base with the adapters merged
+            model, _ = load_model(src)
+            state = {**state, "model": model.state_dict(), "model_config": model.cfg.to_dict()}
         return {"model": state["model"], "model_config": state["model_config"], "data": state.get("data", {}),
                 "stage": state.get("stage")}
     if os.path.isdir(src) and is_hf_dir(src):
@@ -282,10 +320,13 @@ def load_start(cfg):
     fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
 
 
-def model_config(cfg, meta, start):
-    """The model's shape: from the checkpoint being continued, else from the config."""
+def model_config(cfg, meta, start, lora_targets=()):
+    """The model's shape: from the checkpoint being continued, else from the config; adapters from the config."""
+    lora = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+            "lora_targets": tuple(lora_targets) if cfg["lora_rank"] else ()}
     if start is not None:
-        mc = ModelConfig(**{**start["model_config"], "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"]})
+        mc = ModelConfig(**{**start["model_config"], "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
+                            **lora})
         if cfg["rope_scaling"] is not None:
             mc.rope_scaling = dict(cfg["rope_scaling"])
         return ModelConfig(**mc.to_dict())
@@ -293,7 +334,7 @@ def model_config(cfg, meta, start):
         vocab_size=cfg["vocab_size"] or meta["vocab_size"], dim=cfg["dim"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None, ffn_dim=cfg["ffn_dim"] or None,
         max_seq_len=cfg["block_size"], rope_theta=cfg["rope_theta"], rope_scaling=cfg["rope_scaling"],
-        norm_eps=cfg["norm_eps"], tie_embeddings=cfg["tie_embeddings"], dropout=cfg["dropout"],
+        norm_eps=cfg["norm_eps"], tie_embeddings=cfg["tie_embeddings"], dropout=cfg["dropout"], **lora,
     )
 
 

@@ -102,7 +102,8 @@ def add_logps(run, batch):
             batch.old_logps = -losses.token_losses(run.model, batch.x, batch.y, temperature=t).float()
             run.raw_model.train()
         if run.reference is not None:
-            batch.ref_logps = -losses.token_losses(run.reference.model, batch.x, batch.y, temperature=t).float()
+            with run.reference.module() as reference:
+                batch.ref_logps = -losses.token_losses(reference, batch.x, batch.y, temperature=t).float()
     return batch
 
 

@@ -18,11 +18,13 @@ Each function returns sums, never means: the step's loss is a mean over all
 of its targets, across micro-batches and ranks, which only sums can give.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 import distributed
-from model import Transformer
+from model import Transformer, adapters_off
 
 # DPO statistics as TRL names them; each is a mean over pairs
 DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -117,11 +119,14 @@ def batch_counts(batch, stage):
 
 
 class Reference:
-    """The DPO reference: a frozen copy of the starting weights, or (precompute=True) their log-probs of every
-    pair of each split, computed once, so that no second model stays in memory."""
+    """The reference of DPO (and of GRPO's KL): a frozen copy of the starting weights; or (precompute=True) their
+    log-probs of every pair of each split, computed once, so that no second model stays in memory; or, for a
+    LoRA run, `shared`, the policy itself with its adapters off: its base, which is the starting weights."""
 
-    def __init__(self, raw_model, batches, device, autocast, rank, world, precompute):
-        self.model, self.tables = None, {}
+    def __init__(self, raw_model, batches, device, autocast, rank, world, precompute, shared=None):
+        self.model, self.tables, self.shared = None, {}, shared
+        if shared is not None:
+            return
         if precompute:
             self.tables = {split: _precompute(raw_model, b, device, autocast, rank, world)
                            for split, b in batches.items()}
@@ -130,13 +135,23 @@ class Reference:
             self.model.load_state_dict(raw_model.state_dict())
             self.model.eval().requires_grad_(False)
 
+    @contextlib.contextmanager
+    def module(self):
+        """The module that computes as the reference, for the time of the block."""
+        if self.shared is None:
+            yield self.model
+        else:
+            with adapters_off(self.shared) as base:
+                yield base
+
     @torch.no_grad()
     def logps(self, batch, split):
         """(2B,) reference log-probs of a batch of `split`, chosen rows first (as sequence_logps)."""
-        if self.model is not None:
-            return sequence_logps(self.model, batch)
-        pairs = self.tables[split][batch.units.cpu()].to(batch.x.device)  # (B, 2)
-        return pairs.T.reshape(-1)
+        if self.tables:
+            pairs = self.tables[split][batch.units.cpu()].to(batch.x.device)  # (B, 2)
+            return pairs.T.reshape(-1)
+        with self.module() as reference:
+            return sequence_logps(reference, batch)
 
 
 @torch.no_grad()

@@ -12,6 +12,12 @@ the output dimension) and `gate_up_proj` (gate, up stacked). `to_hf_state_dict`
 and `from_hf_state_dict` split and join them; nothing is permuted because the
 rotary layout is already HF's.
 
+LoRA (lora_rank > 0): the projections named in lora_targets become
+LoRALinear, the frozen weight plus a low-rank update scale * B @ A per part:
+q, k and v of the fused qkv_proj each get their own pair, as gate and up do,
+so an adapter maps one-to-one onto HF's q_proj, k_proj, ... (PEFT) and
+merges into plain weights exactly (merge_lora).
+
 Packed training rows (several documents in one row) pass `segments`, the
 document of every position: attention then stays inside each document
 (block-diagonal causal) and positions restart at 0 for each, so every document
@@ -20,8 +26,9 @@ is computed as it would be alone.
 Generation keeps a preallocated KV cache (no torch.cat per step).
 """
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -46,8 +53,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ()  # the parts with adapters, of LORA_PARTS
 
     def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.ffn_dim is None:
@@ -63,6 +75,10 @@ class ModelConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    def base(self):
+        """The same shape without adapters."""
+        return replace(self, lora_rank=0, lora_targets=())
 
     @property
     def rope_original_len(self):
@@ -187,14 +203,84 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+LORA_PARTS = ("q", "k", "v", "o", "gate", "up", "down")
+# each part's place: the fused projection holding it and HF's name for it
+LORA_PLACES = {"q": ("self_attn.qkv_proj", "self_attn.q_proj"), "k": ("self_attn.qkv_proj", "self_attn.k_proj"),
+               "v": ("self_attn.qkv_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj", "self_attn.o_proj"),
+               "gate": ("mlp.gate_up_proj", "mlp.gate_proj"), "up": ("mlp.gate_up_proj", "mlp.up_proj"),
+               "down": ("mlp.down_proj", "mlp.down_proj")}
+
+
+class LoRALinear(nn.Linear):
+    """A bias-free linear layer whose outputs are parts (q, k, v of a fused projection, ...), with a low-rank
+    update scale * B_p @ A_p on each part p that is adapted; the weight itself is frozen. With `enabled` False
+    it is the base layer (the DPO reference, the GRPO KL)."""
+
+    def __init__(self, in_features, parts, adapted, rank, alpha, dropout):
+        super().__init__(in_features, sum(parts.values()), bias=False)
+        self.parts, self.scale, self.enabled = parts, alpha / rank, True
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(rank, in_features)) for p in adapted})
+        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(parts[p], rank)) for p in adapted})
+        for a in self.lora_A.values():  # as PEFT: A random, B zero, so the update starts at zero
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def delta(self):
+        """The weight update, (out_features, in_features): zero on the parts without an adapter."""
+        return torch.cat([self.scale * (self.lora_B[p] @ self.lora_A[p]) if p in self.lora_A else
+                          self.weight.new_zeros(n, self.in_features) for p, n in self.parts.items()])
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if not self.enabled:
+            return y
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        return y + torch.cat([self.scale * F.linear(F.linear(h, self.lora_A[p]), self.lora_B[p]) if p in self.lora_A
+                              else y.new_zeros(*y.shape[:-1], n) for p, n in self.parts.items()], dim=-1)
+
+
+def projection(cfg, in_features, parts):
+    """A bias-free linear layer for these output parts: LoRALinear when any of them is a LoRA target."""
+    adapted = [p for p in parts if cfg.lora_rank and p in cfg.lora_targets]
+    if not adapted:
+        return nn.Linear(in_features, sum(parts.values()), bias=False)
+    layer = LoRALinear(in_features, parts, adapted, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    layer.lora_dropout = cfg.lora_dropout
+    return layer
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The base model, for the time of the block: every LoRALinear of `model` without its update."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def merge_lora(model):
+    """A plain Transformer (no adapters) whose weights are the base weights plus every update."""
+    merged = Transformer(model.cfg.base())
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            state[name + ".weight"] = (m.weight + m.delta()).detach()
+    merged.load_state_dict(state)
+    return merged.to(model.lm_head.weight.device).eval()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.dim, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, cfg.dim, bias=False)
+        self.qkv_proj = projection(cfg, cfg.dim, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
+        self.o_proj = projection(cfg, self.q_size, {"o": cfg.dim})
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
         """mask: None (causal), or (B, 1, T, T) bool, True where a query may attend to a key (packed rows)."""
@@ -222,8 +308,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = projection(cfg, cfg.dim, {"gate": cfg.ffn_dim, "up": cfg.ffn_dim})
+        self.down_proj = projection(cfg, cfg.ffn_dim, {"down": cfg.dim})
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -46,7 +46,7 @@ from batches import Batches
 from configurator import fail
 from files import write_json
 from metrics import Logger, format_line
-from model import ModelConfig, Transformer
+from model import LORA_PARTS, ModelConfig, Transformer
 from rewards import Reward
 from tokenizer import ChatTokenizer, load_tokenizer
 
@@ -86,6 +86,10 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0: no clipping
 # post-training
+lora_rank = 0  # > 0: train LoRA adapters of this rank on frozen weights (any stage but pretrain)
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = "all"  # attention | mlp | all, or projections of q, k, v, o, gate, up, down, comma-separated
 think_tag_weight = 1.0  # sft: weight of target positions whose label is a reasoning tag
 pack = None  # sft: whole documents packed into each row, attention and positions kept per document (None: True for sft)
 doc_mask = False  # pretrain: documents in a window do not attend to each other, positions restart per document
@@ -353,6 +357,7 @@ class Run:
     best_val_loss: float = float("inf")
     stop_requested: bool = False  # set by SIGTERM/SIGINT; every rank stops after the same step
     phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
+    lora_base: Optional[dict] = None  # LoRA: the directory the adapters train on, and its weights' sha256
     tokenizer: Optional[ChatTokenizer] = None  # grpo: completions decoded for the reward
     reward: Optional[Reward] = None  # grpo
     prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
@@ -388,14 +393,25 @@ def build(cfg):
 
     start = checkpoint.load_start(cfg)
     checkpoint.check_data_identity(cfg, meta, start)
+    if cfg["lora_rank"] and start is None:
+        fail("lora_rank > 0 trains adapters on a model: set init_from to a run or HF directory (or resume)")
+    if start is not None and start.get("resume") and start["model_config"].get("lora_rank", 0) != cfg["lora_rank"]:
+        fail(f"the checkpoint in {cfg['out_dir']} was trained with lora_rank={start['model_config'].get('lora_rank', 0)}"
+             f", not {cfg['lora_rank']}: resume with the settings it was trained with")
     torch.manual_seed(cfg["seed"])
-    mcfg = checkpoint.model_config(cfg, meta, start)
+    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
     if mcfg.vocab_size < meta["vocab_size"]:
         fail(f"the model's vocabulary ({mcfg.vocab_size}) does not cover the data's ({meta['vocab_size']} ids in "
              f"{cfg['data_dir']}): prepare the data with the model's tokenizer")
     raw = Transformer(mcfg)
     if start is not None:
-        raw.load_state_dict(start["model"])
+        missing, unexpected = raw.load_state_dict(start["model"], strict=False)
+        if unexpected or any(".lora_" not in k for k in missing):  # only new adapters may be missing
+            fail(f"the weights of {cfg['init_from']} do not fit the model (missing {missing[:3]}, unexpected "
+                 f"{unexpected[:3]})")
+    if cfg["lora_rank"]:  # only the adapters train; the base is frozen and stays out of the optimizer
+        for name, p in raw.named_parameters():
+            p.requires_grad_(".lora_" in name)
     raw.to(dev)
 
     autocast = common.autocast(dev, ptdtype)
@@ -407,16 +423,21 @@ def build(cfg):
     val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
                           doc_mask=cfg["doc_mask"], **batch_args)
     reference = None
-    if cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo":
+    wants_reference = cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo"
+    if wants_reference and not cfg["lora_rank"]:
         reference = losses.Reference(raw, {"train": train_batches, "val": val_batches}, dev, autocast, rank, world,
                                      precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo")
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
+    if wants_reference and cfg["lora_rank"]:  # the reference is the base: the policy with its adapters off
+        reference = losses.Reference(raw, {}, dev, autocast, rank, world, precompute=False, shared=model)
     run = Run(cfg=cfg, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast, raw_model=raw,
               model=model, optimizer=configure_optimizer(model, cfg, dev),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
               data_identity=checkpoint.data_identity(cfg, meta))
+    if cfg["lora_rank"]:
+        run.lora_base = start["lora_base"] if start.get("resume") else checkpoint.lora_base(cfg["init_from"])
     if cfg["stage"] == "grpo":
         run.tokenizer, run.reward = load_tokenizer(cfg["data_dir"]), Reward(cfg["reward"])
     if start is not None and start.get("resume"):
@@ -479,6 +500,12 @@ def check_config(cfg, world):
             fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
         if cfg["max_new_tokens"] >= cfg["block_size"]:
             fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
+    if cfg["lora_rank"] < 0 or (cfg["lora_rank"] and not (cfg["lora_alpha"] > 0 and 0 <= cfg["lora_dropout"] < 1)):
+        fail("lora_rank must be >= 0 (0: no adapters); with adapters lora_alpha > 0 and lora_dropout in [0, 1)")
+    if cfg["lora_rank"] and cfg["stage"] == "pretrain":
+        fail("lora_rank > 0 adapts a trained model: use it for sft, dpo or grpo, not pretrain")
+    if cfg["lora_rank"]:
+        lora_parts(cfg["lora_targets"])
     if cfg["pack"] not in (True, False):
         fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
     if cfg["pack"] and cfg["stage"] != "sft":
@@ -517,6 +544,18 @@ def lr_at(it, cfg):
     return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lo)
 
 
+def lora_parts(spec):
+    """The projections a lora_targets value names (model.LORA_PARTS), or one line naming what matched nothing."""
+    groups = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": LORA_PARTS}
+    parts = []
+    for name in (s.strip() for s in spec.split(",")):
+        if name not in groups and name not in LORA_PARTS:
+            fail(f"lora_targets {spec!r}: {name!r} matches no projection (give attention, mlp, all, or some of "
+                 f"{', '.join(LORA_PARTS)})")
+        parts += [p for p in groups.get(name, (name,)) if p not in parts]
+    return tuple(parts)
+
+
 def configure_optimizer(model, cfg, dev):
     """AdamW, weight decay on matrices only (not norms), fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -540,9 +579,12 @@ def print_plan(run):
     if run.rank != 0:
         return
     cfg, raw = run.cfg, run.raw_model
-    print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.cfg.n_layers} layers, dim {raw.cfg.dim}, "
-          f"vocab {raw.cfg.vocab_size}; device {run.device}, {common.dtype_name(run.ptdtype)}, "
-          f"{run.world} process(es){', FSDP' if run.fsdp else ''}")
+    trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    lora = (f", LoRA rank {raw.cfg.lora_rank} on {'/'.join(raw.cfg.lora_targets)} of {run.lora_base['path']}"
+            if run.lora_base else "")
+    print(f"model: {raw.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trainable{lora}), "
+          f"{raw.cfg.n_layers} layers, dim {raw.cfg.dim}, vocab {raw.cfg.vocab_size}; device {run.device}, "
+          f"{common.dtype_name(run.ptdtype)}, {run.world} process(es){', FSDP' if run.fsdp else ''}")
     batches = run.train_batches
     if cfg["stage"] == "grpo":
         print(f"stage grpo: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "

@@ -109,3 +109,15 @@ def test_serve_mode_measures_tokens_and_time_to_first_token(tmp_path):
     fig = json.loads(path.read_text())["figures"]
     assert fig["serve.1.requests"] == 1 and fig["serve.3.requests"] == 3
     assert fig["serve.3.tokens_per_s"] > 0 and 0 < fig["serve.3.ttft_p50_ms"] <= fig["serve.3.ttft_p95_ms"]
+
+
+def test_lora_mode_counts_what_each_run_keeps(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main(SMALL + ["--lora=True", "--lora_rank=2", "--rounds=1", f"--json={path}"])
+    fig = json.loads(path.read_text())["figures"]
+    assert list(fig) == bench.LORA_KEYS
+    assert fig["lora.lora.trainable_params"] < fig["lora.full.trainable_params"] == fig["model.params"]
+    assert fig["lora.lora.grads_mb"] < fig["lora.full.grads_mb"] and fig["lora.lora.optimizer_mb"] < fig[
+        "lora.full.optimizer_mb"]
+    assert fig["lora.full.optimizer_mb"] == pytest.approx(2 * fig["lora.full.grads_mb"], rel=1e-3)  # AdamW: 2 moments
+    assert fig["lora.state_ratio"] == pytest.approx(fig["lora.lora.state_mb"] / fig["lora.full.state_mb"])

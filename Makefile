@@ -2,7 +2,8 @@
 #   make demo   the whole pipeline on the embedded demo data, ending in out/demo/report.md
 #   make test   the test suite (pytest, CPU)
 # Each creates .venv and installs requirements.txt on first use; later runs install nothing
-# (the stamp .venv/.installed is newer than requirements.txt).
+# (the stamp .venv/.installed is newer than requirements.txt). make test also installs requirements-test.txt
+# (stamp .venv/.installed-test), which builds llama.cpp once (llama-cpp-python; pip caches the wheel).
 # torch: without an NVIDIA GPU (no nvidia-smi), the CPU build of torch==2.13.0 from the PyTorch CPU index
 # (PyPI's Linux build carries CUDA libraries a CPU machine does not need), one try only, then torch's
 # dependencies from PyPI (where that index cannot be reached, this second step takes torch from PyPI).
@@ -13,6 +14,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+# llama-cpp-python builds llama.cpp: the library only, for any x86-64/arm64 CPU (the wheel is cached and reused)
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -21,7 +26,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 demo: $(STAMP)
 	$(PY) demo.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 # make bench-gpu: every GPU figure of docs/BENCHMARKS.md, the most wanted first (124M with compile against HF,
@@ -67,3 +72,8 @@ $(STAMP): requirements.txt
 	grep -v '^torch' requirements.txt > $(VENV)/requirements-without-torch.txt
 	$(PY) -m pip install -r $(VENV)/requirements-without-torch.txt
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL="$$(nproc 2>/dev/null || echo 2)" \
+		$(PY) -m pip install -r requirements-test.txt
+	touch $(TEST_STAMP)

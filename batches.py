@@ -103,7 +103,9 @@ class Batches:
         self.n_units = count_units(stage, split.num_tokens, split.num_docs, block_size)
         if self.n_units < 1:
             fail(f"split '{split.name}' of {split.data_dir} is too small for stage {stage} with block_size "
-                 f"{block_size} ({split.num_tokens} tokens, {split.num_docs} documents)")
+                 f"{block_size} ({split.num_tokens} tokens, {split.num_docs} documents)"
+                 + (": prepare it with a larger --val_fraction or a --val_input file, or train without evaluation "
+                    "(--eval_iters=0)" if split.name == "val" else ""))
         self._epoch = self._order = None
         self._epoch_starts = [0]  # packing="epoch": the first unit of each epoch planned so far
 

@@ -235,7 +235,8 @@ def stage_summary(path, init_stage):
         "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps, "stage": cfg["stage"],
         "tokens": steps * per_step if per_step else None, "epochs": steps_logged[-1]["epoch"],
         "train_loss": steps_logged[-1]["loss"], "val_loss_start": evals[0]["val_loss"],
-        "val_loss": evals[-1]["val_loss"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
+        "val_loss": evals[-1]["val_loss"], "val_bpb_start": evals[0].get("val_bpb"), "val_bpb": evals[-1].get("val_bpb"),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
         "fill": statistics.mean(r["fill"] for r in steps_logged), "pack": cfg["pack"],
         "target_tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in steps_logged),
         "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
@@ -538,9 +539,12 @@ def render_report(r):
             return f"reward {-s['val_loss_start']:.3f} → {-s['val_loss']:.3f}"
         return f"{s['val_loss_start']:.3f} → {s['val_loss']:.3f}"
 
+    def bpb(s):  # grpo has no val cross-entropy
+        return "–" if s.get("val_bpb") is None else f"{s['val_bpb_start']:.3f} → {s['val_bpb']:.3f}"
+
     training = [(name, s["init_from"] or "scratch", s["block_size"], s["steps"],
                  "–" if s["tokens"] is None else f"{s['tokens']:,}", f"{s['epochs']:.2f}", f"{s['train_loss']:.3f}",
-                 val(s), pct(s["fill"]), f"{s['tokens_per_s']:,.0f}", f"{s['target_tokens_per_s']:,.0f}")
+                 val(s), bpb(s), pct(s["fill"]), f"{s['tokens_per_s']:,.0f}", f"{s['target_tokens_per_s']:,.0f}")
                 for name, s in st.items()]
     tasks = [(kind, *(count(m["by_task"][kind]) for m in models.values())) for kind in sft["by_task"]]
     tasks.append(("**all**", *(count(m) for m in models.values())))
@@ -558,12 +562,14 @@ def render_report(r):
         "## Environment", "", "| | |", "|---|---|", *(f"| {k} | {val} |" for k, val in environment), "",
         "## Training", "",
         *table(["stage", "from", "block", "steps", "tokens", "epochs", "final train loss", "val loss: start → end",
-                "fill", "tokens/s", "target tokens/s"], training, left=2), "",
+                "val bits/byte", "fill", "tokens/s", "target tokens/s"], training, left=2), "",
         "Tokens are the positions computed, rows × block size; fill is the share of them that hold real tokens, "
         f"not padding ({', '.join(n for n, s in st.items() if s['pack'])}: whole conversations packed into each row, "
         "each attending only to itself); target tokens are those that carry loss. An epoch is one pass over the "
         f"stage's train split. The distill train loss counts each reasoning tag {st['distill']['think_tag_weight']:g} "
-        "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs).", "",
+        "times; every val loss is the plain mean over held-out target tokens (DPO: the DPO loss of held-out pairs). "
+        "Bits per byte is the held-out cross-entropy in bits over the UTF-8 bytes of those targets (DPO: of the "
+        "chosen replies), a figure that compares across tokenizers.", "",
         "![loss curves of every stage](loss.png)", "",
         f"## Held-out tasks ({r['tasks']['n']} prompts of tasks_val.jsonl, greedy)", "",
         *table(["task", *models], tasks), "",

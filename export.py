@@ -4,6 +4,7 @@ Export a run directory to a HuggingFace transformers directory (LlamaForCausalLM
     python export.py --out_dir=out/demo/sft --hf_dir=hf/sft
     python export.py --out_dir=out/demo/sft --hf_dir=hf/sft_bf16 --dtype=bfloat16
     python export.py --out_dir=out/lora_sft --hf_dir=hf/lora_adapter --merge=False    # a PEFT adapter
+    python export.py --out_dir=out/demo/sft --gguf=sft.gguf --gguf_type=q8_0           # llama.cpp, ollama
 
 Writes config.json, generation_config.json, model.safetensors and the tokenizer
 files with the chat template. No custom code: `AutoModelForCausalLM` and
@@ -15,6 +16,12 @@ or as a PEFT adapter (merge=False): adapter_config.json + adapter_model.safetens
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), hf_dir)` loads; base is
 the HF directory the run adapted, or, for a run directory, its export written to hf_dir/base.
 
+GGUF (llama.cpp's format, which ollama and LM Studio read) is written with the gguf package, llama.cpp's
+own Python library: the Llama architecture, the byte-level BPE tokenizer with llama.cpp's "gpt-2"
+pre-tokenizer (the regex prepare.py's tokenizer splits with), the special tokens, the chat template and
+RoPE scaling (linear or YaRN; llama.cpp has no dynamic NTK). Weights are f32, f16, bf16 or q8_0 (norms
+stay f32). tests/test_gguf.py runs the file in llama.cpp (llama-cpp-python): the same greedy text.
+
 The reverse needs no script: `checkpoint.load_model(hf_dir)` (used by
 `init_from=<hf dir>` in train.py and `--hf_dir` in sample.py) reads any Llama
 directory with safetensors weights.
@@ -23,19 +30,20 @@ directory with safetensors weights.
 import glob
 import json
 import os
-import shutil
 
 import checkpoint
 import configurator
 from common import DTYPES
-from files import write_json
+from files import replace_durably, write_json
 from generation import is_chat_model
 from model import LORA_PLACES, to_hf_state_dict
-from tokenizer import load_tokenizer
+from tokenizer import CHAT_TEMPLATE, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run directory (ckpt.pt + tokenizer files) to export
 hf_dir = ""  # the directory to write
+gguf = ""  # a .gguf file to write (instead of, or besides, hf_dir)
+gguf_type = "f16"  # f32 | f16 | bf16 | q8_0: the GGUF's weight type (norms stay f32)
 dtype = "float32"  # float32 | bfloat16 | float16: the dtype of the saved weights
 merge = True  # a LoRA run: its adapters merged into plain weights (True) or a PEFT adapter directory (False)
 # -----------------------------------------------------------------------------
@@ -46,25 +54,6 @@ def hf_weights(model, dtype):
     """Our weights under LlamaForCausalLM names, each its own contiguous tensor (safetensors refuses shared memory)."""
     return {name: t.detach().to("cpu", DTYPES[dtype], copy=True).contiguous()
             for name, t in to_hf_state_dict(model).items()}
-
-
-def write_tokenizer(run_dir, hf_dir, tokenizer):
-    """The run's tokenizer files, with the chat template both in tokenizer_config.json and in chat_template.jinja."""
-    tokenizer.save(hf_dir)  # a complete, consistent set; the run's own files below take precedence
-    for name in checkpoint.TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(run_dir, name)):
-            shutil.copyfile(os.path.join(run_dir, name), os.path.join(hf_dir, name))
-    config_path = os.path.join(hf_dir, "tokenizer_config.json")
-    jinja_path = os.path.join(hf_dir, "chat_template.jinja")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("chat_template"):
-        with open(jinja_path, "w", encoding="utf-8") as f:
-            f.write(config["chat_template"])
-    elif os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            config["chat_template"] = f.read()
-        write_json(config_path, config)
 
 
 def export(run_dir, hf_dir, dtype="float32"):
@@ -91,7 +80,7 @@ def export(run_dir, hf_dir, dtype="float32"):
         "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
     })
     save_file(hf_weights(model, dtype), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer(run_dir, hf_dir, tokenizer)
+    tokenizer.save(hf_dir, chat=chat)
     return sorted(os.listdir(hf_dir))
 
 
@@ -123,17 +112,130 @@ def export_adapter(run_dir, hf_dir, dtype="float32"):
         "lora_alpha": mc["lora_alpha"], "lora_dropout": mc["lora_dropout"], "bias": "none", "inference_mode": True,
         "target_modules": sorted({LORA_PLACES[p][1].split(".")[-1] for p in mc["lora_targets"]}),
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True})
-    write_tokenizer(run_dir, hf_dir, load_tokenizer(run_dir))
+    load_tokenizer(run_dir).save(hf_dir, chat=True)
     return sorted(os.listdir(hf_dir))
+
+
+GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+
+def export_gguf(run_dir, path, gguf_type="f16"):
+    """Write the model in run_dir (a LoRA run merged) as one GGUF file for llama.cpp; return its size in bytes."""
+    import gguf
+
+    if gguf_type not in GGUF_TYPES:
+        configurator.fail(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    model, info = checkpoint.load_model(run_dir, "cpu")
+    tokenizer = load_tokenizer(run_dir)
+    chat, cfg = is_chat_model(run_dir, info), model.cfg
+    check_gguf_rope_scaling(cfg.rope_scaling)
+    tmp = path + ".tmp"  # a file cut short by an error or a kill is never left under the name
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(os.path.basename(os.path.abspath(run_dir)))
+    writer.add_file_type(getattr(gguf.LlamaFileType, GGUF_TYPES[gguf_type][1]))
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    add_gguf_rope_scaling(writer, cfg)
+    add_gguf_tokenizer(writer, tokenizer, cfg.vocab_size, chat)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
+    for name, t in to_hf_state_dict(model).items():
+        data = t.detach().float().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # HF's rotate-half layout -> llama.cpp's pairs
+            heads = cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads
+            data = data.reshape(heads, 2, cfg.head_dim // 2, cfg.dim).swapaxes(1, 2).reshape(data.shape)
+        kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:  # q8_0 blocks are 32 wide
+            kind = gguf.GGMLQuantizationType.F16
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), gguf.quants.quantize(data, kind),
+                          raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    replace_durably(tmp, path)
+    return os.path.getsize(path)
+
+
+def check_gguf_rope_scaling(s):
+    """Refuse what llama.cpp would compute differently, before anything is written."""
+    if s and s["type"] == "dynamic":
+        configurator.fail("llama.cpp has no dynamic NTK RoPE scaling: export this model with --hf_dir, or train "
+                          "the long-context stage with rope_scaling type linear or yarn")
+    if s and "attention_factor" in s:
+        configurator.fail("a YaRN attention_factor of its own is not written to GGUF (llama.cpp derives it from the "
+                          "factor): export this model with --hf_dir")
+
+
+def add_gguf_rope_scaling(writer, cfg):
+    import gguf
+
+    s = cfg.rope_scaling
+    if not s:
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if s["type"] == "linear" else gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(s["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_len)
+    if s["type"] == "yarn":
+        writer.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast", 32.0)))
+        writer.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow", 1.0)))
+
+
+def add_gguf_tokenizer(writer, tokenizer, vocab_size, chat):
+    """Byte-level BPE as llama.cpp's "gpt2" tokenizer model: tokens, merges, types, special ids, chat template.
+    Documents start with <|endoftext|> as in pretraining; a chat model stops at <|im_end|>, a base model at
+    <|endoftext|>."""
+    import gguf
+
+    spec = json.loads(tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec["model"].get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        configurator.fail("GGUF export writes byte-level BPE tokenizers with the GPT-2 split (what prepare.py "
+                          f"trains); this run's tokenizer is {spec['model'].get('type')} with pre-tokenizer "
+                          f"{pre.get('type')}: export it with --hf_dir and convert with llama.cpp's converter")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for piece, i in tokenizer.pieces().items():
+        tokens[i], types[i] = piece, gguf.TokenType.NORMAL
+    for piece, i in tokenizer.special_ids.items():
+        types[i] = gguf.TokenType.CONTROL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.eot_id)
+    writer.add_eos_token_id(tokenizer.im_end_id if chat else tokenizer.eot_id)
+    writer.add_pad_token_id(tokenizer.eot_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def main(argv=None):
     config = configurator.configure(_DEFAULTS, argv)
     configurator.print_config(config)
-    if not config["out_dir"] or not config["hf_dir"]:
-        configurator.fail("both --out_dir (the run directory) and --hf_dir (the directory to write) are required")
-    written = (export if config["merge"] else export_adapter)(config["out_dir"], config["hf_dir"], config["dtype"])
-    print(f"exported {config['out_dir']} -> {config['hf_dir']} ({config['dtype']}): {', '.join(written)}")
+    if not config["out_dir"] or not (config["hf_dir"] or config["gguf"]):
+        configurator.fail("--out_dir (the run directory) and --hf_dir (a directory to write) or --gguf (a file to "
+                          "write) are required")
+    if config["hf_dir"]:
+        written = (export if config["merge"] else export_adapter)(config["out_dir"], config["hf_dir"], config["dtype"])
+        print(f"exported {config['out_dir']} -> {config['hf_dir']} ({config['dtype']}): {', '.join(written)}")
+    if config["gguf"]:
+        size = export_gguf(config["out_dir"], config["gguf"], config["gguf_type"])
+        print(f"exported {config['out_dir']} -> {config['gguf']} ({config['gguf_type']}, {size / 2**20:.1f} MiB)")
     return 0
 
 

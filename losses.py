@@ -111,6 +111,13 @@ def target_count(batch, stage, weighted=True):
     return float(batch.w.sum() if weighted else (batch.w > 0).sum())
 
 
+def target_bytes(batch, stage, token_bytes):
+    """The UTF-8 bytes the micro-batch's targets decode to (tokenizer.token_bytes), those of the chosen rows for DPO
+    (the rows before the rejected ones): the denominator of bits per byte."""
+    size = token_bytes[batch.y.clamp(min=0)] * (batch.w > 0)
+    return (size[: size.shape[0] // 2] if stage == "dpo" else size).sum().float()
+
+
 def batch_counts(batch, stage):
     """float64 [loss normaliser (target_count), target tokens, real positions, computed positions] of a
     micro-batch, taken on the host: the step's mean, and how full its rows are."""

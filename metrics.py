@@ -53,16 +53,29 @@ class Logger:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
+    def close(self):
+        """Finish the wandb run (an offline run's files are complete only then)."""
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
 
 def start_wandb(cfg):
-    """A wandb run in out_dir: online with a login, offline without one (never a prompt, never a stop)."""
+    """A wandb run in out_dir: online with a login, offline without one (out_dir/wandb/offline-run-*, for
+    `wandb sync` later). Never a prompt, never a stop: when wandb cannot start, training goes on without it."""
     try:
         import wandb
     except ImportError:
         fail("wandb_log=True needs the wandb package: pip install wandb")
     logged_in = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
-    return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg,
-                      mode="online" if logged_in else "offline", dir=cfg["out_dir"])
+    mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg, mode=mode,
+                          dir=cfg["out_dir"])
+    except Exception as e:  # wandb raises many kinds (no login, no network, a service that does not start)
+        print(f"warning: wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"training goes on, logging to {cfg['out_dir']}/metrics.jsonl only", flush=True)
+        return None
 
 
 def format_line(it, record):

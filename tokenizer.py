@@ -34,7 +34,8 @@ import os
 import re
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 import configurator
 from files import write_json
@@ -160,14 +161,45 @@ class ChatTokenizer:
                 pos += len(s)
         return ids, offsets
 
+    def pieces(self):
+        """{token string: id} of every token, the added ones included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def token_bytes(self):
+        """int64 array: the UTF-8 bytes each id decodes to, for bits per byte. The control tokens (<|endoftext|>,
+        <|im_start|>, <|im_end|>) are not text: 0 bytes (their loss still counts); the reasoning tags are the
+        text they spell. Byte-level BPE ids are exact bytes (a piece of a character counts its bytes);
+        SentencePiece ids count "▁" as a space and <0xNN> as one byte."""
+        spec = json.loads(self._tok.to_str())
+        byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
+        unicode_to_byte = {c: b for b, c in enumerate(_byte_level_alphabet())}
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        for piece, i in self.pieces().items():
+            if piece in self.special_ids and piece not in REASONING_TAGS:
+                continue
+            if byte_level and piece not in REASONING_TAGS and all(c in unicode_to_byte for c in piece):
+                sizes[i] = len(piece)  # one character per byte
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                sizes[i] = 1
+            else:
+                sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return sizes
+
     # -- files ----------------------------------------------------------------------------------
-    def save(self, directory):
-        """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and special_tokens_map.json."""
+    def save(self, directory, chat=True):
+        """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and special_tokens_map.json, set up so
+        that transformers' defaults do what training did: `tokenizer(text)` starts the text as a document (with
+        <|endoftext|>, which pretraining put between documents; sample.py's complete mode does the same), the chat
+        template adds no such token (prepare.py's chats start at <|im_start|>), and eos is where generation
+        stops: <|im_end|> for a chat model, <|endoftext|> for a base model (chat=False)."""
         os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A $B:1", special_tokens=[("<|endoftext|>", self.eot_id)])
+        tok.save(os.path.join(directory, "tokenizer.json"))
         special_map = {
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|im_end|>" if chat else "<|endoftext|>",
             "pad_token": "<|endoftext|>",
             "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
         }
@@ -175,6 +207,8 @@ class ChatTokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special_map,
             "unk_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
             "chat_template": CHAT_TEMPLATE,
@@ -187,6 +221,23 @@ class ChatTokenizer:
     def to_str(self):
         """The tokenizer.json text."""
         return self._tok.to_str()
+
+
+def _has_type(node, kind):
+    """Whether a tokenizer.json component (a decoder, a pre-tokenizer, possibly a Sequence of them) is of `kind`."""
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_has_type(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_type(v, kind) for v in node)
+    return False
+
+
+def _byte_level_alphabet():
+    """The 256 characters byte-level BPE writes bytes 0..255 as (GPT-2's table: printable bytes stand for
+    themselves, the others are shifted to U+0100 and up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def _alternation(strings):

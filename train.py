@@ -116,7 +116,7 @@ dist_timeout_s = 600.0  # torchrun: a collective not done by then (a process stu
 seed = 1337
 # evaluation, logging, checkpoints
 eval_interval = 200
-eval_iters = 20
+eval_iters = 20  # micro-batches per evaluation; 0: no evaluation (a data dir without a val split)
 log_interval = 10
 checkpoint_interval = 0  # 0: every eval_interval
 keep_last = 1  # older checkpoints kept beside ckpt.pt
@@ -177,7 +177,7 @@ def train_loop(run, logger):
     peak = common.peak_tflops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
     it, bad_in_row, t0 = run.start_iter, 0, time.time()
     while True:
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+        if cfg["eval_iters"] and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
             run.phase = f"evaluation at iteration {it}"
             ev = evaluate(run)
             run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
@@ -219,6 +219,7 @@ def train_loop(run, logger):
             checkpoint.save_run(run, it)
     run.phase = f"checkpoint save at iteration {it}"
     checkpoint.save_run(run, it)
+    logger.close()
     distributed.destroy(run.world)
 
 
@@ -309,11 +310,12 @@ def load_micros(run, it):
 @torch.no_grad()
 def evaluate(run):
     """Validation figures over eval_iters micro-batches shared by the ranks: token-exact mean cross-entropy
-    (unweighted), DPO loss and reward statistics, or (grpo) greedy rewards (grpo.evaluate)."""
+    (unweighted), DPO loss and reward statistics, or (grpo) greedy rewards (grpo.evaluate); and val_bpb, bits per
+    UTF-8 byte of the targets (of the chosen replies, for DPO), which compares across tokenizers."""
     if run.cfg["stage"] == "grpo":
         return grpo.evaluate(run)
     cfg, model, n = run.cfg, run.model, run.cfg["eval_iters"]
-    names = ("loss", "count", *losses.stat_names(cfg["stage"]))
+    names = ("loss", "count", "bytes", *losses.stat_names(cfg["stage"]))
     model.eval()
     sums = torch.zeros(len(names), device=run.device)
     for i in range(run.rank, -(-n // run.world) * run.world, run.world):
@@ -323,11 +325,17 @@ def evaluate(run):
             loss, stats = micro_loss(run, batch, "val")
         if i < n:
             count = torch.tensor(losses.target_count(batch, cfg["stage"], weighted=False), device=run.device)
-            sums += torch.stack([loss.float(), count] + [stats[k].float() for k in names[2:]])
+            nbytes = (losses.target_bytes(batch, cfg["stage"], run.token_bytes) if run.token_bytes is not None
+                      else torch.zeros((), device=run.device))
+            sums += torch.stack([loss.float(), count, nbytes] + [stats[k].float() for k in names[3:]])
     sums = dict(zip(names, distributed.all_reduce_sum(sums, run.world).tolist()))
     model.train()
-    count = max(sums.pop("count"), 1.0)
-    return {"val_" + k: v / count for k, v in sums.items()}
+    count, nbytes = max(sums.pop("count"), 1.0), max(sums.pop("bytes"), 1.0)
+    figures = {"val_" + k: v / count for k, v in sums.items()}
+    if run.token_bytes is not None:  # data without a tokenizer (bench.py's random ids) has no bytes
+        nats = -sums["logps/chosen"] if cfg["stage"] == "dpo" else sums["loss"]
+        figures["val_bpb"] = nats / math.log(2) / nbytes
+    return figures
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +357,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling for float16; disabled otherwise
     train_batches: Batches
-    val_batches: Batches
+    val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
     reference: Optional[losses.Reference]  # dpo, grpo with grpo_kl: the frozen starting weights (or their log-probs)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer
     start_iter: int = 0
@@ -358,6 +366,7 @@ class Run:
     stop_requested: bool = False  # set by SIGTERM/SIGINT; every rank stops after the same step
     phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
     lora_base: Optional[dict] = None  # LoRA: the directory the adapters train on, and its weights' sha256
+    token_bytes: Optional[torch.Tensor] = None  # the UTF-8 bytes of each token id, for val_bpb
     tokenizer: Optional[ChatTokenizer] = None  # grpo: completions decoded for the reward
     reward: Optional[Reward] = None  # grpo
     prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
@@ -420,12 +429,16 @@ def build(cfg):
     train_batches = Batches(splits["train"], seed=cfg["seed"], tag_ids=meta.get("reasoning_tag_ids", ()),
                             tag_weight=cfg["think_tag_weight"], packing="epoch" if cfg["pack"] else None,
                             doc_mask=cfg["doc_mask"], **batch_args)
+    if cfg["eval_iters"] and splits["val"].num_docs == 0:
+        fail(f"{cfg['data_dir']} has no val split (prepared with val_fraction=0): prepare it again with "
+             "--val_fraction=0.01 (or --val_input=FILE), or train without evaluation: --eval_iters=0")
     val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
-                          doc_mask=cfg["doc_mask"], **batch_args)
+                          doc_mask=cfg["doc_mask"], **batch_args) if cfg["eval_iters"] else None
     reference = None
     wants_reference = cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo"
     if wants_reference and not cfg["lora_rank"]:
-        reference = losses.Reference(raw, {"train": train_batches, "val": val_batches}, dev, autocast, rank, world,
+        splits_used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
+        reference = losses.Reference(raw, splits_used, dev, autocast, rank, world,
                                      precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo")
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
@@ -438,8 +451,11 @@ def build(cfg):
               data_identity=checkpoint.data_identity(cfg, meta))
     if cfg["lora_rank"]:
         run.lora_base = start["lora_base"] if start.get("resume") else checkpoint.lora_base(cfg["init_from"])
+    tokenizer = load_tokenizer(cfg["data_dir"]) if meta.get("tokenizer_sha256") else None  # bench.py's: random ids
+    if tokenizer is not None:
+        run.token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(dev)
     if cfg["stage"] == "grpo":
-        run.tokenizer, run.reward = load_tokenizer(cfg["data_dir"]), Reward(cfg["reward"])
+        run.tokenizer, run.reward = tokenizer, Reward(cfg["reward"])
     if start is not None and start.get("resume"):
         distributed.load_full_state_dicts(run.model, run.optimizer, start["model"], start["optimizer"])
         run.scaler.load_state_dict(start["scaler"])
@@ -471,9 +487,11 @@ def check_config(cfg, world):
         fail(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg['compile_mode']!r}")
     if cfg["fsdp"] and world == 1:
         fail("fsdp=True shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
-    for key in ("eval_interval", "log_interval", "eval_iters"):
+    for key in ("eval_interval", "log_interval"):
         if cfg[key] < 1:
             fail(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["eval_iters"] < 0:
+        fail(f"eval_iters must be >= 0 (0: no evaluation), got {cfg['eval_iters']}")
     if not cfg["dist_timeout_s"] > 0:
         fail(f"dist_timeout_s must be > 0 seconds, got {cfg['dist_timeout_s']}")
     if cfg["checkpoint_interval"] < 0 or cfg["keep_last"] < 0:
@@ -585,6 +603,8 @@ def print_plan(run):
     print(f"model: {raw.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trainable{lora}), "
           f"{raw.cfg.n_layers} layers, dim {raw.cfg.dim}, vocab {raw.cfg.vocab_size}; device {run.device}, "
           f"{common.dtype_name(run.ptdtype)}, {run.world} process(es){', FSDP' if run.fsdp else ''}")
+    if not cfg["eval_iters"]:
+        print("no evaluation (eval_iters=0): no val figures, and no best val loss in the checkpoints", flush=True)
     batches = run.train_batches
     if cfg["stage"] == "grpo":
         print(f"stage grpo: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "

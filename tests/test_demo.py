@@ -112,9 +112,10 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         train = [r for r in rows if "loss" in r]
         assert s["val_loss"] == evals[-1]["val_loss"] and s["val_loss_start"] == evals[0]["val_loss"]
         assert s["steps"] == train[-1]["iter"] == cfg["max_iters"] and s["train_loss"] == train[-1]["loss"]
-        if stage == "grpo":  # rows as long as prompt and completion: no fixed tokens per step
-            assert s["tokens"] is None
+        if stage == "grpo":  # rows as long as prompt and completion: no fixed tokens per step; no val cross-entropy
+            assert s["tokens"] is None and s["val_bpb"] is None
             continue
+        assert s["val_bpb"] == evals[-1]["val_bpb"] and s["val_bpb_start"] == evals[0]["val_bpb"] > 0
         rows_per_step = 2 if stage == "dpo" else 1
         assert s["tokens"] == s["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] \
             * rows_per_step

@@ -125,6 +125,27 @@ def test_chat_template_ids_equal_sample_prompt_ids(exported):
         assert f.read() == template
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_transformers_defaults_agree_with_sample(tmp_path, stage):
+    """A new user's first try, the library's defaults only: the tokenizer starts a text as a document, the pipeline's
+    greedy text equals sample.py's (complete for a base model, a chat reply for a chat model), and eos is where
+    sample.py stops."""
+    run = make_run_dir(tmp_path / "run", stage=stage)
+    export.export(run, str(tmp_path / "hf"))
+    ours, _ = load_model(run)
+    tok = load_tokenizer(run)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "Return a new list containing"
+    assert hf_tok(text)["input_ids"] == [tok.eot_id] + tok.encode(text)
+    assert hf_tok.eos_token_id == (tok.im_end_id if stage == "sft" else tok.eot_id)
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    assert pipe(text, max_new_tokens=24, do_sample=False)[0]["generated_text"] == (
+        text + complete(ours, tok, text, temperature=0, max_new_tokens=24))
+    chat = [{"role": "user", "content": "Reverse the word \"show\""}]
+    answer = pipe(chat, max_new_tokens=24, do_sample=False)[0]["generated_text"][-1]
+    assert answer == {"role": "assistant", "content": reply(ours, tok, chat, temperature=0, max_new_tokens=24)}
+
+
 def test_import_back_gives_identical_weights(exported):
     run, hf_dir = exported
     ours, _ = load_model(run)

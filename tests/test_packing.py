@@ -1,5 +1,6 @@
 """Packed SFT rows and doc_mask pretraining: every document computed exactly as it would be alone, unpadded."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_bad_packing_config_is_one_line_exit_2(args, message, demo_sft, tmp_path
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_an_empty_split_names_the_directory(tmp_path):
+def test_no_val_split_is_refused_with_the_fix_or_trained_without_evaluation(tmp_path):
     import prepare
 
     data = tmp_path / "data"
@@ -153,5 +154,13 @@ def test_an_empty_split_names_the_directory(tmp_path):
     src.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     prepare.main([f"--input={src}", f"--out_dir={data}", "--tokenizer=train", "--vocab_size=300", "--val_fraction=0",
                   "--workers=1"])
-    p = run_train([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY], check=False)
-    assert p.returncode == 2 and f"split 'val' of {data}" in p.stderr, p.stderr
+    p = run_train([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY, "--max_iters=3"],
+                  check=False)
+    assert p.returncode == 2, p.stderr
+    assert f"{data} has no val split" in p.stderr and "--val_fraction=0.01" in p.stderr and "--eval_iters=0" in p.stderr
+    p = run_train([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY, "--eval_iters=0",
+                   "--max_iters=3"])
+    assert p.stdout.count("no evaluation (eval_iters=0)") == 1, p.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any(k.startswith("val_") for r in records for k in r)
+    assert (tmp_path / "run" / "ckpt.pt").exists()

@@ -34,6 +34,17 @@ def test_trained_tokenizer_is_lossless(data_tok, text):
     assert not set(ids) & set(data_tok.special_ids.values())  # special strings stay text
 
 
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_token_bytes_add_up_to_the_utf8_length(data_tok, text):
+    """Bits per byte divides by the bytes of the targets: each id's bytes, the control tokens none."""
+    sizes = data_tok.token_bytes()
+    assert sizes[data_tok.encode(text)].sum() == len(text.encode("utf-8"))
+    ids, mask = data_tok.render_chat([msg(U, text), msg(A, text + "<think>")])
+    reply = [i for i, m in zip(ids, mask) if m]  # the reply's text (and a "\n" of the header that a leading
+    # space merges into), its <think> tag, and <|im_end|>: a control token, 0 bytes
+    assert sizes[reply].sum() == len(data_tok.decode(reply).removesuffix("<|im_end|>").encode("utf-8"))
+
+
 def test_special_tokens_have_fixed_ids(data_tok):
     assert [data_tok.special_ids[t] for t in tokenizer.SPECIAL_TOKENS] == list(range(7))
     assert (data_tok.eot_id, data_tok.im_start_id, data_tok.im_end_id) == (0, 1, 2)
@@ -140,6 +151,7 @@ def test_saved_files(data_tok, data_tok_dir):
     config = json.loads((data_tok_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == tokenizer.CHAT_TEMPLATE == (data_tok_dir / "chat_template.jinja").read_text()
     assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"
+    assert config["bos_token"] == "<|endoftext|>"  # what tokenizer(text) starts a document with
     assert json.loads((data_tok_dir / "special_tokens_map.json").read_text())["pad_token"] == "<|endoftext|>"
 
 
@@ -185,6 +197,8 @@ def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
     for text in ["The quick brown fox.", "床前明月光，疑是地上霜。", "emoji 🙂 and unseen Ωmega"]:
         assert tok.encode(text) == sp.encode(text)
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+        # the bytes the ids decode to (NFKC-normalised text), and the dummy-prefix "▁" the decoder drops
+        assert tok.token_bytes()[tok.encode(text)].sum() == len(tok.decode(tok.encode(text)).encode("utf-8")) + 1
     ids, mask = tok.render_chat([msg(U, "hi"), msg(A, "the fox")])
     assert ids.count(tok.im_start_id) == 2 and ids.count(tok.im_end_id) == 2
     assert tok.decode([i for i, m in zip(ids, mask) if m]).strip() == "the fox<|im_end|>"

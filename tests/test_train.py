@@ -23,7 +23,7 @@ def run_train(args, cwd=ROOT, nproc=1, check=True, **kwargs):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "train.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**kwargs.pop("env", os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -85,6 +85,41 @@ def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
     with torch.no_grad():
         ce = losses.token_losses(ref.model, b.x, b.y, b.segments)
     assert s1["loss"] == pytest.approx(float((ce * b.w).sum() / b.w.sum()), rel=1e-6)
+
+
+def test_val_bpb_is_a_hand_computation(demo_sft, tmp_path):
+    """val_bpb = the targets' cross-entropy in nats / ln 2 / the UTF-8 bytes of the text they decode to. A model
+    with a zero final norm gives uniform logits, so every target costs ln(vocab) nats; the bytes are counted
+    here from decoded text (each run of targets on its own: replies are whole), not from tokenizer.token_bytes."""
+    import math
+
+    from tokenizer import load_tokenizer
+
+    run = build_run(demo_sft, str(tmp_path), eval_iters=3, batch_size=2, block_size=256)
+    with torch.no_grad():
+        run.raw_model.model.norm.weight.zero_()
+    tok = load_tokenizer(demo_sft)
+    targets, text_bytes = 0, 0
+    for i in range(3):
+        b = run.val_batches.get(i)
+        for row_y, row_w in zip(b.y.tolist(), b.w.tolist()):
+            runs, current = [], []
+            for t, w in zip(row_y, row_w):
+                if w > 0:
+                    current.append(t)
+                elif current:
+                    runs, current = runs + [current], []
+            for ids in runs + ([current] if current else []):
+                targets += len(ids)
+                text = tok.decode(ids)
+                for control in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
+                    text = text.replace(control, "")
+                text_bytes += len(text.encode("utf-8"))
+    ev = train.evaluate(run)
+    vocab = run.raw_model.cfg.vocab_size
+    assert ev["val_loss"] == pytest.approx(math.log(vocab), rel=1e-5)
+    assert ev["val_bpb"] == pytest.approx(targets * math.log(vocab) / math.log(2) / text_bytes, rel=1e-5)
+    assert text_bytes > 1.2 * targets  # tokens of more than one byte: bits per byte is not bits per token
 
 
 def test_compiled_step_equals_eager(demo_sft, tmp_path):

@@ -197,9 +197,10 @@ class Batches:
 
     def _window_segments(self, start):
         """Segments of the window [start, start+T+1): each begins at the token before a document's start."""
-        first = self.split.doc_starts[1:] - 1  # the <|endoftext|> closing the previous document
+        # a segment starts at doc_starts[k] - 1 (the <|endoftext|> closing the previous document): count the
+        # starts at or before position + 1, on a view of the index (no copy of it per row)
         positions = np.arange(start, start + self.T + 1)
-        return np.searchsorted(first, positions, side="right")
+        return np.searchsorted(self.split.doc_starts[1:], positions + 1, side="right")
 
     def batch(self, units):
         """The Batch of these units, in this order."""

@@ -254,17 +254,22 @@ def lora_base(path):
     return {"path": os.path.abspath(path), "sha256": weights_sha256(path)}
 
 
+def check_lora_base(base):
+    """Refuse a LoRA run's base (lora_base's record) that is gone or has changed since."""
+    if not os.path.isdir(base["path"]):
+        fail(f"the base of this LoRA run, {base['path']}, is not there any more")
+    if weights_sha256(base["path"]) != base["sha256"]:
+        fail(f"the base of this LoRA run, {base['path']}, has changed since the adapters were trained on it "
+             f"(sha256 of its weights); train the adapters again or restore that base")
+
+
 def with_lora_base(state):
     """A checkpoint's state with its full model weights: a LoRA checkpoint holds only its adapters, so the base
     it names is loaded and checked (a base changed since is refused)."""
     base = state.get("lora_base")
     if not base:
         return state
-    if not os.path.isdir(base["path"]):
-        fail(f"the base of this LoRA run, {base['path']}, is not there any more")
-    if weights_sha256(base["path"]) != base["sha256"]:
-        fail(f"the base of this LoRA run, {base['path']}, has changed since the adapters were trained on it "
-             f"(sha256 of its weights); train the adapters again or restore that base")
+    check_lora_base(base)
     model, _ = load_model(base["path"])
     return {**state, "model": {**model.state_dict(), **state["model"]}}
 

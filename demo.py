@@ -46,6 +46,7 @@ import torch
 import configurator
 import train
 from files import write_json
+from rewards import think_format
 
 # -----------------------------------------------------------------------------
 # options (--key=value)
@@ -268,15 +269,10 @@ def pick_tasks(tasks, limit):
     return picked
 
 
-THINK = re.compile(r"<think>(.+?)</think>(.*)", re.S)
-
-
 def score(task, reply):
     """Score one reply. The answer is what follows </think> when there is one; the identity
     answer must contain the bot's name, every other answer must equal the expected one."""
-    m = THINK.fullmatch(reply.strip())
-    well_formed = bool(m) and reply.count("<think>") == 1 and reply.count("</think>") == 1 \
-        and bool(m.group(1).strip()) and bool(m.group(2).strip())
+    well_formed = bool(think_format(task["prompt"], reply, task["answer"]))
     final = reply.rsplit("</think>", 1)[-1].strip()
     if task["task"] == "identity":
         correct = task["answer"] in final
@@ -313,7 +309,7 @@ def pass_at(path, tasks, device, group, temperature, max_new_tokens):
         outs = model.generate_batch([p for p in prompts for _ in range(group)], max_new_tokens, temperature=temperature,
                                     stop_ids=stop, generator=gen, max_len=info["block_size"])
         for j, t in enumerate(chunk):
-            scores = [score(t, tok.decode(o[:-1] if o and o[-1] in stop else o)) for o in outs[j * group:(j + 1) * group]]
+            scores = [score(t, generation.completion_text(tok, o, stop)) for o in outs[j * group:(j + 1) * group]]
             results.append(next((s for s in scores if s["correct"]), scores[0]))
     return accuracy_table(results)
 

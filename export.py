@@ -92,7 +92,7 @@ def export_adapter(run_dir, hf_dir, dtype="float32"):
     state = checkpoint.load_checkpoint(os.path.join(run_dir, checkpoint.CKPT_NAME))
     if not state.get("lora_base"):
         configurator.fail(f"{run_dir} is not a LoRA run (it was trained with lora_rank=0): export it with merge=True")
-    checkpoint.with_lora_base(state)  # the base must still be the one the adapters were trained on
+    checkpoint.check_lora_base(state["lora_base"])  # the base must still be the one the adapters were trained on
     base = state["lora_base"]["path"]
     if not checkpoint.is_hf_dir(base):  # PEFT loads its base from an HF directory: write one
         export(base, os.path.join(hf_dir, "base"), dtype)

@@ -204,6 +204,11 @@ def chat_stop_ids(tokenizer):
     return (tokenizer.im_end_id, tokenizer.eot_id)
 
 
+def completion_text(tokenizer, ids, stop_ids):
+    """The text of generated ids (generate_batch's rows), a final stop token removed."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids)
+
+
 def reply(model, tokenizer, messages, **sampling):
     """The assistant's reply to a conversation [{"role", "content"}, ...]; keywords as generate_text."""
     return generate_text(model, tokenizer, chat_prompt_ids(tokenizer, messages), chat_stop_ids(tokenizer), **sampling)

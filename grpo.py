@@ -20,6 +20,7 @@ import torch
 import distributed
 import losses
 from batches import Batch
+from generation import chat_stop_ids, completion_text
 from rewards import exact_answer
 
 # per-rollout figures, summed over micro-batches and ranks before they are logged
@@ -41,7 +42,7 @@ def generate(run, prompts, greedy=False, seed=0):
     """Completions (token lists, a final stop token kept) of prompts (token lists), every rank decoding in step."""
     cfg, model = run.cfg, run.raw_model
     gen = torch.Generator(run.device).manual_seed(seed)
-    stop = (run.tokenizer.im_end_id, run.tokenizer.eot_id)
+    stop = chat_stop_ids(run.tokenizer)
     model.eval()
     with run.autocast:
         out = model.generate_batch(prompts, cfg["max_new_tokens"], temperature=0.0 if greedy else cfg["temperature"],
@@ -61,8 +62,7 @@ def rollout(run, batches, g, group, greedy=False):
     completions = generate(run, [p for p in prompts for _ in range(group)], greedy, seed=cfg["seed"] * 1_000_003 + g)
     gen_s = time.perf_counter() - t0
     refs = [batches.split.refs[d] for d in docs for _ in range(group)]
-    stop = (tok.im_end_id, tok.eot_id)
-    texts = [tok.decode(c[:-1] if c and c[-1] in stop else c) for c in completions]
+    texts = [completion_text(tok, c, chat_stop_ids(tok)) for c in completions]
     scored = distributed.together(lambda: [run.reward(r["prompt"], t, r["answer"]) for r, t in zip(refs, texts)],
                                   run.rank, run.world, "the reward function")
     rewards = torch.tensor(scored, dtype=torch.float32)

@@ -218,7 +218,7 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, in_features, parts, adapted, rank, alpha, dropout):
         super().__init__(in_features, sum(parts.values()), bias=False)
-        self.parts, self.scale, self.enabled = parts, alpha / rank, True
+        self.parts, self.scale, self.lora_dropout, self.enabled = parts, alpha / rank, dropout, True
         self.weight.requires_grad_(False)
         self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(rank, in_features)) for p in adapted})
         self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(parts[p], rank)) for p in adapted})
@@ -244,9 +244,7 @@ def projection(cfg, in_features, parts):
     adapted = [p for p in parts if cfg.lora_rank and p in cfg.lora_targets]
     if not adapted:
         return nn.Linear(in_features, sum(parts.values()), bias=False)
-    layer = LoRALinear(in_features, parts, adapted, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    layer.lora_dropout = cfg.lora_dropout
-    return layer
+    return LoRALinear(in_features, parts, adapted, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
 
 
 @contextlib.contextmanager
@@ -362,16 +360,18 @@ class Transformer(nn.Module):
     def hidden_states(self, idx, cache=None, start_pos=0, segments=None):
         """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc."""
         dtype = self.compute_dtype(idx.device)
-        # cast once here, not in every layer's apply_rotary: 4 fewer kernels per layer under autocast
-        cos, sin = (t.to(dtype) for t in self.rotary(0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1],
-                                                   idx.device))
+        batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
+        # position start_pos[b], looked up in the table of the cache's positions
+        table = self.rotary(0, cache.max_len, idx.device) if batched else self.rotary(
+            0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
+        cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
         mask = None
         if segments is not None:
             positions = segment_positions(segments)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
             mask = segment_mask(segments)
-        elif torch.is_tensor(start_pos):  # batched decoding: row b's one new token is at position start_pos[b]
-            cos, sin = (t.to(dtype)[start_pos][:, None, None] for t in self.rotary(0, cache.max_len, idx.device))
+        elif batched:
+            cos, sin = cos[start_pos][:, None, None], sin[start_pos][:, None, None]
             mask = (torch.arange(cache.max_len, device=idx.device) <= start_pos[:, None])[:, None, None]
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:

@@ -19,11 +19,10 @@ import torch
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, context, choices, delimiter=" "):
     """Summed log-probability of each choice after the context (a list of floats)."""
-    stripped = context.rstrip()
-    context_ids = [tokenizer.eot_id] + tokenizer.encode(stripped)
+    context_ids = [tokenizer.eot_id] + tokenizer.encode(context.rstrip())  # trailing spaces go with the choice
     scores = []
     for choice in choices:
-        whole = [tokenizer.eot_id] + tokenizer.encode(stripped + context[len(stripped):] + delimiter + choice)
+        whole = [tokenizer.eot_id] + tokenizer.encode(context + delimiter + choice)
         x, y = torch.tensor([whole[:-1]]), torch.tensor([whole[1:]])
         losses = model(x, targets=y)[0]  # cross-entropy of every next token
         scores.append(-float(losses[len(context_ids) - 1:].sum()))

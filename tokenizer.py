@@ -172,12 +172,12 @@ class ChatTokenizer:
         SentencePiece ids count "▁" as a space and <0xNN> as one byte."""
         spec = json.loads(self._tok.to_str())
         byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
-        unicode_to_byte = {c: b for b, c in enumerate(_byte_level_alphabet())}
+        byte_chars = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that stand for bytes 0..255
         sizes = np.zeros(self.vocab_size, dtype=np.int64)
         for piece, i in self.pieces().items():
             if piece in self.special_ids and piece not in REASONING_TAGS:
                 continue
-            if byte_level and piece not in REASONING_TAGS and all(c in unicode_to_byte for c in piece):
+            if byte_level and piece not in REASONING_TAGS and all(c in byte_chars for c in piece):
                 sizes[i] = len(piece)  # one character per byte
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
                 sizes[i] = 1
@@ -230,14 +230,6 @@ def _has_type(node, kind):
     if isinstance(node, list):
         return any(_has_type(v, kind) for v in node)
     return False
-
-
-def _byte_level_alphabet():
-    """The 256 characters byte-level BPE writes bytes 0..255 as (GPT-2's table: printable bytes stand for
-    themselves, the others are shifted to U+0100 and up)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def _alternation(strings):

@@ -134,7 +134,7 @@ def test_ppo_epochs_and_kl_run_and_start_at_ratio_one(toy_grpo, tmp_path):
     run_train(grpo_args(toy_grpo, out, "--max_iters=2", "--eval_interval=2", "--grpo_epochs=2", "--grpo_kl=0.1",
                         "--learning_rate=1e-2", "--warmup_iters=0"))
     first = [r for r in metrics(out) if "loss" in r][0]  # the record of iteration 1: its second update's figures
-    assert first["kl"] >= 0 and 0 <= first["clip_fraction"] <= 1
+    assert first["kl"] > 0  # the second update's: the policy has moved off the reference by then
     import train
 
     run = train.build(train.configure(grpo_args(toy_grpo, str(tmp_path / "inproc"), "--grpo_epochs=2",

@@ -5,7 +5,7 @@ three near misses (off by one, by ten, digits swapped or +100) in an order fixed
 def choices_for(answer):
     a = int(answer)
     misses = [a + 1, a - 10 if a >= 10 else a + 10, int(str(a)[::-1]) if str(a)[::-1] != str(a) else a + 100]
-    options = sorted({a, *misses} - {a})[:3] + [a]
+    options = sorted(set(misses) - {a}) + [a]
     options.sort(key=lambda v: (v * 7919) % 101)  # a scrambled but fixed order
     return [str(v) for v in options], options.index(a)
 

@@ -93,9 +93,12 @@ def complete_prompt_ids(tokenizer, text):
 def split_think(text, final=True):
     """(reasoning, content) of a reply's text: the inside of a leading <think> block, without the newline the chat
     template puts after <think> and before </think>, and what follows the block, without the template's newline
-    after </think>; an unclosed block is all reasoning. final=False (a reply still streaming) holds back the
-    newlines that may turn out to be the template's, so that what was shown never has to be taken back."""
+    after </think>; an unclosed block is all reasoning. final=False (a reply still streaming) holds back what may
+    still turn out to be the template's (leading whitespace before a <think>, the newlines), so that what was shown
+    never has to be taken back."""
     body = text.lstrip()
+    if not final and "<think>".startswith(body):
+        return "", ""
     if not body.startswith("<think>"):
         return "", text
     body = body[len("<think>"):]
@@ -128,36 +131,62 @@ def stream_text(tokenizer, token_ids):
 
 @dataclass
 class Piece:
-    """What a reply added since the last piece: its raw text, and that text seen as reasoning and content
-    (split_think: the <think> block's inside, and the answer)."""
+    """What a reply added since the last piece: its raw text, that text seen as reasoning and content
+    (split_think: the <think> block's inside, and the answer), and the TokenLogprobs of the tokens it took
+    (when asked for)."""
 
     text: str
     reasoning: str
     content: str
+    logprobs: list
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits: before temperature, top_p or the
+    repetition penalty), the `top` most likely tokens' [(id, logprob)], and where its text starts in the reply."""
+
+    id: int
+    logprob: float
+    top: list
+    offset: int
 
 
 class ReplyStream:
     """A reply being generated after prompt_ids: iterate it for Pieces, as they stream. Afterwards, finish_reason
     is "stop" (a stop token, or a stop string in the content, which is cut before it) or "length" (max_new_tokens,
-    or the context is full), and tokens says how many tokens were generated. cancelled() is asked after every
-    piece: true ends the reply there. sampling: temperature, top_k, top_p, repetition_penalty, generator (see
+    or the context is full), and tokens says how many tokens were generated. cancelled() is asked before every
+    token: true ends the reply there. split=False: a plain continuation, all of it content (no <think> split),
+    stop strings searched in all of it. top_logprobs: None, or n >= 0: each piece carries its tokens' TokenLogprobs
+    with the n most likely alternatives. sampling: temperature, top_k, top_p, repetition_penalty, generator (see
     Transformer.generate)."""
 
     def __init__(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, stop=(), max_len=None,
-                 cancelled=None, **sampling):
+                 cancelled=None, split=True, top_logprobs=None, **sampling):
         self.model, self.tokenizer, self.prompt_ids, self.stop_ids = model, tokenizer, prompt_ids, stop_ids
         self.max_new_tokens, self.stop, self.max_len, self.sampling = max_new_tokens, tuple(stop), max_len, sampling
-        self.cancelled = cancelled or (lambda: False)
-        self.finish_reason, self.tokens = "length", 0
+        self.cancelled, self.split, self.top_logprobs = cancelled or (lambda: False), split, top_logprobs
+        self.finish_reason, self.tokens, self.text, self._logits, self._logprobs = "length", 0, "", None, []
 
     def _tokens(self):
+        keep = (lambda logits: setattr(self, "_logits", logits)) if self.top_logprobs is not None else None
         for token in self.model.generate(self.prompt_ids, self.max_new_tokens, stop_ids=self.stop_ids,
-                                         max_len=self.max_len, **self.sampling):
+                                         max_len=self.max_len, on_logits=keep, **self.sampling):
             self.tokens += 1
             if token in self.stop_ids:
                 self.finish_reason = "stop"
                 return
+            if keep is not None:
+                self._logprobs.append(self._logprob(token))
             yield token
+            if self.cancelled():
+                return
+
+    def _logprob(self, token):
+        logprobs = self._logits[0].log_softmax(-1)
+        top = logprobs.topk(self.top_logprobs) if self.top_logprobs else None
+        return TokenLogprob(token, float(logprobs[token]),
+                            list(zip(top.indices.tolist(), top.values.tolist())) if top else [], len(self.text))
 
     def _cut(self, content, final):
         """content up to the first stop string (and whether there was one); while streaming, without a tail
@@ -171,19 +200,24 @@ class ReplyStream:
         return content[: len(content) - held], False
 
     def __iter__(self):
-        text, sent = "", ["", ""]
+        sent = ["", ""]
         pieces = stream_text(self.tokenizer, self._tokens())
         for final, piece in itertools.chain(((False, p) for p in pieces), [(True, "")]):
-            text += piece
-            reasoning, content = split_think(text, final)
+            self.text += piece
+            reasoning, content = split_think(self.text, final) if self.split else ("", self.text)
             content, stopped = self._cut(content, final)
-            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):])
+            logprobs, self._logprobs = self._logprobs, []
+            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs)
             sent = [reasoning, content]
             if stopped:
                 self.finish_reason = "stop"
                 return
-            if self.cancelled():
-                return
+
+
+def reply_room(context, cap):
+    """The tokens a conversation trimmed to fit the context leaves for the reply when nobody said: half the
+    context, at most cap."""
+    return max(1, min(cap, context // 2))
 
 
 def generate_text(model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, think="show", on_text=None,

@@ -417,11 +417,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_ids=(), generator=None, max_len=None):
+                 repetition_penalty=1.0, stop_ids=(), generator=None, max_len=None, on_logits=None):
         """Yield new token ids one at a time (batch of one), with a preallocated KV cache.
 
         Stops after max_new_tokens, at a token in stop_ids (which is yielded), or when
-        the cache (max_len, default max_seq_len) is full.
+        the cache (max_len, default max_seq_len) is full. on_logits(logits), when given, sees
+        each step's raw logits (1, vocab, float32) before the token is sampled from them.
         """
         device = self.lm_head.weight.device
         max_len = max_len or self.cfg.max_seq_len
@@ -435,6 +436,8 @@ class Transformer(nn.Module):
         ids[: prompt.shape[1]] = prompt[0]
         logits = self.lm_head(self.hidden_states(prompt, cache, 0)[:, -1])  # the head on the last position only
         for pos in range(prompt.shape[1], prompt.shape[1] + steps):
+            if on_logits is not None:
+                on_logits(logits.float())
             next_id = sample_next(logits.float(), ids[:pos], temperature, top_k, top_p, repetition_penalty, generator)
             yield next_id
             if next_id in stop_ids:
@@ -532,7 +535,8 @@ def sample_tokens(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     """One token id per row of logits (N, vocab), (N,): greedy when temperature is 0."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    # the best logit at 0 first: a tiny temperature then sends the others to -inf, never the best to inf (nan)
+    logits = filter_top_k_top_p((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

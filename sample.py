@@ -23,7 +23,8 @@ import torch
 
 import configurator
 from common import dtype_name, resolve_device, resolve_dtype
-from generation import chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load, split_think
+from generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load, reply_room,
+                        split_think)
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...
@@ -33,7 +34,7 @@ prompt = ""  # one prompt; with neither prompt nor prompt_file: interactive (ter
 prompt_file = ""  # a file with one prompt per line
 system = ""  # chat mode: a system message put before the conversation
 num_samples = 1  # samples per prompt
-max_new_tokens = 256
+max_new_tokens = 0  # 0: what the context leaves, at most 256 (interactive chat keeps half the context for a reply)
 temperature = 0.8  # 0: greedy
 top_k = 0  # 0: off
 top_p = 0.9  # 1.0: off
@@ -45,6 +46,7 @@ dtype = "auto"  # auto (bfloat16 on a GPU that has it, float16 on other GPUs, fl
 compile = False  # torch.compile the model (worth it for long generations on a GPU)
 # -----------------------------------------------------------------------------
 _DEFAULTS = configurator.defaults(globals())
+AUTO_MAX_NEW_TOKENS = 256  # max_new_tokens=0: a reply's tokens at most (fewer when the context leaves fewer)
 
 
 # -----------------------------------------------------------------------------
@@ -74,12 +76,15 @@ def run_prompt(model, tokenizer, info, text, settings):
         print()
 
 
-def interactive_chat(model, tokenizer, info, settings, read=input):
-    """Multi-turn chat on the terminal: the conversation is kept, oldest whole turns dropped to fit the context."""
-    budget = info["block_size"] - settings["sampling"]["max_new_tokens"]
+def interactive_chat(model, tokenizer, info, settings, read=None):
+    """Multi-turn chat on the terminal: the conversation is kept, oldest whole turns dropped to fit the context
+    with room for a reply (max_new_tokens, or reply_room's share)."""
+    read = read or input
+    wanted = settings["max_new_tokens"]
+    budget = info["block_size"] - (wanted or reply_room(info["block_size"], AUTO_MAX_NEW_TOKENS))
     if budget <= 0:
-        configurator.fail(f"max_new_tokens ({settings['sampling']['max_new_tokens']}) leaves no room for a prompt "
-                          f"in the context of {info['block_size']} tokens")
+        configurator.fail(f"max_new_tokens ({wanted}) leaves no room for a prompt in the context of "
+                          f"{info['block_size']} tokens")
     try:
         import readline  # noqa: F401 -- line editing and history for input()
     except ImportError:
@@ -143,8 +148,8 @@ def check_config(c):
     for key, allowed in (("mode", ("auto", "chat", "complete")), ("think", ("show", "hide"))):
         if c[key] not in allowed:
             configurator.fail(f"{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
-    if c["num_samples"] < 1 or c["max_new_tokens"] < 1 or c["top_k"] < 0:
-        configurator.fail("num_samples and max_new_tokens must be >= 1, top_k >= 0")
+    if c["num_samples"] < 1 or c["max_new_tokens"] < 0 or c["top_k"] < 0:
+        configurator.fail("num_samples must be >= 1, max_new_tokens >= 0 (0: what the context leaves), top_k >= 0")
     if c["temperature"] < 0 or not 0 < c["top_p"] <= 1 or c["repetition_penalty"] <= 0:
         configurator.fail("temperature must be >= 0, top_p in (0, 1], repetition_penalty > 0")
 
@@ -159,11 +164,11 @@ def main(argv=None):
     chat = info["chat"] if c["mode"] == "auto" else c["mode"] == "chat"
     generator = torch.Generator(dev).manual_seed(c["seed"])
     settings = {
-        "chat": chat, "num_samples": c["num_samples"],
+        "chat": chat, "num_samples": c["num_samples"], "max_new_tokens": c["max_new_tokens"],
         "head": [{"role": "system", "content": c["system"]}] if c["system"] else [],
-        "sampling": dict(max_new_tokens=c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"] or None,
-                         top_p=c["top_p"], repetition_penalty=c["repetition_penalty"], generator=generator,
-                         think=c["think"]),
+        "sampling": dict(max_new_tokens=c["max_new_tokens"] or AUTO_MAX_NEW_TOKENS, temperature=c["temperature"],
+                         top_k=c["top_k"] or None, top_p=c["top_p"], repetition_penalty=c["repetition_penalty"],
+                         generator=generator, think=c["think"]),
     }
     kind = f"{info['stage']} run" if info["kind"] == "run" else "HF model"
     print(f"{path}: {kind}, {model.num_params() / 1e6:.1f}M params, {'chat' if chat else 'complete'} mode, {dev}",

@@ -26,6 +26,8 @@ import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -50,7 +52,8 @@ queue_size = 64  # requests waiting for the model at most; more are refused (429
 _DEFAULTS = configurator.defaults(globals())
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
+DRAIN_SECONDS = 10  # how long an oversized body is read on (and dropped) so that its sender hears the 413
 
 
 class APIError(Exception):
@@ -68,44 +71,73 @@ class APIError(Exception):
 # generation: one worker thread, requests in turn
 
 
+@dataclass
+class Params:
+    """A request's generation settings, every one checked before anything is queued."""
+
+    sampling: dict  # temperature, top_p
+    max_new_tokens: int
+    stop: list
+    seed: Optional[int]
+    n: int
+    stream: bool
+    include_usage: bool
+    top_logprobs: Optional[int]  # None: no logprobs
+
+
 class Job:
     """One request's generations: run on the worker thread, their events handed to the request's event loop."""
 
-    def __init__(self, loop, prompt_ids, stop_ids, n, sampling, max_new_tokens, stop, seed):
-        self.loop, self.events, self.cancelled = loop, asyncio.Queue(), threading.Event()
-        self.prompt_ids, self.stop_ids, self.n, self.sampling = prompt_ids, stop_ids, n, sampling
-        self.max_new_tokens, self.stop, self.seed = max_new_tokens, stop, seed
+    def __init__(self, loop, prompt_ids, stop_ids, params, split):
+        self.loop, self.events, self.cancelled, self.cancelled_at = loop, asyncio.Queue(), threading.Event(), None
+        self.prompt_ids, self.stop_ids, self.params, self.split = prompt_ids, stop_ids, params, split
 
     def emit(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def cancel(self):
+        """Its client is gone (or has all it asked for): the generation stops before its next token."""
+        if not self.cancelled.is_set():
+            self.cancelled_at = time.monotonic()
+            self.cancelled.set()
+
     def run(self, engine):
-        """("delta", choice, reasoning, content) as text streams, ("finish", choice, reason, tokens) per choice,
-        then ("done",); ("error", message) if generation itself fails."""
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
-        gen = torch.Generator(engine.device).manual_seed(seed)
-        for choice in range(self.n):
+        """("delta", choice, reasoning, content, logprobs) as text streams, ("finish", choice, reason, tokens) per
+        choice; the tokens generated."""
+        p = self.params
+        gen = torch.Generator(engine.device).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        total = 0
+        for choice in range(p.n):
             stream = generation.ReplyStream(engine.model, engine.tokenizer, self.prompt_ids, self.stop_ids,
-                                            self.max_new_tokens, stop=self.stop, max_len=engine.context,
-                                            cancelled=self.cancelled.is_set, generator=gen, **self.sampling)
+                                            p.max_new_tokens, stop=p.stop, max_len=engine.context,
+                                            cancelled=self.cancelled.is_set, generator=gen, split=self.split,
+                                            top_logprobs=p.top_logprobs, **p.sampling)
             for piece in stream:
-                if piece.reasoning or piece.content:
-                    self.emit("delta", choice, piece.reasoning, piece.content)
+                if piece.reasoning or piece.content or piece.logprobs:
+                    self.emit("delta", choice, piece.reasoning, piece.content, piece.logprobs)
+            total += stream.tokens
             self.emit("finish", choice, stream.finish_reason, stream.tokens)
             if self.cancelled.is_set():
                 break
-        self.emit("done")
+        return total
 
 
 class Engine:
-    """The model and its tokenizer, and the one thread that generates with them, a request at a time."""
+    """The model and its tokenizer, and the one thread that generates with them, a request at a time.
+
+    counts (GET /health): requests accepted for generation, generations run, tokens generated, requests
+    skipped (their client left while they waited), generations cancelled (their client left mid-way) and the
+    most milliseconds one of those went on after its client had gone."""
 
     def __init__(self, path, device_name, dtype_name_, queue_size):
         self.device = resolve_device(device_name)
         self.model, self.tokenizer, self.info = generation.load(path, self.device,
                                                                 dtype_name(resolve_dtype(dtype_name_, self.device)))
         self.context = self.info["block_size"]
+        self.id_bytes = self.tokenizer.id_bytes()
         self.jobs = queue.Queue(maxsize=queue_size)
+        self.busy = False
+        self.counts = {"accepted": 0, "run": 0, "tokens": 0, "skipped": 0, "cancelled": 0, "max_cancel_lag_ms": 0.0}
         threading.Thread(target=self._work, name="generation", daemon=True).start()
 
     def submit(self, job):
@@ -114,18 +146,28 @@ class Engine:
         except queue.Full:
             raise APIError(429, "too many requests are waiting for the model; try again later",
                            kind="rate_limit_error") from None
+        self.counts["accepted"] += 1
 
     def _work(self):
         while True:
             job = self.jobs.get()
             if job.cancelled.is_set():  # its client left while it waited
+                self.counts["skipped"] += 1
                 job.emit("done")
                 continue
+            self.busy = True
             try:
                 with torch.inference_mode():
-                    job.run(self)
+                    self.counts["tokens"] += job.run(self)
             except Exception as e:  # noqa: BLE001 -- the request fails, the server does not
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            self.counts["run"] += 1
+            if job.cancelled.is_set():  # only its client leaving cancels a job before "done"
+                self.counts["cancelled"] += 1
+                lag = 1000 * (time.monotonic() - job.cancelled_at)
+                self.counts["max_cancel_lag_ms"] = max(self.counts["max_cancel_lag_ms"], round(lag, 1))
+            self.busy = False
+            job.emit("done")
 
 
 # -----------------------------------------------------------------------------
@@ -144,42 +186,60 @@ def field(body, name, kinds, default=None, check=None, why=""):
     return value
 
 
-def sampling_params(body, cfg, prompt_len, context):
-    """(sampling kwargs, max_new_tokens, stop strings, seed, n) of a request, each checked."""
+def request_params(body, cfg, prompt_len, context, top_logprobs):
+    """A request's Params, each value checked; max_tokens is clamped to --max_tokens and to the room the context
+    leaves after the prompt (finish_reason "length" then says it was cut)."""
     temperature = field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be a number in [0, 2]")
     top_p = field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt is {prompt_len} tokens; the model's context is {context}", param="messages",
                        code="context_length_exceeded")
-    limit = cfg["max_tokens"]
-    wanted = field(body, "max_tokens", int, None, lambda v: 1 <= v <= limit, f"must be an integer in [1, {limit}]")
-    wanted = field(body, "max_completion_tokens", int, wanted, lambda v: 1 <= v <= limit,
-                   f"must be an integer in [1, {limit}]")
-    if wanted is not None and wanted > room:
-        raise APIError(400, f"the prompt is {prompt_len} tokens and max_tokens {wanted}: more than the model's context "
-                            f"of {context}", param="max_tokens", code="context_length_exceeded")
-    stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or (
-        len(v) <= 4 and all(isinstance(s, str) and s for s in v)), "must be a string or a list of up to 4 strings")
-    seed = field(body, "seed", int)
+    wanted = field(body, "max_tokens", int, None, lambda v: v >= 1, "must be a positive integer")
+    wanted = field(body, "max_completion_tokens", int, wanted, lambda v: v >= 1, "must be a positive integer")
+    stop = field(body, "stop", (str, list), [], lambda v: (isinstance(v, str) and v) or (
+        len(v) <= 4 and all(isinstance(s, str) and s for s in v)), "must be a non-empty string or a list of up to 4")
+    seed = field(body, "seed", int, None, lambda v: -2**63 <= v < 2**64, "must be an integer in [-2**63, 2**64)")
     n = field(body, "n", int, 1, lambda v: 1 <= v <= cfg["max_n"], f"must be an integer in [1, {cfg['max_n']}]")
-    return ({"temperature": float(temperature), "top_p": float(top_p)}, min(wanted or limit, room),
-            [stop] if isinstance(stop, str) else stop, seed, n)
+    stream = field(body, "stream", bool, False)
+    include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
+    return Params({"temperature": float(temperature), "top_p": float(top_p)}, min(wanted or cfg["max_tokens"],
+                  cfg["max_tokens"], room), [stop] if isinstance(stop, str) else stop, seed, n, stream, include_usage,
+                  top_logprobs)
+
+
+def chat_top_logprobs(body):
+    """Chat's logprobs (true/false) and top_logprobs (0..20) as ReplyStream's top_logprobs: None when off."""
+    wanted = field(body, "logprobs", bool, False)
+    top = field(body, "top_logprobs", int, None, lambda v: 0 <= v <= 20, "must be an integer in [0, 20]")
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def completion_top_logprobs(body):
+    """The completions API's logprobs: the number of alternatives (0..5) per token, None when off."""
+    return field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "must be an integer in [0, 5]")
 
 
 def chat_messages(body):
+    """The conversation as [{role, content}], a developer message (newer clients' system) as a system one."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # OpenAI's content parts: the text ones, joined
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):  # OpenAI's content parts: text ones only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts {{'type': 'text', 'text': a string}} "
+                                    f"are supported", param=f"messages[{i}]")
+            content = "".join(p["text"] for p in content)
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': a string}}",
-                           param=f"messages[{i}]")
-        out.append({"role": m["role"], "content": content})
+            raise APIError(400, f"messages[{i}] must be {{'role': system|developer|user|assistant, 'content': a "
+                                f"string}}", param=f"messages[{i}]")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     if out[-1]["role"] == "assistant":
         raise APIError(400, "the last message must be the user's (or the system's)", param="messages")
     return out
@@ -191,7 +251,91 @@ def completion_prompt(body):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+    for name, unsupported in (("echo", field(body, "echo", bool, False)), ("suffix", field(body, "suffix", str, "")),
+                              ("best_of", field(body, "best_of", int, 1) != 1)):
+        if unsupported:
+            raise APIError(400, f"'{name}' is not supported", param=name)
     return prompt
+
+
+# -----------------------------------------------------------------------------
+# the guard in front of the app: the API key and the body's size
+
+
+async def send_error(send, e):
+    raw = json.dumps(e.body()).encode()
+    await send({"type": "http.response.start", "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def read_body(receive, cap):
+    """(body, size) of a request as it arrives: body is None past cap bytes (the rest is read and dropped, for at
+    most DRAIN_SECONDS, so that the client still sending hears the answer), or when the client left (size -1)."""
+    chunks, size, deadline = [], 0, None
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), None if deadline is None else deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            return None, size
+        if message["type"] == "http.disconnect":
+            return None, -1
+        size += len(message.get("body", b""))
+        if size <= cap:
+            chunks.append(message.get("body", b""))
+        elif deadline is None:
+            chunks, deadline = None, time.monotonic() + DRAIN_SECONDS
+        if not message.get("more_body"):
+            return (b"".join(chunks) if chunks is not None else None), size
+
+
+class Guard:
+    """Plain ASGI in front of the app (not BaseHTTPMiddleware, which hides disconnects from the app): the API key,
+    and the body, read here and counted as it arrives (a chunked body has no Content-Length to trust), kept up to
+    max_request_bytes and handed to the app whole; past that it is dropped as it comes, so memory stays flat, and the
+    413 follows. The app then reads the server's own receive(), whose http.disconnect says the client has left."""
+
+    def __init__(self, app, cfg):
+        self.app, self.cfg = app, cfg
+
+    def refusal(self, scope, headers):
+        cap = self.cfg["max_request_bytes"]
+        if self.cfg["api_key"] and (scope["method"] == "POST" or scope["path"].startswith("/v1/")):
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.cfg['api_key']}".encode()):
+                return APIError(401, "invalid API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
+                                code="invalid_api_key")
+        size = headers.get(b"content-length", b"0")
+        if not size.isdigit() or int(size) > cap:
+            return APIError(413, f"the request is larger than {cap} bytes")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = self.refusal(scope, headers)
+        if refusal and headers.get(b"expect", b"").lower() == b"100-continue":
+            return await send_error(send, refusal)  # the client waits for this answer before sending the body
+        body, size = await read_body(receive, self.cfg["max_request_bytes"])
+        if size < 0:
+            return  # the client left
+        if refusal is None and body is None:
+            refusal = APIError(413, f"the request is larger than {self.cfg['max_request_bytes']} bytes")
+        if refusal:
+            return await send_error(send, refusal)
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+        await self.app(scope, replay, send)
+
+
+async def cancel_when_gone(receive, job):
+    """Cancel the job when its client disconnects: once the body is read, receive() answers only that."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 # -----------------------------------------------------------------------------
@@ -220,25 +364,13 @@ def create_app(engine, cfg):
     async def validation_error(request, e):
         return JSONResponse(APIError(400, str(e)[:300]).body(), status_code=400)
 
-    @app.middleware("http")
-    async def guard(request, call_next):
-        """The API key and the size of the request, before anything else."""
-        if request.url.path.startswith("/v1/") and cfg["api_key"]:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {cfg['api_key']}".encode()):
-                e = APIError(401, "invalid API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
-                             code="invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > cfg["max_request_bytes"]:
-            e = APIError(413, f"the request is larger than {cfg['max_request_bytes']} bytes")
-            return JSONResponse(e.body(), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def server_error(request, e):  # a bug: still OpenAI's error JSON, and the server keeps serving
+        return JSONResponse(APIError(500, f"{type(e).__name__}: {e}"[:300], kind="server_error").body(),
+                            status_code=500)
 
     async def read_json(request):
         raw = await request.body()
-        if len(raw) > cfg["max_request_bytes"]:
-            raise APIError(413, f"the request is larger than {cfg['max_request_bytes']} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -247,80 +379,102 @@ def create_app(engine, cfg):
             raise APIError(400, "the request body must be a JSON object")
         return body
 
-    def start(request, body, prompt_ids, stop_ids):
-        sampling, max_new, stop, seed, n = sampling_params(body, cfg, len(prompt_ids), engine.context)
-        job = Job(asyncio.get_running_loop(), prompt_ids, stop_ids, n, sampling, max_new, stop, seed)
+    def start(prompt_ids, stop_ids, params, split):
+        job = Job(asyncio.get_running_loop(), prompt_ids, stop_ids, params, split)
         engine.submit(job)
         return job
 
     async def collect(request, job):
-        """Every choice's (reasoning, content, finish reason, tokens), waiting for the worker; a client that left
-        cancels its generation."""
-        choices = [["", "", None, 0] for _ in range(job.n)]
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                continue
-            if event[0] == "delta":
-                choices[event[1]][0] += event[2]
-                choices[event[1]][1] += event[3]
-            elif event[0] == "finish":
-                choices[event[1]][2:] = event[2:]
-            elif event[0] == "error":
-                raise APIError(500, event[1], kind="server_error")
-            else:
-                return choices
+        """Every choice's [reasoning, content, finish reason, tokens, logprobs], waiting for the worker; a client
+        that leaves cancels its generation."""
+        choices = [["", "", None, 0, []] for _ in range(job.params.n)]
+        watcher = asyncio.ensure_future(cancel_when_gone(request.receive, job))
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "delta":
+                    c = choices[event[1]]
+                    c[0], c[1], c[4] = c[0] + event[2], c[1] + event[3], c[4] + event[4]
+                elif event[0] == "finish":
+                    choices[event[1]][2:4] = event[2:]
+                elif event[0] == "error":
+                    raise APIError(500, event[1], kind="server_error")
+                else:
+                    return choices
+        finally:
+            watcher.cancel()
 
     def usage(prompt_ids, tokens):
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens, "total_tokens": len(prompt_ids) + tokens}
 
-    def stream(job, prompt_ids, chunk_of, include_usage):
-        """The server-sent events of a streamed response, OpenAI's chunk format; when the client goes, its
-        generation is cancelled."""
+    def token_text(i):
+        return tok.decode([i])
+
+    def chat_logprobs(entries, asked):
+        """OpenAI's chat logprobs of TokenLogprobs: a token's text, log-probability, bytes and top alternatives."""
+        if asked is None:
+            return None
+        def one(i, logprob):
+            return {"token": token_text(i), "logprob": logprob, "bytes": list(engine.id_bytes[i])}
+        return {"content": [{**one(e.id, e.logprob), "top_logprobs": [one(*t) for t in e.top]} for e in entries],
+                "refusal": None}
+
+    def completion_logprobs(entries, asked):
+        """The completions API's logprobs: tokens, their log-probabilities, the top ones by text, text offsets."""
+        if asked is None:
+            return None
+        return {"tokens": [token_text(e.id) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
+                "text_offset": [e.offset for e in entries]}
+
+    def stream(job, prompt_ids, chunk_of):
+        """The server-sent events of a streamed response, OpenAI's chunk format; a chunk's logprobs are those of
+        the tokens since the last chunk. When the client goes, its generation is cancelled."""
         async def events():
-            tokens = 0
+            tokens, held = 0, [[] for _ in range(job.params.n)]
             try:
-                for choice in range(job.n):
-                    yield sse(chunk_of(choice, {"role": "assistant", "content": ""}, None))
+                for choice in range(job.params.n):
+                    yield sse(chunk_of(choice, "", "", None, None, role=True))
                 while True:
                     event = await job.events.get()
                     if event[0] == "delta":
-                        delta = {k: v for k, v in (("reasoning_content", event[2]), ("content", event[3])) if v}
-                        yield sse(chunk_of(event[1], delta, None))
+                        held[event[1]] += event[4]
+                        if event[2] or event[3]:
+                            yield sse(chunk_of(event[1], event[2], event[3], held[event[1]], None))
+                            held[event[1]] = []
                     elif event[0] == "finish":
                         tokens += event[3]
-                        yield sse(chunk_of(event[1], {}, event[2]))
+                        yield sse(chunk_of(event[1], "", "", held[event[1]], event[2]))
                     elif event[0] == "error":
                         yield sse(APIError(500, event[1], kind="server_error").body())
                         break
                     else:
-                        if include_usage:
-                            yield sse({**chunk_of(0, {}, None), "choices": [], "usage": usage(prompt_ids, tokens)})
+                        if job.params.include_usage:
+                            yield sse({**chunk_of(0, "", "", None, None), "choices": [],
+                                       "usage": usage(prompt_ids, tokens)})
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancelled.set()
+                job.cancel()
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
         prompt_ids = generation.chat_prompt_ids(tok, chat_messages(body))
-        job = start(request, body, prompt_ids, generation.chat_stop_ids(tok))
-        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "created": created, "model": name}
-        if field(body, "stream", bool, False):
-            def chunk_of(choice, delta, finish):
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": choice, "delta": delta, "finish_reason": finish}]}
-            include = (field(body, "stream_options", dict, {}) or {}).get("include_usage") is True
-            return stream(job, prompt_ids, chunk_of, include)
+        params = request_params(body, cfg, len(prompt_ids), engine.context, chat_top_logprobs(body))
+        job = start(prompt_ids, generation.chat_stop_ids(tok), params, split=True)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name}
+        if params.stream:
+            def chunk_of(choice, reasoning, content, logprobs, finish, role=False):
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                return {**head, "object": "chat.completion.chunk", "choices": [{
+                    "index": choice, "delta": {"role": "assistant", "content": ""} if role else delta,
+                    "logprobs": chat_logprobs(logprobs or [], params.top_logprobs), "finish_reason": finish}]}
+            return stream(job, prompt_ids, chunk_of)
         choices = await collect(request, job)
         return {**head, "object": "chat.completion", "usage": usage(prompt_ids, sum(c[3] for c in choices)),
-                "choices": [{"index": i, "finish_reason": c[2],
+                "choices": [{"index": i, "finish_reason": c[2], "logprobs": chat_logprobs(c[4], params.top_logprobs),
                              "message": {"role": "assistant", "content": c[1],
                                          **({"reasoning_content": c[0]} if c[0] else {})}}
                             for i, c in enumerate(choices)]}
@@ -329,17 +483,33 @@ def create_app(engine, cfg):
     async def completions(request: Request):
         body = await read_json(request)
         prompt_ids = generation.complete_prompt_ids(tok, completion_prompt(body))
-        job = start(request, body, prompt_ids, (tok.eot_id,))
-        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "created": created, "model": name, "object": "text_completion"}
-        if field(body, "stream", bool, False):
-            def chunk_of(choice, delta, finish):
-                text = delta.get("reasoning_content", "") + delta.get("content", "")
-                return {**head, "choices": [{"index": choice, "text": text, "finish_reason": finish}]}
-            return stream(job, prompt_ids, chunk_of, False)
+        params = request_params(body, cfg, len(prompt_ids), engine.context, completion_top_logprobs(body))
+        job = start(prompt_ids, (tok.eot_id,), params, split=False)  # the text as written: no <think> split
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name,
+                "object": "text_completion"}
+        if params.stream:
+            def chunk_of(choice, reasoning, content, logprobs, finish, role=False):
+                return {**head, "choices": [{"index": choice, "text": content, "finish_reason": finish,
+                                             "logprobs": completion_logprobs(logprobs or [], params.top_logprobs)}]}
+            return stream(job, prompt_ids, chunk_of)
         choices = await collect(request, job)
         return {**head, "usage": usage(prompt_ids, sum(c[3] for c in choices)),
-                "choices": [{"index": i, "text": c[0] + c[1], "finish_reason": c[2]} for i, c in enumerate(choices)]}
+                "choices": [{"index": i, "text": c[1], "finish_reason": c[2],
+                             "logprobs": completion_logprobs(c[4], params.top_logprobs)}
+                            for i, c in enumerate(choices)]}
+
+    @app.post("/fit_history")
+    async def fit_history(request: Request):
+        """The chat page's conversation without its oldest whole turns, as sample.py trims it: what fits the context
+        with reply_room's share left for the reply."""
+        messages = chat_messages(await read_json(request))
+        budget = engine.context - generation.reply_room(engine.context, cfg["max_tokens"])
+        kept, ids = generation.fit_history(tok, messages, budget)
+        if kept is None:
+            raise APIError(400, f"that message is {len(ids)} tokens with the system prompt; at most {budget} fit the "
+                                f"model's context of {engine.context}", param="messages", code="context_length_exceeded")
+        return {"messages": kept, "dropped": len(messages) - len(kept), "prompt_tokens": len(ids),
+                "context": engine.context}
 
     @app.get("/v1/models")
     async def models():
@@ -347,13 +517,14 @@ def create_app(engine, cfg):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "waiting": engine.jobs.qsize(), "chat": engine.info["chat"]}
+        return {"status": "ok", "model": name, "waiting": engine.jobs.qsize(), "busy": engine.busy,
+                "chat": engine.info["chat"], "context": engine.context, "generation": engine.counts}
 
     @app.get("/")
     async def page():
         return FileResponse(PAGE, media_type="text/html")
 
-    return app
+    return Guard(app, cfg)
 
 
 def sse(obj):

@@ -165,24 +165,28 @@ class ChatTokenizer:
         """{token string: id} of every token, the added ones included."""
         return self._tok.get_vocab(with_added_tokens=True)
 
-    def token_bytes(self):
-        """int64 array: the UTF-8 bytes each id decodes to, for bits per byte. The control tokens (<|endoftext|>,
-        <|im_start|>, <|im_end|>) are not text: 0 bytes (their loss still counts); the reasoning tags are the
-        text they spell. Byte-level BPE ids are exact bytes (a piece of a character counts its bytes);
-        SentencePiece ids count "▁" as a space and <0xNN> as one byte."""
+    def id_bytes(self):
+        """The bytes each id stands for, a list indexed by id: byte-level BPE ids exactly (a piece of a character is
+        its bytes), SentencePiece ids with "▁" as a space and <0xNN> as one byte, special tokens their text."""
         spec = json.loads(self._tok.to_str())
         byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
-        byte_chars = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that stand for bytes 0..255
-        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        byte_of = _byte_level_table()
+        out = [b""] * self.vocab_size
         for piece, i in self.pieces().items():
-            if piece in self.special_ids and piece not in REASONING_TAGS:
-                continue
-            if byte_level and piece not in REASONING_TAGS and all(c in byte_chars for c in piece):
-                sizes[i] = len(piece)  # one character per byte
+            if byte_level and piece not in self.special_ids and all(c in byte_of for c in piece):
+                out[i] = bytes(byte_of[c] for c in piece)
             elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-                sizes[i] = 1
+                out[i] = bytes([int(piece[3:5], 16)])
             else:
-                sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+                out[i] = piece.replace("\u2581", " ").encode("utf-8")
+        return out
+
+    def token_bytes(self):
+        """int64 array: the UTF-8 bytes each id decodes to (id_bytes), for bits per byte. The control tokens
+        (<|endoftext|>, <|im_start|>, <|im_end|>) are not text: 0 bytes (their loss still counts); the reasoning tags
+        are the text they spell."""
+        sizes = np.array([len(b) for b in self.id_bytes()], dtype=np.int64)
+        sizes[[self.special_ids[t] for t in SPECIAL_TOKENS if t not in REASONING_TAGS]] = 0
         return sizes
 
     # -- files ----------------------------------------------------------------------------------
@@ -230,6 +234,14 @@ def _has_type(node, kind):
     if isinstance(node, list):
         return any(_has_type(v, kind) for v in node)
     return False
+
+
+def _byte_level_table():
+    """{character: byte} of byte-level BPE, GPT-2's table (tokenizers' ByteLevel.alphabet()): the printable bytes
+    stand for themselves, the others for chr(256 + their rank)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 def _alternation(strings):

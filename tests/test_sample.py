@@ -132,7 +132,7 @@ def test_interactive_chat_keeps_the_conversation(loaded, capsys, monkeypatch):
 
     monkeypatch.setattr(model, "generate", recording)
     lines = iter(["first question", "second question", "/reset", "third question", "/exit", "never read"])
-    settings = {"chat": True, "num_samples": 1, "head": [],
+    settings = {"chat": True, "num_samples": 1, "head": [], "max_new_tokens": 10,
                 "sampling": {"max_new_tokens": 10, "temperature": 0.0}}
     sample.interactive_chat(model, tok, info, settings, read=lambda _: next(lines))
     assert len(prompts) == 3

@@ -197,7 +197,7 @@ def request_params(body, cfg, prompt_len, context, top_logprobs):
                        code="context_length_exceeded")
     wanted = field(body, "max_tokens", int, None, lambda v: v >= 1, "must be a positive integer")
     wanted = field(body, "max_completion_tokens", int, wanted, lambda v: v >= 1, "must be a positive integer")
-    stop = field(body, "stop", (str, list), [], lambda v: (isinstance(v, str) and v) or (
+    stop = field(body, "stop", (str, list), [], lambda v: v != "" if isinstance(v, str) else (
         len(v) <= 4 and all(isinstance(s, str) and s for s in v)), "must be a non-empty string or a list of up to 4")
     seed = field(body, "seed", int, None, lambda v: -2**63 <= v < 2**64, "must be an integer in [-2**63, 2**64)")
     n = field(body, "n", int, 1, lambda v: 1 <= v <= cfg["max_n"], f"must be an integer in [1, {cfg['max_n']}]")

@@ -210,11 +210,23 @@ def test_16_streaming_clients_at_once_one_leaving(sft, local):
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0]"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400, "temperature"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}), 400, "max_tokens"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 100}), 400, "n"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}), 400, "stream"),
     (json.dumps({"messages": [{"role": "user", "content": "很长的问题 " * 400}]}), 400, "messages"),  # over the context
     (json.dumps({"messages": [{"role": "user", "content": "x" * 2_000_000}]}), 413, None),
+    # odd values are 400s, not 500s
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}), 400, "seed"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "seed": 2**64, "stream": True}), 400, "seed"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}), 400, "messages[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
+     "messages[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": ""}), 400, "stop"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, "top_logprobs"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}), 400,
+     "top_logprobs"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}}), 400,
+     "include_usage"),
 ])
 def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(sft, body, status, param):
     r = httpx.post(sft.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
@@ -235,6 +247,159 @@ def test_unknown_route_and_api_key(runs):
         r = httpx.get(server.url + "/v1/nothing", headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 404 and r.json()["error"]["message"]
         assert httpx.get(server.url + "/health").status_code == 200  # no key needed there
+    finally:
+        server.close()
+
+
+LONG = {"prompt": "床前明月光", "temperature": 0, "max_tokens": 200, "n": 4}  # greedy: runs to max_tokens, 4 times
+
+
+def counts(server):
+    return httpx.get(server.url + "/health").json()["generation"]
+
+
+def wait_idle(server, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        h = httpx.get(server.url + "/health").json()
+        if not h["waiting"] and not h.get("busy"):
+            return h.get("generation")
+        time.sleep(0.05)
+    raise AssertionError("the server is still generating")
+
+
+def abandon(server, body, timeout):
+    """A non-streamed request whose client gives up after `timeout` seconds."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=timeout)
+
+
+def test_a_non_streamed_request_stops_generating_when_its_client_leaves(sft, local):
+    model, tok, info = local
+    alone = generation.ReplyStream(model, tok, generation.complete_prompt_ids(tok, LONG["prompt"]), (tok.eot_id,),
+                                   LONG["max_tokens"], max_len=info["block_size"], temperature=0.0)
+    list(alone)
+    assert alone.finish_reason == "length"  # uncancelled, it would generate 4 x 200 tokens
+    before = wait_idle(sft)
+    abandon(sft, LONG, 0.3)
+    after = wait_idle(sft)
+    assert after["cancelled"] - before["cancelled"] == 1 and after["run"] - before["run"] == 1
+    assert after["tokens"] - before["tokens"] < 4 * LONG["max_tokens"]
+    assert after["max_cancel_lag_ms"] < 1000  # it stopped at its next token, not when its choices were done
+    # a request that waits in the queue and is abandoned there never runs
+    first = threading.Thread(target=abandon, args=(sft, LONG, 0.5))
+    first.start()
+    time.sleep(0.1)
+    abandon(sft, LONG, 0.2)
+    first.join()
+    later = wait_idle(sft)
+    assert later["skipped"] - after["skipped"] == 1 and later["run"] - after["run"] == 1
+    assert later["cancelled"] - after["cancelled"] == 1
+
+
+def test_a_refused_request_costs_no_generation(sft):
+    before = wait_idle(sft)
+    for _ in range(8):  # an invalid "stream" value: refused before anything is queued
+        r = httpx.post(sft.url + "/v1/completions", json={**LONG, "stream": "true"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    h = httpx.get(sft.url + "/health").json()
+    assert h["waiting"] == 0  # none of them was queued ...
+    assert not h["busy"] and h["generation"]["accepted"] == before["accepted"]  # ... nor run
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak memory from /proc")
+def test_an_oversized_body_gets_413_json_without_being_kept(sft):
+    before = peak_rss_mb(sft.proc.pid)
+    chunks = (b"x" * 1_000_000 for _ in range(64))  # 64 MB, chunked: no Content-Length
+    r = httpx.post(sft.url + "/v1/chat/completions", content=chunks, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    assert peak_rss_mb(sft.proc.pid) - before < 16  # counted as it came, dropped: never held
+    r = httpx.post(sft.url + "/v1/chat/completions", content=b"x" * 6_000_000, timeout=60)  # with Content-Length
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    r = sft.client().chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_odd_values_are_handled(sft, local):
+    model, tok, info = local
+    expected = generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=24, max_len=info["block_size"])
+    r = sft.client().chat.completions.create(model="sft", messages=MESSAGES, temperature=1e-40, max_tokens=24)
+    assert r.choices[0].message.content == expected  # a tiny temperature is greedy, not inf/nan probabilities
+    developer = [{"role": "developer", "content": MESSAGES[0]["content"]}] + MESSAGES[1:]
+    r = sft.client().chat.completions.create(model="sft", messages=developer, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == expected  # developer is the newer clients' system
+
+
+def test_max_tokens_past_the_context_is_clamped(sft, local):
+    model, tok, info = local
+    prompt = "床前明月光，" * 200
+    ids = generation.complete_prompt_ids(tok, prompt)[: info["block_size"] - 5]
+    prompt = tok.decode(ids[1:])
+    ids = generation.complete_prompt_ids(tok, prompt)
+    room = info["block_size"] - len(ids)
+    assert 0 < room < 16
+    alone = generation.ReplyStream(model, tok, ids, (tok.eot_id,), room, max_len=info["block_size"], temperature=0.0)
+    text = "".join(p.content for p in alone)
+    for wanted in (256, 10**6):  # every client's default is more than this context leaves
+        r = sft.client().completions.create(model="sft", prompt=prompt, temperature=0, max_tokens=wanted)
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (
+            text, alone.finish_reason, alone.tokens)
+
+
+def test_logprobs_are_the_model_s(sft, local):
+    model, tok, info = local
+    client = sft.client()
+    r = client.chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=12, logprobs=True,
+                                       top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    ids = generation.chat_prompt_ids(tok, MESSAGES)
+    generated = [next(i for i, b in enumerate(tok.id_bytes()) if bytes(b) == bytes(e.bytes) and
+                      tok.decode([i]) == e.token) for e in entries]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids + generated]))[0, len(ids) - 1:-1].float().log_softmax(-1)
+    assert len(entries) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
+    for e, row, token in zip(entries, reference, generated):
+        assert abs(e.logprob - float(row[token])) < 1e-4 and token == int(row.argmax())  # greedy: the top one
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == r.choices[0].message.content
+    streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(
+        model="sft", messages=MESSAGES, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for chunk in streamed for e in chunk] == [e.logprob for e in entries]
+    c = client.completions.create(model="sft", prompt="The night was", temperature=0, max_tokens=8, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+    assert all(max(top.values()) == pytest.approx(p, abs=1e-6) for top, p in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    chunks = list(client.completions.create(model="sft", prompt="The night was", temperature=0, max_tokens=8,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+    assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
+
+
+def test_completions_return_the_text_as_written(runs):
+    """A distilled model's continuation, <think> and all, with stop strings applied to all of it."""
+    server = Server(runs["reason"])
+    try:
+        model, tok, info = generation.load(runs["reason"])
+        prompt = "user\nCompute 361 + 968.\nassistant\n"
+        raw = generation.complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
+        assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
+        client = server.client()
+        r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)
+        assert r.choices[0].text == raw
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="reason", prompt=prompt, temperature=0, max_tokens=64, stream=True))
+        assert streamed == raw
+        stop = raw[12:16]  # inside the think block
+        r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64, stop=[stop])
+        assert r.choices[0].text == raw[: raw.index(stop)] and r.choices[0].finish_reason == "stop"
     finally:
         server.close()
 

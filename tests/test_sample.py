@@ -148,3 +148,36 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     assert e.value.code == 2
+
+
+def test_whitespace_before_a_think_block_streams_as_it_ends(loaded):
+    _, tok, _ = loaded
+    think, end_think = tok.special_ids["<think>"], tok.special_ids["</think>"]
+    ids = tok.encode("\n ") + [think] + tok.encode("\n一二\n") + [end_think] + tok.encode("\n42") + [tok.im_end_id]
+    pieces = list(generation.ReplyStream(Replay(ids), tok, [], (tok.im_end_id,)))
+    raw = "".join(p.text for p in pieces)
+    assert ("".join(p.reasoning for p in pieces), "".join(p.content for p in pieces)) == generation.split_think(raw)
+    assert generation.split_think(raw) == ("一二", "42")
+
+
+def short_context_run(path, block_size=128):
+    """A run directory whose model was trained at a short context, as the demo's are (128-160 tokens)."""
+    import torch
+
+    from checkpoint import save_checkpoint
+
+    run = make_run_dir(path, stage="sft")
+    state = torch.load(f"{run}/ckpt.pt", map_location="cpu", weights_only=False)
+    state["config"]["block_size"] = block_size
+    save_checkpoint(run, state)
+    return run
+
+
+def test_interactive_chat_fits_a_short_context_by_default(tmp_path, capsys, monkeypatch):
+    """The README's `python sample.py --out_dir=out/demo/sft`: the default reply length fits a 128-token context."""
+    run = short_context_run(tmp_path / "short")
+    lines = iter(["你好，你是谁？", "What is 2 + 3? " * 6, "/exit"])
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert sample.main([f"--out_dir={run}", "--temperature=0"]) == 0
+    assert capsys.readouterr().out.strip()

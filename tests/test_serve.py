@@ -411,14 +411,17 @@ def chromium():
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(chromium() is None, reason="no Chromium and chromedriver on this machine "
-                                               "(Debian: apt-get install chromium chromium-driver; .ci/run does)")
-def test_the_chat_page_streams_a_reply_in_a_real_browser(sft, tmp_path):
+@pytest.fixture
+def page(sft, tmp_path):
+    """The chat page of the sft server in headless Chromium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    if chromium() is None:
+        pytest.skip("no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver; "
+                    ".ci/run does)")
     browser, driver_path = chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -430,15 +433,41 @@ def test_the_chat_page_streams_a_reply_in_a_real_browser(sft, tmp_path):
     try:
         driver.get(sft.url + "/")
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "title").text == "sft")
-        driver.find_element(By.ID, "input").send_keys("你好，你是谁？")
-        driver.find_element(By.ID, "send").click()
-        answer = WebDriverWait(driver, 60).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant .answer") and
-            d.find_element(By.CSS_SELECTOR, ".assistant .answer").text.strip() and
-            d.find_element(By.ID, "send").is_enabled() and d.find_element(By.CSS_SELECTOR, ".assistant .answer"))
-        assert answer.text.strip()
-        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "你好，你是谁？"
-        driver.save_screenshot(str(tmp_path / "chat_page.png"))
-        assert (tmp_path / "chat_page.png").stat().st_size > 1000
+        yield driver
     finally:
         driver.quit()
+
+
+def say(driver, text):
+    """Type a message, send it, wait for its reply to end; the reply's box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    turns = len(driver.find_elements(By.CSS_SELECTOR, ".assistant"))
+    driver.execute_script("document.getElementById('input').value = arguments[0];", text)
+    driver.find_element(By.ID, "send").click()
+    return WebDriverWait(driver, 60).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == turns + 1 and
+        d.find_element(By.ID, "send").is_enabled() and d.find_elements(By.CSS_SELECTOR, ".assistant")[-1])
+
+
+def test_the_chat_page_streams_a_reply_in_a_real_browser(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    box = say(page, "你好，你是谁？")
+    assert box.find_element(By.CSS_SELECTOR, ".answer").text.strip()
+    assert page.find_element(By.CSS_SELECTOR, ".user").text == "你好，你是谁？"
+    page.save_screenshot(str(tmp_path / "chat_page.png"))
+    assert (tmp_path / "chat_page.png").stat().st_size > 1000
+
+
+def test_the_chat_page_trims_its_history_and_keeps_no_failed_turn(page):
+    from selenium.webdriver.common.by import By
+
+    box = say(page, "很长的问题 " * 150)  # alone more than the context: refused, and not kept
+    assert box.find_elements(By.CSS_SELECTOR, ".error")
+    for i in range(6):  # the conversation outgrows the context of 256 tokens
+        box = say(page, f"Question {i}: tell me about the sea, the stars and the night. 请详细说明大海和星星。")
+        assert not box.find_elements(By.CSS_SELECTOR, ".error"), box.text
+    notes = page.find_elements(By.CSS_SELECTOR, ".note")
+    assert notes and "no longer fit the model's context of 256 tokens" in notes[-1].text

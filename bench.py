@@ -45,7 +45,9 @@ How it measures:
 - serve=True measures serve.py instead: it serves serve_run on 127.0.0.1 and sends serve_clients
   streaming chat requests at once (the official openai client, one thread each), several rounds;
   aggregate completion tokens/s (all clients' tokens over the wall time of the round) and the
-  p50 / p95 time to the first token.
+  p50 / p95 time to the first token. Then a load check (bench_serve_load): serve_load_clients clients at
+  once, a quarter leaving mid-request and a quarter sending invalid bodies; the valid ones must get the
+  text they get alone, and the server's own counters (GET /health) say what ran and for how long.
 
     python bench.py --serve=True --serve_run=out/demo/sft --device=cpu
 
@@ -115,6 +117,7 @@ serve = False  # serve.py instead: aggregate tokens/s and time to first token at
 serve_run = ""  # serve=True: the run (or HF) directory to serve
 serve_clients = [1, 4, 16]  # concurrent streaming clients, one measurement each
 serve_max_tokens = 48  # tokens per reply at most
+serve_load_clients = 64  # serve=True: then a load check with this many clients at once (0: none), see bench_serve_load
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
@@ -589,6 +592,8 @@ def bench_serve(b):
                         f"serve.{n}.ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
                         f"serve.{n}.ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]})
         health = httpx.get(url + "/health").json()
+        if b["serve_load_clients"]:
+            fig.update(bench_serve_load(b, url, proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -596,6 +601,92 @@ def bench_serve(b):
     notes = {"dtype": "auto", "server": f"serve.py {b['serve_run']} ({health['model']}), queued: one generation at a time",
              "queue": serve.queue_size}
     return fig, notes, describe_device(torch.device("cpu") if b["device"] in ("auto", "cpu") else torch.device(b["device"]))
+
+
+LOAD_INVALID = [b'{"messages": [', b'{"messages": [{"role": "user", "content": "hi"}], "stream": "true"}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "stop": ""}', None]  # None: 16 MB, chunked
+LOAD_PROMPTS = ["Who are you?", "你好，你是谁？", "What is 2 + 3?", "Tell me about the sea."]
+
+
+def peak_rss_mb(pid):
+    """A process's peak resident memory (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:
+        return None
+
+
+def bench_serve_load(b, url, pid):
+    """serve_load_clients clients at once: client i leaves mid-request (i % 4 == 0: streamed ones after their first
+    piece, the others after 0.25 s), sends an invalid body (i % 4 == 1: bad JSON, bad values, a 16 MB chunked body)
+    or asks for a greedy reply (streamed or not) that must equal the one the same request gets alone. The server's
+    counters (GET /health, before and after) say how many requests were accepted for generation (the invalid ones
+    must cost none), cancelled or skipped, and the most milliseconds a generation ran after its client left; its
+    peak memory (/proc) must stay flat under the oversized bodies."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def request(i, **kw):
+        return dict(model="m", messages=[{"role": "user", "content": LOAD_PROMPTS[i % len(LOAD_PROMPTS)]}],
+                    temperature=0, max_tokens=b["serve_max_tokens"], **kw)
+
+    def reply(i, stream):
+        if not stream:
+            return client.chat.completions.create(**request(i)).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**request(i, stream=True))
+                       if c.choices)
+
+    def leave(i, stream):
+        if stream:
+            with client.chat.completions.create(**request(i, stream=True, n=2)) as chunks:
+                next(c for c in chunks if c.choices and c.choices[0].delta.content)
+            return "left"
+        try:
+            httpx.post(url + "/v1/chat/completions", json=request(i, n=2), timeout=0.25)
+            return "done before leaving"
+        except httpx.TimeoutException:
+            return "left"
+
+    def invalid(i):
+        body = LOAD_INVALID[(i // 4) % len(LOAD_INVALID)]
+        body = body if body is not None else (b"x" * 1_000_000 for _ in range(16))
+        return httpx.post(url + "/v1/chat/completions", content=body, timeout=60).status_code
+
+    def one(out, i):
+        kind, stream = ("leave", "invalid", "valid", "valid")[i % 4], (i // 2) % 2 == 0
+        out[i] = (kind, leave(i, stream) if kind == "leave" else invalid(i) if kind == "invalid" else
+                  reply(i, stream) == alone[i % len(LOAD_PROMPTS)])
+
+    alone = [reply(i, False) for i in range(len(LOAD_PROMPTS))]
+    before, rss_before = httpx.get(url + "/health").json()["generation"], peak_rss_mb(pid)
+    out, t0 = {}, time.perf_counter()
+    threads = [threading.Thread(target=one, args=(out, i)) for i in range(b["serve_load_clients"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    while (h := httpx.get(url + "/health").json())["busy"] or h["waiting"]:  # what is left: skipped requests
+        time.sleep(0.01)
+    idle_after = time.perf_counter() - t0 - seconds
+    after = h["generation"]
+    kinds = [k for k, _ in out.values()]
+    valid, left = kinds.count("valid"), [r for k, r in out.values() if k == "leave"]
+    return {"load.clients": len(out), "load.seconds": seconds, "load.valid": valid,
+            "load.valid_same_as_alone": sum(r is True for k, r in out.values() if k == "valid"),
+            "load.invalid": kinds.count("invalid"),
+            "load.invalid_4xx": sum(400 <= r < 500 for k, r in out.values() if k == "invalid"),
+            "load.left": left.count("left"), "load.done_before_leaving": left.count("done before leaving"),
+            "load.accepted": after["accepted"] - before["accepted"],
+            "load.accepted_invalid": after["accepted"] - before["accepted"] - valid - len(left),
+            "load.cancelled": after["cancelled"] - before["cancelled"],
+            "load.skipped": after["skipped"] - before["skipped"], "load.max_cancel_lag_ms": after["max_cancel_lag_ms"],
+            "load.idle_after_s": idle_after, "load.server_peak_rss_mb_before": rss_before,
+            "load.server_peak_rss_mb_after": peak_rss_mb(pid)}
 
 
 def serve_port():
@@ -623,6 +714,18 @@ def report_serve(b, fig, notes, device):
     for n in b["serve_clients"]:
         lines.append(f"{n:>8}{fig[f'serve.{n}.requests']:>10}{fig[f'serve.{n}.tokens_per_s']:>12,.1f}"
                      f"{fig[f'serve.{n}.ttft_p50_ms']:>14,.0f}{fig[f'serve.{n}.ttft_p95_ms']:>10,.0f}")
+    if "load.clients" in fig:
+        f = fig
+        lines += [f"load: {f['load.clients']} clients at once, {f['load.seconds']:.1f} s",
+                  f"  valid: {f['load.valid_same_as_alone']} of {f['load.valid']} got the text they get alone",
+                  f"  invalid: {f['load.invalid_4xx']} of {f['load.invalid']} got a 4xx; requests they queued for "
+                  f"generation: {f['load.accepted_invalid']}",
+                  f"  leaving: {f['load.left']} left mid-request ({f['load.done_before_leaving']} done before): "
+                  f"{f['load.cancelled']} generations cancelled, {f['load.skipped']} skipped in the queue; the most a "
+                  f"generation ran after its client left: {f['load.max_cancel_lag_ms']:.1f} ms; idle "
+                  f"{f['load.idle_after_s']:.2f} s after the last client",
+                  f"  server peak RSS: {num(f['load.server_peak_rss_mb_before'], ',.0f')} MB before, "
+                  f"{num(f['load.server_peak_rss_mb_after'], ',.0f')} MB after"]
     return "\n".join(lines)
 
 
@@ -714,11 +817,12 @@ def package_version(name):
         return None
 
 
+def num(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
 def report(b, fig, notes, device):
     """The table printed at the end."""
-    def num(v, spec):
-        return "-" if v is None else format(v, spec)
-
     def ratio(v):
         return "-" if v is None else f"{v:.2f}x"
 

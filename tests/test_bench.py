@@ -99,16 +99,19 @@ def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
     assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut
 
 
-def test_serve_mode_measures_tokens_and_time_to_first_token(tmp_path):
+def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(tmp_path):
     from test_export import make_run_dir
 
     run = make_run_dir(tmp_path / "run")
     path = tmp_path / "bench.json"
     bench.main(["--serve=True", f"--serve_run={run}", "--device=cpu", "--serve_clients=[1, 3]", "--rounds=1",
-                "--serve_max_tokens=8", f"--json={path}"])
+                "--serve_max_tokens=8", "--serve_load_clients=8", f"--json={path}"])
     fig = json.loads(path.read_text())["figures"]
     assert fig["serve.1.requests"] == 1 and fig["serve.3.requests"] == 3
     assert fig["serve.3.tokens_per_s"] > 0 and 0 < fig["serve.3.ttft_p50_ms"] <= fig["serve.3.ttft_p95_ms"]
+    assert fig["load.clients"] == 8 and fig["load.valid_same_as_alone"] == fig["load.valid"] == 4
+    assert fig["load.invalid_4xx"] == fig["load.invalid"] == 2 and fig["load.accepted_invalid"] == 0
+    assert fig["load.left"] + fig["load.done_before_leaving"] == 2
 
 
 def test_lora_mode_counts_what_each_run_keeps(tmp_path):

@@ -619,12 +619,12 @@ def peak_rss_mb(pid):
 
 
 def bench_serve_load(b, url, pid):
-    """serve_load_clients clients at once: client i leaves mid-request (i % 4 == 0: streamed ones after their first
-    piece, the others after 0.25 s), sends an invalid body (i % 4 == 1: bad JSON, bad values, a 16 MB chunked body)
-    or asks for a greedy reply (streamed or not) that must equal the one the same request gets alone. The server's
-    counters (GET /health, before and after) say how many requests were accepted for generation (the invalid ones
-    must cost none), cancelled or skipped, and the most milliseconds a generation ran after its client left; its
-    peak memory (/proc) must stay flat under the oversized bodies."""
+    """serve_load_clients clients at once, client i streaming when i // 4 is even: it leaves mid-request (i % 4 == 0:
+    streamed ones after their first piece, the others after 0.25 s), sends an invalid body (i % 4 == 1: bad JSON, bad
+    values, a 16 MB chunked body) or asks for a greedy reply that must equal the one the same request gets alone.
+    The server's counters (GET /health, before and after) say how many requests were accepted for generation (the
+    invalid ones must cost none), cancelled or skipped, and the most milliseconds a generation ran after its client
+    left; its peak memory (/proc) must stay flat under the oversized bodies."""
     import httpx
     import openai
 
@@ -657,7 +657,7 @@ def bench_serve_load(b, url, pid):
         return httpx.post(url + "/v1/chat/completions", content=body, timeout=60).status_code
 
     def one(out, i):
-        kind, stream = ("leave", "invalid", "valid", "valid")[i % 4], (i // 2) % 2 == 0
+        kind, stream = ("leave", "invalid", "valid", "valid")[i % 4], (i // 4) % 2 == 0
         out[i] = (kind, leave(i, stream) if kind == "leave" else invalid(i) if kind == "invalid" else
                   reply(i, stream) == alone[i % len(LOAD_PROMPTS)])
 

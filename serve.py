@@ -8,14 +8,18 @@ An OpenAI-compatible HTTP server and a chat page for a run directory or an HF di
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Who are you?"}])
 
-Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, max_tokens, stop, seed, n; a
-reasoning model's <think> block comes back as reasoning_content, as DeepSeek's API returns it, streamed too),
-POST /v1/completions (a prompt continued, for base models), GET /v1/models, GET /health, and GET / (the chat
-page, serve.html: one file, no build step, nothing from a CDN).
+Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, max_tokens, stop, seed, n, logprobs,
+top_logprobs; a reasoning model's <think> block comes back as reasoning_content, as DeepSeek's API returns it,
+streamed too), POST /v1/completions (a prompt continued, for base models: the text as written, no <think> split),
+GET /v1/models, GET /health (the queue and the generation counters), GET / (the chat page, serve.html: one file,
+no build step, nothing from a CDN) and POST /fit_history (the page's conversation trimmed as sample.py trims it).
 
+Every value of a request is checked before anything is queued; max_tokens is clamped to what the context leaves.
 Generations are queued: one worker thread runs one request at a time on the model, with the code sample.py uses
-(generation.ReplyStream), so requests never share state; a client that disconnects stops its generation, which
-frees the worker for the next. Every error is OpenAI's error JSON with a 4xx status; the server keeps serving.
+(generation.ReplyStream), so requests never share state. Guard, plain ASGI in front of the app, checks the API key
+and counts the body's bytes as they arrive; a client that disconnects, streamed or not, stops its generation
+before the next token, which frees the worker for the next. Every error is OpenAI's error JSON; the server keeps
+serving.
 """
 
 import asyncio
@@ -44,7 +48,7 @@ api_key = ""  # when set, requests must send "Authorization: Bearer <api_key>"
 model_name = ""  # the model's id in the API ("": the directory's name)
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | float32 | bfloat16 | float16
-max_tokens = 512  # the most tokens a request may ask for (and what it gets when it does not say)
+max_tokens = 512  # a reply's tokens at most: a request asking more (or nothing) gets this, or what the context leaves
 max_n = 4  # completions per request at most
 max_request_bytes = 1_000_000  # a larger request body is refused (413)
 queue_size = 64  # requests waiting for the model at most; more are refused (429)

@@ -98,6 +98,13 @@ def sft(runs):
 
 
 @pytest.fixture(scope="module")
+def reason(runs):
+    server = Server(runs["reason"])
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def local(runs):
     """The sft model in this process, as sample.py loads it."""
     return generation.load(runs["sft"])
@@ -134,25 +141,21 @@ def test_stop_strings_cut_the_reply(sft, local):
     assert r.choices[0].message.content == full[: full.index(cut)] and r.choices[0].finish_reason == "stop"
 
 
-def test_a_reasoning_model_returns_reasoning_content(runs):
-    server = Server(runs["reason"])
-    try:
-        client, messages = server.client(), [{"role": "user", "content": "Compute 361 + 968."}]
-        model, tok, info = generation.load(runs["reason"])
-        raw = generation.reply(model, tok, messages, temperature=0.0, max_new_tokens=96, max_len=info["block_size"])
-        assert raw.startswith("<think>")  # the model learnt the format: the test means something
-        reasoning, content = generation.split_think(raw)
-        r = client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96)
-        message = r.choices[0].message
-        assert message.reasoning_content == reasoning and message.content == content and "<think>" not in content
-        chunks = list(client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96,
-                                                     stream=True, stream_options={"include_usage": True}))
-        deltas = [c.choices[0].delta for c in chunks if c.choices]
-        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
-        assert "".join(d.content or "" for d in deltas) == content
-        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    finally:
-        server.close()
+def test_a_reasoning_model_returns_reasoning_content(runs, reason):
+    client, messages = reason.client(), [{"role": "user", "content": "Compute 361 + 968."}]
+    model, tok, info = generation.load(runs["reason"])
+    raw = generation.reply(model, tok, messages, temperature=0.0, max_new_tokens=96, max_len=info["block_size"])
+    assert raw.startswith("<think>")  # the model learnt the format: the test means something
+    reasoning, content = generation.split_think(raw)
+    r = client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96)
+    message = r.choices[0].message
+    assert message.reasoning_content == reasoning and message.content == content and "<think>" not in content
+    chunks = list(client.chat.completions.create(model="reason", messages=messages, temperature=0, max_tokens=96,
+                                                 stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_completions_continue_a_base_model(runs):
@@ -383,25 +386,21 @@ def test_logprobs_are_the_model_s(sft, local):
     assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
 
 
-def test_completions_return_the_text_as_written(runs):
+def test_completions_return_the_text_as_written(runs, reason):
     """A distilled model's continuation, <think> and all, with stop strings applied to all of it."""
-    server = Server(runs["reason"])
-    try:
-        model, tok, info = generation.load(runs["reason"])
-        prompt = "user\nCompute 361 + 968.\nassistant\n"
-        raw = generation.complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
-        assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
-        client = server.client()
-        r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)
-        assert r.choices[0].text == raw
-        streamed = "".join(c.choices[0].text for c in client.completions.create(
-            model="reason", prompt=prompt, temperature=0, max_tokens=64, stream=True))
-        assert streamed == raw
-        stop = raw[12:16]  # inside the think block
-        r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64, stop=[stop])
-        assert r.choices[0].text == raw[: raw.index(stop)] and r.choices[0].finish_reason == "stop"
-    finally:
-        server.close()
+    model, tok, info = generation.load(runs["reason"])
+    prompt = "user\nCompute 361 + 968.\nassistant\n"
+    raw = generation.complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
+    assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
+    client = reason.client()
+    r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)
+    assert r.choices[0].text == raw
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="reason", prompt=prompt, temperature=0, max_tokens=64, stream=True))
+    assert streamed == raw
+    stop = raw[12:16]  # inside the think block
+    r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64, stop=[stop])
+    assert r.choices[0].text == raw[: raw.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def chromium():

@@ -155,7 +155,7 @@ class TokenLogprob:
 class ReplyStream:
     """A reply being generated after prompt_ids: iterate it for Pieces, as they stream. Afterwards, finish_reason
     is "stop" (a stop token, or a stop string in the content, which is cut before it) or "length" (max_new_tokens,
-    or the context is full), and tokens says how many tokens were generated. cancelled() is asked before every
+    or the context is full), and tokens says how many tokens were generated. cancelled() is asked after every
     token: true ends the reply there. split=False: a plain continuation, all of it content (no <think> split),
     stop strings searched in all of it. top_logprobs: None, or n >= 0: each piece carries its tokens' TokenLogprobs
     with the n most likely alternatives. sampling: temperature, top_k, top_p, repetition_penalty, generator (see

@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft(runs):
-    server = Server(runs["sft"])
+    server = Server(runs["sft"], "--max_n=16")
     yield server
     server.close()
 
@@ -254,7 +254,7 @@ def test_unknown_route_and_api_key(runs):
         server.close()
 
 
-LONG = {"prompt": "床前明月光", "temperature": 0, "max_tokens": 200, "n": 4}  # greedy: runs to max_tokens, 4 times
+LONG = {"prompt": "床前明月光", "temperature": 0, "max_tokens": 200, "n": 16}  # greedy: to max_tokens, 16 times
 
 
 def counts(server):
@@ -282,18 +282,18 @@ def test_a_non_streamed_request_stops_generating_when_its_client_leaves(sft, loc
     alone = generation.ReplyStream(model, tok, generation.complete_prompt_ids(tok, LONG["prompt"]), (tok.eot_id,),
                                    LONG["max_tokens"], max_len=info["block_size"], temperature=0.0)
     list(alone)
-    assert alone.finish_reason == "length"  # uncancelled, it would generate 4 x 200 tokens
+    assert alone.finish_reason == "length"  # uncancelled, it would generate 16 x 200 tokens (seconds)
     before = wait_idle(sft)
     abandon(sft, LONG, 0.3)
     after = wait_idle(sft)
     assert after["cancelled"] - before["cancelled"] == 1 and after["run"] - before["run"] == 1
-    assert after["tokens"] - before["tokens"] < 4 * LONG["max_tokens"]
+    assert after["tokens"] - before["tokens"] < LONG["n"] * LONG["max_tokens"]
     assert after["max_cancel_lag_ms"] < 1000  # it stopped at its next token, not when its choices were done
     # a request that waits in the queue and is abandoned there never runs
-    first = threading.Thread(target=abandon, args=(sft, LONG, 0.5))
+    first = threading.Thread(target=abandon, args=(sft, LONG, 0.4))
     first.start()
     time.sleep(0.1)
-    abandon(sft, LONG, 0.2)
+    abandon(sft, LONG, 0.15)
     first.join()
     later = wait_idle(sft)
     assert later["skipped"] - after["skipped"] == 1 and later["run"] - after["run"] == 1

@@ -637,8 +637,8 @@ def bench_serve_load(b, url, pid):
     def reply(i, stream):
         if not stream:
             return client.chat.completions.create(**request(i)).choices[0].message.content
-        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**request(i, stream=True))
-                       if c.choices)
+        chunks = client.chat.completions.create(**request(i, stream=True))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     def leave(i, stream):
         if stream:

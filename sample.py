@@ -23,8 +23,8 @@ import torch
 
 import configurator
 from common import dtype_name, resolve_device, resolve_dtype
-from generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load, reply_room,
-                        split_think)
+from generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load,
+                        reply_room, split_think)
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...

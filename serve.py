@@ -511,7 +511,8 @@ def create_app(engine, cfg):
         kept, ids = generation.fit_history(tok, messages, budget)
         if kept is None:
             raise APIError(400, f"that message is {len(ids)} tokens with the system prompt; at most {budget} fit the "
-                                f"model's context of {engine.context}", param="messages", code="context_length_exceeded")
+                                f"model's context of {engine.context}", param="messages",
+                           code="context_length_exceeded")
         return {"messages": kept, "dropped": len(messages) - len(kept), "prompt_tokens": len(ids),
                 "context": engine.context}
 

@@ -149,6 +149,51 @@ def test_dpo_precomputed_reference_equals_reference_model(demo_dpo, sft_run, tmp
     assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
 
 
+def test_dpo_under_fsdp_bfloat16_starts_at_its_reference_as_one_process(demo_dpo, sft_run, tmp_path):
+    """FSDP computes the policy with bfloat16 parameters: the reference (model or precomputed table) must too, so
+    that step 0 is ln 2 with no reward won, as in one process."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("needs gloo")
+    args = ["--max_iters=1", "--eval_interval=1", "--device=cpu", "--dtype=bfloat16", "--gradient_accumulation_steps=2"]
+    runs = {"one": (1, []), "fsdp": (2, ["--fsdp=True"]), "fsdp-table": (2, ["--fsdp=True", "--dpo_precompute_ref=True"])}
+    for name, (nproc, extra) in runs.items():
+        run_train(dpo_args(demo_dpo, sft_run, str(tmp_path / name), *args, *extra), nproc=nproc, timeout=300)
+        rows = metrics(str(tmp_path / name))
+        first = [r for r in rows if "loss" in r][0]
+        assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        assert rows[0]["val_rewards/accuracies"] == 0.0 and rows[0]["val_rewards/margins"] == 0.0, name
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/accuracies"] == 0.0, name
+
+
+def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path, capsys):
+    """At block 32 some prompts fill the row: such a pair has no target, so no loss, no statistics, no divisor."""
+    run = train.build(train.configure([f"--data_dir={demo_dpo}", f"--out_dir={tmp_path}", "--stage=dpo", "--dim=32",
+                                       "--n_layers=1", "--n_heads=2", "--block_size=32", "--batch_size=4",
+                                       "--verify_data=False"]))
+    batches = run.train_batches
+    empty = [k for k in range(batches.n_units) if not any(
+        batches.split.document(d, 33)[1][1:].any() for d in (2 * k, 2 * k + 1))]  # labels are tokens 1..32
+    assert batches.untargeted == len(empty) >= 1
+    train.print_plan(run)
+    assert f"{len(empty)} of {batches.n_units:,} pairs have a prompt that fills the row" in capsys.readouterr().out
+    with torch.no_grad():  # the policy moved off the reference: every pair has a loss of its own, not ln 2
+        for p in run.raw_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    good = [k for k in range(batches.n_units) if k not in empty][:2]
+
+    def dpo(units):
+        b = batches.batch(units)
+        with torch.no_grad():
+            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg)
+        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, "dpo")
+
+    alone = [dpo([k]) for k in good]
+    loss, accuracy, count = dpo([empty[0], *good])
+    assert count == 2 and dpo([empty[0]]) == (0.0, 0.0, 0.0)
+    assert loss == pytest.approx(sum(a[0] for a in alone), rel=1e-5) and abs(loss - 2 * math.log(2)) > 1e-3
+    assert accuracy == sum(a[1] for a in alone)
+
+
 def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--max_iters=3", "--eval_interval=3", "--learning_rate=1e-3", "--gradient_accumulation_steps=2",

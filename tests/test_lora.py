@@ -65,14 +65,26 @@ def test_the_checkpoint_holds_the_adapters_and_names_its_base(lora_run, base):
     assert os.path.getsize(os.path.join(lora_run, "ckpt.pt")) < os.path.getsize(os.path.join(base, "ckpt.pt")) / 3
 
 
-def test_merged_export_and_peft_adapter_give_the_trained_model_logits(lora_run, tmp_path):
+@pytest.fixture(scope="module")
+def yarn_lora_run(base, demo_sft, tmp_path_factory):
+    """LoRA at twice its base's context with YaRN: an adapter's base must compute with the run's RoPE settings."""
+    out = str(tmp_path_factory.mktemp("yarn_lora_run"))
+    scaling = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
+    run_train(lora_args(demo_sft, out, base, "--max_iters=2", "--eval_interval=2", "--block_size=128",
+                        f"--rope_scaling={scaling}"))
+    return out
+
+
+@pytest.mark.parametrize("run_name", ["lora_run", "yarn_lora_run"])
+def test_merged_export_and_peft_adapter_give_the_trained_model_logits(run_name, request, tmp_path):
+    lora_run = request.getfixturevalue(run_name)
     state = load_checkpoint(os.path.join(lora_run, "ckpt.pt"))
     cfg = train.ModelConfig(**state["model_config"])
     trained = train.Transformer(cfg)
     base_state, _ = load_model(state["lora_base"]["path"])
     trained.load_state_dict({**base_state.state_dict(), **state["model"]})  # the LoRA model itself, not merged
     trained.eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = trained(idx)
         merged_dir, adapter_dir = str(tmp_path / "merged"), str(tmp_path / "adapter")
@@ -83,6 +95,9 @@ def test_merged_export_and_peft_adapter_give_the_trained_model_logits(lora_run, 
         export.export_adapter(lora_run, adapter_dir)
         base_hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(adapter_dir, "base"),
                                                                     dtype=torch.float32, local_files_only=True)
+        assert base_hf.config.max_position_embeddings == cfg.max_seq_len
+        rope = base_hf.config.rope_scaling or {}
+        assert rope.get("rope_type", "default") == (cfg.rope_scaling or {}).get("type", "default")
         with_adapter = peft.PeftModel.from_pretrained(base_hf, adapter_dir, local_files_only=True).eval()
         assert (with_adapter(idx).logits - want).abs().max().item() <= 1e-5
 

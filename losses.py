@@ -121,9 +121,12 @@ def target_count(batch, stage, weighted=True):
 
 
 def target_bytes(batch, stage, token_bytes):
-    """The UTF-8 bytes the micro-batch's targets decode to (tokenizer.token_bytes), those of the chosen rows for DPO
-    (the rows before the rejected ones): the denominator of bits per byte."""
-    size = token_bytes[batch.y.clamp(min=0)] * (batch.w > 0)
+    """The UTF-8 bytes of text the micro-batch's targets hold (tokenizer.token_bytes: each id's bytes, less the
+    dummy prefix of a text's first token), those of the chosen rows for DPO (the rows before the rejected ones): the
+    denominator of bits per byte."""
+    sizes, prefix, opens = token_bytes
+    y = batch.y.clamp(min=0)
+    size = (sizes[y] - prefix[y] * opens[batch.x]) * (batch.w > 0)
     return (size[: size.shape[0] // 2] if stage == "dpo" else size).sum().float()
 
 

@@ -373,7 +373,8 @@ class Transformer(nn.Module):
         dtype = self.compute_dtype(idx.device)
         batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
         # position start_pos[b], looked up in the table of the cache's positions
-        table = self.rotary(0, cache.max_len, idx.device, in_use=start_pos.max() + 1) if batched else self.rotary(
+        in_use = start_pos.max() + 1 if batched and self.rotary.dynamic else None  # the longest row's length
+        table = self.rotary(0, cache.max_len, idx.device, in_use) if batched else self.rotary(
             0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
         mask = None

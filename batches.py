@@ -100,6 +100,12 @@ class Batches:
         lengths = split.doc_ends - split.doc_starts
         self.lengths = np.minimum(lengths, block_size + 1)  # a longer document is cut to one row, as prepare.py cuts
         self.truncated = int((lengths > block_size + 1).sum()) if stage != "pretrain" else 0
+        # dpo: pairs whose prompt fills the row, so that a row keeps no target: left out of the loss
+        # (losses.pair_has_targets), counted here for the run's plan
+        self.untargeted = 0
+        if stage == "dpo":
+            kept = split.row_targets(block_size + 1)[: 2 * (split.num_docs // 2)] > 0
+            self.untargeted = int((~(kept[0::2] & kept[1::2])).sum())
         self.n_units = count_units(stage, split.num_tokens, split.num_docs, block_size)
         if self.n_units < 1:
             fail(f"split '{split.name}' of {split.data_dir} is too small for stage {stage} with block_size "

@@ -162,6 +162,12 @@ def model_config_from_hf(hf):
     )
 
 
+def hf_model_config(path):
+    """The ModelConfig of the HF directory `path` (its config.json)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return model_config_from_hf(json.load(f))
+
+
 def hf_config_dict(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
     """config.json for LlamaForCausalLM: rope_theta and rope_parameters both, so transformers 4.x and 5.x agree."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -220,8 +226,7 @@ def load_model(path, device="cpu"):
         info = {"kind": "run", "stage": state.get("stage"), "iter": state.get("iter"),
                 "config": state.get("config", {}), "lora_base": state.get("lora_base")}
     elif is_hf_dir(path):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            cfg = model_config_from_hf(json.load(f))
+        cfg = hf_model_config(path)
         model = Transformer(cfg)
         weights = load_hf_weights(path)
         if cfg.tie_embeddings:

@@ -71,6 +71,13 @@ def wrap_model(model, dev, ptdtype, world, local_rank, fsdp=False, compile=False
     return model
 
 
+def param_dtype(ptdtype, world, fsdp):
+    """The dtype a wrapped model's parameters compute in: ptdtype under FSDP's mixed precision, which casts them;
+    float32 otherwise, where autocast casts the inputs of each operation instead (norms and the residual stream then
+    stay float32)."""
+    return ptdtype if world > 1 and fsdp else torch.float32
+
+
 def gradient_sync(model, world, fsdp, last):
     """A context for one micro-step's backward: gradients are reduced over ranks only on the last one."""
     if world == 1 or last:

@@ -14,7 +14,8 @@ same logits and the same greedy text as sample.py (tests/test_export.py).
 A LoRA run exports merged (merge=True, the default: a plain Llama whose weights hold the adapters),
 or as a PEFT adapter (merge=False): adapter_config.json + adapter_model.safetensors, which
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), hf_dir)` loads; base is
-the HF directory the run adapted, or, for a run directory, its export written to hf_dir/base.
+the HF directory the run adapted, or its export written to hf_dir/base with the run's RoPE settings
+(context length, rope_scaling) where it is a run directory or the run trained with other ones.
 
 GGUF (llama.cpp's format, which ollama and LM Studio read) is written with the gguf package, llama.cpp's
 own Python library: the Llama architecture, the byte-level BPE tokenizer with llama.cpp's "gpt-2"
@@ -30,13 +31,14 @@ directory with safetensors weights.
 import glob
 import json
 import os
+from dataclasses import replace
 
 import checkpoint
 import configurator
 from common import DTYPES
 from files import replace_durably, write_json
 from generation import is_chat_model
-from model import LORA_PLACES, to_hf_state_dict
+from model import LORA_PLACES, ModelConfig, to_hf_state_dict
 from tokenizer import CHAT_TEMPLATE, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -56,8 +58,9 @@ def hf_weights(model, dtype):
             for name, t in to_hf_state_dict(model).items()}
 
 
-def export(run_dir, hf_dir, dtype="float32"):
-    """Write the HF directory for the model in run_dir; return the names of the files now in hf_dir."""
+def export(run_dir, hf_dir, dtype="float32", rope_from=None):
+    """Write the HF directory for the model in run_dir; return the names of the files now in hf_dir. rope_from: a
+    ModelConfig whose RoPE settings (with_rope_of) config.json takes instead of the model's own."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -75,7 +78,8 @@ def export(run_dir, hf_dir, dtype="float32"):
 
     eot, im_end = tokenizer.eot_id, tokenizer.im_end_id
     eos = im_end if chat else eot
-    write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(model.cfg, eot, eos, eot, dtype))
+    cfg = model.cfg if rope_from is None else with_rope_of(model.cfg, rope_from)
+    write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(cfg, eot, eos, eot, dtype))
     write_json(os.path.join(hf_dir, "generation_config.json"), {
         "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
     })
@@ -84,18 +88,31 @@ def export(run_dir, hf_dir, dtype="float32"):
     return sorted(os.listdir(hf_dir))
 
 
+def with_rope_of(cfg, run_cfg):
+    """cfg with the RoPE settings of run_cfg: the length and scaling a run trained at, which may differ from its
+    base's (a LoRA run at a longer context than its base)."""
+    return replace(cfg, max_seq_len=run_cfg.max_seq_len, rope_scaling=run_cfg.rope_scaling,
+                   rope_theta=run_cfg.rope_theta)
+
+
+def rope_settings(cfg):
+    """What of a config decides the rotary embedding: the length only matters to a scaled one."""
+    return cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len if cfg.rope_scaling else None
+
+
 def export_adapter(run_dir, hf_dir, dtype="float32"):
-    """Write a LoRA run's adapters as a PEFT adapter directory (and its base as an HF directory where it is a run
-    directory); return the names of the files now in hf_dir."""
+    """Write a LoRA run's adapters as a PEFT adapter directory, and its base as an HF directory with the run's RoPE
+    settings where the base is a run directory or an HF directory with other ones (PeftModel computes with the
+    base's config.json); return the names of the files now in hf_dir."""
     from safetensors.torch import save_file
 
     state = checkpoint.load_checkpoint(os.path.join(run_dir, checkpoint.CKPT_NAME))
     if not state.get("lora_base"):
         configurator.fail(f"{run_dir} is not a LoRA run (it was trained with lora_rank=0): export it with merge=True")
     checkpoint.check_lora_base(state["lora_base"])  # the base must still be the one the adapters were trained on
-    base = state["lora_base"]["path"]
-    if not checkpoint.is_hf_dir(base):  # PEFT loads its base from an HF directory: write one
-        export(base, os.path.join(hf_dir, "base"), dtype)
+    base, run_cfg = state["lora_base"]["path"], ModelConfig(**state["model_config"])
+    if not checkpoint.is_hf_dir(base) or rope_settings(checkpoint.hf_model_config(base)) != rope_settings(run_cfg):
+        export(base, os.path.join(hf_dir, "base"), dtype, rope_from=run_cfg)
         base = os.path.abspath(os.path.join(hf_dir, "base"))
     tensors = {}
     for name, t in state["model"].items():  # model.layers.0.self_attn.qkv_proj.lora_A.q -> ...self_attn.q_proj...

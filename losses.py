@@ -6,7 +6,8 @@ What each stage minimises, per micro-batch, and the statistics it reports.
   replies, 1 elsewhere); the step divides the sum by the sum of the weights.
 - dpo: the sigmoid (or IPO) loss of the difference between the policy's and
   the reference's log-ratio of chosen over rejected reply; the step divides
-  by the number of pairs. The reference is the starting weights, frozen, or
+  by the number of pairs, a pair whose rows were cut to no target (a prompt
+  as long as the row) left out of both. The reference is the starting weights, frozen, or
   their log-probabilities of every pair computed once (Reference).
 - grpo: on every completion token of a rollout (grpo.py), the clipped policy
   gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
@@ -72,10 +73,18 @@ def dpo_terms(policy_logps, ref_logps, cfg):
     return losses, dict(zip(DPO_STATS, stats))
 
 
+def pair_has_targets(batch):
+    """(B,) bool: whether both rows of each pair of a DPO batch keep a target (a prompt that fills the row leaves
+    none: such a pair would add ln 2 to the loss and count in its divisor without teaching anything)."""
+    chosen, rejected = (batch.w > 0).any(-1).chunk(2)
+    return chosen & rejected
+
+
 def dpo_loss(model, batch, ref_logps, cfg):
-    """(summed loss, {statistic: sum over pairs}) of a DPO micro-batch."""
+    """(summed loss, {statistic: sum over pairs}) of a DPO micro-batch, over its pairs with targets."""
     losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, cfg)
-    return losses.sum(), {k: v.sum() for k, v in stats.items()}
+    kept = pair_has_targets(batch).float()
+    return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
 
 
 def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):
@@ -105,16 +114,19 @@ def grpo_loss(model, batch, cfg):
 
 
 def target_count(batch, stage, weighted=True):
-    """What the step's loss is a mean over, for this micro-batch: target weight (tokens) or pairs."""
+    """What the step's loss is a mean over, for this micro-batch: target weight (tokens) or pairs with targets."""
     if stage == "dpo":
-        return float(batch.units.numel())
+        return float(pair_has_targets(batch).sum())
     return float(batch.w.sum() if weighted else (batch.w > 0).sum())
 
 
 def target_bytes(batch, stage, token_bytes):
-    """The UTF-8 bytes the micro-batch's targets decode to (tokenizer.token_bytes), those of the chosen rows for DPO
-    (the rows before the rejected ones): the denominator of bits per byte."""
-    size = token_bytes[batch.y.clamp(min=0)] * (batch.w > 0)
+    """The UTF-8 bytes of text the micro-batch's targets hold (tokenizer.token_bytes: each id's bytes, less the
+    dummy prefix of a text's first token), those of the chosen rows for DPO (the rows before the rejected ones): the
+    denominator of bits per byte."""
+    sizes, prefix, opens = token_bytes
+    y = batch.y.clamp(min=0)
+    size = (sizes[y] - prefix[y] * opens[batch.x]) * (batch.w > 0)
     return (size[: size.shape[0] // 2] if stage == "dpo" else size).sum().float()
 
 
@@ -128,19 +140,21 @@ def batch_counts(batch, stage):
 class Reference:
     """The reference of DPO (and of GRPO's KL): a frozen copy of the starting weights; or (precompute=True) their
     log-probs of every pair of each split, computed once, so that no second model stays in memory; or, for a
-    LoRA run, `shared`, the policy itself with its adapters off: its base, which is the starting weights."""
+    LoRA run, `shared`, the policy itself with its adapters off: its base, which is the starting weights.
+    param_dtype: the dtype the policy's parameters compute in (distributed.param_dtype): the reference's too, so
+    that it equals the policy at step 0."""
 
-    def __init__(self, raw_model, batches, device, autocast, rank, world, precompute, shared=None):
+    def __init__(self, raw_model, batches, device, autocast, rank, world, precompute, shared=None,
+                 param_dtype=torch.float32):
         self.model, self.tables, self.shared = None, {}, shared
         if shared is not None:
             return
         if precompute:
-            self.tables = {split: _precompute(raw_model, b, device, autocast, rank, world)
+            scorer = raw_model if param_dtype == torch.float32 else frozen_copy(raw_model, device, param_dtype)
+            self.tables = {split: _precompute(scorer, b, device, autocast, rank, world)
                            for split, b in batches.items()}
         else:
-            self.model = Transformer(raw_model.cfg).to(device)
-            self.model.load_state_dict(raw_model.state_dict())
-            self.model.eval().requires_grad_(False)
+            self.model = frozen_copy(raw_model, device, param_dtype)
 
     @contextlib.contextmanager
     def module(self):
@@ -159,6 +173,16 @@ class Reference:
             return pairs.T.reshape(-1)
         with self.module() as reference:
             return sequence_logps(reference, batch)
+
+
+def frozen_copy(raw_model, device, param_dtype):
+    """A frozen copy of a model in eval mode, its parameters in param_dtype (its buffers, the rotary frequencies,
+    stay float32, as under FSDP's mixed precision, which casts parameters only)."""
+    model = Transformer(raw_model.cfg).to(device)
+    model.load_state_dict(raw_model.state_dict())
+    for p in model.parameters():
+        p.data = p.data.to(param_dtype)
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -92,18 +92,21 @@ class ModelConfig:
 # Rotary position embeddings, the same formulas as transformers' modeling_rope_utils
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len: int):
-    """Inverse frequencies and the attention scale for a sequence of `seq_len` positions."""
+def rope_inv_freq(cfg: ModelConfig, seq_len):
+    """Inverse frequencies and the attention scale for a sequence of `seq_len` positions (an int, or a tensor on
+    the device: no host sync in batched decoding)."""
     dim, base = cfg.head_dim, cfg.rope_theta
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    device = seq_len.device if torch.is_tensor(seq_len) else None
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     scaling = cfg.rope_scaling or {}
     kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
     original = cfg.rope_original_len
     if kind == "linear":
         return 1.0 / (base**exponents) / factor, 1.0
     if kind == "dynamic":
-        # NTK-aware: the base grows with the length actually used (transformers "dynamic")
-        seq_len = max(seq_len, original)
+        # NTK-aware: the base grows with the length in use beyond the original, as transformers' "dynamic" does it
+        # (from a tensor length, in float32: the same numbers); up to the original the frequencies are unscaled
+        seq_len = torch.as_tensor(seq_len, device=device).clamp(min=original)
         base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
         return 1.0 / (base**exponents), 1.0
     if kind == "yarn":
@@ -130,19 +133,27 @@ def _yarn_inv_freq(dim, base, factor, original, scaling):
 
 
 class Rotary(nn.Module):
+    """cos and sin tables. Dynamic NTK computes its frequencies for the length of the sequence in use, as
+    transformers does: the highest position + 1 of each call, so that under a KV cache each key keeps the rotation
+    it was computed with and only the new positions take the longer length's (transformers' generate does the
+    same), and batched decoding uses its longest row's length (as transformers' batched generate)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        inv_freq, self.attention_scale = rope_inv_freq(cfg, cfg.max_seq_len)
+        self.dynamic = bool(cfg.rope_scaling) and cfg.rope_scaling["type"] == "dynamic"
+        inv_freq, self.attention_scale = rope_inv_freq(cfg, cfg.rope_original_len)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, start_pos: int, seq_len: int, device):
-        """cos and sin, float32, shape (seq_len, head_dim), for positions start_pos .. start_pos+seq_len-1."""
+    def forward(self, start_pos: int, seq_len: int, device, in_use=None):
+        """cos and sin, float32, shape (seq_len, head_dim), for positions start_pos .. start_pos+seq_len-1.
+        in_use: the sequence length dynamic NTK scales for (default start_pos + seq_len; a tensor in batched
+        decoding)."""
         inv_freq, scale = self.inv_freq, self.attention_scale
         end = start_pos + seq_len
-        if self.cfg.rope_scaling and self.cfg.rope_scaling["type"] == "dynamic" and end > self.cfg.rope_original_len:
-            inv_freq, scale = rope_inv_freq(self.cfg, end)
-            inv_freq = inv_freq.to(device)
+        in_use = end if in_use is None else in_use
+        if self.dynamic and (torch.is_tensor(in_use) or in_use > self.cfg.rope_original_len):
+            inv_freq = rope_inv_freq(self.cfg, in_use)[0].to(device)
         positions = torch.arange(start_pos, end, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -362,7 +373,8 @@ class Transformer(nn.Module):
         dtype = self.compute_dtype(idx.device)
         batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
         # position start_pos[b], looked up in the table of the cache's positions
-        table = self.rotary(0, cache.max_len, idx.device) if batched else self.rotary(
+        in_use = start_pos.max() + 1 if batched and self.rotary.dynamic else None  # the longest row's length
+        table = self.rotary(0, cache.max_len, idx.device, in_use) if batched else self.rotary(
             0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
         mask = None

@@ -251,6 +251,21 @@ class Split:
         length = int(self.doc_ends[i]) - start
         return self.read(start, length if max_tokens is None else min(length, max_tokens))
 
+    def row_targets(self, row_tokens):
+        """int64 per document: its targets among the labels of a row of its first row_tokens tokens (tokens 1 ..
+        row_tokens-1: a row's first token is no label), summed per shard without a Python step per document."""
+        out = np.zeros(self.num_docs, dtype=np.int64)
+        shard = np.searchsorted(self._offsets, self.doc_starts, side="right") - 1
+        for i, mask in enumerate(self._masks):
+            docs = np.flatnonzero(shard == i)
+            lo, hi = self.doc_starts[docs] + 1, np.minimum(self.doc_ends[docs], self.doc_starts[docs] + row_tokens)
+            docs, lo, hi = docs[hi > lo], lo[hi > lo] - self._offsets[i], hi[hi > lo] - self._offsets[i]
+            if len(docs):  # windows [lo, hi) are disjoint and in order: reduceat sums each, slots between ignored
+                bounds = np.stack([lo, hi], axis=1).ravel()
+                out[docs] = np.add.reduceat(mask, bounds[:-1] if bounds[-1] == len(mask) else bounds,
+                                            dtype=np.int64)[::2]
+        return out
+
 
 def _check_ids(tokens, vocab_size, path, chunk=1 << 24):
     for lo in range(0, len(tokens), chunk):

@@ -182,12 +182,42 @@ class ChatTokenizer:
         return out
 
     def token_bytes(self):
-        """int64 array: the UTF-8 bytes each id decodes to (id_bytes), for bits per byte. The control tokens
-        (<|endoftext|>, <|im_start|>, <|im_end|>) are not text: 0 bytes (their loss still counts); the reasoning tags
-        are the text they spell."""
-        sizes = np.array([len(b) for b in self.id_bytes()], dtype=np.int64)
-        sizes[[self.special_ids[t] for t in SPECIAL_TOKENS if t not in REASONING_TAGS]] = 0
-        return sizes
+        """int64 array (3, vocab_size), for bits per byte: the UTF-8 bytes of text each id holds; 1 where an id
+        starts with "▁" and the tokenizer (SentencePiece) puts a dummy-prefix "▁" before every text it encodes; 1
+        where an id opens a text, whose first "▁" is then that dummy, no byte. A target's bytes are bytes[y] -
+        prefix[y] * opens[x], x the token before it (losses.target_bytes).
+
+        The control tokens (<|endoftext|>, <|im_start|>, <|im_end|>) are not text: 0 bytes (their loss still
+        counts); they open a text (a document, a message's role). The reasoning tags are the text they spell; the
+        chat format puts a newline after <think> and </think> and before </think>: a normaliser that strips
+        whitespace (SentencePiece's default) leaves no id for those newlines, so the "▁" after a tag stands for
+        the first (the tags open no text then) and </think> counts the one before it. Byte-level BPE ids are
+        exact bytes (a piece of a character counts its bytes); SentencePiece ids count "▁" as a space and <0xNN>
+        as one byte; other whitespace its normaliser removes (runs, the ends of a document) is in no id."""
+        spec = json.loads(self._tok.to_str())
+        byte_level = _has_type(spec.get("decoder"), "ByteLevel") or _has_type(spec.get("pre_tokenizer"), "ByteLevel")
+        byte_chars = set(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that stand for bytes 0..255
+        out = np.zeros((3, self.vocab_size), dtype=np.int64)
+        sizes, prefix, opens = out
+        dummy = self._plain.encode("a", add_special_tokens=False).tokens[0].startswith("\u2581")
+        strips = self.encode("a\n") == self.encode("a")
+        specials = {a["content"] for a in spec["added_tokens"] if a["special"]}
+        for piece, i in self.pieces().items():
+            prefix[i] = dummy and piece.startswith("\u2581")
+            if piece in REASONING_TAGS:
+                opens[i] = not strips
+                sizes[i] = len(piece) + (strips and piece == "</think>")
+                continue
+            if piece in specials:
+                opens[i] = 1
+                continue
+            if byte_level and all(c in byte_chars for c in piece):
+                sizes[i] = len(piece)  # one character per byte
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                sizes[i] = 1
+            else:
+                sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, directory, chat=True):

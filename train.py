@@ -439,7 +439,8 @@ def build(cfg):
     if wants_reference and not cfg["lora_rank"]:
         splits_used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
         reference = losses.Reference(raw, splits_used, dev, autocast, rank, world,
-                                     precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo")
+                                     precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo",
+                                     param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
     if wants_reference and cfg["lora_rank"]:  # the reference is the base: the policy with its adapters off
@@ -620,6 +621,9 @@ def print_plan(run):
               else "one unit per row" if cfg["stage"] != "pretrain" else "windows of the token stream")
     cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
            f"{cfg['block_size'] + 1} and cut" if cfg["stage"] != "pretrain" else "")
+    if cfg["stage"] == "dpo":
+        cut += (f"; {batches.untargeted:,} of {batches.n_units:,} pairs have a prompt that fills the row, no reply "
+                "token left: they are left out of the loss")
     print(f"rows: {layout}, fill {batches.expected_fill():.1%} (real tokens / computed positions), "
           f"{batches.rows_per_epoch():,} rows per epoch{cut}", flush=True)
 

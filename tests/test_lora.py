@@ -1,6 +1,7 @@
 """LoRA for the post-training stages: only the adapters train, the checkpoint holds them and names its base,
 exports merged (transformers) or as a PEFT adapter (peft), resumes exactly, and 2 ranks equal one process."""
 
+import json
 import math
 import os
 
@@ -65,14 +66,36 @@ def test_the_checkpoint_holds_the_adapters_and_names_its_base(lora_run, base):
     assert os.path.getsize(os.path.join(lora_run, "ckpt.pt")) < os.path.getsize(os.path.join(base, "ckpt.pt")) / 3
 
 
-def test_merged_export_and_peft_adapter_give_the_trained_model_logits(lora_run, tmp_path):
+def yarn_lora(demo_sft, init, out):
+    """LoRA at twice its base's context with YaRN: an adapter's base must compute with the run's RoPE settings."""
+    scaling = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
+    run_train(lora_args(demo_sft, out, init, "--max_iters=2", "--eval_interval=2", "--block_size=128",
+                        f"--rope_scaling={scaling}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def yarn_lora_run(base, demo_sft, tmp_path_factory):
+    return yarn_lora(demo_sft, base, str(tmp_path_factory.mktemp("yarn_lora_run")))
+
+
+@pytest.fixture(scope="module")
+def yarn_lora_on_hf_run(base, demo_sft, tmp_path_factory):
+    root = tmp_path_factory.mktemp("yarn_lora_on_hf_run")
+    export.export(base, str(root / "hf"))
+    return yarn_lora(demo_sft, str(root / "hf"), str(root / "run"))
+
+
+@pytest.mark.parametrize("run_name", ["lora_run", "yarn_lora_run", "yarn_lora_on_hf_run"])
+def test_merged_export_and_peft_adapter_give_the_trained_model_logits(run_name, request, tmp_path):
+    lora_run = request.getfixturevalue(run_name)
     state = load_checkpoint(os.path.join(lora_run, "ckpt.pt"))
     cfg = train.ModelConfig(**state["model_config"])
     trained = train.Transformer(cfg)
     base_state, _ = load_model(state["lora_base"]["path"])
     trained.load_state_dict({**base_state.state_dict(), **state["model"]})  # the LoRA model itself, not merged
     trained.eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = trained(idx)
         merged_dir, adapter_dir = str(tmp_path / "merged"), str(tmp_path / "adapter")
@@ -81,8 +104,13 @@ def test_merged_export_and_peft_adapter_give_the_trained_model_logits(lora_run, 
         assert (hf(idx).logits - want).abs().max().item() <= 1e-5
         assert "lora" not in " ".join(os.listdir(merged_dir))  # a plain Llama directory
         export.export_adapter(lora_run, adapter_dir)
-        base_hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(adapter_dir, "base"),
-                                                                    dtype=torch.float32, local_files_only=True)
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+            base_dir = json.load(f)["base_model_name_or_path"]
+        assert base_dir == os.path.join(adapter_dir, "base")  # a run directory, or other RoPE settings: written
+        base_hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+        assert base_hf.config.max_position_embeddings == cfg.max_seq_len
+        rope = base_hf.config.rope_scaling or {}
+        assert rope.get("rope_type", "default") == (cfg.rope_scaling or {}).get("type", "default")
         with_adapter = peft.PeftModel.from_pretrained(base_hf, adapter_dir, local_files_only=True).eval()
         assert (with_adapter(idx).logits - want).abs().max().item() <= 1e-5
 
@@ -142,6 +170,10 @@ def test_lora_on_an_hf_directory_and_dpo_without_a_second_model(base, demo_sft, 
     out = str(tmp_path / "sft")
     run_train(lora_args(demo_sft, out, hf_dir, "--max_iters=2", "--eval_interval=2"))
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["lora_base"]["path"] == os.path.abspath(hf_dir)
+    export.export_adapter(out, str(tmp_path / "adapter"))  # the same RoPE settings: the adapter names the base
+    with open(tmp_path / "adapter" / "adapter_config.json", encoding="utf-8") as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(hf_dir)
+    assert not os.path.exists(tmp_path / "adapter" / "base")
     dpo = str(tmp_path / "dpo")
     run_train([f"--data_dir={demo_dpo}", f"--out_dir={dpo}", "--stage=dpo", f"--init_from={hf_dir}", *TINY,
                "--lora_rank=4", "--max_iters=1", "--eval_interval=1", "--eval_iters=4"])

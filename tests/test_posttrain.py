@@ -12,6 +12,7 @@ import losses
 import train
 from tokenizer import load_tokenizer
 from checkpoint import load_checkpoint, load_model
+from model import KVCache
 from tests.test_train import TINY, metrics, run_train, train_losses
 
 transformers = pytest.importorskip("transformers")
@@ -30,21 +31,70 @@ def sft_run(demo_sft, tmp_path_factory):
 # long-context SFT
 
 
+@pytest.fixture(scope="module")
+def long_run(sft_run, demo_sft, tmp_path_factory):
+    """kind -> (our model, transformers' model of its export): SFT at twice the original length with that scaling."""
+    made = {}
+
+    def make(kind):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"long_{kind}")
+            out, hf_dir = str(root / "run"), str(root / "hf")
+            scaling = {"type": kind, "factor": 2.0, "original_max_seq_len": 64}
+            run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", f"--init_from={sft_run}",
+                       "--max_iters=2", "--eval_interval=2", *TINY, "--block_size=128", f"--rope_scaling={scaling}"])
+            state = load_checkpoint(os.path.join(out, "ckpt.pt"))
+            assert state["model_config"]["rope_scaling"]["type"] == kind and state["model_config"]["max_seq_len"] == 128
+            export.export(out, hf_dir)
+            made[kind] = (load_model(out)[0], transformers.AutoModelForCausalLM.from_pretrained(
+                hf_dir, dtype=torch.float32).eval())
+        return made[kind]
+
+    return make
+
+
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
-def test_rope_scaling_logits_equal_transformers_at_twice_the_length(kind, sft_run, demo_sft, tmp_path):
-    out, hf_dir = str(tmp_path / "long"), str(tmp_path / "hf")
-    scaling = {"type": kind, "factor": 2.0, "original_max_seq_len": 64}
-    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", f"--init_from={sft_run}",
-               "--max_iters=2", "--eval_interval=2", *TINY, "--block_size=128", f"--rope_scaling={scaling}"])
-    state = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert state["model_config"]["rope_scaling"]["type"] == kind and state["model_config"]["max_seq_len"] == 128
-    export.export(out, hf_dir)
-    ours, _ = load_model(out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    idx = torch.randint(0, ours.cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+def test_rope_scaling_logits_equal_transformers_at_every_length(kind, long_run):
+    """Below, at, just past and well past the original length of 64 (increasing: transformers' dynamic NTK keeps
+    the longest length it has seen, and a fresh model is what it means)."""
+    ours, hf = long_run(kind)
+    for T in (20, 63, 64, 65, 100, 128):
+        idx = torch.randint(0, ours.cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            diff = (ours(idx) - hf(idx).logits).abs().max().item()
+        assert diff <= 1e-5, (T, diff)
+
+
+def test_dynamic_rope_generation_across_the_original_length_equals_transformers(long_run):
+    """Under a KV cache transformers rotates each new position with the frequencies of its own length and keeps the
+    cached keys as they were: so does our cache, one sequence (generate) or a batch (generate_batch, whose longest
+    row sets the length, as in transformers' batched generate)."""
+    ours, hf = long_run("dynamic")
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, ours.cfg.vocab_size, (1, 50), generator=gen)
     with torch.no_grad():
-        diff = (ours(idx) - hf(idx).logits).abs().max().item()
-    assert diff <= 1e-4, diff
+        out = hf.generate(prompt, max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          pad_token_id=0, eos_token_id=None)
+        tokens = out.sequences[0, 50:].tolist()
+        assert list(ours.generate(prompt[0].tolist(), 40, temperature=0.0)) == tokens
+        cache = KVCache(ours.cfg, 1, 90, "cpu", torch.float32)  # the same tokens fed through our cache
+        logits = [ours(prompt, cache, 0)[:, -1]] + [ours(torch.tensor([[t]]), cache, 50 + i)[:, -1]
+                                                    for i, t in enumerate(tokens[:-1])]
+        assert max((a - b).abs().max().item() for a, b in zip(logits, out.logits)) <= 1e-5
+        prompts = [prompt[0].tolist(), prompt[0, :30].tolist()]
+        pad = torch.zeros(2, 50, dtype=torch.long)  # transformers' batch: left-padded, its positions from the mask
+        mask = torch.zeros(2, 50, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            pad[r, 50 - len(p):], mask[r, 50 - len(p):] = torch.tensor(p), 1
+        batch = hf.generate(pad, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                            eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        new = batch.sequences[:, 50:]
+        assert ours.generate_batch(prompts, 40, temperature=0.0) == new.tolist()
+        lens, cache = torch.tensor([50, 30]), KVCache(ours.cfg, 2, 90, "cpu", torch.float32)
+        right = torch.stack([pad[0], torch.roll(pad[1], -20)])  # ours: right-padded
+        logits = [ours(right, cache, 0, logits_at=lens - 1)[:, -1]] + [ours(new[:, i:i + 1], cache, lens + i)[:, -1]
+                                                                       for i in range(39)]
+        assert max((a - b).abs().max().item() for a, b in zip(logits, batch.logits)) <= 1e-5
 
 
 def test_block_size_beyond_rope_scaling_is_refused(sft_run, demo_sft, tmp_path):
@@ -147,6 +197,51 @@ def test_dpo_precomputed_reference_equals_reference_model(demo_dpo, sft_run, tmp
                        "--dpo_precompute_ref=True"))
     la, lb = train_losses(a), train_losses(b)
     assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
+
+
+def test_dpo_under_fsdp_bfloat16_starts_at_its_reference_as_one_process(demo_dpo, sft_run, tmp_path):
+    """FSDP computes the policy with bfloat16 parameters: the reference (model or precomputed table) must too, so
+    that step 0 is ln 2 with no reward won, as in one process."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("needs gloo")
+    args = ["--max_iters=1", "--eval_interval=1", "--device=cpu", "--dtype=bfloat16", "--gradient_accumulation_steps=2"]
+    runs = {"one": (1, []), "fsdp": (2, ["--fsdp=True"]), "fsdp-table": (2, ["--fsdp=True", "--dpo_precompute_ref=True"])}
+    for name, (nproc, extra) in runs.items():
+        run_train(dpo_args(demo_dpo, sft_run, str(tmp_path / name), *args, *extra), nproc=nproc, timeout=300)
+        rows = metrics(str(tmp_path / name))
+        first = [r for r in rows if "loss" in r][0]
+        assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        assert rows[0]["val_rewards/accuracies"] == 0.0 and rows[0]["val_rewards/margins"] == 0.0, name
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/accuracies"] == 0.0, name
+
+
+def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path, capsys):
+    """At block 32 some prompts fill the row: such a pair has no target, so no loss, no statistics, no divisor."""
+    run = train.build(train.configure([f"--data_dir={demo_dpo}", f"--out_dir={tmp_path}", "--stage=dpo", "--dim=32",
+                                       "--n_layers=1", "--n_heads=2", "--block_size=32", "--batch_size=4",
+                                       "--verify_data=False"]))
+    batches = run.train_batches
+    empty = [k for k in range(batches.n_units) if not any(
+        batches.split.document(d, 33)[1][1:].any() for d in (2 * k, 2 * k + 1))]  # labels are tokens 1..32
+    assert batches.untargeted == len(empty) >= 1
+    train.print_plan(run)
+    assert f"{len(empty)} of {batches.n_units:,} pairs have a prompt that fills the row" in capsys.readouterr().out
+    with torch.no_grad():  # the policy moved off the reference: every pair has a loss of its own, not ln 2
+        for p in run.raw_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    good = [k for k in range(batches.n_units) if k not in empty][:2]
+
+    def dpo(units):
+        b = batches.batch(units)
+        with torch.no_grad():
+            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg)
+        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, "dpo")
+
+    alone = [dpo([k]) for k in good]
+    loss, accuracy, count = dpo([empty[0], *good])
+    assert count == 2 and dpo([empty[0]]) == (0.0, 0.0, 0.0)
+    assert loss == pytest.approx(sum(a[0] for a in alone), rel=1e-5) and abs(loss - 2 * math.log(2)) > 1e-3
+    assert accuracy == sum(a[1] for a in alone)
 
 
 def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):

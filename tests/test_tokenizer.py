@@ -3,9 +3,12 @@
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import losses
 import tokenizer
+from batches import Batch
 
 U, A, S = "user", "assistant", "system"
 
@@ -34,15 +37,23 @@ def test_trained_tokenizer_is_lossless(data_tok, text):
     assert not set(ids) & set(data_tok.special_ids.values())  # special strings stay text
 
 
+def target_bytes(tok, ids, mask=None):
+    """The bytes val_bpb divides by (losses.target_bytes) for the targets of a row of ids; without a mask, ids are
+    a document, every one a target, after the <|endoftext|> that precedes it in the token stream."""
+    ids, mask = ([tok.eot_id] + ids, [0] + [1] * len(ids)) if mask is None else (ids, mask)
+    row = Batch(x=torch.tensor([ids[:-1]], dtype=torch.long), y=torch.tensor([ids[1:]], dtype=torch.long), w=torch.tensor([mask[1:]], dtype=torch.float32),
+                units=torch.tensor([0]))
+    return int(losses.target_bytes(row, "sft", torch.from_numpy(tok.token_bytes())))
+
+
 @pytest.mark.parametrize("text", HARD_TEXTS)
 def test_token_bytes_add_up_to_the_utf8_length(data_tok, text):
     """Bits per byte divides by the bytes of the targets: each id's bytes, the control tokens none."""
-    sizes = data_tok.token_bytes()
-    assert sizes[data_tok.encode(text)].sum() == len(text.encode("utf-8"))
+    assert target_bytes(data_tok, data_tok.encode(text)) == len(text.encode("utf-8"))
     ids, mask = data_tok.render_chat([msg(U, text), msg(A, text + "<think>")])
     reply = [i for i, m in zip(ids, mask) if m]  # the reply's text (and a "\n" of the header that a leading
     # space merges into), its <think> tag, and <|im_end|>: a control token, 0 bytes
-    assert sizes[reply].sum() == len(data_tok.decode(reply).removesuffix("<|im_end|>").encode("utf-8"))
+    assert target_bytes(data_tok, ids, mask) == len(data_tok.decode(reply).removesuffix("<|im_end|>").encode("utf-8"))
 
 
 def test_special_tokens_have_fixed_ids(data_tok):
@@ -197,8 +208,15 @@ def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
     for text in ["The quick brown fox.", "床前明月光，疑是地上霜。", "emoji 🙂 and unseen Ωmega"]:
         assert tok.encode(text) == sp.encode(text)
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
-        # the bytes the ids decode to (NFKC-normalised text), and the dummy-prefix "▁" the decoder drops
-        assert tok.token_bytes()[tok.encode(text)].sum() == len(tok.decode(tok.encode(text)).encode("utf-8")) + 1
+        # the bytes the ids decode to (NFKC-normalised text), without the dummy-prefix "▁" the decoder drops
+        assert target_bytes(tok, tok.encode(text)) == len(tok.decode(tok.encode(text)).encode("utf-8"))
+    # what the text holds: no byte for the dummy-prefix "▁" before a document's first word (after <|endoftext|> in
+    # the token stream); one for a newline the normaliser turned into "▁"
+    assert [target_bytes(tok, tok.encode(t)) for t in ("the fox jumps", "床前明月光", "a\nb")] == [13, 15, 3]
+    ids, mask = tok.render_chat([msg(U, "hi"), msg(A, "the fox", reasoning_content="why")])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "<think> why</think> the fox<|im_end|>"  # no "\n" left
+    reply = "<think>\nwhy\n</think>\nthe fox"  # the reply as the chat template writes it
+    assert target_bytes(tok, ids, mask) == len(reply.encode("utf-8"))
     ids, mask = tok.render_chat([msg(U, "hi"), msg(A, "the fox")])
     assert ids.count(tok.im_start_id) == 2 and ids.count(tok.im_end_id) == 2
     assert tok.decode([i for i, m in zip(ids, mask) if m]).strip() == "the fox<|im_end|>"

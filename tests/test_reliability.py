@@ -559,6 +559,38 @@ def test_one_nonfinite_step_is_exactly_a_skipped_update(fault, demo_pretrain, tm
                       {"model": b, "optimizer": clean.optimizer.state_dict()})
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "grpo"])
+def test_float16_goes_on_after_a_skipped_step(stage, demo_pretrain, toy_grpo, tmp_path):
+    """float16's loss scaler (what dtype=auto picks on GPUs without bfloat16; CPU autocast runs it too): a
+    non-finite step, or a non-finite first of two grpo_epochs updates, is skipped and lowers the scale, and the
+    next updates apply (the scaler used to raise in the next unscale_)."""
+    data, extra = demo_pretrain, dict(stage="pretrain")
+    if stage == "grpo":
+        data, reward = toy_grpo
+        extra = dict(stage="grpo", reward=reward, batch_size=2, grpo_group=2, max_new_tokens=4, grpo_epochs=2,
+                     learning_rate=1e-2)
+    run = build_run(data, str(tmp_path), dtype="float16", device="cpu", debug_nonfinite_iters=[1], **extra)
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    scales, finite = [], []
+    for it in range(3):
+        scales.append(run.scaler.get_scale())
+        finite.append(train.train_step(run, it)["finite"])
+    assert finite == [True, False, True]
+    assert run.scaler.get_scale() < scales[1] <= scales[0]  # the skipped step lowered the scale
+    assert any(not torch.equal(v, before[k]) for k, v in run.raw_model.state_dict().items())
+
+
+def test_a_float32_checkpoint_resumes_in_float16(demo_pretrain, tmp_path):
+    run = build_run(demo_pretrain, str(tmp_path), stage="pretrain", dtype="float32", device="cpu")
+    train.train_step(run, 0)
+    checkpoint.save_run(run, 1)
+    resumed = build_run(demo_pretrain, str(tmp_path), stage="pretrain", dtype="float16", device="cpu",
+                        init_from="resume")
+    assert resumed.start_iter == 1 and resumed.scaler.is_enabled()
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # a fresh scaler
+    assert train.train_step(resumed, 1)["finite"]
+
+
 # -----------------------------------------------------------------------------
 # 8. disk full, unwritable out_dir
 

@@ -292,8 +292,8 @@ def check_source(source, what):
 
 
 def frozen_weights(source, mcfg, what):
-    """The state dict of the weights a source records (weights_source), checked, in the shape mcfg: how a resumed
-    run rebuilds a frozen model."""
+    """The state dict of the weights a source records (weights_source), checked: how a resumed run rebuilds a
+    frozen model; mcfg: the shape of one initialised from scratch."""
     if source["path"] == "scratch":
         torch.manual_seed(source["seed"])  # as train.build initialises a model from scratch
         return Transformer(mcfg).state_dict()

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -32,7 +33,7 @@ from model import ModelConfig, Transformer, to_hf_state_dict
 from tests.test_train import ROOT, TINY, build_run, metrics, run_train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu"}
+TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu", "gen_s"}
 DEMO = os.path.join(ROOT, "data", "demo")
 
 
@@ -600,6 +601,12 @@ def test_a_resume_may_change_what_does_not_decide_the_run(saved_run, demo_sft):
     out, settings = saved_run
     free = dict(max_iters=50, eval_interval=7, log_interval=3, learning_rate=1e-4, keep_last=3, grad_clip=0.5)
     assert build_run(demo_sft, out, **settings, **free, init_from="resume").start_iter == 1
+
+
+def test_readme_lists_the_settings_fixed_on_resume():
+    text = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    fixed = text.split("\n- fixed: ", 1)[1].split("\n- free: ", 1)[0]
+    assert set(re.findall(r"`(\w+)`", fixed)) == train.RESUME_FIXED
 
 
 def test_torchrun_with_indivisible_accumulation_fails_on_every_rank(demo_pretrain, tmp_path):

@@ -707,6 +707,7 @@ def _full_disk_open(room):
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, monkeypatch, demo_pretrain, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    run = build_run(demo_pretrain, str(out), stage="pretrain")  # (a new run: before out_dir holds checkpoints)
     checkpoint.save_checkpoint(str(out), _state(1), keep_last=1)
     checkpoint.save_checkpoint(str(out), _state(2), keep_last=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -716,7 +717,6 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, m
     assert "No space left on device" in str(e.value) and "previous checkpoint is unchanged" in str(e.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no .tmp left, nothing else touched
     # through train.py: one clear line, exit 2
-    run = build_run(demo_pretrain, str(out), stage="pretrain")
     with pytest.raises(SystemExit) as e:
         checkpoint.save_run(run, 3)
     err = capsys.readouterr().err.strip().splitlines()

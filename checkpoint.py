@@ -11,6 +11,7 @@ from the internet cannot run code.
 """
 
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -40,7 +41,7 @@ def save_checkpoint(out_dir, state, keep_last=0):
     try:
         files.write_synced(tmp, lambda f: torch.save(state, f))
         if keep_last > 0 and os.path.exists(path):
-            older = os.path.join(out_dir, f"ckpt_{_saved_iter(path):08d}.pt")
+            older = os.path.join(out_dir, f"ckpt_{_saved(path, 'iter') or 0:08d}.pt")
             if not os.path.exists(older):
                 os.link(path, older)  # a second name for the old file: ckpt.pt is never missing
     except (OSError, RuntimeError) as e:
@@ -49,7 +50,9 @@ def save_checkpoint(out_dir, state, keep_last=0):
         cause = _os_error_behind(e)
         raise OSError(f"could not write checkpoint {path} ({cause}); the previous checkpoint is unchanged") from e
     files.replace_durably(tmp, path)
-    for stale in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
+    # only this run's older checkpoints rotate: a file of another run (a run id of its own) is not ours to remove
+    ours = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")) if _saved(p, "run_id") == state.get("run_id")]
+    for stale in sorted(ours)[:-keep_last or None]:
         os.remove(stale)
 
 
@@ -62,11 +65,30 @@ def _os_error_behind(error):
     return e or error
 
 
-def _saved_iter(path):
-    try:  # mmap: read the iteration number without loading the tensors
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iter", 0))
+def _saved(path, key):
+    """One entry of a saved checkpoint (its iter, its run_id), or None when the file holds none or cannot be read."""
+    try:  # mmap: read it without loading the tensors
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
     except Exception:
-        return 0
+        return None
+
+
+def checkpoint_files(out_dir):
+    """The checkpoints in out_dir: ckpt.pt and the older ckpt_<iter>.pt (a torn ckpt.pt.tmp is no checkpoint)."""
+    return sorted(glob.glob(os.path.join(out_dir, CKPT_NAME)) + glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def claim_out_dir(out_dir, overwrite):
+    """A run that does not resume writes into out_dir: refuse one that holds another run's checkpoints (their
+    rotation, or a resume after ckpt.pt is damaged, would mix the two runs), or delete them when overwrite."""
+    found = checkpoint_files(out_dir)
+    if found and not overwrite:
+        last = _saved(os.path.join(out_dir, CKPT_NAME), "iter")
+        fail(f"out_dir {out_dir} holds the checkpoints of another run ({len(found)} file(s)"
+             f"{f', ckpt.pt at iteration {last}' if last is not None else ''}): resume it with --init_from=resume, "
+             "choose another out_dir, or delete them with --overwrite=True")
+    for path in found:
+        os.remove(path)
 
 
 class UnreadableCheckpoint(Exception):
@@ -254,18 +276,43 @@ def weights_sha256(path):
     return sha256_file(files[0]) if len(files) == 1 else ":".join(sha256_file(f) for f in files)
 
 
+def weights_source(init_from, seed):
+    """What a run records of weights it keeps frozen beside the ones it trains (the base of a LoRA run, the
+    reference of DPO and of GRPO's KL, and so any frozen second model: a teacher, a reward model), so that a
+    resumed run rebuilds them as they were: the directory and the sha256 of its weights; for init_from=scratch,
+    the seed of the initialisation."""
+    if init_from == "scratch":
+        return {"path": "scratch", "seed": seed}
+    return {"path": os.path.abspath(init_from), "sha256": weights_sha256(init_from)}
+
+
+def check_source(source, what):
+    """Refuse the weights a run records (weights_source) when they are gone or have changed since; what names
+    them in the line, e.g. "the base of this LoRA run"."""
+    if not os.path.isdir(source["path"]):
+        fail(f"{what}, {source['path']}, is not there any more: restore it to go on with this run")
+    if weights_sha256(source["path"]) != source["sha256"]:
+        fail(f"{what}, {source['path']}, has changed since this run started from it (sha256 of its weights): "
+             "restore it to go on with this run, or train again")
+
+
+def frozen_weights(source, mcfg, what):
+    """The state dict of the weights a source records (weights_source), checked: how a resumed run rebuilds a
+    frozen model; mcfg: the shape of one initialised from scratch."""
+    if source["path"] == "scratch":
+        torch.manual_seed(source["seed"])  # as train.build initialises a model from scratch
+        return Transformer(mcfg).state_dict()
+    check_source(source, what)
+    return starting_weights(source["path"])["model"]
+
+
 def lora_base(path):
     """What a LoRA run records of its base: the directory and the sha256 of its weights."""
-    return {"path": os.path.abspath(path), "sha256": weights_sha256(path)}
+    return weights_source(path, None)
 
 
 def check_lora_base(base):
-    """Refuse a LoRA run's base (lora_base's record) that is gone or has changed since."""
-    if not os.path.isdir(base["path"]):
-        fail(f"the base of this LoRA run, {base['path']}, is not there any more")
-    if weights_sha256(base["path"]) != base["sha256"]:
-        fail(f"the base of this LoRA run, {base['path']}, has changed since the adapters were trained on it "
-             f"(sha256 of its weights); train the adapters again or restore that base")
+    check_source(base, "the base of this LoRA run")
 
 
 def with_lora_base(state):
@@ -294,7 +341,7 @@ def save_run(run, it):
         state = {"model": {k: v.float() for k, v in saved.items()}, "optimizer": optim_sd,
                  "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
-                 "data": run.data_identity, "lora_base": run.lora_base}
+                 "data": run.data_identity, "lora_base": run.lora_base, "frozen": run.frozen, "run_id": run.run_id}
         try:
             save_checkpoint(run.cfg["out_dir"], state, run.cfg["keep_last"])
         except OSError as e:
@@ -317,6 +364,12 @@ def load_start(cfg):
         state = with_lora_base(load_checkpoint(path))
         state["resume"] = True
         return state
+    return starting_weights(src)
+
+
+def starting_weights(src):
+    """{model, model_config, data, stage} of the weights in a run directory (a LoRA run's adapters merged into
+    its base) or an HF Llama directory: what a run starting from src starts from."""
     if os.path.isfile(os.path.join(src, CKPT_NAME)):
         state = load_checkpoint(os.path.join(src, CKPT_NAME))
         if state.get("lora_base"):  # a LoRA run continued: its base with the adapters merged
@@ -349,9 +402,11 @@ def model_config(cfg, meta, start, lora_targets=()):
 
 
 def data_identity(cfg, meta):
-    """What a checkpoint remembers of the data it was trained on."""
+    """What a checkpoint remembers of the data it was trained on; shards_sha256, the digest of every shard's
+    checksum (meta.json), changes when the data is prepared again differently."""
+    shards = hashlib.sha256(json.dumps(meta["splits"], sort_keys=True).encode()).hexdigest()
     return {"data_dir": os.path.abspath(cfg["data_dir"]), "tokenizer_sha256": meta.get("tokenizer_sha256"),
-            "vocab_size": meta["vocab_size"]}
+            "vocab_size": meta["vocab_size"], "shards_sha256": shards}
 
 
 def check_data_identity(cfg, meta, start):

@@ -197,7 +197,8 @@ def train_command(c, stage, config_file, init_stage, data, device_kind, device="
     cmd = [sys.executable, "train.py"]
     if init_stage is None:  # the model's shape: only a run from scratch reads it
         cmd.append(MODEL_PRESET[device_kind])
-    cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(c, stage)}", f"--device={device}"]
+    # a demo starts over: the checkpoints a previous demo left in the stage's run directory are replaced
+    cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(c, stage)}", f"--device={device}", "--overwrite=True"]
     if init_stage is not None:
         cmd.append(f"--init_from={run_dir(c, init_stage)}")
     if device_kind == "gpu":

@@ -109,9 +109,9 @@ def add_logps(run, batch):
 
 def rollouts(run, it):
     """(losses.batch_counts summed, this rank's micro-batches, {ROLLOUT_SUMS} of this rank) of iteration it."""
-    gas, micros, sums = run.cfg["gradient_accumulation_steps"], [], dict.fromkeys(ROLLOUT_SUMS, 0.0)
+    micros, sums = [], dict.fromkeys(ROLLOUT_SUMS, 0.0)
     for m in range(run.local_micro):
-        batch, s = rollout(run, run.train_batches, it * gas + run.rank * run.local_micro + m, run.cfg["grpo_group"])
+        batch, s = rollout(run, run.train_batches, run.micro_index(it, m), run.cfg["grpo_group"])
         micros.append(add_logps(run, batch))
         sums = {k: sums[k] + s[k] for k in ROLLOUT_SUMS}
     return sum(losses.batch_counts(b, "grpo") for b in micros), micros, sums

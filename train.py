@@ -16,8 +16,8 @@ Guarantees, each tested:
 - the loss of an optimizer step is the mean over all its target tokens (DPO:
   over all its pairs; GRPO: over all its completion tokens), across
   micro-steps and ranks;
-- batches and dropout are a pure function of (seed, iteration, micro-step,
-  rank), so a resumed run repeats the uninterrupted one bit for bit, and N
+- batches and dropout are a pure function of (seed, global micro-batch
+  index), so a resumed run repeats the uninterrupted one bit for bit, and N
   ranks reproduce one process that accumulates N times as many micro-batches;
 - checkpoints are atomic; SIGTERM/SIGINT save and exit 0; a non-finite step
   is skipped, and too many in a row stop the run with the last good
@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -120,6 +121,7 @@ eval_iters = 20  # micro-batches per evaluation; 0: no evaluation (a data dir wi
 log_interval = 10
 checkpoint_interval = 0  # 0: every eval_interval
 keep_last = 1  # older checkpoints kept beside ckpt.pt
+overwrite = False  # a run that does not resume, into an out_dir that holds checkpoints: True deletes them, else refused
 wandb_log = False
 wandb_project = "llm-trainer"
 wandb_run_name = ""
@@ -134,6 +136,15 @@ _DEFAULTS = configurator.defaults(globals())
 STAGES = ("pretrain", "sft", "dpo", "grpo")
 ROLLOUT_FIGURES = {"grpo": ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s")}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What decides the model, its reference or the batch sequence (grpo's: its rollouts): a resumed run that changed one
+# would go on as another run, so init_from=resume refuses it (the data's content is compared too: its shards'
+# checksums). Every other key may change on resume (max_iters, the schedule, evaluation, logging, device, dtype...).
+RESUME_FIXED = frozenset({
+    "stage", "seed", "batch_size", "gradient_accumulation_steps", "block_size", "pack", "doc_mask", "think_tag_weight",
+    "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps", "tie_embeddings",
+    "rope_scaling", "dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+    "grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p",
+})
 
 
 def configure(argv=None):
@@ -231,7 +242,6 @@ def train_step(run, it):
     """Iteration `it`: its micro-batches, read (or, for grpo, sampled: grpo_epochs updates on them), then one
     optimizer update. Returns a dict of floats (one host sync per update)."""
     cfg = run.cfg
-    torch.manual_seed(cfg["seed"] * 1_000_003 + it * 101 + run.rank)  # dropout: a function of (seed, it, rank)
     if cfg["debug_stall"] == [run.rank, it]:  # as a rank stuck elsewhere: the others time out in a collective
         deadline = time.time() + 10 * cfg["dist_timeout_s"]
         while time.time() < deadline and not run.stop_requested:
@@ -258,6 +268,8 @@ def update(run, it, counts, micros, while_busy=None):
     loss_sum = torch.zeros((), device=run.device)
     stats_sum = {}
     for m, batch in enumerate(micros):
+        # dropout: a function of (seed, global micro-batch index), so N ranks draw the masks of one process
+        torch.manual_seed(cfg["seed"] * 1_000_003 + run.micro_index(it, m))
         with distributed.gradient_sync(model, run.world, run.fsdp, last=m == len(micros) - 1), run.autocast:
             loss, stats = micro_loss(run, batch)
             if it in cfg["debug_nonfinite_iters"]:
@@ -279,7 +291,7 @@ def update(run, it, counts, micros, while_busy=None):
     finite = math.isfinite(loss) and (math.isfinite(gnorm) or run.scaler.is_enabled())
     if finite:
         run.scaler.step(opt)
-        run.scaler.update()
+    run.scaler.update()  # after a skipped step too: float16's next unscale_ needs it (a no-op otherwise)
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr_at(it, cfg), "finite": finite, "stop": sums["stop"] > 0,
             "target_tokens": counts[1], "fill": counts[2] / counts[3], "positions": counts[3],
@@ -298,8 +310,7 @@ def micro_loss(run, batch, split="train"):
 
 def load_micros(run, it):
     """(losses.batch_counts summed, micro-batches on the device) of this rank at iteration it."""
-    gas = run.cfg["gradient_accumulation_steps"]
-    micros = [run.train_batches.get(it * gas + run.rank * run.local_micro + m) for m in range(run.local_micro)]
+    micros = [run.train_batches.get(run.micro_index(it, m)) for m in range(run.local_micro)]
     return sum(losses.batch_counts(b, run.cfg["stage"]) for b in micros), [b.to(run.device) for b in micros]
 
 
@@ -359,7 +370,9 @@ class Run:
     train_batches: Batches
     val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
     reference: Optional[losses.Reference]  # dpo, grpo with grpo_kl: the frozen starting weights (or their log-probs)
-    data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer
+    data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer (a resumed one: data)
+    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference": weights_source}), to rebuild it
+    run_id: Optional[str]  # saved in checkpoints: rotation removes only this run's (rank 0's id is the one saved)
     start_iter: int = 0
     resumed: bool = False
     best_val_loss: float = float("inf")
@@ -380,6 +393,10 @@ class Run:
         """Micro-batches per step on this rank."""
         return self.cfg["gradient_accumulation_steps"] // self.world
 
+    def micro_index(self, it, m):
+        """The global index of this rank's micro-batch m of iteration it: what its batch and dropout derive from."""
+        return it * self.cfg["gradient_accumulation_steps"] + self.rank * self.local_micro + m
+
 
 def build(cfg):
     """The Run for a resolved config: process group, data, model (from scratch, a run, or an HF directory),
@@ -392,6 +409,9 @@ def build(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ptdtype = common.resolve_dtype(cfg["dtype"], dev)
+    if cfg["init_from"] != "resume":  # a new run: its checkpoints must not mix with another run's
+        distributed.together(lambda: checkpoint.claim_out_dir(cfg["out_dir"], cfg["overwrite"]) if rank == 0 else None,
+                             rank, world, "checking out_dir")
     meta = shards.load_meta(cfg["data_dir"])
     if meta["stage"] != cfg["stage"] and cfg["stage"] != "pretrain":
         fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
@@ -401,12 +421,12 @@ def build(cfg):
                                            for s in shards.SPLITS}, rank, world, "checking the data")
 
     start = checkpoint.load_start(cfg)
+    resumed = start is not None and start.get("resume", False)
     checkpoint.check_data_identity(cfg, meta, start)
+    if resumed:
+        check_resumed_settings(cfg, meta, start)
     if cfg["lora_rank"] and start is None:
         fail("lora_rank > 0 trains adapters on a model: set init_from to a run or HF directory (or resume)")
-    if start is not None and start.get("resume") and start["model_config"].get("lora_rank", 0) != cfg["lora_rank"]:
-        fail(f"the checkpoint in {cfg['out_dir']} was trained with lora_rank={start['model_config'].get('lora_rank', 0)}"
-             f", not {cfg['lora_rank']}: resume with the settings it was trained with")
     torch.manual_seed(cfg["seed"])
     mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
     if mcfg.vocab_size < meta["vocab_size"]:
@@ -434,11 +454,14 @@ def build(cfg):
              "--val_fraction=0.01 (or --val_input=FILE), or train without evaluation: --eval_iters=0")
     val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
                           doc_mask=cfg["doc_mask"], **batch_args) if cfg["eval_iters"] else None
-    reference = None
+    reference, frozen = None, {}
     wants_reference = cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo"
-    if wants_reference and not cfg["lora_rank"]:
+    if wants_reference and not cfg["lora_rank"]:  # (a LoRA run's reference is its base, which lora_base records)
+        frozen = {"reference": start.get("frozen", {}).get("reference") if resumed else
+                  checkpoint.weights_source(cfg["init_from"] if start is not None else "scratch", cfg["seed"])}
         splits_used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
-        reference = losses.Reference(raw, splits_used, dev, autocast, rank, world,
+        reference = losses.Reference(reference_start(raw, frozen["reference"], resumed, cfg), splits_used, dev,
+                                     autocast, rank, world,
                                      precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo",
                                      param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
@@ -449,17 +472,19 @@ def build(cfg):
               model=model, optimizer=configure_optimizer(model, cfg, dev),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
-              data_identity=checkpoint.data_identity(cfg, meta))
+              data_identity=checkpoint.data_identity(cfg, meta), frozen=frozen,
+              run_id=start.get("run_id") if resumed else uuid.uuid4().hex)
     if cfg["lora_rank"]:
-        run.lora_base = start["lora_base"] if start.get("resume") else checkpoint.lora_base(cfg["init_from"])
+        run.lora_base = start["lora_base"] if resumed else checkpoint.lora_base(cfg["init_from"])
     tokenizer = load_tokenizer(cfg["data_dir"]) if meta.get("tokenizer_sha256") else None  # bench.py's: random ids
     if tokenizer is not None:
         run.token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(dev)
     if cfg["stage"] == "grpo":
         run.tokenizer, run.reward = tokenizer, Reward(cfg["reward"])
-    if start is not None and start.get("resume"):
+    if resumed:
         distributed.load_full_state_dicts(run.model, run.optimizer, start["model"], start["optimizer"])
-        run.scaler.load_state_dict(start["scaler"])
+        if start["scaler"]:  # empty when the checkpoint was not trained in float16: the scaler starts fresh
+            run.scaler.load_state_dict(start["scaler"])
         run.start_iter, run.resumed = int(start["iter"]), True
         run.best_val_loss = float(start.get("best_val_loss", float("inf")))
     first, last = distributed.spread(run.start_iter, world)
@@ -467,6 +492,33 @@ def build(cfg):
         fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
              f"node must see the same out_dir ({cfg['out_dir']})")
     return run
+
+
+def check_resumed_settings(cfg, meta, start):
+    """A resumed run goes on as the run it resumes: what decides its model, reference or batches (RESUME_FIXED, the
+    data's content) is the checkpoint's, else one line naming the key and both values."""
+    saved, where = start.get("config", {}), cfg["out_dir"]
+    for key in sorted(RESUME_FIXED & saved.keys()):
+        if saved[key] != cfg[key]:
+            fail(f"{key}: the checkpoint in {where} was trained with {key}={saved[key]!r}, not {cfg[key]!r}: resume "
+                 "with the settings that decide the model, the reference and the batches unchanged")
+    theirs, ours = start.get("data", {}).get("shards_sha256"), checkpoint.data_identity(cfg, meta)["shards_sha256"]
+    if theirs and theirs != ours:
+        fail(f"data_dir: {cfg['data_dir']} does not hold the data the checkpoint in {where} was trained on (shards "
+             f"sha256 {ours[:12]}, not {theirs[:12]}: prepared again, or another set); resume on that data")
+
+
+def reference_start(raw, source, resumed, cfg):
+    """The weights the reference freezes: those the run starts from, the model itself before its first step; for a
+    resumed run, rebuilt from where its checkpoint says they came from (refused when gone or changed)."""
+    if not resumed:
+        return raw
+    if source is None:
+        fail(f"the checkpoint in {cfg['out_dir']} does not record where the {cfg['stage']} reference came from (saved "
+             "by an older version): start the run again")
+    model = Transformer(raw.cfg)
+    model.load_state_dict(checkpoint.frozen_weights(source, raw.cfg, f"the reference of this {cfg['stage']} run"))
+    return model.to(next(raw.parameters()).device)
 
 
 def check_config(cfg, world):

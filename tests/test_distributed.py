@@ -33,7 +33,8 @@ def test_evaluation_with_any_eval_iters_equals_one_process(fsdp, eval_iters, dem
     args = pretrain_args(demo_pretrain, str(tmp_path / "two"), "--max_iters=1", "--eval_interval=1",
                          f"--eval_iters={eval_iters}")
     run_train([*args, f"--fsdp={fsdp}"], nproc=2, timeout=120)
-    one = train.build(train.configure(args))  # the same run in this process: evaluate, one step, evaluate
+    # the same run in this process (its own out_dir: the other holds a run): evaluate, one step, evaluate
+    one = train.build(train.configure([*args, f"--out_dir={tmp_path / 'one'}"]))
     before = train.evaluate(one)["val_loss"]
     train.train_step(one, 0)
     assert val_losses(str(tmp_path / "two")) == pytest.approx([before, train.evaluate(one)["val_loss"]], abs=1e-6)

@@ -11,9 +11,10 @@ import export
 import losses
 import train
 from tokenizer import load_tokenizer
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import KVCache
-from tests.test_train import TINY, metrics, run_train, train_losses
+from tests.test_train import (TINY, metrics, run_train, sigkill_after_checkpoint, train_losses,
+                              val_losses)
 
 transformers = pytest.importorskip("transformers")
 
@@ -256,3 +257,38 @@ def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):
     m1 = [r for r in metrics(one) if "val_loss" in r][-1]
     m2 = [r for r in metrics(two) if "val_loss" in r][-1]
     assert m1["val_rewards/margins"] == pytest.approx(m2["val_rewards/margins"], abs=1e-5)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_resumed_after_sigkill_keeps_its_reference(demo_dpo, sft_run, tmp_path, precompute):
+    """The reference is the starting weights, rebuilt from the init_from the checkpoint records (it used to be the
+    resumed policy: every reward restarted at zero, the loss at ln 2)."""
+    args = [a for a in dpo_args(demo_dpo, sft_run, "", "--max_iters=8", "--eval_interval=4", "--learning_rate=3e-3",
+                                f"--dpo_precompute_ref={precompute}") if a != "--out_dir="]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    run_train([*args, f"--out_dir={ref}"])
+    sigkill_after_checkpoint([*args, f"--out_dir={out}"], 4)
+    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    want, got = train_losses(ref), train_losses(out)
+    assert sorted(got) == list(range(1, 9)) and got == want, (want, got)
+    assert val_losses(out) == val_losses(ref)
+
+
+def test_a_resumed_reference_that_changed_or_is_gone_is_refused(demo_dpo, sft_run, tmp_path):
+    import shutil
+
+    start = str(tmp_path / "start")
+    shutil.copytree(sft_run, start)
+    out = str(tmp_path / "dpo")
+    run_train(dpo_args(demo_dpo, start, out, "--max_iters=2", "--eval_interval=2"))
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["frozen"]["reference"]["path"] == os.path.abspath(start)
+    state = load_checkpoint(os.path.join(start, "ckpt.pt"))
+    state["model"]["model.norm.weight"] = state["model"]["model.norm.weight"] * 2
+    save_checkpoint(start, state)
+    resume = dpo_args(demo_dpo, start, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    p = run_train(resume, check=False)
+    assert p.returncode == 2 and "the reference of this dpo run" in p.stderr and "has changed since" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    shutil.rmtree(start)
+    p = run_train(resume, check=False)
+    assert p.returncode == 2 and "is not there any more" in p.stderr, p.stderr

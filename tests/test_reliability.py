@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -32,7 +33,7 @@ from model import ModelConfig, Transformer, to_hf_state_dict
 from tests.test_train import ROOT, TINY, build_run, metrics, run_train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu"}
+TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu", "gen_s"}
 DEMO = os.path.join(ROOT, "data", "demo")
 
 
@@ -214,6 +215,34 @@ def test_resume_survives_a_torn_metrics_line_and_logs_each_eval_once(demo_pretra
     run_train([*args, "--max_iters=8", "--init_from=resume"])
     keys = [(r["iter"], "val_loss" in r) for r in metrics(out)]
     assert len(keys) == len(set(keys)), keys
+
+
+def test_a_new_run_into_another_runs_out_dir_is_refused_or_overwritten(demo_pretrain, tmp_path):
+    """A run from scratch into an out_dir that holds a 6-step run's checkpoints is refused (it used to rotate the
+    old run's ckpt_00000005.pt in and its own out); overwrite=True deletes them first, so that a resume after
+    ckpt.pt is damaged takes the new run's older checkpoint, not the other run's newer one."""
+    out = str(tmp_path / "run")
+    args = [f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--eval_interval=100", "--checkpoint_interval=1",
+            "--keep_last=2", *TINY]
+    run_train([*args, "--max_iters=6"])
+    p = run_train([*args, "--max_iters=3"], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "holds the checkpoints of another run" in p.stderr and "--overwrite=True" in p.stderr
+    assert all_checkpoints_load(out) == {"ckpt.pt": 6, "ckpt_00000005.pt": 5, "ckpt_00000004.pt": 4}
+    run_train([*args, "--max_iters=3", "--overwrite=True"])
+    assert all_checkpoints_load(out) == {"ckpt.pt": 3, "ckpt_00000002.pt": 2, "ckpt_00000001.pt": 1}
+    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
+        f.write(b"torn")
+    p = run_train([*args, "--max_iters=3", "--init_from=resume"])
+    assert "resuming at step 2" in p.stdout
+
+
+def test_rotation_removes_only_this_runs_checkpoints(tmp_path):
+    out = str(tmp_path)
+    torch.save({**_state(12), "run_id": "another"}, os.path.join(out, "ckpt_00000012.pt"))
+    for it in range(1, 5):
+        checkpoint.save_checkpoint(out, {**_state(it), "run_id": "this"}, keep_last=1)
+    assert all_checkpoints_load(out) == {"ckpt.pt": 4, "ckpt_00000003.pt": 3, "ckpt_00000012.pt": 12}
 
 
 # -----------------------------------------------------------------------------
@@ -522,6 +551,64 @@ def test_bad_config_is_one_line_exit_2_before_any_work(args, message, demo_pretr
     assert not out.exists()  # nothing written: no out_dir, no checkpoint
 
 
+@pytest.fixture
+def saved_run(demo_sft, tmp_path):
+    """(out_dir, settings) of an in-process sft run checkpointed at iteration 1."""
+    settings = dict(eval_iters=0, pack=True, seed=1337, batch_size=4)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    run = build_run(demo_sft, out, **settings)
+    train.train_step(run, 0)
+    checkpoint.save_run(run, 1)
+    return out, settings
+
+
+@pytest.mark.parametrize("key, value", [("seed", 7), ("batch_size", 2), ("gradient_accumulation_steps", 2),
+                                        ("block_size", 48), ("pack", False), ("dropout", 0.1), ("dim", 64)])
+def test_a_resume_that_changes_what_decides_the_run_is_refused(key, value, saved_run, demo_sft, capsys):
+    out, settings = saved_run
+    with pytest.raises(SystemExit) as e:
+        build_run(demo_sft, out, **{**settings, key: value, "init_from": "resume"})
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    trained = state_of(out)["config"][key]
+    assert err.startswith(f"error: {key}: ") and f"{key}={trained!r}, not {value!r}" in err, err
+
+
+def test_a_resume_with_other_lora_settings_or_other_data_is_refused(saved_run, demo_sft, tmp_path, capsys):
+    """The issue's case: lora_alpha 8 resumed with 64 went on silently, val loss 0.75 -> 2.31."""
+    base, settings = saved_run
+    lora = str(tmp_path / "lora")
+    os.makedirs(lora)
+    run = build_run(demo_sft, lora, **settings, init_from=base, lora_rank=4, lora_alpha=8.0)
+    checkpoint.save_run(run, 1)
+    with pytest.raises(SystemExit):
+        build_run(demo_sft, lora, **settings, init_from="resume", lora_rank=4, lora_alpha=64.0)
+    assert "lora_alpha: the checkpoint in" in capsys.readouterr().err
+    # the data: moved is fine (data_dir may change), prepared again differently is not
+    moved = str(tmp_path / "moved")
+    shutil.copytree(demo_sft, moved)
+    assert build_run(moved, base, **settings, init_from="resume").start_iter == 1
+    meta = json.loads(Path(moved, "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["sha256"]["bin"] = "0" * 64
+    Path(moved, "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit):
+        build_run(moved, base, **settings, init_from="resume")
+    assert "data_dir: " in capsys.readouterr().err
+
+
+def test_a_resume_may_change_what_does_not_decide_the_run(saved_run, demo_sft):
+    out, settings = saved_run
+    free = dict(max_iters=50, eval_interval=7, log_interval=3, learning_rate=1e-4, keep_last=3, grad_clip=0.5)
+    assert build_run(demo_sft, out, **settings, **free, init_from="resume").start_iter == 1
+
+
+def test_readme_lists_the_settings_fixed_on_resume():
+    text = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    fixed = text.split("\n- fixed: ", 1)[1].split("\n- free: ", 1)[0]
+    assert set(re.findall(r"`(\w+)`", fixed)) == train.RESUME_FIXED
+
+
 def test_torchrun_with_indivisible_accumulation_fails_on_every_rank(demo_pretrain, tmp_path):
     out = tmp_path / "run"
     p = run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--device=cpu",
@@ -559,6 +646,38 @@ def test_one_nonfinite_step_is_exactly_a_skipped_update(fault, demo_pretrain, tm
                       {"model": b, "optimizer": clean.optimizer.state_dict()})
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "grpo"])
+def test_float16_goes_on_after_a_skipped_step(stage, demo_pretrain, toy_grpo, tmp_path):
+    """float16's loss scaler (what dtype=auto picks on GPUs without bfloat16; CPU autocast runs it too): a
+    non-finite step, or a non-finite first of two grpo_epochs updates, is skipped and lowers the scale, and the
+    next updates apply (the scaler used to raise in the next unscale_)."""
+    data, extra = demo_pretrain, dict(stage="pretrain")
+    if stage == "grpo":
+        data, reward = toy_grpo
+        extra = dict(stage="grpo", reward=reward, batch_size=2, grpo_group=2, max_new_tokens=4, grpo_epochs=2,
+                     learning_rate=1e-2)
+    run = build_run(data, str(tmp_path), dtype="float16", device="cpu", debug_nonfinite_iters=[1], **extra)
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    scales, finite = [], []
+    for it in range(3):
+        scales.append(run.scaler.get_scale())
+        finite.append(train.train_step(run, it)["finite"])
+    assert finite == [True, False, True]
+    assert run.scaler.get_scale() < scales[1] <= scales[0]  # the skipped step lowered the scale
+    assert any(not torch.equal(v, before[k]) for k, v in run.raw_model.state_dict().items())
+
+
+def test_a_float32_checkpoint_resumes_in_float16(demo_pretrain, tmp_path):
+    run = build_run(demo_pretrain, str(tmp_path), stage="pretrain", dtype="float32", device="cpu")
+    train.train_step(run, 0)
+    checkpoint.save_run(run, 1)
+    resumed = build_run(demo_pretrain, str(tmp_path), stage="pretrain", dtype="float16", device="cpu",
+                        init_from="resume")
+    assert resumed.start_iter == 1 and resumed.scaler.is_enabled()
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # a fresh scaler
+    assert train.train_step(resumed, 1)["finite"]
+
+
 # -----------------------------------------------------------------------------
 # 8. disk full, unwritable out_dir
 
@@ -588,6 +707,7 @@ def _full_disk_open(room):
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, monkeypatch, demo_pretrain, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    run = build_run(demo_pretrain, str(out), stage="pretrain")  # (a new run: before out_dir holds checkpoints)
     checkpoint.save_checkpoint(str(out), _state(1), keep_last=1)
     checkpoint.save_checkpoint(str(out), _state(2), keep_last=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -597,7 +717,6 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(room, tmp_path, m
     assert "No space left on device" in str(e.value) and "previous checkpoint is unchanged" in str(e.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no .tmp left, nothing else touched
     # through train.py: one clear line, exit 2
-    run = build_run(demo_pretrain, str(out), stage="pretrain")
     with pytest.raises(SystemExit) as e:
         checkpoint.save_run(run, 3)
     err = capsys.readouterr().err.strip().splitlines()

@@ -39,6 +39,10 @@ def train_losses(out_dir):
     return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r and not r.get("skipped")}
 
 
+def grad_norms(out_dir):
+    return {r["iter"]: r["grad_norm"] for r in metrics(out_dir) if "grad_norm" in r}
+
+
 def val_losses(out_dir):
     return [r["val_loss"] for r in metrics(out_dir) if "val_loss" in r]
 
@@ -151,32 +155,40 @@ def test_batches_are_a_pure_function_of_step(demo_pretrain, tmp_path):
 @pytest.mark.parametrize("stage, data", [("pretrain", "demo_pretrain"), ("sft", "demo_sft"), ("grpo", "toy_grpo")])
 def test_exact_resume_after_sigkill(stage, data, request, tmp_path):
     """Also for packed SFT rows (pack=True is sft's default: the packing is a pure function of (seed, epoch)) and
-    for grpo (its rollouts are a pure function of (seed, micro-batch, weights))."""
+    for grpo with a KL (its rollouts are a pure function of (seed, micro-batch, weights))."""
     data = request.getfixturevalue(data)
     extra = ["--dropout=0.1"]
     if stage == "grpo":  # (data dir, reward); no dropout: the rollout policy must be the policy trained
         data, reward = data
-        extra = [f"--reward={reward}", "--grpo_group=4", "--max_new_tokens=8", "--learning_rate=1e-2"]
+        # with a KL, whose reference is the starting weights (rebuilt on resume, not the resumed weights)
+        extra = [f"--reward={reward}", "--grpo_group=4", "--max_new_tokens=8", "--learning_rate=1e-2", "--grpo_kl=0.1"]
     args = [f"--data_dir={data}", f"--stage={stage}", "--max_iters=16", "--eval_interval=4", *TINY, *extra]
-    ref = str(tmp_path / "ref")
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     run_train([*args, f"--out_dir={ref}"])
-    out = str(tmp_path / "killed")
-    cmd = [sys.executable, "train.py", *args, f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:  # kill it mid-way, after its second checkpoint
-        if "saved checkpoint at iter 8" in line:
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter"] == 8
+    sigkill_after_checkpoint([*args, f"--out_dir={out}"], 8)  # mid-way, after its second checkpoint
     run_train([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = train_losses(ref), train_losses(out)
     assert sorted(got) == sorted(want)
     assert all(got[i] == want[i] for i in want)  # bit for bit
     for k, v in final_weights(ref).items():
         assert torch.equal(v, final_weights(out)[k]), k
+
+
+def sigkill_after_checkpoint(args, it):
+    """Run train.py with args and SIGKILL it once it has saved its checkpoint at iteration it."""
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if f"saved checkpoint at iter {it}" in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    out = [a for a in args if a.startswith("--out_dir=")][-1].split("=", 1)[1]
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter"] == it
 
 
 def test_sigterm_saves_and_exits_zero(demo_pretrain, tmp_path):

@@ -8,6 +8,8 @@ On-demand soak test of crash recovery (not collected by pytest: it takes minutes
    moments, about half of them inside a checkpoint write, each time resumed with init_from=resume. After every
    kill every ckpt*.pt must load; at the end the per-iteration losses, learning rates, grad norms and val losses
    in metrics.jsonl, the weights and the optimizer state must equal an uninterrupted run's bit for bit.
+   Then the same for a DPO run (`dpo_kills`) and a GRPO run with a KL (`grpo_kills`), both started from the
+   first run's weights: their reference must be those starting weights after every resume.
 2. The same under torchrun (2 ranks, gloo), interrupted in turn by SIGTERM to the agent, SIGTERM to rank 1
    only, SIGKILL of the whole process group, and SIGKILL of rank 1 only (the agent then stops rank 0).
 
@@ -29,7 +31,9 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import demo  # noqa: E402
 import prepare  # noqa: E402
+from conftest import TOY_REWARD  # noqa: E402
 from tests.test_reliability import (all_checkpoints_load, assert_same_state, records, spawn, state_of,  # noqa: E402
                                     torchrun, wait_for)
 from tests.test_train import TINY, run_train  # noqa: E402
@@ -37,6 +41,10 @@ from tests.test_train import TINY, run_train  # noqa: E402
 # -----------------------------------------------------------------------------
 kills = 20  # SIGKILLs of the single-process run
 max_iters = 150
+dpo_kills = 8  # SIGKILLs of a DPO run from the first run's weights (0: skip)
+dpo_max_iters = 40
+grpo_kills = 5  # SIGKILLs of a GRPO run with grpo_kl > 0 from the first run's weights (0: skip)
+grpo_max_iters = 24
 torchrun_interruptions = 6  # 0: skip the torchrun part
 torchrun_max_iters = 30
 seed = 0
@@ -66,14 +74,17 @@ def check_after_interruption(out, what):
     return torn
 
 
-def single_process(data, work, rng):
-    args = [f"--data_dir={data}", f"--max_iters={max_iters}", "--eval_interval=25", "--dropout=0.1", *TINY]
-    ref, out = os.path.join(work, "ref"), os.path.join(work, "killed")
+def killed_and_resumed(name, args, work, rng, kills):
+    """Run args uninterrupted, then SIGKILLed `kills` times and resumed, and check both end the same; returns the
+    uninterrupted run's directory."""
+    ref, out = os.path.join(work, f"{name}_ref"), os.path.join(work, name)
     run_train([*args, f"--out_dir={ref}"])
     torn = 0
     for k in range(kills):
-        proc = spawn([sys.executable, "train.py", *args, f"--out_dir={out}", "--init_from=resume",
-                      "--checkpoint_interval=1", "--keep_last=2"])
+        # the first launch (and any before a first checkpoint) starts from args' init_from, the others resume
+        resume = ["--init_from=resume"] if checkpoint.resume_checkpoint_path(out) else []
+        proc = spawn([sys.executable, "train.py", *args, f"--out_dir={out}", *resume, "--checkpoint_interval=1",
+                      "--keep_last=2"])
         if k % 2:
             wait_for(proc, "train iter", rng.randint(1, 4))
             time.sleep(rng.uniform(0, 0.004))
@@ -82,13 +93,44 @@ def single_process(data, work, rng):
             time.sleep(rng.uniform(0, 0.4))
         proc.kill()
         proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, f"kill {k} came after the run had finished: raise max_iters"
-        torn += check_after_interruption(out, f"kill {k + 1}/{kills}")
+        assert proc.returncode == -signal.SIGKILL, f"{name}: kill {k} came after the run had finished: raise max_iters"
+        torn += check_after_interruption(out, f"{name}: kill {k + 1}/{kills}")
     run_train([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = records(ref), records(out)
-    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), "metrics differ"
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), f"{name}: metrics differ"
     assert_same_state(state_of(ref), state_of(out))
-    log(f"single process: {kills} kills ({torn} inside a checkpoint write), resumed bit for bit")
+    log(f"{name}: {kills} kills ({torn} inside a checkpoint write), resumed bit for bit")
+    return ref
+
+
+def single_process(data, work, rng):
+    args = [f"--data_dir={data}", f"--max_iters={max_iters}", "--eval_interval=25", "--dropout=0.1", *TINY]
+    return killed_and_resumed("pretrain", args, work, rng, kills)
+
+
+def post_training(data, start, work, rng):
+    """A DPO run and a GRPO run with a KL, from `start`: a resume must rebuild their reference from it."""
+    if dpo_kills:
+        dpo = os.path.join(work, "data_dpo")
+        if not os.path.exists(os.path.join(dpo, "meta.json")):
+            prepare.main([f"--input={ROOT}/data/demo/dpo_train.jsonl", f"--val_input={ROOT}/data/demo/dpo_val.jsonl",
+                          f"--out_dir={dpo}", f"--tokenizer={data}", "--max_len=64", "--workers=1"])
+        args = [f"--data_dir={dpo}", "--stage=dpo", f"--init_from={start}", f"--max_iters={dpo_max_iters}",
+                "--eval_interval=10", "--learning_rate=3e-3", *TINY]
+        killed_and_resumed("dpo", args, work, rng, dpo_kills)
+    if grpo_kills:
+        grpo = os.path.join(work, "data_grpo")
+        if not os.path.exists(os.path.join(grpo, "meta.json")):
+            prompts = demo.count_prompts(work)
+            prepare.main([f"--input={prompts}/count_train.jsonl", f"--val_input={prompts}/count_val.jsonl",
+                          f"--out_dir={grpo}", f"--tokenizer={data}", "--max_len=56", "--stage=grpo", "--workers=1"])
+        reward = os.path.join(work, "reward_a.py")
+        with open(reward, "w", encoding="utf-8") as f:
+            f.write(TOY_REWARD)  # dense, so that the policy moves off its reference
+        args = [f"--data_dir={grpo}", "--stage=grpo", f"--init_from={start}", f"--max_iters={grpo_max_iters}",
+                "--eval_interval=8", "--learning_rate=1e-2", f"--reward={reward}:share_of_a", "--grpo_kl=0.1",
+                "--grpo_group=4", "--max_new_tokens=8", *TINY]
+        killed_and_resumed("grpo", args, work, rng, grpo_kills)
 
 
 def _children(pid):
@@ -149,7 +191,8 @@ def main():
     rng = random.Random(seed)
     log(f"working in {work}, seed {seed}")
     data = prepared_demo(work)
-    single_process(data, work, rng)
+    start = single_process(data, work, rng)
+    post_training(data, start, work, rng)
     if torchrun_interruptions:
         distributed(data, work, rng)
     if not work_dir:

@@ -7,16 +7,23 @@ ChatML, one message after another:
     <|im_start|>{role}\n{content}<|im_end|>\n
 
 An assistant message with `reasoning_content` renders its content as
-`<think>\n{reasoning}\n</think>\n{content}`. The same format lives in
-CHAT_TEMPLATE (Jinja), saved with the tokenizer, so that
-`transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)` gives
-exactly the ids that render_chat() gives, hence exactly the training data.
+`<think>\n{reasoning}\n</think>\n{content}`. The same format lives in the
+Jinja chat template (ChatTokenizer.chat_template), saved with the tokenizer,
+so that `transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)`
+gives exactly the ids that render_chat() gives, hence exactly the training data.
 
 Special token strings typed inside message content stay text: `<|im_end|>`
-in a user message is encoded as ordinary pieces, never as the control token.
-The one exception is the reasoning tags (`<think>`, `</think>`, `<answer>`,
-`</answer>`) inside assistant messages: distillation data writes them
-inline, and they must be single tokens there for `think_tag_weight`.
+in a user message is encoded as ordinary pieces, never as the control token
+(a user cannot forge a turn). The one exception is the reasoning tags
+(`<think>`, `</think>`, `<answer>`, `</answer>`) inside assistant messages:
+distillation data writes them inline, and they must be single tokens there
+for `think_tag_weight`. transformers renders the template to a string and
+then finds special tokens in it, so the saved template escapes such strings
+in content (TEXT_ESCAPE, an invisible separator, after their first character)
+and the saved tokenizer.json's normalizer removes the escape again before the
+text is encoded, after the template's own special tokens have been found:
+the content's strings come out as text, the same ids as render_chat().
+Tools that do not run the normalizer (llama.cpp) see the escape as text.
 
 Loss mask: 1 exactly on the tokens of assistant replies (content, think
 block included) and the reply's closing `<|im_end|>`; 0 on role headers
@@ -43,23 +50,43 @@ from files import write_json
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
-    " and message['reasoning_content'] -%}"
-    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' -}}"
-    "{%- endif -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+TEXT_ESCAPE = "\u2063"  # INVISIBLE SEPARATOR, put after the first character of a special-token string in content
+
+
+def chat_template(text_only, reply_text_only):
+    """The ChatML template (Jinja) in which the strings of `text_only` (in an assistant message: of
+    `reply_text_only`) are escaped with TEXT_ESCAPE wherever message content holds them."""
+    def jinja_list(strings):
+        return "[" + ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in strings) + "]"
+
+    return (
+        "{%- macro text(s, specials) -%}"
+        "{%- set ns = namespace(s=s) -%}"
+        "{%- for t in specials -%}{%- set ns.s = ns.s | replace(t, t[0] + '" + TEXT_ESCAPE + "' + t[1:]) -%}{%- endfor -%}"
+        "{{- ns.s -}}"
+        "{%- endmacro -%}"
+        "{%- for message in messages -%}"
+        "{%- set specials = " + jinja_list(reply_text_only) + " if message['role'] == 'assistant' else "
+        + jinja_list(text_only) + " -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
+        " and message['reasoning_content'] -%}"
+        "{{- '<think>\\n' + text(message['reasoning_content'], specials) + '\\n</think>\\n' -}}"
+        "{%- endif -%}"
+        "{{- text(message['content'], specials) + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
 
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` with the chat special tokens, plain-text encoding and ChatML rendering."""
 
     def __init__(self, tokenizer):
-        tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: adding tokens must not touch the caller's
+        # a copy (adding tokens must not touch the caller's), without the unescaping that save() adds for transformers
+        spec = json.loads(tokenizer.to_str())
+        spec["normalizer"] = _without_unescape(spec.get("normalizer"))
+        tok = Tokenizer.from_str(json.dumps(spec))
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self._tok = tok
@@ -81,6 +108,9 @@ class ChatTokenizer:
         self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
         self._special_re = _alternation(specials)
         self._control_re = _alternation(specials - set(REASONING_TAGS))
+        # what the saved chat template escapes in content, longest first (one string inside another: escaped first)
+        self._escaped = sorted((t for t in specials if len(t) > 1), key=lambda t: (-len(t), t))
+        self.chat_template = chat_template(self._escaped, [t for t in self._escaped if t not in REASONING_TAGS])
 
     # -- plain text -----------------------------------------------------------------------------
     def encode(self, text):
@@ -120,12 +150,22 @@ class ChatTokenizer:
             out.append((np.array(ids, dtype=np.int64), mask))
         return out
 
+    def holds_special_strings(self, text, reply=False):
+        """Whether `text` (message content; reply: of an assistant message) holds special-token strings that
+        encode() and render_chat() encode as text (in a reply, the reasoning tags are tokens: not counted)."""
+        return bool((self._control_re if reply else self._special_re).search(text))
+
+    def conversation_holds_special_strings(self, messages):
+        """holds_special_strings() of any message's content or reasoning."""
+        return any(self.holds_special_strings(text, m["role"] == "assistant")
+                   for m in messages for text in (m["content"], m.get("reasoning_content") or ""))
+
     def _layout(self, messages, add_generation_prompt):
         """The rendered ChatML as pieces (text, how), how being "special" (a structural special
         token), "plain" or "reply" (text of an assistant message); the character ranges of the
         replies; and whether encoding the joined text at once gives the right ids, as it does
         unless some content holds a special-token string."""
-        pieces, replies, pos, clean = [], [], 0, True
+        pieces, replies, pos = [], [], 0
         for m in messages:
             role, content = m["role"], m["content"]
             how = "reply" if role == "assistant" else "plain"
@@ -139,8 +179,7 @@ class ChatTokenizer:
             if how == "reply":
                 replies.append((start, end))
             pos = end + 1
-            forbidden = self._control_re if how == "reply" else self._special_re  # reasoning tags: see module doc
-            clean = clean and not forbidden.search(content) and not (reasoning and forbidden.search(reasoning))
+        clean = not self.conversation_holds_special_strings(messages)
         if add_generation_prompt:
             pieces += [("<|im_start|>", "special"), ("assistant\n", "plain")]
         return pieces, replies, pos, clean
@@ -193,7 +232,12 @@ class ChatTokenizer:
         template adds no such token (prepare.py's chats start at <|im_start|>), and eos is where generation
         stops: <|im_end|> for a chat model, <|endoftext|> for a base model (chat=False)."""
         os.makedirs(directory, exist_ok=True)
-        tok = Tokenizer.from_str(self._tok.to_str())
+        spec = json.loads(self._tok.to_str())
+        # the chat template's escapes undone before encoding (see the module docstring), innermost first
+        unescape = [{"type": "Replace", "pattern": {"String": t[0] + TEXT_ESCAPE + t[1:]}, "content": t}
+                    for t in reversed(self._escaped)]
+        spec["normalizer"] = {"type": "Sequence", "normalizers": unescape + ([spec["normalizer"]] if spec.get("normalizer") else [])}
+        tok = Tokenizer.from_str(json.dumps(spec))
         tok.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", pair="<|endoftext|> $A $B:1", special_tokens=[("<|endoftext|>", self.eot_id)])
         tok.save(os.path.join(directory, "tokenizer.json"))
@@ -211,16 +255,25 @@ class ChatTokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
         write_json(os.path.join(directory, "tokenizer_config.json"), config)
         write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
         with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(CHAT_TEMPLATE)
+            f.write(self.chat_template)
 
     def to_str(self):
         """The tokenizer.json text."""
         return self._tok.to_str()
+
+
+def _without_unescape(normalizer):
+    """A tokenizer.json normalizer without the unescaping steps save() puts first (None when nothing is left)."""
+    if not normalizer or normalizer.get("type") != "Sequence":
+        return normalizer
+    steps = [n for n in normalizer["normalizers"]
+             if not (n.get("type") == "Replace" and TEXT_ESCAPE in n.get("pattern", {}).get("String", ""))]
+    return None if not steps else steps[0] if len(steps) == 1 else dict(normalizer, normalizers=steps)
 
 
 def _has_type(node, kind):

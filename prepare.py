@@ -259,13 +259,13 @@ def _lines(label, stream, cap):
         return itertools.chain([b"\n"] * blank, _capped_lines(stream, cap))
     first = stream.readline(cap + 1)
     if first.endswith(b"\n") and _parses(first):  # an array on one line: the file's only one, or a jsonl line
-        rest = _capped_lines(stream, cap)
-        blank_after = list(itertools.takewhile(lambda line: isinstance(line, bytes) and line.isspace(), rest))
-        following = next(rest, None)
-        if following is not None:  # jsonl whose records are lists of messages
-            return itertools.chain([b"\n"] * blank, [first], blank_after, [following], rest)
-        return _array_elements(label, [first], cap)
-    return _array_elements(label, itertools.chain([first], iter(lambda: stream.read(_BLOCK), b"")), cap)
+        rest, read = _capped_lines(stream, cap), []
+        for line in rest:
+            read.append(line)
+            if isinstance(line, int) or not line.isspace():  # more records: jsonl whose records are message lists
+                return itertools.chain([b"\n"] * blank, [first], read, rest)
+        return _JsonArray(label, [first], cap).elements()
+    return _JsonArray(label, itertools.chain([first], iter(lambda: stream.read(_BLOCK), b"")), cap).elements()
 
 
 def _skip_blank(stream):
@@ -292,52 +292,115 @@ def _capped_lines(stream, cap):
 
 
 _BLANK = re.compile(r"[ \t\r\n]*")
-_ARRAY_STEPS = {"[": {"[": "first"}, "first": {"]": "end"}, ",": {",": "value", "]": "end"}, "end": {}}
+_IN_STRING = re.compile(r'(?:[^"\\]|\\.)*', re.DOTALL)  # a string's characters up to its closing quote
+_OUTSIDE_STRINGS = re.compile(r'[^"\[\]{}]*')
 
 
-def _array_elements(label, pieces, cap):
-    """The elements of one JSON array read from byte `pieces`, each as its UTF-8 JSON text (invalid UTF-8 kept as it
-    is, for the workers to count), in memory bounded by the largest element; one over `cap` bytes stops the run, as
-    does invalid JSON (nothing after it can be found again)."""
-    decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
-    decoder = json.JSONDecoder()
-    text, pos, count, expect, wanted = "", 0, 0, "[", 0  # wanted: the length of text worth parsing again
-    for piece in itertools.chain(pieces, [None]):
-        text, wanted = text[pos:] + decode(piece or b"", final=piece is None), wanted - pos
-        pos = 0
-        if len(text) < wanted and piece is not None:
-            continue
-        while (pos := _BLANK.match(text, pos).end()) < len(text):
-            if expect not in ("first", "value") or (expect == "first" and text[pos] == "]"):
-                steps = _ARRAY_STEPS[expect]
-                if text[pos] not in steps:
-                    allowed = " or ".join(repr(c) for c in steps) or "nothing"
-                    configurator.fail(f"{label}: not a JSON array: {allowed} expected after element {count:,}, "
-                                      f"found {text[pos]!r}")
-                expect, pos = steps[text[pos]], pos + 1
-                continue
-            try:
-                end = decoder.raw_decode(text, pos)[1]
-            except json.JSONDecodeError as e:
-                cut = e.pos >= len(text) - 16 or e.msg.startswith("Unterminated string")  # maybe more to come
-                if piece is None or not cut:
-                    why = "the file ends inside it (truncated?)" if piece is None else "it is not valid JSON"
-                    configurator.fail(f"{label}: element {count + 1:,} of the JSON array: {why}: {e}")
-                if len(text) - pos > cap:
-                    configurator.fail(f"{label}: element {count + 1:,} of the JSON array is over max_line_bytes="
-                                      f"{cap:,}: raise max_line_bytes or write the file as jsonl")
-                wanted = len(text) + max(_BLOCK, len(text) - pos)  # parse again once as much again is read
-                break
-            except RecursionError:
-                configurator.fail(f"{label}: element {count + 1:,} of the JSON array is nested too deeply")
-            if end == len(text) and piece is not None:  # a number may go on in the next piece
-                wanted = len(text) + 1
-                break
-            element = text[pos:end].encode("utf-8", "surrogateescape")
-            yield element if len(element) <= cap else len(element)
-            count, pos, expect = count + 1, end, ","
-    if expect != "end":
-        configurator.fail(f"{label}: the JSON array ends after element {count:,} without its ']' (truncated?)")
+class _JsonArray:
+    """The elements of one JSON array read from byte pieces, each as its UTF-8 JSON text (invalid UTF-8 kept as it is,
+    for the workers to count), whatever the array's layout. Memory holds one element: one over `cap` bytes is read
+    past and given as its length. Invalid JSON stops the run (nothing after it can be found again)."""
+
+    def __init__(self, label, pieces, cap):
+        self.label, self.cap, self.pieces = label, cap, iter(pieces)
+        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+        self.text, self.pos, self.count, self.ended = "", 0, 0, False
+
+    def elements(self):
+        self._punctuation("[")
+        if self._next_char() == "]":
+            self.pos += 1
+        else:
+            while True:
+                yield self._element()
+                self.count += 1
+                if self._punctuation(",]") == "]":
+                    break
+        if self._next_char():
+            self._fail(f"nothing expected after the array's ']', found {self._next_char()!r}")
+
+    def _fail(self, message):
+        configurator.fail(f"{self.label}: {message}")
+
+    def _more(self):
+        """Read the next piece into the text, dropping what was consumed; False at the end of the input."""
+        piece = next(self.pieces, None)
+        self.text = self.text[self.pos :] + self.decode(piece or b"", final=piece is None)
+        self.pos, self.ended = 0, piece is None
+        return not self.ended
+
+    def _next_char(self):
+        """The next non-blank character, not consumed ("" at the end of the input)."""
+        while (pos := _BLANK.match(self.text, self.pos).end()) == len(self.text):
+            self.pos = pos
+            if not self._more():
+                return ""
+        self.pos = pos
+        return self.text[pos]
+
+    def _punctuation(self, allowed):
+        c = self._next_char()
+        if not c:
+            self._fail(f"the JSON array ends after element {self.count:,} without its ']' (truncated?)")
+        if c not in allowed:
+            expected = " or ".join(repr(a) for a in allowed)
+            self._fail(f"not a JSON array: {expected} expected after element {self.count:,}, found {c!r}")
+        self.pos += 1
+        return c
+
+    def _element(self):
+        self._next_char()
+        wanted = 0  # how much pending text is worth parsing again: twice as much as last time (linear time)
+        while True:
+            pending = len(self.text) - self.pos
+            if pending >= wanted or self.ended:
+                try:
+                    end = _DECODER.raw_decode(self.text, self.pos)[1]
+                    if end < len(self.text) or self.ended:  # at the text's end, a number may go on
+                        element = self.text[self.pos : end].encode("utf-8", "surrogateescape")
+                        self.pos = end
+                        return element if len(element) <= self.cap else len(element)
+                except json.JSONDecodeError as e:
+                    cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - (0 if self.ended else 16)
+                    if not cut or self.ended:
+                        why = "the file ends inside it (truncated?)" if cut else "not valid JSON"
+                        self._fail(f"element {self.count + 1:,} of the JSON array: {why}: {e}")
+                    if pending > self.cap:
+                        return self._skip()
+                except RecursionError:
+                    self._fail(f"element {self.count + 1:,} of the JSON array is nested too deeply")
+                wanted = max(2 * pending, pending + _BLOCK)
+            self._more()
+
+    def _skip(self):
+        """Read past the element (an object or array) that starts here without holding it; return its length in
+        characters."""
+        size, depth, in_string = 0, 0, False
+        while True:
+            text, pos = self.text, self.pos
+            while pos < len(text):
+                if in_string:
+                    pos = _IN_STRING.match(text, pos).end()
+                    if pos == len(text) or text[pos] == "\\":  # an escape cut off at the end of the text
+                        break
+                    in_string, pos = False, pos + 1
+                else:
+                    pos = _OUTSIDE_STRINGS.match(text, pos).end()
+                    if pos == len(text):
+                        break
+                    in_string = text[pos] == '"'
+                    depth += 0 if in_string else 1 if text[pos] in "[{" else -1
+                    pos += 1
+                if depth == 0 and not in_string:
+                    size, self.pos = size + pos - self.pos, pos
+                    return size
+            size += pos - self.pos
+            self.pos = pos
+            if not self._more():
+                self._fail(f"element {self.count + 1:,} of the JSON array: the file ends inside it (truncated?)")
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _parses(line):

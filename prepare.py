@@ -549,14 +549,14 @@ def process_chunk(chunk):
         is_val = to_val if to_val is not None else _is_val(w["seed"], ordinal + i, w["val_fraction"])
         units.append((kind, payload, is_val, i))
 
-    texts = iter(tok.encode_batch([p for k, p, _, _ in units if k == "text"]))
+    texts = iter(tok.encode_arrays([p for k, p, _, _ in units if k == "text"], w["max_len"]))
     chats = iter(tok.render_chats([p for k, p, _, _ in units if k == "chat"]))
     pairs = iter(tok.render_chats([c for k, p, _, _ in units if k == "pair" for c in p], last_reply_only=True))
     prompts = iter(tok.render_chats([p[0] for k, p, _, _ in units if k == "task"], add_generation_prompt=True))
     docs, unit_docs, unit_val, refs = [], [], [], []
     for kind, payload, is_val, i in units:
         if kind == "text":
-            ids = np.array(next(texts) + [tok.eot_id], dtype=np.uint32)
+            ids = np.append(next(texts), np.uint32(tok.eot_id))
             unit = [_truncate_text(ids, w["max_len"], tok.eot_id, res)]
         elif kind == "chat":
             unit = [_truncate_chat(next(chats), w["max_len"], res)]

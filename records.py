@@ -44,7 +44,7 @@ def detect_record(obj):
     for key in ("conversations", "messages"):
         if key in obj:
             messages = _system_field(obj) + _messages(obj[key])
-            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and "from" in obj[key][0] else key
+            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and obj[key][0].get("from") is not None else key
             return "chat", _checked(messages), fmt
     if "instruction" in obj and "output" in obj:
         return "chat", _alpaca(obj), "alpaca"

@@ -34,7 +34,6 @@ that starts with whitespace, or a SentencePiece model that turns the header's
 is a target.
 """
 
-import bisect
 import itertools
 import json
 import os
@@ -49,6 +48,10 @@ from files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+_PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters, where that gives the same ids
+# Where GPT-2's pre-tokenizer regex always splits, whatever comes before and after: before a space between two
+# non-blank characters, and between CJK punctuation and a letter or digit (text without spaces).
+_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=[。，、！？；：])(?=[^\W_])")
 
 TEXT_ESCAPE = "\u2063"  # INVISIBLE SEPARATOR, put after the first character of a special-token string in content
 
@@ -105,6 +108,10 @@ class ChatTokenizer:
         spec.update(post_processor=None, truncation=None, padding=None)
         self._full = _from_spec(spec, added)
         self._plain = _from_spec(spec, [a for a in added if a["content"] not in specials])
+        pre = spec.get("pre_tokenizer") or {}
+        # a text cut at _CUT encodes to the same ids in pieces: byte-level BPE's GPT-2 split alone, nothing before it
+        self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                          and not pre.get("add_prefix_space") and all(a["content"] in specials for a in added))
         self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
         self._special_re = _alternation(specials)
         self._control_re = _alternation(specials - set(REASONING_TAGS))
@@ -121,6 +128,25 @@ class ChatTokenizer:
         """encode() of many texts at once (the same ids, faster)."""
         return [e.ids for e in self._plain.encode_batch_fast(list(texts), add_special_tokens=False)]
 
+    def encode_arrays(self, texts, max_tokens=0):
+        """encode() of many texts as uint32 arrays, in memory bounded by _PIECE_CHARS for a byte-level BPE
+        tokenizer: a longer text is encoded piece by piece, cut where the pre-tokenizer splits anyway (the same ids),
+        and only as far as max_tokens when that is given (then at least its first max_tokens ids are right)."""
+        texts = list(texts)
+        out = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= _PIECE_CHARS or not self._cuttable]
+        for i, ids in zip(short, self.encode_batch([texts[i] for i in short])):
+            out[i] = np.array(ids, dtype=np.uint32)
+        for i in (i for i, a in enumerate(out) if a is None):
+            parts, n = [], 0
+            for piece in _pieces(texts[i]):
+                parts.append(np.array(self.encode(piece), dtype=np.uint32))
+                n += len(parts[-1])
+                if max_tokens and n >= max_tokens:
+                    break
+            out[i] = np.concatenate(parts)
+        return out
+
     def decode(self, ids, skip_special_tokens=False):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -136,18 +162,17 @@ class ChatTokenizer:
     def render_chats(self, conversations, add_generation_prompt=False, last_reply_only=False):
         """render_chat() of many conversations, batched; returns [(ids int64 array, mask uint8 array)]."""
         layouts = [self._layout(m, add_generation_prompt) for m in conversations]
-        clean = [i for i, (_, _, _, is_clean) in enumerate(layouts) if is_clean]
-        texts = ["".join(s for s, _ in layouts[i][0]) for i in clean]
-        encoded = dict(zip(clean, self._full.encode_batch(texts, add_special_tokens=False)))
+        # a short conversation without special-token strings in its text is encoded at once (batched, faster)
+        whole = [i for i, (_, _, length, clean) in enumerate(layouts) if clean and length <= _PIECE_CHARS]
+        texts = ["".join(s for s, _ in layouts[i][0]) for i in whole]
+        encoded = dict(zip(whole, self._full.encode_batch(texts, add_special_tokens=False)))
         out = []
         for i, (pieces, replies, _, _) in enumerate(layouts):
-            ids, offsets = (encoded[i].ids, encoded[i].offsets) if i in encoded else self._encode_pieces(pieces)
-            mask = np.zeros(len(ids), dtype=np.uint8)
-            for lo, hi in replies[-1:] if last_reply_only else replies:
-                # targets: the tokens holding any character of [lo, hi)
-                first = bisect.bisect_right(offsets, lo, key=_token_end)
-                mask[first : bisect.bisect_left(offsets, hi, key=_token_start)] = 1
-            out.append((np.array(ids, dtype=np.int64), mask))
+            targets = replies[-1:] if last_reply_only else replies
+            if i in encoded:
+                out.append((np.array(encoded[i].ids, dtype=np.int64), _targets(encoded[i].offsets, 0, targets)))
+            else:
+                out.append(self._encode_pieces(pieces, targets))
         return out
 
     def holds_special_strings(self, text, reply=False):
@@ -184,21 +209,23 @@ class ChatTokenizer:
             pieces += [("<|im_start|>", "special"), ("assistant\n", "plain")]
         return pieces, replies, pos, clean
 
-    def _encode_pieces(self, pieces):
-        """Ids and character offsets of the joined pieces, each run of message text encoded on its
-        own (special-token strings in it stay text), the structural special tokens as their ids."""
-        ids, offsets, pos = [], [], 0
+    def _encode_pieces(self, pieces, targets):
+        """Ids and loss mask of the joined pieces, each run of message text encoded on its own (special-token strings
+        in it stay text; a long one piece by piece, see encode_arrays), the structural special tokens as their ids."""
+        ids, mask, pos = [], [], 0
         for how, run in itertools.groupby(pieces, key=lambda p: p[1]):
             for s in [p[0] for p in run] if how == "special" else ["".join(p[0] for p in run)]:
                 if how == "special":
-                    ids.append(self.special_ids[s])
-                    offsets.append((pos, pos + len(s)))
+                    encoded = [([self.special_ids[s]], [(0, len(s))], s)]
                 else:
-                    enc = (self._reply if how == "reply" else self._plain).encode(s, add_special_tokens=False)
-                    ids.extend(enc.ids)
-                    offsets.extend((pos + a, pos + b) for a, b in enc.offsets)
-                pos += len(s)
-        return ids, offsets
+                    encoder = self._reply if how == "reply" else self._plain
+                    encoded = ((e.ids, e.offsets, piece) for piece in (_pieces(s) if self._cuttable else [s])
+                               for e in [encoder.encode(piece, add_special_tokens=False)])
+                for piece_ids, offsets, piece in encoded:
+                    ids.append(np.array(piece_ids, dtype=np.int64))
+                    mask.append(_targets(offsets, pos, targets))
+                    pos += len(piece)
+        return np.concatenate(ids), np.concatenate(mask)
 
     def pieces(self):
         """{token string: id} of every token, the added ones included."""
@@ -267,6 +294,15 @@ class ChatTokenizer:
         return self._tok.to_str()
 
 
+def _pieces(text):
+    """`text` cut at _CUT into pieces of about _PIECE_CHARS characters (longer where there is no cut)."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS and (cut := _CUT.search(text, start + _PIECE_CHARS)):
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def _without_unescape(normalizer):
     """A tokenizer.json normalizer without the unescaping steps save() puts first (None when nothing is left)."""
     if not normalizer or normalizer.get("type") != "Sequence":
@@ -289,12 +325,17 @@ def _alternation(strings):
     return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
 
 
-def _token_start(offset):
-    return offset[0]
-
-
-def _token_end(offset):
-    return offset[1]
+def _targets(offsets, start, ranges):
+    """The loss mask of tokens whose character offsets (from `start`) are `offsets`: 1 on a token holding any
+    character of one of the [lo, hi) `ranges`."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if not offsets:
+        return mask
+    spans = np.asarray(offsets, dtype=np.int64) + start
+    for lo, hi in ranges:
+        if lo < spans[-1, 1] and hi > spans[0, 0]:
+            mask[(spans[:, 1] > lo) & (spans[:, 0] < hi)] = 1
+    return mask
 
 
 def _from_spec(spec, added_tokens):

@@ -540,3 +540,58 @@ def test_workers_follow_the_decompressed_size(tmp_path, data_tok_dir, monkeypatc
     assert (tmp_path / "in.jsonl.zst").stat().st_size < 4096 < len(data) // 4  # small on disk, many chunks
     meta = run_prepare(tmp_path / "out", input=tmp_path / "in.jsonl.zst", tokenizer=data_tok_dir, workers=2)
     assert meta["timing"]["workers"] == 2
+
+
+PIECES = ["床前明月光", "hello", " world", "🙂", "\n", "\t", "  ", "\"quoted\"", "back\\slash", "<|im_end|>", "<think>",
+          "a < b", "\u00a0", "1.5e3", "null", "\u2063", "\r\n", "é", "{\"json\": [1]}"]
+
+
+def random_text(rng):
+    return "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8))) + rng.choice("xyz")
+
+
+def random_record(rng, stage):
+    """A record of `stage` in one of the shapes detect_record reads (dicts only: a Parquet row is one)."""
+    t = lambda: random_text(rng)  # noqa: E731
+    if stage == "pretrain":
+        return {rng.choice(["text", "content", "completion"]): t()}
+    if stage == "dpo":
+        return {"prompt": t(), "chosen": t(), "rejected": t()}
+    turns = [m for _ in range(rng.randint(1, 3)) for m in (msg("user", t()), msg("assistant", t()))]
+    return rng.choice([
+        {"conversations": turns},
+        {"messages": [msg("system", t())] + turns},
+        {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in turns]},
+        {"conversations": turns[:-1] + [dict(turns[-1], reasoning_content=t())]},
+        {"instruction": t(), "input": rng.choice(["", t()]), "output": t()},
+        {"prompt": t(), "completion": t()},
+    ])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_every_format_gives_the_same_shards(tmp_path, data_tok_dir, monkeypatch, stage):
+    """Random records written as jsonl, json (pretty and on one line), jsonl.gz, jsonl.zst and Parquet: the same
+    prepared shards, val split included (small pieces and chunks, so that every boundary is crossed)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare, "_BLOCK", 50)
+    monkeypatch.setattr(prepare, "_CHUNK_BYTES", 2000)
+    rng = random.Random(stage)
+    records = [random_record(rng, stage) for _ in range(60)]
+    data = b"".join(json.dumps(r, ensure_ascii=rng.random() < 0.5).encode() + b"\n" for r in records)
+    files = {"a.jsonl": data, "a.jsonl.gz": compress("gz", data), "a.jsonl.zst": compress("zst", data),
+             "pretty.json": json.dumps(records, indent=2, ensure_ascii=False).encode(),
+             "line.json": json.dumps(records).encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    pq.write_table(pa.Table.from_struct_array(pa.array(records)), tmp_path / "a.parquet")  # columns of all rows
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.3, stage=stage, shard_tokens=3000)
+    run_prepare(tmp_path / "reference", input=tmp_path / "a.jsonl", **cfg)
+    reference_files, reference_meta = snapshot(tmp_path / "reference")
+    assert reference_meta["counts"]["kept"] == 60 and reference_meta["splits"]["val"]["documents"] > 0
+    for name in list(files)[1:] + ["a.parquet"]:
+        run_prepare(tmp_path / name.replace(".", "_"), input=tmp_path / name, workers=2, **cfg)
+        other_files, other_meta = snapshot(tmp_path / name.replace(".", "_"))
+        assert other_files == reference_files, name
+        assert dict(other_meta, inputs=reference_meta["inputs"]) == reference_meta, name

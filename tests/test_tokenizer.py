@@ -53,6 +53,28 @@ def test_special_tokens_have_fixed_ids(data_tok):
     assert data_tok.encode_batch(["a b", "床前"]) == [data_tok.encode("a b"), data_tok.encode("床前")]
 
 
+def test_long_texts_are_encoded_in_pieces_to_the_same_ids(data_tok, data_corpus, monkeypatch):
+    """Bounded memory for a long document or chat: pieces cut where the pre-tokenizer splits anyway give the same ids
+    (and masks)."""
+    import random
+
+    rng = random.Random(0)
+    parts = HARD_TEXTS + data_corpus + [" ", "  ", "\n", "。", "，他", "don't", "'s", "1234", "a.b", "\u0301", "_x", "½"]
+    chars = [" ", " ", "\t", "\n", "\r", "a", "Z", "1", "。", "，", "他", "'", "_", "\u0301", "½", "!", "🙂", "é"]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 40))) for _ in range(200)]
+    texts += ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    expected = [data_tok.encode(t) for t in texts]
+    chats = CHATS_FOR_HF + [[msg(U, t), msg(A, u, reasoning_content=t)] for t, u in zip(texts[::20], texts[1::20])]
+    rendered = [[a.tolist() for a in doc] for last in (False, True) for doc in data_tok.render_chats(chats, False, last)]
+    monkeypatch.setattr(tokenizer, "_PIECE_CHARS", 8)
+    assert [[a.tolist() for a in doc] for last in (False, True)
+            for doc in data_tok.render_chats(chats, False, last)] == rendered
+    assert sum(len(list(tokenizer._pieces(t))) for t in texts) > 2 * len(texts)  # most of them cut
+    assert [a.tolist() for a in data_tok.encode_arrays(texts)] == expected
+    firsts = data_tok.encode_arrays(texts, max_tokens=5)
+    assert all(a[:5].tolist() == e[:5] and len(a) >= min(5, len(e)) for a, e in zip(firsts, expected))
+
+
 def test_training_is_deterministic(data_tok, data_corpus):
     assert tokenizer.train_tokenizer(data_corpus * 20, 600).to_str() == data_tok.to_str()
 

@@ -5,29 +5,43 @@ prepare.py: jsonl -> tokenizer (trained here or loaded) -> token shards with los
     python prepare.py --input=raw/sft.jsonl,raw/belle.jsonl --out_dir=data/sft --tokenizer=data/mine
     python prepare.py config/prepare_demo.py
 
-Inputs (`input`, `val_input`: comma-separated paths or globs), one record per line:
-.jsonl or .json; compressed .gz, .bz2, .xz, .zst, read as streams; Parquet
-(.parquet, one record per row) when pyarrow is installed; tar archives
-(.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst), whose .jsonl/.json members
-are read in order without unpacking. So the seq-monkey corpus,
-`mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2`, can be given as it is;
-unpacking it first (`tar -xjf ...jsonl.tar.bz2`) and giving the .jsonl makes
-the main pass faster, since bz2 decompression runs in the one reading process.
-A .json file that holds one JSON array (pretty-printed Alpaca style) is read
-whole, element by element: convert it to .jsonl to keep memory bounded.
+Inputs (`input`, `val_input`: comma-separated paths or globs; an existing file
+is taken as a path first, so `x[1].jsonl` works), one record per line:
+.jsonl or .json; compressed .gz, .bz2, .xz, .zst (also `zstd --long=31`), read
+as streams; Parquet (.parquet, one record per row, a null column absent, binary
+values read as UTF-8) when pyarrow is installed; tar archives (.tar,
+.tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst), whose .jsonl/.json members are read
+in order without unpacking (other members, links included, are named in a note
+and skipped). Any other name is refused before any work. So the seq-monkey
+corpus, `mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2`, can be given as
+it is; unpacking it first (`tar -xjf ...jsonl.tar.bz2`) and giving the .jsonl
+makes the main pass faster, since bz2 decompression runs in the one reading
+process. A .json file whose first non-blank character is "[" holds one JSON
+array, in any layout (one line, pretty-printed), read element by element as a
+stream. A file that ends early (truncated), is corrupt, or is not what its name
+says stops the run with one line naming it and how far it got.
+
+Memory is bounded by the longest line: a line (array element, Parquet row) over
+max_line_bytes is read past in pieces, skipped and counted (line_too_long). A
+longer text or chat is encoded piece by piece (byte-level BPE tokenizers: the
+same ids), about 15-20x the line in memory per worker at most; other tokenizers
+encode it whole, up to about 200x: lower max_line_bytes for them.
 
 Records are detected one by one (records.detect_record): plain text
 ({"text"}, {"content"}, {"completion"} alone), chat (conversations/messages with
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
 instruction/input/output with optional system and history, {"prompt",
-"completion"} as user and assistant, assistant `reasoning_content`), preference pairs ({"chosen","rejected"}, optionally with
-"prompt"), tasks for grpo ({"prompt", "answer"}, or with stage=grpo a chat whose
-last assistant reply is the reference answer). stage=auto takes the stage from
-the first usable record (text -> pretrain, chat -> sft, pair -> dpo, task ->
-grpo); a record of another kind later is an
-error, except plain text in a chat set with allow_mixed=True (all its tokens
-are targets). Bad records are skipped and counted by reason (strict=True stops
-at the first, naming file:line).
+"completion"} as user and assistant, assistant `reasoning_content`),
+preference pairs ({"chosen","rejected"}, optionally with "prompt"), tasks for
+grpo ({"prompt", "answer"}, or with stage=grpo a chat whose last assistant reply
+is the reference answer). stage=auto takes the stage from the first usable
+record (text -> pretrain, chat -> sft, pair -> dpo, task -> grpo); a record of
+another kind later is an error, except plain text in a chat set with
+allow_mixed=True (all its tokens are targets). Bad records are skipped and
+counted by reason (strict=True stops at the first bad line, naming file:line).
+Records whose text holds special-token strings (`<|im_end|>` typed in content)
+are counted: they are encoded as text, which some tools reading the export do
+not follow (README, Export).
 
 Documents: pretraining text is encode(text) + <|endoftext|>, every token a
 target; a chat is its ChatML rendering with targets on the assistant replies;
@@ -127,7 +141,8 @@ def resolve_inputs(spec, key):
         paths += found
     for path in paths:
         if _format(path) is None:
-            hint = " (Parquet compresses inside the file: give the .parquet itself)" if ".parquet." in path.lower() else ""
+            compressed_parquet = ".parquet." in path.lower()
+            hint = " (Parquet compresses inside the file: give the .parquet itself)" if compressed_parquet else ""
             configurator.fail(f"{key} '{path}': unsupported format{hint}; prepare.py reads {SUPPORTED}")
     return paths
 
@@ -451,7 +466,8 @@ def read_chunks(paths, to_val, progress, cap):
                     ordinal += len(buf)
         except _read_errors() as e:
             where = f"after line {number:,}" if number else "before its first line"
-            what = "ends early (truncated?)" if isinstance(e, EOFError) else "cannot be read (corrupt, or not what its name says)"
+            what = ("ends early (truncated?)" if isinstance(e, EOFError)
+                    else "cannot be read (corrupt, or not what its name says)")
             configurator.fail(f"{label}: {what}, {where}: {type(e).__name__}: {e}")
         _advance(progress, None, seen, os.path.getsize(path))
 

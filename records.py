@@ -44,7 +44,8 @@ def detect_record(obj):
     for key in ("conversations", "messages"):
         if key in obj:
             messages = _system_field(obj) + _messages(obj[key])
-            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and obj[key][0].get("from") is not None else key
+            sharegpt = obj[key] and isinstance(obj[key][0], dict) and obj[key][0].get("from") is not None
+            fmt = "sharegpt" if sharegpt else key
             return "chat", _checked(messages), fmt
     if "instruction" in obj and "output" in obj:
         return "chat", _alpaca(obj), "alpaca"

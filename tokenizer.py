@@ -48,7 +48,7 @@ from files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-_PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters, where that gives the same ids
+_PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters (where the ids stay the same)
 # Where GPT-2's pre-tokenizer regex always splits, whatever comes before and after: before a space between two
 # non-blank characters, and between CJK punctuation and a letter or digit (text without spaces).
 _CUT = re.compile(r"(?<=\S) (?=\S)|(?<=[。，、！？；：])(?=[^\W_])")
@@ -65,7 +65,9 @@ def chat_template(text_only, reply_text_only):
     return (
         "{%- macro text(s, specials) -%}"
         "{%- set ns = namespace(s=s) -%}"
-        "{%- for t in specials -%}{%- set ns.s = ns.s | replace(t, t[0] + '" + TEXT_ESCAPE + "' + t[1:]) -%}{%- endfor -%}"
+        "{%- for t in specials -%}"
+        "{%- set ns.s = ns.s | replace(t, t[0] + '" + TEXT_ESCAPE + "' + t[1:]) -%}"
+        "{%- endfor -%}"
         "{{- ns.s -}}"
         "{%- endmacro -%}"
         "{%- for message in messages -%}"
@@ -110,8 +112,9 @@ class ChatTokenizer:
         self._plain = _from_spec(spec, [a for a in added if a["content"] not in specials])
         pre = spec.get("pre_tokenizer") or {}
         # a text cut at _CUT encodes to the same ids in pieces: byte-level BPE's GPT-2 split alone, nothing before it
-        self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-                          and not pre.get("add_prefix_space") and all(a["content"] in specials for a in added))
+        self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                          and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                          and all(a["content"] in specials for a in added))
         self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
         self._special_re = _alternation(specials)
         self._control_re = _alternation(specials - set(REASONING_TAGS))
@@ -263,7 +266,8 @@ class ChatTokenizer:
         # the chat template's escapes undone before encoding (see the module docstring), innermost first
         unescape = [{"type": "Replace", "pattern": {"String": t[0] + TEXT_ESCAPE + t[1:]}, "content": t}
                     for t in reversed(self._escaped)]
-        spec["normalizer"] = {"type": "Sequence", "normalizers": unescape + ([spec["normalizer"]] if spec.get("normalizer") else [])}
+        own = [spec["normalizer"]] if spec.get("normalizer") else []
+        spec["normalizer"] = {"type": "Sequence", "normalizers": unescape + own}
         tok = Tokenizer.from_str(json.dumps(spec))
         tok.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", pair="<|endoftext|> $A $B:1", special_tokens=[("<|endoftext|>", self.eot_id)])

@@ -65,10 +65,13 @@ def test_long_texts_are_encoded_in_pieces_to_the_same_ids(data_tok, data_corpus,
     texts += ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
     expected = [data_tok.encode(t) for t in texts]
     chats = CHATS_FOR_HF + [[msg(U, t), msg(A, u, reasoning_content=t)] for t, u in zip(texts[::20], texts[1::20])]
-    rendered = [[a.tolist() for a in doc] for last in (False, True) for doc in data_tok.render_chats(chats, False, last)]
+
+    def rendered():
+        return [[a.tolist() for a in doc] for last in (False, True) for doc in data_tok.render_chats(chats, False, last)]
+
+    whole = rendered()
     monkeypatch.setattr(tokenizer, "_PIECE_CHARS", 8)
-    assert [[a.tolist() for a in doc] for last in (False, True)
-            for doc in data_tok.render_chats(chats, False, last)] == rendered
+    assert rendered() == whole
     assert sum(len(list(tokenizer._pieces(t))) for t in texts) > 2 * len(texts)  # most of them cut
     assert [a.tolist() for a in data_tok.encode_arrays(texts)] == expected
     firsts = data_tok.encode_arrays(texts, max_tokens=5)

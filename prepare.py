@@ -299,11 +299,18 @@ def _capped_lines(stream, cap):
     """The lines of a binary stream; one longer than `cap` bytes is read past in pieces and given as its length."""
     while line := stream.readline(cap + 1):
         if len(line) > cap and not line.endswith(b"\n"):
-            size = len(line)
-            while (piece := stream.readline(_BLOCK)) and (size := size + len(piece)) and not piece.endswith(b"\n"):
-                pass
-            line = size
+            line = len(line) + _read_past_line(stream)
         yield line
+
+
+def _read_past_line(stream):
+    """Read to the end of the current line, a piece at a time; return how many bytes that was."""
+    size = 0
+    while piece := stream.readline(_BLOCK):
+        size += len(piece)
+        if piece.endswith(b"\n"):
+            break
+    return size
 
 
 _BLANK = re.compile(r"[ \t\r\n]*")
@@ -337,12 +344,17 @@ class _JsonArray:
     def _fail(self, message):
         configurator.fail(f"{self.label}: {message}")
 
-    def _more(self):
-        """Read the next piece into the text, dropping what was consumed; False at the end of the input."""
-        piece = next(self.pieces, None)
-        self.text = self.text[self.pos :] + self.decode(piece or b"", final=piece is None)
-        self.pos, self.ended = 0, piece is None
-        return not self.ended
+    def _more(self, at_least=1):
+        """Read at least `at_least` more characters into the text (fewer at the end of the input), dropping what was
+        consumed; False when there was nothing more."""
+        new, size = [], 0
+        while size < at_least and not self.ended:
+            piece = next(self.pieces, None)
+            self.ended = piece is None
+            new.append(self.decode(piece or b"", final=self.ended))
+            size += len(new[-1])
+        self.text, self.pos = self.text[self.pos :] + "".join(new), 0
+        return size > 0
 
     def _next_char(self):
         """The next non-blank character, not consumed ("" at the end of the input)."""
@@ -365,27 +377,24 @@ class _JsonArray:
 
     def _element(self):
         self._next_char()
-        wanted = 0  # how much pending text is worth parsing again: twice as much as last time (linear time)
         while True:
             pending = len(self.text) - self.pos
-            if pending >= wanted or self.ended:
-                try:
-                    end = _DECODER.raw_decode(self.text, self.pos)[1]
-                    if end < len(self.text) or self.ended:  # at the text's end, a number may go on
-                        element = self.text[self.pos : end].encode("utf-8", "surrogateescape")
-                        self.pos = end
-                        return element if len(element) <= self.cap else len(element)
-                except json.JSONDecodeError as e:
-                    cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - (0 if self.ended else 16)
-                    if not cut or self.ended:
-                        why = "the file ends inside it (truncated?)" if cut else "not valid JSON"
-                        self._fail(f"element {self.count + 1:,} of the JSON array: {why}: {e}")
-                    if pending > self.cap:
-                        return self._skip()
-                except RecursionError:
-                    self._fail(f"element {self.count + 1:,} of the JSON array is nested too deeply")
-                wanted = max(2 * pending, pending + _BLOCK)
-            self._more()
+            try:
+                end = _DECODER.raw_decode(self.text, self.pos)[1]
+                if end < len(self.text) or self.ended:  # at the text's end, a number may go on
+                    element = self.text[self.pos : end].encode("utf-8", "surrogateescape")
+                    self.pos = end
+                    return element if len(element) <= self.cap else len(element)
+            except json.JSONDecodeError as e:
+                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - (0 if self.ended else 16)
+                if not cut or self.ended:
+                    why = "the file ends inside it (truncated?)" if cut else "not valid JSON"
+                    self._fail(f"element {self.count + 1:,} of the JSON array: {why}: {e}")
+                if pending > self.cap:
+                    return self._skip()
+            except RecursionError:
+                self._fail(f"element {self.count + 1:,} of the JSON array is nested too deeply")
+            self._more(max(pending, _BLOCK))  # parsed again with twice as much: linear time in the element
 
     def _skip(self):
         """Read past the element (an object or array) that starts here without holding it; return its length in

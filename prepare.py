@@ -475,8 +475,8 @@ def read_chunks(paths, to_val, progress, cap):
                     ordinal += len(buf)
         except _read_errors() as e:
             where = f"after line {number:,}" if number else "before its first line"
-            what = ("ends early (truncated?)" if isinstance(e, EOFError)
-                    else "cannot be read (corrupt, or not what its name says)")
+            truncated = isinstance(e, EOFError) or "unexpected end of data" in str(e)  # tarfile's word for it
+            what = "ends early (truncated?)" if truncated else "cannot be read (corrupt, or not what its name says)"
             configurator.fail(f"{label}: {what}, {where}: {type(e).__name__}: {e}")
         _advance(progress, None, seen, os.path.getsize(path))
 

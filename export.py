@@ -39,7 +39,7 @@ from common import DTYPES
 from files import replace_durably, write_json
 from generation import is_chat_model
 from model import LORA_PLACES, ModelConfig, to_hf_state_dict
-from tokenizer import CHAT_TEMPLATE, load_tokenizer
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run directory (ckpt.pt + tokenizer files) to export
@@ -238,7 +238,7 @@ def add_gguf_tokenizer(writer, tokenizer, vocab_size, chat):
     writer.add_pad_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(tokenizer.chat_template)
 
 
 def main(argv=None):

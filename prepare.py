@@ -5,29 +5,43 @@ prepare.py: jsonl -> tokenizer (trained here or loaded) -> token shards with los
     python prepare.py --input=raw/sft.jsonl,raw/belle.jsonl --out_dir=data/sft --tokenizer=data/mine
     python prepare.py config/prepare_demo.py
 
-Inputs (`input`, `val_input`: comma-separated paths or globs), one record per line:
-.jsonl or .json; compressed .gz, .bz2, .xz, .zst, read as streams; Parquet
-(.parquet, one record per row) when pyarrow is installed; tar archives
-(.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst), whose .jsonl/.json members
-are read in order without unpacking. So the seq-monkey corpus,
-`mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2`, can be given as it is;
-unpacking it first (`tar -xjf ...jsonl.tar.bz2`) and giving the .jsonl makes
-the main pass faster, since bz2 decompression runs in the one reading process.
-A .json file that holds one JSON array (pretty-printed Alpaca style) is read
-whole, element by element: convert it to .jsonl to keep memory bounded.
+Inputs (`input`, `val_input`: comma-separated paths or globs; an existing file
+is taken as a path first, so `x[1].jsonl` works), one record per line:
+.jsonl or .json; compressed .gz, .bz2, .xz, .zst (also `zstd --long=31`), read
+as streams; Parquet (.parquet, one record per row, a null column absent, binary
+values read as UTF-8) when pyarrow is installed; tar archives (.tar,
+.tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst), whose .jsonl/.json members are read
+in order without unpacking (other members, links included, are named in a note
+and skipped). Any other name is refused before any work. So the seq-monkey
+corpus, `mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2`, can be given as
+it is; unpacking it first (`tar -xjf ...jsonl.tar.bz2`) and giving the .jsonl
+makes the main pass faster, since bz2 decompression runs in the one reading
+process. A .json file whose first non-blank character is "[" holds one JSON
+array, in any layout (one line, pretty-printed), read element by element as a
+stream. A file that ends early (truncated), is corrupt, or is not what its name
+says stops the run with one line naming it and how far it got.
+
+Memory is bounded by the longest line: a line (array element, Parquet row) over
+max_line_bytes is read past in pieces, skipped and counted (line_too_long). A
+longer text or chat is encoded piece by piece (byte-level BPE tokenizers: the
+same ids), about 15-20x the line in memory per worker at most; other tokenizers
+encode it whole, up to about 200x: lower max_line_bytes for them.
 
 Records are detected one by one (records.detect_record): plain text
-({"text"}, {"content"}, {"completion"}), chat (conversations/messages with
+({"text"}, {"content"}, {"completion"} alone), chat (conversations/messages with
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
-instruction/input/output with optional system and history, assistant
-`reasoning_content`), preference pairs ({"chosen","rejected"}, optionally with
-"prompt"), tasks for grpo ({"prompt", "answer"}, or with stage=grpo a chat whose
-last assistant reply is the reference answer). stage=auto takes the stage from
-the first usable record (text -> pretrain, chat -> sft, pair -> dpo, task ->
-grpo); a record of another kind later is an
-error, except plain text in a chat set with allow_mixed=True (all its tokens
-are targets). Bad records are skipped and counted by reason (strict=True stops
-at the first, naming file:line).
+instruction/input/output with optional system and history, {"prompt",
+"completion"} as user and assistant, assistant `reasoning_content`),
+preference pairs ({"chosen","rejected"}, optionally with "prompt"), tasks for
+grpo ({"prompt", "answer"}, or with stage=grpo a chat whose last assistant reply
+is the reference answer). stage=auto takes the stage from the first usable
+record (text -> pretrain, chat -> sft, pair -> dpo, task -> grpo); a record of
+another kind later is an error, except plain text in a chat set with
+allow_mixed=True (all its tokens are targets). Bad records are skipped and
+counted by reason (strict=True stops at the first bad line, naming file:line).
+Records whose text holds special-token strings (`<|im_end|>` typed in content)
+are counted: they are encoded as text, which some tools reading the export do
+not follow (README, Export).
 
 Documents: pretraining text is encode(text) + <|endoftext|>, every token a
 target; a chat is its ChatML rendering with targets on the assistant replies;
@@ -46,6 +60,7 @@ every reader refuses; running again replaces it.
 """
 
 import bz2
+import codecs
 import collections
 import contextlib
 import glob
@@ -57,9 +72,11 @@ import json
 import lzma
 import multiprocessing
 import os
+import re
 import sys
 import tarfile
 import time
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -81,6 +98,7 @@ stage = "auto"  # auto | pretrain | sft | dpo | grpo
 allow_mixed = False  # keep plain-text records in a chat (sft) set, every token a target
 val_fraction = 0.01  # share of records (by document) in the val split
 max_len = 0  # truncate documents to this many tokens (0 = no limit)
+max_line_bytes = 16_000_000  # a longer line (JSON array element, Parquet row) is skipped and counted: bounded memory
 shard_tokens = 100_000_000  # tokens per shard at most (a longer document gets a shard of its own)
 workers = 0  # tokenizing processes (0 = all cores)
 seed = 1337  # for the train/val split
@@ -98,24 +116,34 @@ _COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd")
 # -----------------------------------------------------------------------------
 # Reading input files
 
+SUPPORTED = (".jsonl, .json (each also .gz, .bz2, .xz or .zst), .parquet, and tar archives of .jsonl/.json files "
+             "(.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .tar.zst)")
+_BOM = b"\xef\xbb\xbf"
+_BLOCK = 1 << 16  # bytes read at a time from a JSON array
+
 
 def resolve_inputs(spec, key):
-    """The files named by a comma-separated list of paths and globs, in order."""
+    """The files named by a comma-separated list of paths and globs, in order; each of a format read here."""
     paths = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        if glob.has_magic(item):
+        if os.path.isfile(item):  # before any glob: a file may be named x[1].jsonl
+            found = [item]
+        elif os.path.isdir(item):
+            configurator.fail(f"{key} '{item}' is a directory: give files or a glob such as '{item}/*.jsonl'")
+        elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
                 configurator.fail(f"{key} '{item}' matches no file")
-        elif os.path.isdir(item):
-            configurator.fail(f"{key} '{item}' is a directory: give files or a glob such as '{item}/*.jsonl'")
-        elif not os.path.isfile(item):
-            configurator.fail(f"{key} '{item}' does not exist")
         else:
-            found = [item]
+            configurator.fail(f"{key} '{item}' does not exist")
         paths += found
+    for path in paths:
+        if _format(path) is None:
+            compressed_parquet = ".parquet." in path.lower()
+            hint = " (Parquet compresses inside the file: give the .parquet itself)" if compressed_parquet else ""
+            configurator.fail(f"{key} '{path}': unsupported format{hint}; prepare.py reads {SUPPORTED}")
     return paths
 
 
@@ -129,8 +157,19 @@ def _strip_compression(name):
     return name
 
 
+def _format(name):
+    """"jsonl", "json", "parquet" or "tar" for the name of a file read here, None for any other."""
+    inner = _strip_compression(name).lower()
+    if inner.endswith((".jsonl", ".json", ".tar")):
+        return inner.rsplit(".", 1)[1]
+    if inner.endswith(".parquet") and inner == name.lower():
+        return "parquet"
+    return None
+
+
 def _decompressed(name, raw):
-    """A binary stream of the decompressed content of file `name` read from `raw`."""
+    """A buffered binary stream of the decompressed content of file `name` read from `raw`. A stream that
+    ends before its compressed data does raises EOFError when read."""
     lower = name.lower()
     if lower.endswith((".gz", ".tgz")):
         return gzip.GzipFile(fileobj=raw)
@@ -139,48 +178,253 @@ def _decompressed(name, raw):
     if lower.endswith(".xz"):
         return lzma.LZMAFile(raw)
     if lower.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=_BLOCK)
+    return raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw)
+
+
+class _ZstdReader(io.RawIOBase):
+    """The content of a zstd stream of one or more frames. zstandard's own stream reader returns what it has
+    when the file stops inside a frame; this one raises EOFError. Windows up to 2 GB (`zstd --long=31`) are read."""
+
+    def __init__(self, raw):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    return raw
+        self._raw, self._zstd = raw, zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        self._frame, self._out, self._at = None, b"", 0  # the frame being read, its output, what is handed on
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while self._at == len(self._out):
+            data = self._raw.read(_BLOCK)
+            if self._frame is not None and self._frame.eof:
+                data, self._frame = self._frame.unused_data + data, None
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the zstd stream ends inside a frame")
+                return 0
+            self._frame = self._frame or self._zstd.decompressobj()
+            self._out, self._at = self._frame.decompress(data), 0
+        n = min(len(b), len(self._out) - self._at)
+        b[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
 
 
-def _is_record_file(name):
-    return _strip_compression(name).lower().endswith((".jsonl", ".json"))
+def _read_errors():
+    """What reading a corrupt, truncated or misnamed input raises."""
+    errors = [EOFError, OSError, tarfile.TarError, lzma.LZMAError, zlib.error]
+    with contextlib.suppress(ImportError):
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    with contextlib.suppress(ImportError):
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    return tuple(errors)
 
 
-def _sources(path):
+def _sources(path, cap):
     """(label, iterator of raw lines, on-disk file) of each record stream in `path`: the file
-    itself, or each .jsonl/.json member of a tar archive."""
+    itself, or each .jsonl/.json member of a tar archive. A line over `cap` bytes is given as its length."""
     with open(path, "rb") as raw:
-        inner = _strip_compression(path).lower()
-        if inner.endswith(".parquet"):
-            yield path, _parquet_lines(path), raw
-        elif inner.endswith(".tar"):
+        kind = _format(path)
+        if kind == "parquet":
+            yield path, _parquet_lines(path, cap), raw
+        elif kind == "tar":
             with tarfile.open(fileobj=_decompressed(path, raw), mode="r|") as tar:
                 for member in tar:
-                    if member.isfile() and _is_record_file(member.name):
+                    if member.isfile() and _format(member.name) in ("jsonl", "json"):
                         label = f"{path}/{member.name}"
-                        yield label, _lines(label, _decompressed(member.name, tar.extractfile(member))), raw
-                    elif member.isfile():
-                        print(f"note: {path}: skipping member '{member.name}' (not .jsonl or .json)", file=sys.stderr)
+                        yield label, _lines(label, _decompressed(member.name, tar.extractfile(member)), cap), raw
+                    elif not member.isdir():
+                        _note(f"{path}: skipping member '{member.name}' ({_not_read(member)})")
         else:
-            yield path, _lines(path, _decompressed(path, raw)), raw
+            yield path, _lines(path, _decompressed(path, raw), cap), raw
 
 
-def _lines(label, stream):
-    """The lines of a jsonl stream; a .json holding a single JSON array yields one line per element."""
-    first = stream.readline()
-    if first.startswith(b"\xef\xbb\xbf"):
-        first = first[3:]  # a UTF-8 byte order mark
-    head = first.lstrip()
-    if _strip_compression(label).lower().endswith(".json") and head.startswith(b"[") and not _parses(head):
-        try:
-            records = json.loads(first + stream.read())
-        except ValueError as e:
-            configurator.fail(f"{label}: not one record per line and not a valid JSON array: {e}")
-        return (json.dumps(r, ensure_ascii=False).encode() for r in records)
-    return itertools.chain([first], stream) if first else iter(())
+def _not_read(member):
+    if member.issym() or member.islnk():
+        kind = "a symbolic link" if member.issym() else "a hard link"
+        return f"{kind} to '{member.linkname}': links are not followed, give the file itself"
+    return "not .jsonl or .json" if member.isfile() else "not a regular file"
+
+
+_noted = set()
+
+
+def _note(message):
+    """Print a note once per run, though the input is read more than once (first record, tokenizer sample)."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def _lines(label, stream, cap):
+    """The lines of a jsonl stream; a .json whose first non-blank character is "[" holds one JSON array (whatever
+    its layout), whose elements are yielded instead, one per line, each as its JSON text."""
+    if stream.peek(3)[:3] == _BOM:
+        stream.read(3)
+    if _format(label) != "json":
+        return _capped_lines(stream, cap)
+    blank = _skip_blank(stream)
+    if stream.peek(1)[:1] != b"[":
+        return itertools.chain([b"\n"] * blank, _capped_lines(stream, cap))
+    first = stream.readline(cap + 1)
+    if first.endswith(b"\n") and _parses(first):  # an array on one line: the file's only one, or a jsonl line
+        rest, read = _capped_lines(stream, cap), []
+        for line in rest:
+            read.append(line)
+            if isinstance(line, int) or not line.isspace():  # more records: jsonl whose records are message lists
+                return itertools.chain([b"\n"] * blank, [first], read, rest)
+        return _JsonArray(label, [first], cap).elements()
+    return _JsonArray(label, itertools.chain([first], iter(lambda: stream.read(_BLOCK), b"")), cap).elements()
+
+
+def _skip_blank(stream):
+    """Read past the whitespace a stream starts with; return how many line breaks it held."""
+    breaks = 0
+    while ahead := stream.peek(_BLOCK):
+        blank = len(ahead) - len(ahead.lstrip())
+        breaks += ahead.count(b"\n", 0, blank)
+        stream.read(blank)
+        if blank < len(ahead):
+            break
+    return breaks
+
+
+def _capped_lines(stream, cap):
+    """The lines of a binary stream; one longer than `cap` bytes is read past in pieces and given as its length."""
+    while line := stream.readline(cap + 1):
+        if len(line) > cap and not line.endswith(b"\n"):
+            line = len(line) + _read_past_line(stream)
+        yield line
+
+
+def _read_past_line(stream):
+    """Read to the end of the current line, a piece at a time; return how many bytes that was."""
+    size = 0
+    while piece := stream.readline(_BLOCK):
+        size += len(piece)
+        if piece.endswith(b"\n"):
+            break
+    return size
+
+
+_BLANK = re.compile(r"[ \t\r\n]*")
+_IN_STRING = re.compile(r'(?:[^"\\]|\\.)*', re.DOTALL)  # a string's characters up to its closing quote
+_OUTSIDE_STRINGS = re.compile(r'[^"\[\]{}]*')
+
+
+class _JsonArray:
+    """The elements of one JSON array read from byte pieces, each as its UTF-8 JSON text (invalid UTF-8 kept as it is,
+    for the workers to count), whatever the array's layout. Memory holds one element: one over `cap` bytes is read
+    past and given as its length. Invalid JSON stops the run (nothing after it can be found again)."""
+
+    def __init__(self, label, pieces, cap):
+        self.label, self.cap, self.pieces = label, cap, iter(pieces)
+        self.decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+        self.text, self.pos, self.count, self.ended = "", 0, 0, False
+
+    def elements(self):
+        self._punctuation("[")
+        if self._next_char() == "]":
+            self.pos += 1
+        else:
+            while True:
+                yield self._element()
+                self.count += 1
+                if self._punctuation(",]") == "]":
+                    break
+        if self._next_char():
+            self._fail(f"nothing expected after the array's ']', found {self._next_char()!r}")
+
+    def _fail(self, message):
+        configurator.fail(f"{self.label}: {message}")
+
+    def _more(self, at_least=1):
+        """Read at least `at_least` more characters into the text (fewer at the end of the input), dropping what was
+        consumed; False when there was nothing more."""
+        new, size = [], 0
+        while size < at_least and not self.ended:
+            piece = next(self.pieces, None)
+            self.ended = piece is None
+            new.append(self.decode(piece or b"", final=self.ended))
+            size += len(new[-1])
+        self.text, self.pos = self.text[self.pos :] + "".join(new), 0
+        return size > 0
+
+    def _next_char(self):
+        """The next non-blank character, not consumed ("" at the end of the input)."""
+        while (pos := _BLANK.match(self.text, self.pos).end()) == len(self.text):
+            self.pos = pos
+            if not self._more():
+                return ""
+        self.pos = pos
+        return self.text[pos]
+
+    def _punctuation(self, allowed):
+        c = self._next_char()
+        if not c:
+            self._fail(f"the JSON array ends after element {self.count:,} without its ']' (truncated?)")
+        if c not in allowed:
+            expected = " or ".join(repr(a) for a in allowed)
+            self._fail(f"not a JSON array: {expected} expected after element {self.count:,}, found {c!r}")
+        self.pos += 1
+        return c
+
+    def _element(self):
+        self._next_char()
+        while True:
+            pending = len(self.text) - self.pos
+            try:
+                end = _DECODER.raw_decode(self.text, self.pos)[1]
+                if end < len(self.text) or self.ended:  # at the text's end, a number may go on
+                    element = self.text[self.pos : end].encode("utf-8", "surrogateescape")
+                    self.pos = end
+                    return element if len(element) <= self.cap else len(element)
+            except json.JSONDecodeError as e:
+                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.text) - (0 if self.ended else 16)
+                if not cut or self.ended:
+                    why = "the file ends inside it (truncated?)" if cut else "not valid JSON"
+                    self._fail(f"element {self.count + 1:,} of the JSON array: {why}: {e}")
+                if pending > self.cap:
+                    return self._skip()
+            except RecursionError:
+                self._fail(f"element {self.count + 1:,} of the JSON array is nested too deeply")
+            self._more(max(pending, _BLOCK))  # parsed again with twice as much: linear time in the element
+
+    def _skip(self):
+        """Read past the element (an object or array) that starts here without holding it; return its length in
+        characters."""
+        size, depth, in_string = 0, 0, False
+        while True:
+            text, pos = self.text, self.pos
+            while pos < len(text):
+                if in_string:
+                    pos = _IN_STRING.match(text, pos).end()
+                    if pos == len(text) or text[pos] == "\\":  # an escape cut off at the end of the text
+                        break
+                    in_string, pos = False, pos + 1
+                else:
+                    pos = _OUTSIDE_STRINGS.match(text, pos).end()
+                    if pos == len(text):
+                        break
+                    in_string = text[pos] == '"'
+                    depth += 0 if in_string else 1 if text[pos] in "[{" else -1
+                    pos += 1
+                if depth == 0 and not in_string:
+                    size, self.pos = size + pos - self.pos, pos
+                    return size
+            size += pos - self.pos
+            self.pos = pos
+            if not self._more():
+                self._fail(f"element {self.count + 1:,} of the JSON array: the file ends inside it (truncated?)")
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _parses(line):
@@ -191,35 +435,54 @@ def _parses(line):
         return False
 
 
-def _parquet_lines(path):
+def _parquet_lines(path, cap):
+    """Each row as a JSON line: a null column is an absent key, a binary value is its UTF-8 text (invalid UTF-8 kept
+    as it is, for the workers to count)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         configurator.fail(f"reading '{path}' needs pyarrow: pip install pyarrow")
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
-            yield json.dumps(row, ensure_ascii=False, default=str).encode()
+            row = {k: v for k, v in row.items() if v is not None}
+            line = json.dumps(row, ensure_ascii=False, default=_json_value).encode("utf-8", "surrogateescape")
+            yield line if len(line) <= cap else len(line)
 
 
-def read_chunks(paths, to_val, progress):
+def _json_value(value):
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def read_chunks(paths, to_val, progress, cap):
     """Chunks of about _CHUNK_BYTES of raw lines: (label, first line number, ordinal of the first
-    line among all lines of `paths`, lines, to_val). `progress(n)` is told of on-disk bytes read."""
+    line among all lines of `paths`, lines, to_val). `progress(n)` is told of on-disk bytes read.
+    A line over `cap` bytes is handed on as its length; an input that cannot be read is a one-line error."""
     ordinal = 0
     for path in paths:
-        seen = 0
-        for label, lines, raw in _sources(path):
-            buf, size, first = [], 0, 1
-            for number, line in enumerate(lines, 1):
-                buf.append(line)
-                size += len(line)
-                if size >= _CHUNK_BYTES:
+        seen, label, number = 0, path, 0
+        try:
+            for label, lines, raw in _sources(path, cap):
+                buf, size, first, number = [], 0, 1, 0
+                for number, line in enumerate(lines, 1):
+                    buf.append(line)
+                    size += _size(line)
+                    if size >= _CHUNK_BYTES:
+                        yield (label, first, ordinal, buf, to_val)
+                        ordinal, first, buf, size = ordinal + len(buf), number + 1, [], 0
+                        seen = _advance(progress, raw, seen)
+                if buf:
                     yield (label, first, ordinal, buf, to_val)
-                    ordinal, first, buf, size = ordinal + len(buf), number + 1, [], 0
-                    seen = _advance(progress, raw, seen)
-            if buf:
-                yield (label, first, ordinal, buf, to_val)
-                ordinal += len(buf)
+                    ordinal += len(buf)
+        except _read_errors() as e:
+            where = f"after line {number:,}" if number else "before its first line"
+            truncated = isinstance(e, EOFError) or "unexpected end of data" in str(e)  # tarfile's word for it
+            what = "ends early (truncated?)" if truncated else "cannot be read (corrupt, or not what its name says)"
+            configurator.fail(f"{label}: {what}, {where}: {type(e).__name__}: {e}")
         _advance(progress, None, seen, os.path.getsize(path))
+
+
+def _size(line):
+    return line if isinstance(line, int) else len(line)
 
 
 def _advance(progress, raw, seen, now=None):
@@ -228,12 +491,12 @@ def _advance(progress, raw, seen, now=None):
     return now
 
 
-def iter_records(paths):
+def iter_records(paths, cap):
     """(location, kind, payload) of the usable records of `paths`, and ("bad", reason) markers:
     a light, single-process pass for sampling and peeking."""
-    for label, first, _, lines, _ in read_chunks(paths, False, lambda n: None):
+    for label, first, _, lines, _ in read_chunks(paths, False, lambda n: None, cap):
         for i, line in enumerate(lines):
-            if line.strip():
+            if isinstance(line, int) or line.strip():
                 loc = f"{label}:{first + i}"
                 try:
                     kind, payload, _ = detect_record(_parse_line(line))
@@ -243,6 +506,8 @@ def iter_records(paths):
 
 
 def _parse_line(line):
+    if isinstance(line, int):
+        raise BadRecord("line_too_long")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -284,39 +549,39 @@ def process_chunk(chunk):
     record order, with the counts for the summary."""
     label, first, ordinal, lines, to_val = chunk
     w, tok = _worker, _worker["tok"]
-    res = {"records": 0, "bytes": sum(map(len, lines)), "bad": [], "dropped": [], "fatal": None,
-           "by_format": collections.Counter(), "truncated": 0}
+    res = {"records": 0, "bytes": sum(map(_size, lines)), "bad": [], "dropped": [], "fatal": None,
+           "by_format": collections.Counter(), "truncated": 0, "special_strings": 0}
     units = []  # (kind, payload, is_val, index of the line)
     for i, line in enumerate(lines):
-        if line.isspace() or not line:
+        if not isinstance(line, int) and (line.isspace() or not line):
             continue
         res["records"] += 1
         try:
             kind, payload, fmt = detect_record(_parse_line(line))
+            if w["stage"] == "grpo" and kind == "chat":
+                kind, payload = "task", as_task(payload)
         except BadRecord as e:
             res["bad"].append((e.reason, f"{label}:{first + i}"))
+            if w["strict"]:  # the first bad line of the chunk, ahead of anything later in it
+                res["fatal"] = f"{label}:{first + i}: {e.reason} (strict=True stops at the first bad record)"
+                return res
             continue
         if not _kind_fits(kind, w):
             res["fatal"] = _kind_error(kind, f"{label}:{first + i}", w)
             return res
-        if w["stage"] == "grpo" and kind == "chat":
-            try:
-                kind, payload = "task", as_task(payload)
-            except BadRecord as e:
-                res["bad"].append((e.reason, f"{label}:{first + i}"))
-                continue
         res["by_format"][fmt] += 1
+        res["special_strings"] += _holds_special_strings(tok, kind, payload)
         is_val = to_val if to_val is not None else _is_val(w["seed"], ordinal + i, w["val_fraction"])
         units.append((kind, payload, is_val, i))
 
-    texts = iter(tok.encode_batch([p for k, p, _, _ in units if k == "text"]))
+    texts = iter(tok.encode_arrays([p for k, p, _, _ in units if k == "text"], w["max_len"]))
     chats = iter(tok.render_chats([p for k, p, _, _ in units if k == "chat"]))
     pairs = iter(tok.render_chats([c for k, p, _, _ in units if k == "pair" for c in p], last_reply_only=True))
     prompts = iter(tok.render_chats([p[0] for k, p, _, _ in units if k == "task"], add_generation_prompt=True))
     docs, unit_docs, unit_val, refs = [], [], [], []
     for kind, payload, is_val, i in units:
         if kind == "text":
-            ids = np.array(next(texts) + [tok.eot_id], dtype=np.uint32)
+            ids = np.append(next(texts), np.uint32(tok.eot_id))
             unit = [_truncate_text(ids, w["max_len"], tok.eot_id, res)]
         elif kind == "chat":
             unit = [_truncate_chat(next(chats), w["max_len"], res)]
@@ -339,6 +604,15 @@ def process_chunk(chunk):
     res["doc_lens"] = np.array([len(d[0]) for d in docs], dtype=np.int64)
     res["unit_docs"], res["unit_val"], res["refs"] = unit_docs, unit_val, refs
     return res
+
+
+def _holds_special_strings(tok, kind, payload):
+    """Whether a record's content holds special-token strings, which are encoded as text (README: where the
+    export's tools give other ids)."""
+    if kind == "text":
+        return tok.holds_special_strings(payload)
+    conversations = {"chat": [payload], "pair": list(payload), "task": [payload[0]]}[kind]
+    return any(tok.conversation_holds_special_strings(c) for c in conversations)
 
 
 def _truncate_text(ids, limit, eot_id, res):
@@ -368,6 +642,13 @@ def _truncate_pair(chosen, rejected, limit, res):
         return [None]
     res["truncated"] += 1
     return [(ids[:limit], mask[:limit]) for ids, mask in (chosen, rejected)]
+
+
+def _planned(chunks, n_workers):
+    """(workers, chunks): at most `n_workers`, and no more than there are chunks (no idle processes for a small
+    input; counted on the chunks themselves, since a compressed file's size on disk says little)."""
+    head = list(itertools.islice(chunks, n_workers))
+    return max(1, min(n_workers, len(head))), itertools.chain(head, chunks)
 
 
 def _results(chunks, tok, settings, n_workers):
@@ -405,33 +686,37 @@ def main(argv=None):
 
 
 def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_bytes, stage, allow_mixed,
-            val_fraction, max_len, shard_tokens, workers, seed, strict):
+            val_fraction, max_len, max_line_bytes, shard_tokens, workers, seed, strict):
     """The whole run, config keys as arguments; returns meta.json's content."""
+    _noted.clear()
     if stage not in ("auto",) + STAGES:
         configurator.fail(f"stage must be one of auto, {', '.join(STAGES)}; got '{stage}'")
     if not 0 <= val_fraction < 1:
         configurator.fail(f"val_fraction must be in [0, 1); got {val_fraction}")
-    if max_len < 0 or max_len == 1 or shard_tokens <= 0 or workers < 0 or tokenizer_sample_bytes < 0:
-        configurator.fail("max_len must be 0 (no limit) or >= 2; shard_tokens > 0; workers and tokenizer_sample_bytes >= 0")
+    if (max_len < 0 or max_len == 1 or shard_tokens <= 0 or max_line_bytes <= 0 or workers < 0
+            or tokenizer_sample_bytes < 0):
+        configurator.fail("max_len must be 0 (no limit) or >= 2; shard_tokens and max_line_bytes > 0; "
+                          "workers and tokenizer_sample_bytes >= 0")
     if not input.strip():
         configurator.fail("no input: set --input=PATH[,PATH...] (paths or globs)")
     inputs = resolve_inputs(input, "input")
     val_inputs = resolve_inputs(val_input, "val_input")
     _check_writable(out_dir)
-    first_kind, first_loc = _first_record(inputs + val_inputs)
+    first_kind, first_loc = _first_record(inputs + val_inputs, max_line_bytes)
     settings = {"stage": STAGE_OF_KIND[first_kind] if stage == "auto" else stage,
                 "stage_origin": "given" if stage != "auto" else f"auto: from the first record, {first_loc}",
-                "allow_mixed": allow_mixed, "seed": seed, "val_fraction": val_fraction, "max_len": max_len}
+                "allow_mixed": allow_mixed, "seed": seed, "val_fraction": val_fraction, "max_len": max_len,
+                "strict": strict}
 
     t0 = time.time()
-    tok = _make_tokenizer(tokenizer, vocab_size, tokenizer_sample_bytes, inputs + val_inputs)
+    tok = _make_tokenizer(tokenizer, vocab_size, tokenizer_sample_bytes, inputs + val_inputs, max_line_bytes)
     tokenizer_seconds = time.time() - t0
     _clear_outputs(out_dir)  # from here on the directory is incomplete until meta.json is back
     tok.save(out_dir)
     dtype = shards.token_dtype(tok.vocab_size)
     t0 = time.time()
     splits, counts, input_bytes, n_workers = _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype,
-                                                           shard_tokens, workers, strict)
+                                                           shard_tokens, workers, max_line_bytes)
     seconds = time.time() - t0
 
     meta = {
@@ -445,6 +730,7 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
         "tokenizer_source": tokenizer if tokenizer != "train" else f"trained here, vocab_size={vocab_size}",
         "added_special_tokens": tok.added_special_tokens,
         "max_len": max_len,
+        "max_line_bytes": max_line_bytes,
         "seed": seed,
         "val_fraction": 0.0 if val_inputs else val_fraction,
         "allow_mixed": allow_mixed,
@@ -461,7 +747,7 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
     return meta
 
 
-def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths):
+def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths, cap):
     if tokenizer != "train":
         tok = load_tokenizer(tokenizer)
         if tok.added_special_tokens:
@@ -469,31 +755,28 @@ def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths):
         return tok
     sample = f"the first {sample_bytes / 1e6:g} MB of input" if sample_bytes else "all of the input"
     print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on {sample}")
-    return train_tokenizer(_sample_texts(paths, sample_bytes), vocab_size)
+    return train_tokenizer(_sample_texts(paths, sample_bytes, cap), vocab_size)
 
 
-def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, strict):
+def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, cap):
     """The main pass: every record parsed, tokenized (in `workers` processes) and written.
     Returns (splits, counts) for meta.json, the bytes of input read and the workers used."""
     writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=settings["stage"] == "grpo")
                for s in shards.SPLITS}
     counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
-              "truncated": 0, "by_format": collections.Counter()}
+              "truncated": 0, "special_strings": 0, "by_format": collections.Counter()}
     total = sum(os.path.getsize(p) for p in inputs + val_inputs)
     n_workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    n_workers = min(n_workers, 1 + total // _CHUNK_BYTES)  # no idle processes for a small input
     input_bytes = 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None)  # on a terminal only
-    chunks = itertools.chain(read_chunks(inputs, False if val_inputs else None, bar.update),
-                             read_chunks(val_inputs, True, bar.update))
+    chunks = itertools.chain(read_chunks(inputs, False if val_inputs else None, bar.update, cap),
+                             read_chunks(val_inputs, True, bar.update, cap))
+    n_workers, chunks = _planned(chunks, n_workers)
     # closing(): an error stops the worker processes at once
     with bar, contextlib.closing(_results(chunks, tok, settings, n_workers)) as results:
         for res in results:
             if res["fatal"]:
                 configurator.fail(res["fatal"])
-            if strict and res["bad"]:
-                reason, loc = res["bad"][0]
-                configurator.fail(f"{loc}: {reason} (strict=True stops at the first bad record)")
             _tally(counts, res)
             _write(writers, res)
             input_bytes += res["bytes"]
@@ -527,10 +810,10 @@ def _clear_outputs(out_dir):
                 os.remove(path)
 
 
-def _first_record(paths):
+def _first_record(paths, cap):
     """(kind, location) of the first usable record; fails when there is none."""
     reasons, examples = collections.Counter(), {}
-    for loc, kind, payload in iter_records(paths):
+    for loc, kind, payload in iter_records(paths, cap):
         if kind != "bad":
             return kind, loc
         reasons[payload] += 1
@@ -541,10 +824,10 @@ def _first_record(paths):
     configurator.fail(f"no usable record in the input: {detail}")
 
 
-def _sample_texts(paths, limit):
+def _sample_texts(paths, limit, cap):
     """The text of the input's usable records, as the tokenizer will see it, up to `limit` bytes."""
     seen = 0
-    for _, kind, payload in iter_records(paths):
+    for _, kind, payload in iter_records(paths, cap):
         if kind == "bad":
             continue
         if kind == "text":
@@ -567,6 +850,7 @@ def _tally(counts, res):
     counts["records"] += res["records"]
     counts["kept"] += len(res["unit_docs"])
     counts["truncated"] += res["truncated"]
+    counts["special_strings"] += res["special_strings"]
     counts["by_format"].update(res["by_format"])
     for reason, loc in res["bad"] + res["dropped"]:
         counts["skipped"][reason] += 1
@@ -600,6 +884,9 @@ def print_summary(out_dir, meta):
     for reason, n in sorted(c["skipped"].items(), key=lambda kv: -kv[1]):
         rows.append((f"  {reason}", f"{n:,}   e.g. {', '.join(c['skipped_examples'][reason])}"))
     rows.append(("truncated", f"{c['truncated']:,}" + (f" (max_len {meta['max_len']})" if meta["max_len"] else "")))
+    if c["special_strings"]:
+        rows.append(("special strings", f"{c['special_strings']:,} records hold special-token strings such as "
+                                        "<|im_end|> in their text: encoded as text (README: Exporting)"))
     for name, s in meta["splits"].items():
         rows.append((f"{name} split", f"{s['documents']:,} documents, {s['tokens']:,} tokens, "
                                       f"{s['targets']:,} targets, {len(s['shards'])} shards"))

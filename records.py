@@ -3,8 +3,8 @@ Input records -> one internal form, for prepare.py.
 
 Every line of an input file is detected on its own: plain text, a chat in any
 of the usual shapes (role/content, OpenAI messages, ShareGPT from/value,
-Alpaca), a preference pair, or a task (a prompt with its reference answer, for
-grpo). A record that cannot be used raises BadRecord with a short reason,
+Alpaca, OpenAI/TRL prompt-completion), a preference pair, or a task (a
+prompt with its reference answer, for grpo). A record that cannot be used raises BadRecord with a short reason,
 which prepare.py counts.
 """
 
@@ -38,10 +38,14 @@ def detect_record(obj):
         return "pair", _pair(obj), "pair"
     if "prompt" in obj and "answer" in obj:
         return "task", _task(obj), "task"
+    if "prompt" in obj and "completion" in obj:  # OpenAI / TRL prompt-completion: a chat, not the completion's text
+        messages = _as_messages(obj["prompt"], "user") + _as_messages(obj["completion"], "assistant")
+        return "chat", _checked(messages), "prompt_completion"
     for key in ("conversations", "messages"):
         if key in obj:
             messages = _system_field(obj) + _messages(obj[key])
-            fmt = "sharegpt" if obj[key] and isinstance(obj[key][0], dict) and "from" in obj[key][0] else key
+            sharegpt = obj[key] and isinstance(obj[key][0], dict) and obj[key][0].get("from") is not None
+            fmt = "sharegpt" if sharegpt else key
             return "chat", _checked(messages), fmt
     if "instruction" in obj and "output" in obj:
         return "chat", _alpaca(obj), "alpaca"
@@ -88,6 +92,11 @@ def _messages(value):
     return [m for m in messages if m["role"] != "system" or m["content"].strip()]
 
 
+def _as_messages(value, role):
+    """A string as one message from `role`, or a list of messages."""
+    return [{"role": role, "content": _text(value)}] if isinstance(value, str) else _messages(value)
+
+
 def _checked(messages):
     if not messages:
         raise BadRecord("empty_conversation")
@@ -127,8 +136,7 @@ def _alpaca(obj):
 
 def _task(obj):
     """(prompt messages, reference answer) of {"prompt": str or messages, "answer": str}."""
-    prompt = obj["prompt"]
-    messages = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
+    messages = _as_messages(obj["prompt"], "user")
     if not messages or messages[-1]["role"] != "user":
         raise BadRecord("no_prompt")
     return messages, _text(obj["answer"])
@@ -148,7 +156,7 @@ def _pair(obj):
     prompt = obj.get("prompt")
     if prompt is None:
         prompt = obj.get("conversations", obj.get("messages", []))
-    prompt = [{"role": "user", "content": _text(prompt)}] if isinstance(prompt, str) else _messages(prompt)
+    prompt = _as_messages(prompt, "user")
     if not prompt and (isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str)):
         raise BadRecord("unknown_shape")
     chosen, rejected = _answer(obj["chosen"], prompt), _answer(obj["rejected"], prompt)

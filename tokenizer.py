@@ -7,16 +7,23 @@ ChatML, one message after another:
     <|im_start|>{role}\n{content}<|im_end|>\n
 
 An assistant message with `reasoning_content` renders its content as
-`<think>\n{reasoning}\n</think>\n{content}`. The same format lives in
-CHAT_TEMPLATE (Jinja), saved with the tokenizer, so that
-`transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)` gives
-exactly the ids that render_chat() gives, hence exactly the training data.
+`<think>\n{reasoning}\n</think>\n{content}`. The same format lives in the
+Jinja chat template (ChatTokenizer.chat_template), saved with the tokenizer,
+so that `transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)`
+gives exactly the ids that render_chat() gives, hence exactly the training data.
 
 Special token strings typed inside message content stay text: `<|im_end|>`
-in a user message is encoded as ordinary pieces, never as the control token.
-The one exception is the reasoning tags (`<think>`, `</think>`, `<answer>`,
-`</answer>`) inside assistant messages: distillation data writes them
-inline, and they must be single tokens there for `think_tag_weight`.
+in a user message is encoded as ordinary pieces, never as the control token
+(a user cannot forge a turn). The one exception is the reasoning tags
+(`<think>`, `</think>`, `<answer>`, `</answer>`) inside assistant messages:
+distillation data writes them inline, and they must be single tokens there
+for `think_tag_weight`. transformers renders the template to a string and
+then finds special tokens in it, so the saved template escapes such strings
+in content (TEXT_ESCAPE, an invisible separator, after their first character)
+and the saved tokenizer.json's normalizer removes the escape again before the
+text is encoded, after the template's own special tokens have been found:
+the content's strings come out as text, the same ids as render_chat().
+Tools that do not run the normalizer (llama.cpp) see the escape as text.
 
 Loss mask: 1 exactly on the tokens of assistant replies (content, think
 block included) and the reply's closing `<|im_end|>`; 0 on role headers
@@ -27,7 +34,6 @@ that starts with whitespace, or a SentencePiece model that turns the header's
 is a target.
 """
 
-import bisect
 import itertools
 import json
 import os
@@ -42,24 +48,50 @@ from files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+_PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters (where the ids stay the same)
+# Where GPT-2's pre-tokenizer regex always splits, whatever comes before and after: before a space between two
+# non-blank characters, and between CJK punctuation and a letter or digit (text without spaces).
+_CUT = re.compile(r"(?<=\S) (?=\S)|(?<=[。，、！？；：])(?=[^\W_])")
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
-    " and message['reasoning_content'] -%}"
-    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' -}}"
-    "{%- endif -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+TEXT_ESCAPE = "\u2063"  # INVISIBLE SEPARATOR, put after the first character of a special-token string in content
+
+
+def chat_template(text_only, reply_text_only):
+    """The ChatML template (Jinja) in which the strings of `text_only` (in an assistant message: of
+    `reply_text_only`) are escaped with TEXT_ESCAPE wherever message content holds them."""
+    def jinja_list(strings):
+        return "[" + ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in strings) + "]"
+
+    return (
+        "{%- macro text(s, specials) -%}"
+        "{%- set ns = namespace(s=s) -%}"
+        "{%- for t in specials -%}"
+        "{%- set ns.s = ns.s | replace(t, t[0] + '" + TEXT_ESCAPE + "' + t[1:]) -%}"
+        "{%- endfor -%}"
+        "{{- ns.s -}}"
+        "{%- endmacro -%}"
+        "{%- for message in messages -%}"
+        "{%- set specials = " + jinja_list(reply_text_only) + " if message['role'] == 'assistant' else "
+        + jinja_list(text_only) + " -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
+        " and message['reasoning_content'] -%}"
+        "{{- '<think>\\n' + text(message['reasoning_content'], specials) + '\\n</think>\\n' -}}"
+        "{%- endif -%}"
+        "{{- text(message['content'], specials) + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+
 
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` with the chat special tokens, plain-text encoding and ChatML rendering."""
 
     def __init__(self, tokenizer):
-        tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: adding tokens must not touch the caller's
+        # a copy (adding tokens must not touch the caller's), without the unescaping that save() adds for transformers
+        spec = json.loads(tokenizer.to_str())
+        spec["normalizer"] = _without_unescape(spec.get("normalizer"))
+        tok = Tokenizer.from_str(json.dumps(spec))
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         self._tok = tok
@@ -78,9 +110,17 @@ class ChatTokenizer:
         spec.update(post_processor=None, truncation=None, padding=None)
         self._full = _from_spec(spec, added)
         self._plain = _from_spec(spec, [a for a in added if a["content"] not in specials])
+        pre = spec.get("pre_tokenizer") or {}
+        # a text cut at _CUT encodes to the same ids in pieces: byte-level BPE's GPT-2 split alone, nothing before it
+        self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                          and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                          and all(a["content"] in specials for a in added))
         self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
         self._special_re = _alternation(specials)
         self._control_re = _alternation(specials - set(REASONING_TAGS))
+        # what the saved chat template escapes in content, longest first (one string inside another: escaped first)
+        self._escaped = sorted((t for t in specials if len(t) > 1), key=lambda t: (-len(t), t))
+        self.chat_template = chat_template(self._escaped, [t for t in self._escaped if t not in REASONING_TAGS])
 
     # -- plain text -----------------------------------------------------------------------------
     def encode(self, text):
@@ -90,6 +130,25 @@ class ChatTokenizer:
     def encode_batch(self, texts):
         """encode() of many texts at once (the same ids, faster)."""
         return [e.ids for e in self._plain.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_arrays(self, texts, max_tokens=0):
+        """encode() of many texts as uint32 arrays, in memory bounded by _PIECE_CHARS for a byte-level BPE
+        tokenizer: a longer text is encoded piece by piece, cut where the pre-tokenizer splits anyway (the same ids),
+        and only as far as max_tokens when that is given (then at least its first max_tokens ids are right)."""
+        texts = list(texts)
+        out = [None] * len(texts)
+        short = [i for i, t in enumerate(texts) if len(t) <= _PIECE_CHARS or not self._cuttable]
+        for i, ids in zip(short, self.encode_batch([texts[i] for i in short])):
+            out[i] = np.array(ids, dtype=np.uint32)
+        for i in (i for i, a in enumerate(out) if a is None):
+            parts, n = [], 0
+            for piece in _pieces(texts[i]):
+                parts.append(np.array(self.encode(piece), dtype=np.uint32))
+                n += len(parts[-1])
+                if max_tokens and n >= max_tokens:
+                    break
+            out[i] = np.concatenate(parts)
+        return out
 
     def decode(self, ids, skip_special_tokens=False):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -106,26 +165,35 @@ class ChatTokenizer:
     def render_chats(self, conversations, add_generation_prompt=False, last_reply_only=False):
         """render_chat() of many conversations, batched; returns [(ids int64 array, mask uint8 array)]."""
         layouts = [self._layout(m, add_generation_prompt) for m in conversations]
-        clean = [i for i, (_, _, _, is_clean) in enumerate(layouts) if is_clean]
-        texts = ["".join(s for s, _ in layouts[i][0]) for i in clean]
-        encoded = dict(zip(clean, self._full.encode_batch(texts, add_special_tokens=False)))
+        # a short conversation without special-token strings in its text is encoded at once (batched, faster)
+        whole = [i for i, (_, _, length, clean) in enumerate(layouts) if clean and length <= _PIECE_CHARS]
+        texts = ["".join(s for s, _ in layouts[i][0]) for i in whole]
+        encoded = dict(zip(whole, self._full.encode_batch(texts, add_special_tokens=False)))
         out = []
         for i, (pieces, replies, _, _) in enumerate(layouts):
-            ids, offsets = (encoded[i].ids, encoded[i].offsets) if i in encoded else self._encode_pieces(pieces)
-            mask = np.zeros(len(ids), dtype=np.uint8)
-            for lo, hi in replies[-1:] if last_reply_only else replies:
-                # targets: the tokens holding any character of [lo, hi)
-                first = bisect.bisect_right(offsets, lo, key=_token_end)
-                mask[first : bisect.bisect_left(offsets, hi, key=_token_start)] = 1
-            out.append((np.array(ids, dtype=np.int64), mask))
+            targets = replies[-1:] if last_reply_only else replies
+            if i in encoded:
+                out.append((np.array(encoded[i].ids, dtype=np.int64), _targets(encoded[i].offsets, 0, targets)))
+            else:
+                out.append(self._encode_pieces(pieces, targets))
         return out
+
+    def holds_special_strings(self, text, reply=False):
+        """Whether `text` (message content; reply: of an assistant message) holds special-token strings that
+        encode() and render_chat() encode as text (in a reply, the reasoning tags are tokens: not counted)."""
+        return bool((self._control_re if reply else self._special_re).search(text))
+
+    def conversation_holds_special_strings(self, messages):
+        """holds_special_strings() of any message's content or reasoning."""
+        return any(self.holds_special_strings(text, m["role"] == "assistant")
+                   for m in messages for text in (m["content"], m.get("reasoning_content") or ""))
 
     def _layout(self, messages, add_generation_prompt):
         """The rendered ChatML as pieces (text, how), how being "special" (a structural special
         token), "plain" or "reply" (text of an assistant message); the character ranges of the
         replies; and whether encoding the joined text at once gives the right ids, as it does
         unless some content holds a special-token string."""
-        pieces, replies, pos, clean = [], [], 0, True
+        pieces, replies, pos = [], [], 0
         for m in messages:
             role, content = m["role"], m["content"]
             how = "reply" if role == "assistant" else "plain"
@@ -139,27 +207,28 @@ class ChatTokenizer:
             if how == "reply":
                 replies.append((start, end))
             pos = end + 1
-            forbidden = self._control_re if how == "reply" else self._special_re  # reasoning tags: see module doc
-            clean = clean and not forbidden.search(content) and not (reasoning and forbidden.search(reasoning))
+        clean = not self.conversation_holds_special_strings(messages)
         if add_generation_prompt:
             pieces += [("<|im_start|>", "special"), ("assistant\n", "plain")]
         return pieces, replies, pos, clean
 
-    def _encode_pieces(self, pieces):
-        """Ids and character offsets of the joined pieces, each run of message text encoded on its
-        own (special-token strings in it stay text), the structural special tokens as their ids."""
-        ids, offsets, pos = [], [], 0
+    def _encode_pieces(self, pieces, targets):
+        """Ids and loss mask of the joined pieces, each run of message text encoded on its own (special-token strings
+        in it stay text; a long one piece by piece, see encode_arrays), the structural special tokens as their ids."""
+        ids, mask, pos = [], [], 0
         for how, run in itertools.groupby(pieces, key=lambda p: p[1]):
             for s in [p[0] for p in run] if how == "special" else ["".join(p[0] for p in run)]:
                 if how == "special":
-                    ids.append(self.special_ids[s])
-                    offsets.append((pos, pos + len(s)))
+                    encoded = [([self.special_ids[s]], [(0, len(s))], s)]
                 else:
-                    enc = (self._reply if how == "reply" else self._plain).encode(s, add_special_tokens=False)
-                    ids.extend(enc.ids)
-                    offsets.extend((pos + a, pos + b) for a, b in enc.offsets)
-                pos += len(s)
-        return ids, offsets
+                    encoder = self._reply if how == "reply" else self._plain
+                    encoded = ((e.ids, e.offsets, piece) for piece in (_pieces(s) if self._cuttable else [s])
+                               for e in [encoder.encode(piece, add_special_tokens=False)])
+                for piece_ids, offsets, piece in encoded:
+                    ids.append(np.array(piece_ids, dtype=np.int64))
+                    mask.append(_targets(offsets, pos, targets))
+                    pos += len(piece)
+        return np.concatenate(ids), np.concatenate(mask)
 
     def pieces(self):
         """{token string: id} of every token, the added ones included."""
@@ -227,7 +296,13 @@ class ChatTokenizer:
         template adds no such token (prepare.py's chats start at <|im_start|>), and eos is where generation
         stops: <|im_end|> for a chat model, <|endoftext|> for a base model (chat=False)."""
         os.makedirs(directory, exist_ok=True)
-        tok = Tokenizer.from_str(self._tok.to_str())
+        spec = json.loads(self._tok.to_str())
+        # the chat template's escapes undone before encoding (see the module docstring), innermost first
+        unescape = [{"type": "Replace", "pattern": {"String": t[0] + TEXT_ESCAPE + t[1:]}, "content": t}
+                    for t in reversed(self._escaped)]
+        own = [spec["normalizer"]] if spec.get("normalizer") else []
+        spec["normalizer"] = {"type": "Sequence", "normalizers": unescape + own}
+        tok = Tokenizer.from_str(json.dumps(spec))
         tok.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", pair="<|endoftext|> $A $B:1", special_tokens=[("<|endoftext|>", self.eot_id)])
         tok.save(os.path.join(directory, "tokenizer.json"))
@@ -245,16 +320,34 @@ class ChatTokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
         }
         write_json(os.path.join(directory, "tokenizer_config.json"), config)
         write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
         with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(CHAT_TEMPLATE)
+            f.write(self.chat_template)
 
     def to_str(self):
         """The tokenizer.json text."""
         return self._tok.to_str()
+
+
+def _pieces(text):
+    """`text` cut at _CUT into pieces of about _PIECE_CHARS characters (longer where there is no cut)."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS and (cut := _CUT.search(text, start + _PIECE_CHARS)):
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
+def _without_unescape(normalizer):
+    """A tokenizer.json normalizer without the unescaping steps save() puts first (None when nothing is left)."""
+    if not normalizer or normalizer.get("type") != "Sequence":
+        return normalizer
+    steps = [n for n in normalizer["normalizers"]
+             if not (n.get("type") == "Replace" and TEXT_ESCAPE in n.get("pattern", {}).get("String", ""))]
+    return None if not steps else steps[0] if len(steps) == 1 else dict(normalizer, normalizers=steps)
 
 
 def _has_type(node, kind):
@@ -278,12 +371,17 @@ def _alternation(strings):
     return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
 
 
-def _token_start(offset):
-    return offset[0]
-
-
-def _token_end(offset):
-    return offset[1]
+def _targets(offsets, start, ranges):
+    """The loss mask of tokens whose character offsets (from `start`) are `offsets`: 1 on a token holding any
+    character of one of the [lo, hi) `ranges`."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if not offsets:
+        return mask
+    spans = np.asarray(offsets, dtype=np.int64) + start
+    for lo, hi in ranges:
+        if lo < spans[-1, 1] and hi > spans[0, 0]:
+            mask[(spans[:, 1] > lo) & (spans[:, 0] < hi)] = 1
+    return mask
 
 
 def _from_spec(spec, added_tokens):

@@ -2,6 +2,7 @@
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 import os
@@ -327,3 +328,269 @@ def test_demo_config(tmp_path, monkeypatch):
     meta = prepare.main(["config/prepare_demo.py", f"--out_dir={tmp_path}"])
     assert meta["stage"] == "pretrain" and meta["vocab_size"] == 4096 and meta["counts"]["skipped"] == {}
     assert meta["splits"]["val"]["documents"] > 0
+
+
+# -- files as people have them ---------------------------------------------------------------------
+
+
+def no_meta(out_dir):
+    return not (Path(out_dir) / "meta.json").exists()
+
+
+def test_prompt_completion_is_a_chat(tmp_path, data_tok, data_tok_dir):
+    records = [{"prompt": "Translate to French: cat", "completion": "chat"},
+               {"prompt": [msg("system", "be brief"), msg("user", "hi")], "completion": [msg("assistant", "yo")]}]
+    meta = run_prepare(tmp_path / "out", input=write_jsonl(tmp_path / "pc.jsonl", records), tokenizer=data_tok_dir,
+                       val_fraction=0.0)
+    assert meta["stage"] == "sft" and meta["counts"]["by_format"] == {"prompt_completion": 2}
+    assert documents(tmp_path / "out") == [
+        data_tok.render_chat([msg("user", "Translate to French: cat"), msg("assistant", "chat")]),
+        data_tok.render_chat([msg("system", "be brief"), msg("user", "hi"), msg("assistant", "yo")])]
+
+
+def compress(kind, data):
+    zstandard = pytest.importorskip("zstandard")
+    return {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+            "zst": zstandard.ZstdCompressor().compress}[kind](data)
+
+
+def tar_of(path, members, compression=""):
+    """A tar archive (compressed with "gz", "zst", ... or not) of {name: bytes}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(compress(compression, buf.getvalue()) if compression else buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("name", ["in.jsonl.gz", "in.jsonl.bz2", "in.jsonl.xz", "in.jsonl.zst", "in.tar",
+                                  "in.tar.gz", "in.tar.zst"])
+def test_a_truncated_input_is_an_error_saying_how_far_it_got(tmp_path, data_tok_dir, data_corpus, capsys, name):
+    data = mixed_corpus(tmp_path / "in.jsonl", 2000, data_corpus).read_bytes()
+    path = tmp_path / name
+    if ".tar" in name:
+        tar_of(path, {"part1.jsonl": data, "part2.jsonl": data}, name.rpartition(".tar")[2].lstrip("."))
+    else:
+        path.write_bytes(compress(name.rpartition(".")[2], data))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    err = fails(capsys, out_dir=tmp_path / "out", input=path, tokenizer=data_tok_dir)
+    assert str(path) in err and "ends early (truncated?)" in err and ("after line" in err or "before its first" in err)
+    assert no_meta(tmp_path / "out")
+
+
+def test_corrupt_inputs_are_one_line_errors(tmp_path, data_tok_dir, data_corpus, capsys):
+    zstandard = pytest.importorskip("zstandard")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    data = mixed_corpus(tmp_path / "in.jsonl", 300, data_corpus).read_bytes()
+    crc = bytearray(gzip.compress(data))
+    crc[-8] ^= 0xFF  # the CRC32 in the trailer
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(crc))
+    (tmp_path / "plain.jsonl.gz").write_bytes(data)  # not gzip at all
+    zst = bytearray(zstandard.ZstdCompressor().compress(data))
+    zst[len(zst) // 2 : len(zst) // 2 + 64] = b"\x00" * 64
+    (tmp_path / "bad.jsonl.zst").write_bytes(bytes(zst))
+    pq.write_table(pa.Table.from_pylist([{"text": t} for t in data_corpus]), tmp_path / "ok.parquet")
+    (tmp_path / "broken.parquet").write_bytes((tmp_path / "ok.parquet").read_bytes()[:-40])
+    for name in ["crc.jsonl.gz", "plain.jsonl.gz", "bad.jsonl.zst", "broken.parquet"]:
+        err = fails(capsys, out_dir=tmp_path / f"out_{name}", input=f"{tmp_path / 'in.jsonl'},{tmp_path / name}",
+                    tokenizer=data_tok_dir)
+        assert str(tmp_path / name) in err and "cannot be read" in err, err
+        assert no_meta(tmp_path / f"out_{name}")
+
+
+def test_a_zstd_long_window_file_is_read(tmp_path, data_tok_dir, data_corpus):
+    """`zstd --long=31` writes a 2 GB window, which zstandard refuses by default."""
+    zstandard = pytest.importorskip("zstandard")
+    plain = mixed_corpus(tmp_path / "in.jsonl", 300, data_corpus)
+    params = zstandard.ZstdCompressionParameters.from_level(19, window_log=31, enable_ldm=True)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(plain.read_bytes())  # streamed: the frame keeps its 2 GB window
+    assert zstandard.get_frame_parameters(out.getvalue()).window_size == 1 << 31
+    (tmp_path / "in.jsonl.zst").write_bytes(out.getvalue())
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.0)
+    run_prepare(tmp_path / "plain", input=plain, **cfg)
+    run_prepare(tmp_path / "zst", input=tmp_path / "in.jsonl.zst", **cfg)
+    assert documents(tmp_path / "zst") == documents(tmp_path / "plain")
+
+
+def test_parquet_binary_text_is_utf8(tmp_path, data_tok, data_tok_dir):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": pa.array([b"hello bytes", b"bad \xff utf-8", "床前".encode()], type=pa.binary())})
+    pq.write_table(table, tmp_path / "bin.parquet")
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "bin.parquet", tokenizer=data_tok_dir, val_fraction=0.0)
+    assert [ids for ids, _ in documents(tmp_path / "out")] == [data_tok.encode(t) + [data_tok.eot_id]
+                                                               for t in ("hello bytes", "床前")]
+    assert meta["counts"]["skipped_examples"] == {"invalid_utf8": [f"{tmp_path / 'bin.parquet'}:2"]}
+
+
+def test_json_arrays_in_any_layout(tmp_path, data_tok_dir, monkeypatch):
+    monkeypatch.setattr(prepare, "_BLOCK", 7, raising=False)  # pieces cut inside strings, numbers, literals and escapes
+    records = [{"text": f"record {i}: \"quoted\" \\ back, 床前 🙂", "n": [1.5e3, True, False, None, -12]}
+               for i in range(20)] + CHAT_RECORDS[:2]
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.0, allow_mixed=True, stage="sft")
+    run_prepare(tmp_path / "jsonl", input=write_jsonl(tmp_path / "a.jsonl", records), **cfg)
+    layouts = {"one_line.json": json.dumps(records), "blank_first.json": "\n\n  " + json.dumps(records, indent=1),
+               "crlf.json": json.dumps(records, indent=4).replace("\n", "\r\n") + "\r\n"}
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        meta = run_prepare(tmp_path / name.replace(".", "_"), input=tmp_path / name, **cfg)
+        assert meta["counts"]["skipped"] == {} and meta["counts"]["kept"] == len(records), name
+        assert documents(tmp_path / name.replace(".", "_")) == documents(tmp_path / "jsonl"), name
+    # a lone surrogate is skipped as in jsonl, invalid UTF-8 too
+    (tmp_path / "odd.json").write_bytes(b'[{"text": "ok"}, {"text": "half \\ud800 a pair"}, {"text": "\xff"}]')
+    meta = run_prepare(tmp_path / "odd", input=tmp_path / "odd.json", **cfg)
+    assert meta["counts"]["skipped"] == {"lone_surrogate": 1, "invalid_utf8": 1} and meta["counts"]["kept"] == 1
+    # jsonl whose records are message lists, named .json, stays jsonl
+    (tmp_path / "lists.json").write_text("\n".join(json.dumps(r) for r in [CHAT_RECORDS[3]] * 3) + "\n")
+    assert run_prepare(tmp_path / "lists", input=tmp_path / "lists.json", **cfg)["counts"]["kept"] == 3
+
+
+def test_broken_json_arrays_are_one_line_errors(tmp_path, data_tok_dir, capsys):
+    cfg = dict(tokenizer=data_tok_dir, out_dir=tmp_path / "out")
+    for text, says in [('[{"text": "a"}, {"text": "b"', "truncated"), ('[{"text": "a"} {"text": "b"}]', "expected"),
+                       ('[{"text": "a"}, {"text": b}]', "not valid JSON"), ('[{"text": "a"}] [1]', "nothing")]:
+        (tmp_path / "bad.json").write_text(text + "\n")
+        err = fails(capsys, input=tmp_path / "bad.json", **cfg)
+        assert str(tmp_path / "bad.json") in err and says in err, (text, err)
+
+
+def test_special_token_strings_in_content_are_counted(tmp_path, data_tok_dir, capsys):
+    records = [{"conversations": [msg("user", "say <|im_end|>"), msg("assistant", "no")]},
+               {"conversations": [msg("user", "q"), msg("assistant", "<think>hm</think>7")]},  # a reply's tags: tokens
+               {"conversations": [msg("user", "<think> typed"), msg("assistant", "ok")]},
+               {"conversations": [msg("user", "plain"), msg("assistant", "a < b")]}]
+    meta = run_prepare(tmp_path / "out", input=write_jsonl(tmp_path / "c.jsonl", records), tokenizer=data_tok_dir,
+                       val_fraction=0.0)
+    assert meta["counts"]["special_strings"] == 2
+    assert "2 records hold special-token strings" in capsys.readouterr().out
+
+
+def test_unsupported_formats_are_refused_before_any_work(tmp_path, data_tok_dir, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "hello"}])
+    for name in ["data.zip", "notes.txt", "table.csv", "rows.parquet.gz", "data.jsonl.7z"]:
+        (tmp_path / name).write_bytes(b'{"text": "x"}\n')
+        err = fails(capsys, input=f"{good},{tmp_path / name}", out_dir=tmp_path / "out", tokenizer=data_tok_dir)
+        assert f"'{tmp_path / name}': unsupported format" in err and ".jsonl, .json" in err
+        assert not (tmp_path / "out").exists()  # nothing done: the output directory not even made
+
+
+def test_a_line_over_max_line_bytes_is_skipped_and_counted(tmp_path, data_tok, data_tok_dir, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    records = [{"text": "short"}, {"text": "x" * 5000}, {"text": "after"}]
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.0, max_line_bytes=1000)
+    expected = [(data_tok.encode(t) + [data_tok.eot_id]) for t in ("short", "after")]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "t.parquet")
+    for path in (write_jsonl(tmp_path / "t.jsonl", records), tmp_path / "t.parquet"):
+        meta = run_prepare(tmp_path / path.suffix, input=path, **cfg)
+        assert meta["counts"]["skipped_examples"] == {"line_too_long": [f"{path}:2"]}
+        assert [ids for ids, _ in documents(tmp_path / path.suffix)] == expected
+    for layout in (None, 1):  # an array's element too, read past in pieces when it is more than a piece
+        (tmp_path / "t.json").write_text(json.dumps(records, indent=layout))
+        for block in (1 << 16, 100):
+            monkeypatch.setattr(prepare, "_BLOCK", block)
+            meta = run_prepare(tmp_path / "json", input=tmp_path / "t.json", **cfg)
+            assert meta["counts"]["skipped_examples"] == {"line_too_long": [f"{tmp_path / 't.json'}:2"]}
+            assert [ids for ids, _ in documents(tmp_path / "json")] == expected
+
+
+def test_link_members_are_named_once(tmp_path, data_tok_dir, capsys):
+    data = b'{"text": "in the archive"}\n'
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for name, kind in [("real.jsonl", tarfile.REGTYPE), ("sym.jsonl", tarfile.SYMTYPE),
+                           ("hard.jsonl", tarfile.LNKTYPE), ("README", tarfile.REGTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "real.jsonl" if kind != tarfile.REGTYPE else ""
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "a.tar", tokenizer=data_tok_dir, val_fraction=0.0)
+    assert meta["counts"]["kept"] == 1
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 3 and all(n.count(str(tmp_path / "a.tar")) == 1 for n in notes)
+    assert "'sym.jsonl' (a symbolic link to 'real.jsonl'" in notes[0] and "'hard.jsonl' (a hard link" in notes[1]
+    assert "'README' (not .jsonl or .json)" in notes[2]
+
+
+def test_an_existing_path_is_not_taken_as_a_glob(tmp_path, data_tok_dir):
+    path = write_jsonl(tmp_path / "x[1].jsonl", [{"text": "hello"}])
+    assert run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, val_fraction=0.0)["counts"]["kept"] == 1
+
+
+def test_strict_names_the_first_bad_line(tmp_path, data_tok_dir, capsys):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": "good"}, b"{not json", CHAT_RECORDS[0], {"text": ""}])
+    err = fails(capsys, out_dir=tmp_path / "out", input=path, tokenizer=data_tok_dir, strict=True)
+    assert f"{path}:2: invalid_json" in err
+
+
+def test_workers_follow_the_decompressed_size(tmp_path, data_tok_dir, monkeypatch, data_corpus):
+    monkeypatch.setattr(prepare, "_CHUNK_BYTES", 4096)
+    data = b"".join(json.dumps({"text": f"{data_corpus[i % 6]} {i % 3}"}).encode() + b"\n" for i in range(1000))
+    (tmp_path / "in.jsonl.zst").write_bytes(compress("zst", data))
+    assert (tmp_path / "in.jsonl.zst").stat().st_size < 4096 < len(data) // 4  # small on disk, many chunks
+    meta = run_prepare(tmp_path / "out", input=tmp_path / "in.jsonl.zst", tokenizer=data_tok_dir, workers=2)
+    assert meta["timing"]["workers"] == 2
+
+
+PIECES = ["床前明月光", "hello", " world", "🙂", "\n", "\t", "  ", "\"quoted\"", "back\\slash", "<|im_end|>", "<think>",
+          "a < b", "\u00a0", "1.5e3", "null", "\u2063", "\r\n", "é", "{\"json\": [1]}"]
+
+
+def random_text(rng):
+    return "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8))) + rng.choice("xyz")
+
+
+def random_record(rng, stage):
+    """A record of `stage` in one of the shapes detect_record reads (dicts only: a Parquet row is one)."""
+    t = lambda: random_text(rng)  # noqa: E731
+    if stage == "pretrain":
+        return {rng.choice(["text", "content", "completion"]): t()}
+    if stage == "dpo":
+        return {"prompt": t(), "chosen": t(), "rejected": t()}
+    turns = [m for _ in range(rng.randint(1, 3)) for m in (msg("user", t()), msg("assistant", t()))]
+    return rng.choice([
+        {"conversations": turns},
+        {"messages": [msg("system", t())] + turns},
+        {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in turns]},
+        {"conversations": turns[:-1] + [dict(turns[-1], reasoning_content=t())]},
+        {"instruction": t(), "input": rng.choice(["", t()]), "output": t()},
+        {"prompt": t(), "completion": t()},
+    ])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_every_format_gives_the_same_shards(tmp_path, data_tok_dir, monkeypatch, stage):
+    """Random records written as jsonl, json (pretty and on one line), jsonl.gz, jsonl.zst and Parquet: the same
+    prepared shards, val split included (small pieces and chunks, so that every boundary is crossed)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare, "_BLOCK", 50)
+    monkeypatch.setattr(prepare, "_CHUNK_BYTES", 2000)
+    rng = random.Random(stage)
+    records = [random_record(rng, stage) for _ in range(60)]
+    data = b"".join(json.dumps(r, ensure_ascii=rng.random() < 0.5).encode() + b"\n" for r in records)
+    files = {"a.jsonl": data, "a.jsonl.gz": compress("gz", data), "a.jsonl.zst": compress("zst", data),
+             "pretty.json": json.dumps(records, indent=2, ensure_ascii=False).encode(),
+             "line.json": json.dumps(records).encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    pq.write_table(pa.Table.from_struct_array(pa.array(records)), tmp_path / "a.parquet")  # columns of all rows
+    cfg = dict(tokenizer=data_tok_dir, val_fraction=0.3, stage=stage, shard_tokens=3000)
+    run_prepare(tmp_path / "reference", input=tmp_path / "a.jsonl", **cfg)
+    reference_files, reference_meta = snapshot(tmp_path / "reference")
+    assert reference_meta["counts"]["kept"] == 60 and reference_meta["splits"]["val"]["documents"] > 0
+    for name in list(files)[1:] + ["a.parquet"]:
+        run_prepare(tmp_path / name.replace(".", "_"), input=tmp_path / name, workers=2, **cfg)
+        other_files, other_meta = snapshot(tmp_path / name.replace(".", "_"))
+        assert other_files == reference_files, name
+        assert dict(other_meta, inputs=reference_meta["inputs"]) == reference_meta, name

@@ -43,6 +43,10 @@ PAIR = ([msg(U, "2+2?"), msg(A, "4")], [msg(U, "2+2?"), msg(A, "5")])
     ({"conversations": [{"role": "user", "content": "1+1?"},
                         {"role": "assistant", "content": "2", "reasoning_content": ""}]},
      "chat", [msg(U, "1+1?"), msg(A, "2")]),
+    ({"prompt": "Translate to French: cat", "completion": "chat"}, "chat",
+     [msg(U, "Translate to French: cat"), msg(A, "chat")]),
+    ({"prompt": [msg(S, "be brief"), msg(U, "hi")], "completion": [msg(A, "yo")]}, "chat",
+     [msg(S, "be brief"), msg(U, "hi"), msg(A, "yo")]),
     ({"chosen": PAIR[0], "rejected": PAIR[1]}, "pair", PAIR),
     ({"prompt": "2+2?", "chosen": "4", "rejected": "5"}, "pair", PAIR),
     ({"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
@@ -71,6 +75,8 @@ def test_formats_normalise(record, kind, payload):
     ({"chosen": "yes", "rejected": "no"}, "unknown_shape"),
     ({"chosen": [msg(U, "a"), msg(A, "b")], "rejected": [msg(U, "other"), msg(A, "c")]}, "pair_prompt_mismatch"),
     ({"chosen": [msg(U, "a")], "rejected": [msg(U, "a")]}, "no_assistant"),
+    ({"prompt": "q", "completion": ""}, "empty_content"),
+    ({"prompt": [msg(U, "q")], "completion": [msg(U, "not a reply")]}, "no_assistant"),
 ])
 def test_bad_records_have_reasons(record, reason):
     with pytest.raises(BadRecord) as e:

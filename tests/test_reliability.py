@@ -485,7 +485,8 @@ def _max_rss_mb(cmd):
 
 def test_50mb_single_lines_are_counted_in_bounded_memory(tmp_path, demo_pretrain):
     """A 50 MB line of valid JSON of an unknown shape and a 50 MB line of broken JSON: two skipped records,
-    no crash, and memory a small multiple of the line, not of the file."""
+    no crash, and memory a small multiple of the line, not of the file; under the default max_line_bytes (16 MB)
+    neither line is held at all."""
     path = tmp_path / "big.jsonl"
     with open(path, "wb") as f:
         f.write(b'{"text": "a good record"}\n')
@@ -496,12 +497,17 @@ def test_50mb_single_lines_are_counted_in_bounded_memory(tmp_path, demo_pretrain
     small.write_bytes(b'{"text": "a good record"}\n')
     common = [sys.executable, "prepare.py", f"--tokenizer={demo_pretrain}", "--workers=1", "--val_fraction=0"]
     _, baseline = _max_rss_mb([*common, f"--input={small}", f"--out_dir={tmp_path / 'small'}"])
-    code, peak = _max_rss_mb([*common, f"--input={path}", f"--out_dir={tmp_path / 'big'}"])
+    code, peak = _max_rss_mb([*common, f"--input={path}", f"--out_dir={tmp_path / 'big'}",
+                              "--max_line_bytes=60000000"])
     assert code == 0
     counts = json.loads((tmp_path / "big" / "meta.json").read_text())["counts"]
     assert counts["records"] == 4 and counts["kept"] == 2
     assert counts["skipped"] == {"unknown_shape": 1, "invalid_json": 1}
     assert peak < baseline + 4 * 50, (baseline, peak)  # MB
+    code, peak = _max_rss_mb([*common, f"--input={path}", f"--out_dir={tmp_path / 'capped'}"])
+    counts = json.loads((tmp_path / "capped" / "meta.json").read_text())["counts"]
+    assert code == 0 and counts["kept"] == 2 and counts["skipped"] == {"line_too_long": 2}
+    assert peak < baseline + 50, (baseline, peak)  # less than one line
 
 
 # -----------------------------------------------------------------------------

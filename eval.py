@@ -317,36 +317,38 @@ def pack_rows(batch, device):
 # the model and its tokenizer
 
 
-def hf_tokenizer(path, chat):
-    """The transformers tokenizer of the model in `path` as lm_eval's hf backend sees it: an HF directory's own;
-    for a run directory, the one export.py writes (BOS, eos for a chat or a base model), built in a scratch
-    directory."""
+def hf_tokenizer(path, chat, ours=True):
+    """The transformers tokenizer lm_eval's hf backend would see: for our directories (a run, a prepared data set)
+    the one export.py writes (BOS, and eos for a chat or a base model), built in a scratch directory; an HF
+    directory's own (ours=False)."""
     from transformers import AutoTokenizer
 
-    if os.path.isfile(os.path.join(path, "ckpt.pt")) or not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-        with tempfile.TemporaryDirectory() as tmp:
-            load_tokenizer(path).save(tmp, chat=chat)
-            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-            tok.name_or_path = os.path.abspath(path)
-            return tok
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not ours:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        load_tokenizer(path).save(tmp, chat=chat)
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    tok.name_or_path = os.path.abspath(path)
+    return tok
 
 
-def stop_ids_of(path, info, tokenizer, chat):
-    """Where generation ends, as transformers' generate on the export would: the generation_config's eos ids
-    (export.py: <|im_end|> and <|endoftext|> for a chat model, <|endoftext|> for a base one), and the tokenizer's."""
+def chat_stop_ids(tokenizer, chat):
+    """export.py's generation_config eos ids: <|im_end|> and <|endoftext|> for a chat model, <|endoftext|> else."""
+    return sorted({tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(
+        ["<|im_end|>", "<|endoftext|>"] if chat else ["<|endoftext|>"])})
+
+
+def hf_stop_ids(path, tokenizer):
+    """Where transformers' generate stops on an HF directory: its generation_config's (or config's) eos ids, and the
+    tokenizer's eos."""
     ids = {tokenizer.eos_token_id}
-    if info["kind"] == "run":
-        ids |= {tokenizer.convert_tokens_to_ids(t) for t in (["<|im_end|>", "<|endoftext|>"] if chat else
-                                                              ["<|endoftext|>"])}
-    else:
-        for name in ("generation_config.json", "config.json"):
-            try:
-                with open(os.path.join(path, name), encoding="utf-8") as f:
-                    eos = jsonlib.load(f).get("eos_token_id")
-            except (OSError, ValueError):
-                continue
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for name in ("generation_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                eos = jsonlib.load(f).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return sorted(i for i in ids if i is not None)
 
 
@@ -358,14 +360,15 @@ def max_length_of(path, model, info):
     return int(hf_config_dict(model.cfg)["max_position_embeddings"])
 
 
-def load_lm(path, batch_size=16, device="cpu", dtype="auto", rank=0, world=1, keep_think_tags=False):
+def load_lm(path, batch_size=16, device="cpu", dtype="auto", keep_think_tags=False):
     """(OurLM for the model in `path`, whether it is a chat model)."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = resolve_device(device)
     model, info = load_model(path, dev)
-    chat = is_chat_model(path, info)
-    tok = hf_tokenizer(path, chat)
-    lm = lm_class()(model, tok, max_length_of(path, model, info), stop_ids_of(path, info, tok, chat), batch_size,
-                    dev, resolve_dtype(dtype, dev), rank, world, keep_think_tags)
+    chat, ours = is_chat_model(path, info), info["kind"] == "run"
+    tok = hf_tokenizer(path, chat, ours)
+    stop_ids = chat_stop_ids(tok, chat) if ours else hf_stop_ids(path, tok)
+    lm = lm_class()(model, tok, max_length_of(path, model, info), stop_ids, batch_size, dev,
+                    resolve_dtype(dtype, dev), keep_think_tags=keep_think_tags)
     return lm, chat
 
 
@@ -373,11 +376,17 @@ def load_lm(path, batch_size=16, device="cpu", dtype="auto", rank=0, world=1, ke
 # tasks
 
 
-def task_manager(include):
+def task_manager(include, names=()):
+    """lm_eval's index of the tasks: of include_path alone when it holds every name asked for (indexing lm_eval's
+    own thousands of YAML files takes seconds), else of both."""
     from lm_eval.tasks import TaskManager
 
     if include and not os.path.isdir(include):
         fail(f"include_path {include} is not a directory")
+    if include and names:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
     return TaskManager(include_path=include or None)
 
 
@@ -556,16 +565,52 @@ def flat(fig, prefix="tasks/"):
     return out
 
 
+def chat_template_on(forced, chat, setting):
+    """Whether prompts go through the chat template: always for a suite that wants it, else as asked (None: for
+    chat models)."""
+    return forced or (chat if setting is None else bool(setting))
+
+
 def evaluate(path, task_spec, include="", num_fewshot=-1, limit=0, batch_size=16, device="cpu", dtype="auto",
              chat_template=None, seed=1234):
     """(figures, lm_eval's results) of the model in `path` on the tasks: what demo.py and main() call."""
     names, forced = expand_tasks(task_spec)
-    manager = task_manager(include)
+    manager = task_manager(include, names)
     built = load_tasks(names, manager)
     lm, chat = load_lm(path, batch_size, device, dtype)
-    use_chat = forced or (chat if chat_template is None else bool(chat_template))
-    results = run_tasks(lm, built, manager, num_fewshot, limit, use_chat, seed)
+    results = run_tasks(lm, built, manager, num_fewshot, limit, chat_template_on(forced, chat, chat_template), seed)
     return figures(results), results
+
+
+class TrainingTasks:
+    """The tasks train.py evaluates during training (eval_tasks): loaded once, before the first step (a task
+    without its data stops the run there); called with the model being trained, it returns the figures as log
+    keys (flat) on rank 0, {} on the others. The items are spread over the ranks (lm_eval's rank/world split); the
+    random generators are put back afterwards and the model's train/eval mode too, so that training goes on as if
+    nothing had happened."""
+
+    def __init__(self, cfg, rank, world, device, ptdtype):
+        from generation import CHAT_STAGES
+
+        names, forced = expand_tasks(cfg["eval_tasks"])
+        self.manager = task_manager(cfg["eval_tasks_include"], names)
+        self.tasks = load_tasks(names, self.manager)
+        self.chat = chat_template_on(forced, cfg["stage"] in CHAT_STAGES, None)
+        self.tokenizer = hf_tokenizer(cfg["data_dir"], cfg["stage"] in CHAT_STAGES)
+        self.stop_ids = chat_stop_ids(self.tokenizer, cfg["stage"] in CHAT_STAGES)
+        self.limit, self.batch_size = cfg["eval_tasks_limit"], cfg["batch_size"]
+        self.rank, self.world, self.device, self.ptdtype = rank, world, device, ptdtype
+
+    def __call__(self, model):
+        lm = lm_class()(model, self.tokenizer, int(hf_config_dict(model.cfg)["max_position_embeddings"]),
+                        self.stop_ids, self.batch_size, self.device, self.ptdtype, self.rank, self.world)
+        was_training = model.training
+        model.eval()
+        try:
+            results = run_tasks(lm, self.tasks, self.manager, limit=self.limit, chat=self.chat)
+        finally:
+            model.train(was_training)
+        return flat(figures(results)) if results is not None else {}
 
 
 def main(argv=None):

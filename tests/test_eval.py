@@ -15,6 +15,7 @@ import export
 from checkpoint import lora_base, save_checkpoint
 from model import ModelConfig, Transformer
 from tests.test_export import make_run_dir
+from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
 
 pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def runs(tmp_path_factory):
 
 
 def evaluate(lm, names, include, chat=False, limit=0):
-    manager = evalpy.task_manager(include)
+    manager = evalpy.task_manager(include, names)
     return evalpy.run_tasks(lm, evalpy.load_tasks(names, manager), manager, limit=limit, chat=chat)
 
 
@@ -204,17 +205,31 @@ def test_shared_context_rows_score_each_choice_as_alone(runs):
             assert x == pytest.approx(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(c)), abs=1e-5)
 
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-@pytest.mark.parametrize("task,message", [("hellaswag", "task hellaswag: its data set (Rowan/hellaswag)"),
-                                          ("no_such_task", "unknown task 'no_such_task'")])
-def test_a_task_without_its_data_offline_is_one_line_exit_2(runs, tmp_path, task, message):
+def test_a_task_without_its_data_offline_is_one_line_exit_2(runs, tmp_path):
     run, _ = runs["pretrain"]
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "eval.py", f"--out_dir={run}", f"--tasks={task}"], cwd=ROOT, env=env,
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "eval.py", f"--out_dir={run}", "--tasks=hellaswag"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert len(errors) == 1 and "task hellaswag: its data set (Rowan/hellaswag)" in errors[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+def test_in_training_evaluation_leaves_training_bit_identical(demo_pretrain, tmp_path):
+    """eval_tasks: figures in the log at every eval_interval, those of eval.py on the weights of that step, and the
+    training losses (with dropout: the model's mode is put back) exactly those of a run without them."""
+    args = [f"--data_dir={demo_pretrain}", "--max_iters=6", "--eval_interval=3", "--dropout=0.1",
+            "--learning_rate=1e-2", *TINY]
+    plain, scored = str(tmp_path / "plain"), str(tmp_path / "scored")
+    run_train(args + [f"--out_dir={plain}"])
+    run_train(args + [f"--out_dir={scored}", "--eval_tasks=demo_add", f"--eval_tasks_include={INCLUDE}",
+                      "--eval_tasks_limit=12"])
+    assert train_losses(plain) == train_losses(scored) and val_losses(plain) == val_losses(scored)
+    rows = [r for r in metrics(scored) if "tasks/demo_add/acc" in r]
+    assert [r["iter"] for r in rows] == [0, 3, 6] and all("val_loss" in r for r in rows)
+    fig, _ = evalpy.evaluate(scored, "demo_add", INCLUDE, limit=12, device="cpu", dtype="float32")
+    final = fig["tasks"]["demo_add"]["metrics"]
+    assert (rows[-1]["tasks/demo_add/acc"], rows[-1]["tasks/demo_add/acc_norm_se"]) == (
+        final["acc"]["value"], final["acc_norm"]["stderr"])

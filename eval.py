@@ -572,12 +572,16 @@ def chat_template_on(forced, chat, setting):
 
 
 def evaluate(path, task_spec, include="", num_fewshot=-1, limit=0, batch_size=16, device="cpu", dtype="auto",
-             chat_template=None, seed=1234):
-    """(figures, lm_eval's results) of the model in `path` on the tasks: what demo.py and main() call."""
+             chat_template=None, seed=1234, keep_think_tags=False, max_gen_toks=0):
+    """(figures, lm_eval's results) of the model in `path` on the tasks: what demo.py and main() call.
+    max_gen_toks > 0: the generative tasks' new tokens at most, instead of their own."""
     names, forced = expand_tasks(task_spec)
     manager = task_manager(include, names)
     built = load_tasks(names, manager)
-    lm, chat = load_lm(path, batch_size, device, dtype)
+    for task in (t for obj in built for t in (obj.get_all_tasks() if hasattr(obj, "get_all_tasks") else [obj])):
+        if max_gen_toks and task.get_config("output_type") == "generate_until":
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": max_gen_toks}, update=True)
+    lm, chat = load_lm(path, batch_size, device, dtype, keep_think_tags)
     results = run_tasks(lm, built, manager, num_fewshot, limit, chat_template_on(forced, chat, chat_template), seed)
     return figures(results), results
 

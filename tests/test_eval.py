@@ -218,14 +218,15 @@ def test_a_task_without_its_data_offline_is_one_line_exit_2(runs, tmp_path):
 
 
 def test_in_training_evaluation_leaves_training_bit_identical(demo_pretrain, tmp_path):
-    """eval_tasks: figures in the log at every eval_interval, those of eval.py on the weights of that step, and the
-    training losses (with dropout: the model's mode is put back) exactly those of a run without them."""
+    """eval_tasks: figures in the log at every eval_interval, those of eval.py on the weights of that step; the
+    training losses (with dropout: the model's mode is put back) exactly those of a run without them; two ranks
+    share the items and log what one process does on the same weights."""
     args = [f"--data_dir={demo_pretrain}", "--max_iters=6", "--eval_interval=3", "--dropout=0.1",
-            "--learning_rate=1e-2", *TINY]
-    plain, scored = str(tmp_path / "plain"), str(tmp_path / "scored")
+            "--learning_rate=1e-2", "--device=cpu", *TINY, "--gradient_accumulation_steps=2"]
+    tasks = ["--eval_tasks=demo_add", f"--eval_tasks_include={INCLUDE}", "--eval_tasks_limit=12"]
+    plain, scored, ranks = str(tmp_path / "plain"), str(tmp_path / "scored"), str(tmp_path / "ranks")
     run_train(args + [f"--out_dir={plain}"])
-    run_train(args + [f"--out_dir={scored}", "--eval_tasks=demo_add", f"--eval_tasks_include={INCLUDE}",
-                      "--eval_tasks_limit=12"])
+    run_train(args + [f"--out_dir={scored}", *tasks])
     assert train_losses(plain) == train_losses(scored) and val_losses(plain) == val_losses(scored)
     rows = [r for r in metrics(scored) if "tasks/demo_add/acc" in r]
     assert [r["iter"] for r in rows] == [0, 3, 6] and all("val_loss" in r for r in rows)
@@ -233,3 +234,9 @@ def test_in_training_evaluation_leaves_training_bit_identical(demo_pretrain, tmp
     final = fig["tasks"]["demo_add"]["metrics"]
     assert (rows[-1]["tasks/demo_add/acc"], rows[-1]["tasks/demo_add/acc_norm_se"]) == (
         final["acc"]["value"], final["acc_norm"]["stderr"])
+    run_train(args + [f"--out_dir={ranks}", *tasks], nproc=2)
+    two = [r for r in metrics(ranks) if "tasks/demo_add/acc" in r]
+    assert {k: v for k, v in two[0].items() if k.startswith("tasks/")} == {
+        k: v for k, v in rows[0].items() if k.startswith("tasks/")}  # the same start, the items split over 2 ranks
+    fig, _ = evalpy.evaluate(ranks, "demo_add", INCLUDE, limit=12, device="cpu", dtype="float32")
+    assert two[-1]["tasks/demo_add/acc_norm"] == fig["tasks"]["demo_add"]["metrics"]["acc_norm"]["value"]

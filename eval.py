@@ -112,6 +112,7 @@ def _define_lm():
             # reasoning tags in it (the demo checks a reply's <think> form)
             kept = set(tokenizer.convert_tokens_to_ids(REASONING_TAGS)) if keep_think_tags else set()
             self.hidden_ids = set(tokenizer.all_special_ids) - kept
+            self.bos_text = tokenizer.decode(self.prefix_token_id)
 
         # -- tokens, as lm_eval's hf backend makes them ---------------------------------------------
         @property
@@ -125,7 +126,7 @@ def _define_lm():
 
         def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
             special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            if add_special_tokens is None and has_bos_prefix(string, self.bos_text):
                 special = {"add_special_tokens": False}  # the text already starts with BOS
             ids = self.tokenizer.encode(string, **special)
             return ids[-left_truncate_len:] if left_truncate_len else ids

@@ -42,6 +42,15 @@ How it measures:
   runs one of them alone, so that the process's peak RSS is that run's.
 
     python bench.py --lora=True --model=124m --block_size=256 --batch_size=4 --device=cpu
+- evals=True measures eval.py against lm_eval's own hf backend (HFLM) on the export of the same model: a
+  multiple-choice task of eval_items items (a local YAML task built from the demo corpus, HellaSwag-like: a
+  passage of 200 characters, four endings of 80, one of them the passage's own), the whole
+  lm_eval.simple_evaluate timed, both sides in turns, `rounds` times at every batch size of eval_batch_sizes;
+  items/s of each side at its best batch size, and of the model's calls alone (the time inside
+  lm.loglikelihood: the rest, building requests, metrics, lm_eval's environment report, is the same work for both). The model
+  has the preset's shape, random weights and a tokenizer trained on the demo corpus with the preset's vocabulary.
+
+    python bench.py --evals=True --model=tiny --device=cpu --threads=2 --rounds=2
 - serve=True measures serve.py instead: it serves serve_run on 127.0.0.1 and sends serve_clients
   streaming chat requests at once (the official openai client, one thread each), several rounds;
   aggregate completion tokens/s (all clients' tokens over the wall time of the round) and the
@@ -63,6 +72,8 @@ import dataclasses
 import datetime
 import importlib.metadata
 import io
+import itertools
+import json as json_lib
 import os
 import platform
 import resource
@@ -118,6 +129,10 @@ serve_run = ""  # serve=True: the run (or HF) directory to serve
 serve_clients = [1, 4, 16]  # concurrent streaming clients, one measurement each
 serve_max_tokens = 48  # tokens per reply at most
 serve_load_clients = 64  # serve=True: then a load check with this many clients at once (0: none), see bench_serve_load
+evals = False  # eval.py against lm_eval's hf backend instead: items/s on one multiple-choice task, each side at its
+# best of eval_batch_sizes
+eval_items = 200  # evals=True: items of the task (a cloze task made of the demo corpus: a passage, four endings)
+eval_batch_sizes = [1, 8, 32]
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
@@ -798,6 +813,130 @@ def report_lora(b, fig, notes, device):
     return "\n".join(lines)
 
 
+EVAL_KEYS = ["model.params", "eval.items", *[f"eval.{who}.{k}" for who in ("ours", "hf") for k in (
+    "items_per_s", "best_batch_size", "model_share", "model_items_per_s")], "eval.ours_over_hf", "eval.model_ours_over_hf",
+    "eval.same_acc", "process.max_rss_mb"]
+
+
+def write_cloze_task(tmp, n_items, seed):
+    """A HellaSwag-like multiple-choice task as a local lm_eval YAML: a passage of the demo corpus, its own next
+    words and three other passages' as the endings. Returns the folder to include."""
+    import random
+
+    rng = random.Random(seed)
+    with open(DEMO_CORPUS, encoding="utf-8") as f:
+        texts = [t for t in (json_lib.loads(line)["text"] for line in f) if len(t) >= 280][: 4 * n_items]
+    items = []
+    for i in range(n_items):  # characters, not words: the corpus is English and Chinese
+        text = texts[i % len(texts)]
+        endings = [text[200:280]] + [rng.choice(texts)[200:280] for _ in range(3)]
+        order = rng.sample(range(4), 4)
+        items.append({"context": text[:200], "choices": [endings[j] for j in order], "gold": order.index(0)})
+    folder = os.path.join(tmp, "tasks")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "cloze.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json_lib.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    with open(os.path.join(folder, "bench_cloze.yaml"), "w", encoding="utf-8") as f:
+        f.write(f"task: bench_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder}/cloze.jsonl\n"
+                "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+                "doc_to_choice: choices\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return folder
+
+
+def eval_model(b, tmp):
+    """(run directory, its export, parameters): the preset's shape with random weights, a tokenizer of its
+    vocabulary."""
+    import export
+    from checkpoint import save_checkpoint
+    from model import ModelConfig, Transformer
+    from tokenizer import train_tokenizer
+
+    with open(DEMO_CORPUS, encoding="utf-8") as f:
+        tok = train_tokenizer([json_lib.loads(line)["text"] for line in itertools.islice(f, 4000)], b["vocab_size"])
+    shape = {k: b[k] for k in SHAPE_KEYS if k != "vocab_size"}
+    shape["n_kv_heads"], shape["ffn_dim"] = shape["n_kv_heads"] or None, shape["ffn_dim"] or None
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=b["block_size"], **shape)
+    run, model = os.path.join(tmp, "run"), Transformer(cfg)
+    os.makedirs(run)
+    save_checkpoint(run, {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "pretrain", "iter": 0,
+                          "config": {"block_size": b["block_size"], "stage": "pretrain"}})
+    tok.save(run)
+    export.export(run, os.path.join(tmp, "hf"))
+    return run, os.path.join(tmp, "hf"), model.num_params()
+
+
+def bench_evals(b):
+    """EVAL_KEYS: the same task through eval.py's model and lm_eval's hf backend, timed in turns."""
+    import eval as evalpy
+    from lm_eval.models.huggingface import HFLM
+
+    fig, notes = dict.fromkeys(EVAL_KEYS), {}
+    dev = common.resolve_device(b["device"])
+    dtype = common.dtype_name(common.resolve_dtype(b["dtype"], dev))
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        run, hf_dir, fig["model.params"] = eval_model(b, tmp)
+        manager = evalpy.task_manager(write_cloze_task(tmp, b["eval_items"], b["seed"]), ["bench_cloze"])
+        make = {"ours": lambda n: evalpy.load_lm(run, n, str(dev), dtype)[0],
+                "hf": lambda n: HFLM(pretrained=hf_dir, device=str(dev), batch_size=n, dtype=dtype)}
+        seconds = {(who, n): [] for who in make for n in b["eval_batch_sizes"]}
+        in_model, acc = {k: [] for k in seconds}, {}
+        for _ in range(b["rounds"]):
+            for (who, n), times in seconds.items():
+                lm = make[who](n)
+                model_s = wrap_timed(lm, "loglikelihood")
+                t0 = time.perf_counter()
+                res = evalpy.run_tasks(lm, evalpy.load_tasks(["bench_cloze"], manager), manager)
+                times.append(time.perf_counter() - t0)
+                in_model[(who, n)].append(model_s[0])
+                acc[(who, n)] = res["results"]["bench_cloze"]["acc,none"]
+        fig["eval.items"] = b["eval_items"]
+        for who in make:
+            best = min(b["eval_batch_sizes"], key=lambda n: statistics.median(seconds[(who, n)]))
+            wall = statistics.median(seconds[(who, best)])
+            fig[f"eval.{who}.items_per_s"], fig[f"eval.{who}.best_batch_size"] = b["eval_items"] / wall, best
+            fig[f"eval.{who}.model_share"] = statistics.median(in_model[(who, best)]) / wall
+            fig[f"eval.{who}.model_items_per_s"] = b["eval_items"] / min(statistics.median(in_model[(who, n)])
+                                                                           for n in b["eval_batch_sizes"])
+            notes[who] = {str(n): b["eval_items"] / statistics.median(seconds[(who, n)]) for n in b["eval_batch_sizes"]}
+        fig["eval.ours_over_hf"] = fig["eval.ours.items_per_s"] / fig["eval.hf.items_per_s"]
+        fig["eval.model_ours_over_hf"] = fig["eval.ours.model_items_per_s"] / fig["eval.hf.model_items_per_s"]
+        fig["eval.same_acc"] = len(set(acc.values())) == 1
+    fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    notes["dtype"] = dtype
+    return fig, notes, describe_device(dev)
+
+
+def wrap_timed(lm, method):
+    """Count the seconds spent in lm.<method> from now on: returns a one-element list that holds them."""
+    spent, inner = [0.0], getattr(lm, method)
+
+    def timed_call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    setattr(lm, method, timed_call)
+    return spent
+
+
+def report_evals(b, fig, notes, device):
+    lines = [f"bench evals: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}, "
+             f"{notes['dtype']}; {fig['eval.items']} items of a 4-choice cloze task, {b['rounds']} rounds",
+             f"{'batch size':>12}{'ours items/s':>16}{'HF items/s':>14}"]
+    for n in b["eval_batch_sizes"]:
+        lines.append(f"{n:>12}{notes['ours'][str(n)]:>16,.1f}{notes['hf'][str(n)]:>14,.1f}")
+    lines.extend([f"best: ours {fig['eval.ours.items_per_s']:,.1f} items/s (batch {fig['eval.ours.best_batch_size']}, "
+                 f"{fig['eval.ours.model_share']:.0%} of it in the model), HF {fig['eval.hf.items_per_s']:,.1f} "
+                 f"(batch {fig['eval.hf.best_batch_size']}, {fig['eval.hf.model_share']:.0%}): "
+                 f"ours/HF {fig['eval.ours_over_hf']:.2f}x; the same acc everywhere: {fig['eval.same_acc']}",
+                 f"the model's calls alone (lm.loglikelihood), at the best batch size of each: ours "
+                 f"{fig['eval.ours.model_items_per_s']:,.1f} items/s, HF {fig['eval.hf.model_items_per_s']:,.1f}: "
+                 f"ours/HF {fig['eval.model_ours_over_hf']:.2f}x (the rest is lm_eval's own work, the same for both)"])
+    return "\n".join(lines)
+
+
 def describe_device(dev):
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -870,7 +1009,8 @@ def main(argv=None):
         torch.set_num_threads(b["threads"])
     torch.manual_seed(b["seed"])
     measure, render = ((bench_serve, report_serve) if b["serve"] else (bench_lora, report_lora) if b["lora"]
-                       else (bench_sft, report_sft) if b["sft"] else (bench, report))
+                       else (bench_sft, report_sft) if b["sft"] else (bench_evals, report_evals) if b["evals"]
+                       else (bench, report))
     fig, notes, device = measure(b)
     print(render(b, fig, notes, device), flush=True)
     if b["json"]:

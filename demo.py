@@ -30,6 +30,7 @@ bfloat16 with torch.compile; `--preset=cpu` keeps the CPU settings.
 import ast
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -46,7 +47,6 @@ import torch
 import configurator
 import train
 from files import write_json
-from rewards import think_format
 
 # -----------------------------------------------------------------------------
 # options (--key=value)
@@ -54,12 +54,14 @@ out_dir = "out/demo"  # run directories, export, report
 data_dir = "data"  # prepared sets go to <data_dir>/demo_pretrain, demo_sft, ...
 quick = False  # a shortened run: smaller model and vocabulary, a few dozen steps per stage, fewer prompts
 preset = "auto"  # auto (gpu when torch sees a CUDA device) | cpu | gpu
-max_prompts = 0  # held-out prompts scored per model, spread over the tasks (0: all 150; quick: 10)
+max_prompts = 0  # held-out prompts scored per model, the first of tasks_val.jsonl (0: all 150; quick: 10), and as
+# many of demo_add's 40 sums
 workers = 0  # prepare.py tokenizing processes (0: all cores)
 # -----------------------------------------------------------------------------
 _DEFAULTS = configurator.defaults(globals())
 
 DEMO = "data/demo"
+LM_EVAL_TASKS = "data/lm_eval"  # the demo's held-out tasks for lm-evaluation-harness: demo_tasks, demo_add
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # stage, its config file, the stage whose run it starts from, the prepared set it trains on
@@ -254,48 +256,52 @@ def stage_summary(path, init_stage):
 # 3. evaluation on the held-out tasks
 
 
-def pick_tasks(tasks, limit):
-    """All tasks, or `limit` of them taken round-robin over the task kinds (every kind represented)."""
-    if not limit or limit >= len(tasks):
-        return tasks
-    by_kind = {}
-    for t in tasks:
-        by_kind.setdefault(t["task"], []).append(t)
-    picked, i = [], 0
-    while len(picked) < limit:
-        for group in by_kind.values():
-            if i < len(group) and len(picked) < limit:
-                picked.append(group[i])
-        i += 1
-    return picked
+def held_out(c):
+    """The prompts of tasks_val.jsonl each model answers: all, or the first max_prompts (the file interleaves the
+    kinds, so every kind is among the first ten)."""
+    tasks = read_jsonl(f"{DEMO}/tasks_val.jsonl")
+    n = c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0)
+    return tasks[:n] if n else tasks
+
+
+def demo_tasks_module():
+    """data/lm_eval/demo_tasks.py: how a reply to a held-out task is scored, shared with lm-eval's demo_tasks."""
+    spec = importlib.util.spec_from_file_location("demo_tasks", os.path.join(ROOT, LM_EVAL_TASKS, "demo_tasks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def score(task, reply):
-    """Score one reply. The answer is what follows </think> when there is one; the identity
-    answer must contain the bot's name, every other answer must equal the expected one."""
-    well_formed = bool(think_format(task["prompt"], reply, task["answer"]))
-    final = reply.rsplit("</think>", 1)[-1].strip()
-    if task["task"] == "identity":
-        correct = task["answer"] in final
-    else:
-        correct = final == task["answer"]
-    return {**task, "reply": reply, "final": final, "correct": correct, "think_well_formed": well_formed}
+    """One reply scored as the demo_tasks task scores it: exact match of the answer after </think> (identity: the
+    bot's name in it), and whether the reply is one well-formed <think> block and an answer."""
+    tasks_module = demo_tasks_module()
+    s = tasks_module.process_results(task, [reply])
+    return {**task, "reply": reply, "final": tasks_module.final_answer(reply), "correct": bool(s["exact_match"]),
+            "think_well_formed": bool(s["think_well_formed"])}
 
 
-def answer_tasks(path, tasks, device, max_new_tokens):
-    """(scored greedy replies to the tasks, the model's shape for the report)."""
-    import generation
+def answer_tasks(path, limit, device, max_new_tokens):
+    """(every held-out reply with its score, eval.py's figures) of the model in `path`: greedy replies to the
+    first `limit` prompts (0: all) of the generative demo_tasks, and the multiple-choice demo_add, through
+    lm-evaluation-harness."""
+    import eval as benchmarks
 
-    model, tok, info = generation.load(path, device)
-    results = []
-    for t in tasks:
-        text = generation.reply(model, tok, [{"role": "user", "content": t["prompt"]}], temperature=0.0,
-                                max_new_tokens=max_new_tokens, max_len=info["block_size"])
-        results.append(score(t, text))
+    figures, results = benchmarks.evaluate(path, "demo_tasks,demo_add", LM_EVAL_TASKS, limit=limit, device=device,
+                                           dtype="float32", keep_think_tags=True, max_gen_toks=max_new_tokens)
+    samples = sorted(results["samples"]["demo_tasks"], key=lambda s: s["doc_id"])
+    replies = [{**s["doc"], "reply": s["resps"][0][0], "final": demo_tasks_module().final_answer(s["resps"][0][0]),
+                "correct": bool(s["exact_match"]), "think_well_formed": bool(s["think_well_formed"])} for s in samples]
+    return replies, figures
+
+
+def model_shape(path):
+    from checkpoint import load_model
+
+    model, _ = load_model(path)
     mc = model.cfg
-    shape = {"params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
-             "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size}
-    return results, shape
+    return {"params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
+            "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size}
 
 
 def pass_at(path, tasks, device, group, temperature, max_new_tokens):
@@ -339,22 +345,24 @@ def new_tokens(c, stage):
     return min(n, QUICK_NEW_TOKENS) if c["quick"] else n
 
 
-def evaluate_all(c, tasks, device):
-    """({stage: accuracy table with its results}, the models' shape: every stage continues the same model)."""
+def evaluate_all(c, limit, device):
+    """({stage: accuracy table with its replies and eval.py's figures}, the models' shape: every stage continues
+    the same model)."""
     scored = {}
     os.makedirs(os.path.join(c["out_dir"], "eval"), exist_ok=True)
     for stage in CHAT_STAGES:
         t0 = time.perf_counter()
-        results, shape = answer_tasks(run_dir(c, stage), tasks, device, new_tokens(c, stage))
+        results, figures = answer_tasks(run_dir(c, stage), limit, device, new_tokens(c, stage))
         with open(os.path.join(c["out_dir"], "eval", f"{stage}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-        scored[stage] = accuracy_table(results)
-        s = scored[stage]
+        scored[stage] = {**accuracy_table(results), "harness": figures["tasks"]}
+        s, mc = scored[stage], figures["tasks"]["demo_add"]["metrics"]
         print(f"{stage:9s} {s['correct']:3d}/{s['n']} correct ({100 * s['accuracy']:.1f}%)  "
               + "  ".join(f"{k} {v['correct']}/{v['n']}" for k, v in s["by_task"].items())
+              + f"  demo_add acc {mc['acc']['value']:.3f} ± {mc['acc']['stderr']:.3f}"
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         scored[stage]["results"] = results
-    return scored, shape
+    return scored, model_shape(run_dir(c, "sft"))
 
 
 # -----------------------------------------------------------------------------
@@ -517,6 +525,20 @@ def table(header, rows, left=1):
         f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
+def harness_rows(models):
+    """Rows of eval.py's figures per model: demo_tasks exact match and think form, demo_add acc, acc_norm and the
+    chance-adjusted score."""
+    def cell(task, metric):
+        return lambda m: f"{pct(m['harness'][task]['metrics'][metric]['value'])} ± " \
+                         f"{pct(m['harness'][task]['metrics'][metric]['stderr'])}"
+
+    rows = [("demo_tasks: exact match", cell("demo_tasks", "exact_match")),
+            ("demo_tasks: well-formed think block", cell("demo_tasks", "think_well_formed")),
+            ("demo_add: acc", cell("demo_add", "acc")), ("demo_add: acc_norm", cell("demo_add", "acc_norm")),
+            ("demo_add: chance-adjusted", lambda m: f"{m['harness']['demo_add']['centered']:.3f}")]
+    return [(name, *(f(m) for m in models.values())) for name, f in rows]
+
+
 def render_report(r):
     """report.md from report.json alone: every figure in it is a value of r, every judgement one of r["verdicts"]."""
     env, st, models, v = r["environment"], r["stages"], r["tasks"]["models"], r["verdicts"]
@@ -572,6 +594,12 @@ def render_report(r):
         *table(["task", *models], tasks), "",
         "Exact match, except identity (the reply must contain the bot's name); for the distilled model, the "
         "answer after `</think>`.", "",
+        *table(["lm-evaluation-harness (eval.py)", *models], harness_rows(models)), "",
+        "The same replies scored by lm-evaluation-harness (the local task data/lm_eval/demo_tasks.yaml), and the "
+        "multiple-choice demo_add (data/lm_eval/demo_add.yaml: each held-out sum's right answer against three near "
+        "misses, by log-likelihood; chance-adjusted: acc_norm minus chance, over one minus chance, as CORE reports "
+        "it); ± is one standard error. "
+        "A difference within two standard errors is noise.", "",
         f"**Who is it?** The SFT model, asked the held-out question “{ident['prompt']}”, answered “{ident['reply']}” "
         f"({v['identity']}; "
         f"{ident['correct_all']}/{ident['n']} held-out identity questions answered with the name).", "",
@@ -640,9 +668,9 @@ def main(argv=None):
 
     step = len(STAGES) + 2
     header(f"{step}. evaluate: greedy answers to the held-out tasks, and pass@{grpo_group(c)} of GRPO's start")
-    tasks = pick_tasks(read_jsonl(f"{DEMO}/tasks_val.jsonl"), c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0))
+    tasks = held_out(c)
     with timed(wall, "evaluate"):
-        scored, shape = evaluate_all(c, tasks, device)
+        scored, shape = evaluate_all(c, c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0), device)
         passed = pass_at(run_dir(c, "distill"), tasks, device, grpo_group(c), config_value(CONFIG_OF["grpo"],
                          "temperature"), new_tokens(c, "grpo"))
     print(f"distill, pass@{grpo_group(c)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"

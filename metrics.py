@@ -37,7 +37,8 @@ class Logger:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if record["iter"] < it or (record["iter"] == it and "val_loss" not in record):
+                evaluation = "val_loss" in record or any(k.startswith("tasks/") for k in record)
+                if record["iter"] < it or (record["iter"] == it and not evaluation):
                     kept.append(json.dumps(record) + "\n")
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)

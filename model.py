@@ -368,8 +368,11 @@ class Transformer(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.model.embed_tokens.weight.dtype
 
-    def hidden_states(self, idx, cache=None, start_pos=0, segments=None):
-        """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc."""
+    def hidden_states(self, idx, cache=None, start_pos=0, segments=None, positions=None, mask=None):
+        """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc.
+        positions (B, T) with mask (B, 1, T, T), True where a query may attend to a key: any other layout of
+        a row, each position at most its index (eval.py: the choices of an item side by side after their
+        shared context)."""
         dtype = self.compute_dtype(idx.device)
         batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
         # position start_pos[b], looked up in the table of the cache's positions
@@ -377,11 +380,10 @@ class Transformer(nn.Module):
         table = self.rotary(0, cache.max_len, idx.device, in_use) if batched else self.rotary(
             0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
-        mask = None
         if segments is not None:
-            positions = segment_positions(segments)
+            positions, mask = segment_positions(segments), segment_mask(segments)
+        if positions is not None:
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
-            mask = segment_mask(segments)
         elif batched:
             cos, sin = cos[start_pos][:, None, None], sin[start_pos][:, None, None]
             mask = (torch.arange(cache.max_len, device=idx.device) <= start_pos[:, None])[:, None, None]
@@ -459,14 +461,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                       generator=None, max_len=None, pad_id=0, check_every=8, all_done=None):
+                       generator=None, max_len=None, pad_id=0, check_every=8, all_done=None, rows_done=None):
         """New token ids for each of a batch of prompts of different lengths (lists of ids), sampled together.
 
         Each prompt starts at position 0 and its new tokens follow its own end, in one preallocated KV cache;
         a row stops at a token in stop_ids (kept), after max_new_tokens, or when it reaches max_len (default
         max_seq_len). Every call goes through forward() (FSDP-safe); the loop runs at most max_new_tokens
         steps and ends early when every row is done, checked every check_every steps (no host sync per
-        token): all_done(done) decides, given (all ranks must stop at the same step), else done.all()."""
+        token): all_done(done) decides, given (all ranks must stop at the same step), else done.all().
+        rows_done(tokens so far (N, t)) -> (N,) bool, given: rows the caller counts as done too (a stop string in
+        their text), asked at those checks; their tokens up to the check are returned."""
         device = self.lm_head.weight.device
         max_len = max_len or self.cfg.max_seq_len
         lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -488,6 +492,8 @@ class Transformer(nn.Module):
             out[:, t] = token
             length += ~done
             done |= torch.isin(token, stop) | (t + 1 >= budget)
+            if (t + 1) % check_every == 0 and rows_done is not None:
+                done |= rows_done(out[:, : t + 1])
             if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and all_done(done)):
                 break
             logits = self(token[:, None], cache, (lens + t).clamp(max=cache.max_len - 1))[:, -1]

@@ -118,6 +118,10 @@ seed = 1337
 # evaluation, logging, checkpoints
 eval_interval = 200
 eval_iters = 20  # micro-batches per evaluation; 0: no evaluation (a data dir without a val split)
+eval_tasks = ""  # lm-eval tasks and eval.py suites scored during training (eval.py), e.g. "demo_add,hellaswag"
+eval_tasks_include = ""  # a folder of local YAML tasks for eval_tasks (as eval.py --include_path)
+eval_tasks_interval = 0  # 0: every eval_interval
+eval_tasks_limit = 0  # items per task (0: all): a cheap subsample
 log_interval = 10
 checkpoint_interval = 0  # 0: every eval_interval
 keep_last = 1  # older checkpoints kept beside ckpt.pt
@@ -152,6 +156,8 @@ def configure(argv=None):
     cfg = configurator.configure(_DEFAULTS, argv)
     if cfg["checkpoint_interval"] == 0:
         cfg["checkpoint_interval"] = cfg["eval_interval"]
+    if cfg["eval_tasks_interval"] == 0:
+        cfg["eval_tasks_interval"] = cfg["eval_interval"]
     if cfg["pack"] is None:
         cfg["pack"] = cfg["stage"] == "sft"
     return cfg
@@ -188,10 +194,13 @@ def train_loop(run, logger):
     peak = common.peak_tflops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
     it, bad_in_row, t0 = run.start_iter, 0, time.time()
     while True:
-        if cfg["eval_iters"] and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]):
+        val_due = cfg["eval_iters"] and (it % cfg["eval_interval"] == 0 or it == cfg["max_iters"])
+        tasks_due = run.tasks is not None and (it % cfg["eval_tasks_interval"] == 0 or it == cfg["max_iters"])
+        if val_due or tasks_due:
             run.phase = f"evaluation at iteration {it}"
-            ev = evaluate(run)
-            run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
+            ev = evaluate(run) if val_due else {}
+            run.best_val_loss = min(run.best_val_loss, ev.get("val_loss", math.inf))
+            ev.update(run.tasks(run.raw_model) if tasks_due else {})  # eval.py's figures, as "tasks/<task>/<metric>"
             logger.log({"iter": it, **ev}, "eval  " + format_line(it, ev))
             t0 = time.time()
         if it >= cfg["max_iters"]:
@@ -383,6 +392,7 @@ class Run:
     tokenizer: Optional[ChatTokenizer] = None  # grpo: completions decoded for the reward
     reward: Optional[Reward] = None  # grpo
     prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
+    tasks: Optional[object] = None  # eval_tasks: eval.TrainingTasks, called with the model
 
     @property
     def fsdp(self):
@@ -481,6 +491,12 @@ def build(cfg):
         run.token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(dev)
     if cfg["stage"] == "grpo":
         run.tokenizer, run.reward = tokenizer, Reward(cfg["reward"])
+    if cfg["eval_tasks"]:
+        import eval as benchmarks  # lm-evaluation-harness, imported only when asked for
+
+        if tokenizer is None:
+            fail(f"eval_tasks needs text: {cfg['data_dir']} has no tokenizer")
+        run.tasks = benchmarks.TrainingTasks(cfg, rank, world, dev, ptdtype)
     if resumed:
         distributed.load_full_state_dicts(run.model, run.optimizer, start["model"], start["optimizer"])
         if start["scaler"]:  # empty when the checkpoint was not trained in float16: the scaler starts fresh
@@ -545,6 +561,12 @@ def check_config(cfg, world):
             fail(f"{key} must be >= 1, got {cfg[key]}")
     if cfg["eval_iters"] < 0:
         fail(f"eval_iters must be >= 0 (0: no evaluation), got {cfg['eval_iters']}")
+    if cfg["eval_tasks"]:
+        if cfg["eval_tasks_interval"] < 1 or cfg["eval_tasks_limit"] < 0:
+            fail("eval_tasks_interval must be >= 1 (0: every eval_interval) and eval_tasks_limit >= 0 (0: every item)")
+        if cfg["fsdp"] and world > 1:
+            fail("eval_tasks with fsdp=True: the ranks score different items, which a sharded model cannot do; "
+                 "evaluate the checkpoints with eval.py instead")
     if not cfg["dist_timeout_s"] > 0:
         fail(f"dist_timeout_s must be > 0 seconds, got {cfg['dist_timeout_s']}")
     if cfg["checkpoint_interval"] < 0 or cfg["keep_last"] < 0:

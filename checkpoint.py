@@ -78,16 +78,25 @@ def checkpoint_files(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, CKPT_NAME)) + glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
 
 
-def claim_out_dir(out_dir, overwrite):
+def check_out_dir(out_dir, overwrite, init_from):
     """A run that does not resume writes into out_dir: refuse one that holds another run's checkpoints (their
-    rotation, or a resume after ckpt.pt is damaged, would mix the two runs), or delete them when overwrite."""
+    rotation, or a resume after ckpt.pt is damaged, would mix the two runs), unless overwrite; and refuse to
+    overwrite the checkpoints the run starts from. Nothing is deleted here (clear_out_dir, once the run is built)."""
     found = checkpoint_files(out_dir)
     if found and not overwrite:
         last = _saved(os.path.join(out_dir, CKPT_NAME), "iter")
         fail(f"out_dir {out_dir} holds the checkpoints of another run ({len(found)} file(s)"
              f"{f', ckpt.pt at iteration {last}' if last is not None else ''}): resume it with --init_from=resume, "
              "choose another out_dir, or delete them with --overwrite=True")
-    for path in found:
+    if found and os.path.isdir(init_from) and os.path.samefile(init_from, out_dir):
+        fail(f"init_from={init_from!r} is the out_dir whose checkpoints --overwrite=True would delete: write the new "
+             "run into another out_dir")
+
+
+def clear_out_dir(out_dir):
+    """Delete the checkpoints check_out_dir allowed to overwrite: only once the new run has passed every check and
+    loaded what it starts from, so a refused run deletes nothing."""
+    for path in checkpoint_files(out_dir):
         os.remove(path)
 
 

@@ -419,9 +419,10 @@ def build(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ptdtype = common.resolve_dtype(cfg["dtype"], dev)
-    if cfg["init_from"] != "resume":  # a new run: its checkpoints must not mix with another run's
-        distributed.together(lambda: checkpoint.claim_out_dir(cfg["out_dir"], cfg["overwrite"]) if rank == 0 else None,
-                             rank, world, "checking out_dir")
+    new_run = cfg["init_from"] != "resume"  # its checkpoints must not mix with another run's
+    if new_run:
+        distributed.together(lambda: checkpoint.check_out_dir(cfg["out_dir"], cfg["overwrite"], cfg["init_from"])
+                             if rank == 0 else None, rank, world, "checking out_dir")
     meta = shards.load_meta(cfg["data_dir"])
     if meta["stage"] != cfg["stage"] and cfg["stage"] != "pretrain":
         fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
@@ -507,6 +508,9 @@ def build(cfg):
     if first != last:  # e.g. nodes whose out_dir is not the same directory: only rank 0 writes checkpoints
         fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
              f"node must see the same out_dir ({cfg['out_dir']})")
+    if new_run:
+        distributed.together(lambda: checkpoint.clear_out_dir(cfg["out_dir"]) if rank == 0 else None,
+                             rank, world, "clearing out_dir")
     return run
 
 

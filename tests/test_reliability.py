@@ -237,6 +237,20 @@ def test_a_new_run_into_another_runs_out_dir_is_refused_or_overwritten(demo_pret
     assert "resuming at step 2" in p.stdout
 
 
+def test_overwrite_deletes_nothing_when_the_run_is_refused(demo_pretrain, demo_sft, tmp_path):
+    """overwrite=True deletes another run's checkpoints only once the new run has passed its checks: a run refused
+    for its data, or one that would start from the very checkpoints it deletes, leaves them all in place."""
+    out = str(tmp_path / "run")
+    run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=100", *TINY])
+    before = all_checkpoints_load(out)
+    for extra in ([f"--data_dir={demo_sft}", "--stage=dpo"],
+                  [f"--data_dir={demo_sft}", "--stage=sft", f"--init_from={out}"]):
+        p = run_train([*extra, f"--out_dir={out}", "--max_iters=2", "--overwrite=True", *TINY], check=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert all_checkpoints_load(out) == before
+    assert "is the out_dir whose checkpoints --overwrite=True would delete" in p.stderr
+
+
 def test_rotation_removes_only_this_runs_checkpoints(tmp_path):
     out = str(tmp_path)
     torch.save({**_state(12), "run_id": "another"}, os.path.join(out, "ckpt_00000012.pt"))

@@ -64,7 +64,14 @@ def chat_template(text_only, reply_text_only):
 
     return (
         "{%- macro text(s, specials) -%}"
-        "{%- set ns = namespace(s=s) -%}"
+        "{%- set ns = namespace(s=s if s is string else '') -%}"
+        "{%- if s is not string -%}"  # OpenAI's content parts: their text, as serve.py joins them
+        "{%- for part in s -%}"
+        "{%- if part['type'] != 'text' -%}{{- raise_exception('only text content parts can be rendered') -}}"
+        "{%- endif -%}"
+        "{%- set ns.s = ns.s + part['text'] -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
         "{%- for t in specials -%}"
         "{%- set ns.s = ns.s | replace(t, t[0] + '" + TEXT_ESCAPE + "' + t[1:]) -%}"
         "{%- endfor -%}"

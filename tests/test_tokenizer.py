@@ -174,6 +174,19 @@ CHATS_FOR_HF = [
 ]
 
 
+def test_hf_chat_template_renders_content_parts_as_their_text(data_tok, data_tok_dir):
+    """OpenAI-style content parts (what chat clients send) render as their joined text, as serve.py takes them; a part
+    that is not text is an error, never its Python repr in the prompt."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(data_tok_dir))
+    parts = [{"role": U, "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "<|im_end|> there"}]}]
+    ref = hf.apply_chat_template(parts, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ref) == data_tok.render_chat([msg(U, "hi <|im_end|> there")], add_generation_prompt=True)[0]
+    with pytest.raises(Exception, match="only text content parts"):
+        hf.apply_chat_template([{"role": U, "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                               tokenize=False)
+
+
 @pytest.mark.parametrize("messages", CHATS_FOR_HF)
 def test_hf_chat_template_gives_the_same_ids(data_tok, data_tok_dir, messages):
     transformers = pytest.importorskip("transformers")

@@ -84,7 +84,7 @@ from tqdm import tqdm
 import configurator
 import shards
 from records import BadRecord, as_task, detect_record
-from tokenizer import load_tokenizer, train_tokenizer
+from tokenizer import file_sha256, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -726,7 +726,7 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
         "vocab_size": tok.vocab_size,
         "special_ids": tok.special_ids,
         "reasoning_tag_ids": tok.reasoning_tag_ids,
-        "tokenizer_sha256": shards.sha256_file(os.path.join(out_dir, "tokenizer.json")),
+        "tokenizer_sha256": file_sha256(os.path.join(out_dir, "tokenizer.json")),
         "tokenizer_source": tokenizer if tokenizer != "train" else f"trained here, vocab_size={vocab_size}",
         "added_special_tokens": tok.added_special_tokens,
         "max_len": max_len,

@@ -34,6 +34,7 @@ that starts with whitespace, or a SentencePiece model that turns the header's
 is a target.
 """
 
+import hashlib
 import itertools
 import json
 import os
@@ -346,6 +347,15 @@ def _pieces(text):
         yield text[start : cut.start()]
         start = cut.start()
     yield text[start:]
+
+
+def file_sha256(path):
+    """The identity of a saved tokenizer.json: the sha256 of its text without the unescaping steps save() adds, so a
+    tokenizer saved before those steps existed (the same vocabulary and ids) keeps its identity."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    spec["normalizer"] = _without_unescape(spec.get("normalizer"))
+    return hashlib.sha256(Tokenizer.from_str(json.dumps(spec)).to_str(pretty=True).encode("utf-8")).hexdigest()
 
 
 def _without_unescape(normalizer):

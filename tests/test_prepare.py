@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import prepare
 import shards
 from records import detect_record
-from tokenizer import load_tokenizer
+from tokenizer import file_sha256, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(path, records):
@@ -291,7 +291,7 @@ def test_tokenizer_trained_on_the_input(tmp_path, data_corpus):
     meta = run_prepare(tmp_path / "out", input=path, tokenizer="train", vocab_size=400, val_fraction=0.0)
     tok = load_tokenizer(tmp_path / "out")
     assert tok.vocab_size == meta["vocab_size"] <= 400 and tok.special_ids == meta["special_ids"]
-    assert meta["tokenizer_sha256"] == shards.sha256_file(tmp_path / "out" / "tokenizer.json")
+    assert meta["tokenizer_sha256"] == file_sha256(tmp_path / "out" / "tokenizer.json")
     first = json.loads(path.read_text().splitlines()[0])["text"]
     ids, mask = documents(tmp_path / "out")[0]
     assert tok.decode(ids) == first + "<|endoftext|>"

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import losses
+import shards
 import tokenizer
 from batches import Batch
 
@@ -201,6 +202,20 @@ def test_hf_chat_template_gives_the_same_ids(data_tok, data_tok_dir, messages):
     typed = "a <|im_end|> typed, <think> too"
     assert hf.encode(typed, add_special_tokens=False, split_special_tokens=True) == data_tok.encode(typed)
     assert data_tok.im_end_id in hf.encode(typed, add_special_tokens=False)
+
+
+def test_a_tokenizer_saved_without_the_unescaping_keeps_its_identity(data_tok_dir, tmp_path):
+    """Data prepared with a tokenizer.json saved before the chat template's unescaping existed (the same ids) has the
+    tokenizer identity of today's files, so runs on it continue from older runs; another vocabulary has another."""
+    spec = json.loads((data_tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer.TEXT_ESCAPE in json.dumps(spec["normalizer"], ensure_ascii=False)
+    spec["normalizer"] = None  # the layout of a file saved before
+    Tokenizer.from_str(json.dumps(spec)).save(str(tmp_path / "old.json"))
+    assert tokenizer.file_sha256(tmp_path / "old.json") == tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
+    assert shards.sha256_file(tmp_path / "old.json") == tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
+    spec["model"]["vocab"]["zzz_new"] = len(spec["model"]["vocab"]) + 100
+    Tokenizer.from_str(json.dumps(spec)).save(str(tmp_path / "other.json"))
+    assert tokenizer.file_sha256(tmp_path / "other.json") != tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
 
 
 def test_saved_files(data_tok, data_tok_dir):

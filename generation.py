@@ -204,9 +204,12 @@ class ReplyStream:
         pieces = stream_text(self.tokenizer, self._tokens())
         for final, piece in itertools.chain(((False, p) for p in pieces), [(True, "")]):
             self.text += piece
-            reasoning, content = split_think(self.text, final) if self.split else ("", self.text)
-            content, stopped = self._cut(content, final)
-            logprobs, self._logprobs = self._logprobs, []
+            reasoning, whole = split_think(self.text, final) if self.split else ("", self.text)
+            content, stopped = self._cut(whole, final)
+            # a token's log-probability goes with its text: held while that text is, dropped with it past a stop
+            shown = len(self.text) - (len(whole) - len(content))
+            logprobs = [lp for lp in self._logprobs if lp.offset < shown]
+            self._logprobs = self._logprobs[len(logprobs):]
             yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs)
             sent = [reasoning, content]
             if stopped:

@@ -386,6 +386,38 @@ def test_logprobs_are_the_model_s(sft, local):
     assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
 
 
+def test_logprobs_cover_only_the_returned_text(sft):
+    """A stop string cuts the logprobs with the text: no entry for a token past the cut (nor for the held-back start
+    of a stop string), streamed or not, in chat and in completions."""
+    client = sft.client()
+    full = client.completions.create(model="sft", prompt="The night was", temperature=0, max_tokens=12).choices[0].text
+    assert len(full) > 8
+    for stop in (full[:2], full[5:8]):
+        c = client.completions.create(model="sft", prompt="The night was", temperature=0, max_tokens=12, stop=[stop],
+                                      logprobs=1).choices[0]
+        assert c.text == full[: full.index(stop)] and c.finish_reason == "stop"
+        assert all(o < len(c.text) for o in c.logprobs.text_offset)
+        assert "".join(c.logprobs.tokens).startswith(c.text)
+    reply = client.chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=12)
+    content = reply.choices[0].message.content
+    assert len(content) > 4
+    stop = content[1:3]
+    for stream in (False, True):
+        r = client.chat.completions.create(model="sft", messages=MESSAGES, temperature=0, max_tokens=12, stop=[stop],
+                                           logprobs=True, stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in r if c.choices]
+            text = "".join(c.delta.content or "" for c in chunks)
+            entries = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+        else:
+            text, entries = r.choices[0].message.content, r.choices[0].logprobs.content
+        assert text == content[: content.index(stop)]
+        starts = [len(b"".join(bytes(e.bytes) for e in entries[:k]).decode("utf-8", "replace"))
+                  for k in range(len(entries))]
+        assert all(s < len(text) for s in starts), (text, starts)
+        assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace").startswith(text)
+
+
 def test_completions_return_the_text_as_written(runs, reason):
     """A distilled model's continuation, <think> and all, with stop strings applied to all of it."""
     model, tok, info = generation.load(runs["reason"])

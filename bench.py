@@ -88,13 +88,13 @@ import time
 import numpy as np
 import torch
 
-import common
+from llm_trainer.core import common
 import configurator
 import prepare
-import shards
+from llm_trainer.data import shards
 import train
 from configurator import fail
-from files import write_json
+from llm_trainer.core.files import write_json
 from model import to_hf_state_dict, token_cross_entropy
 
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
@@ -266,7 +266,7 @@ def hf_model(raw, dev):
     """LlamaForCausalLM (sdpa attention) of raw's shape, holding a copy of raw's weights."""
     import transformers
 
-    from checkpoint import hf_config_dict
+    from llm_trainer.core.checkpoint import hf_config_dict
 
     config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.cfg, pad_id=0), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(config)
@@ -751,7 +751,7 @@ LORA_KEYS = ["model.params", *[f"lora.{how}.{k}" for how in ("full", "lora") for
 
 def bench_lora(b):
     """LORA_KEYS: full fine-tuning and LoRA of the same model on the same SFT batches, timed in turns."""
-    import checkpoint
+    from llm_trainer.core import checkpoint
     from model import Transformer
 
     fig, notes = dict.fromkeys(LORA_KEYS), {}
@@ -847,9 +847,9 @@ def eval_model(b, tmp):
     """(run directory, its export, parameters): the preset's shape with random weights, a tokenizer of its
     vocabulary."""
     import export
-    from checkpoint import save_checkpoint
+    from llm_trainer.core.checkpoint import save_checkpoint
     from model import ModelConfig, Transformer
-    from tokenizer import train_tokenizer
+    from llm_trainer.data.tokenizer import train_tokenizer
 
     with open(DEMO_CORPUS, encoding="utf-8") as f:
         tok = train_tokenizer([json_lib.loads(line)["text"] for line in itertools.islice(f, 4000)], b["vocab_size"])

@@ -46,7 +46,7 @@ import torch
 
 import configurator
 import train
-from files import write_json
+from llm_trainer.core.files import write_json
 
 # -----------------------------------------------------------------------------
 # options (--key=value)
@@ -296,7 +296,7 @@ def answer_tasks(path, limit, device, max_new_tokens):
 
 
 def model_shape(path):
-    from checkpoint import load_model
+    from llm_trainer.core.checkpoint import load_model
 
     model, _ = load_model(path)
     mc = model.cfg
@@ -306,7 +306,7 @@ def model_shape(path):
 
 def pass_at(path, tasks, device, group, temperature, max_new_tokens):
     """The accuracy table of `group` replies sampled per task (a task counts as correct when any reply is)."""
-    import generation
+    from llm_trainer.inference import generation
 
     model, tok, info = generation.load(path, device)
     gen, stop, results = torch.Generator(device).manual_seed(0), generation.chat_stop_ids(tok), []
@@ -375,7 +375,7 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
     import transformers
 
     import export
-    import generation
+    from llm_trainer.inference import generation
 
     export.export(run, hf_dir)
     ours, tok, _ = generation.load(run, "cpu")
@@ -406,7 +406,7 @@ def export_and_compare(run, hf_dir, tasks, chats, max_new_tokens):
 
 
 def chat_with(path, device, chats, max_new_tokens):
-    import generation
+    from llm_trainer.inference import generation
 
     model, tok, info = generation.load(path, device)
     transcript = []

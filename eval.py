@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 import configurator
-from checkpoint import hf_config_dict, load_model
-from common import autocast, resolve_device, resolve_dtype
+from llm_trainer.core.checkpoint import hf_config_dict, load_model
+from llm_trainer.core.common import autocast, resolve_device, resolve_dtype
 from configurator import fail
-from files import write_json
-from generation import is_chat_model
-from tokenizer import REASONING_TAGS, load_tokenizer
+from llm_trainer.core.files import write_json
+from llm_trainer.inference.generation import is_chat_model
+from llm_trainer.data.tokenizer import REASONING_TAGS, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) of any stage, a LoRA run too ...
@@ -595,7 +595,7 @@ class TrainingTasks:
     nothing had happened."""
 
     def __init__(self, cfg, rank, world, device, ptdtype):
-        from generation import CHAT_STAGES
+        from llm_trainer.inference.generation import CHAT_STAGES
 
         names, forced = expand_tasks(cfg["eval_tasks"])
         self.manager = task_manager(cfg["eval_tasks_include"], names)

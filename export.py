@@ -33,13 +33,13 @@ import json
 import os
 from dataclasses import replace
 
-import checkpoint
+from llm_trainer.core import checkpoint
 import configurator
-from common import DTYPES
-from files import replace_durably, write_json
-from generation import is_chat_model
+from llm_trainer.core.common import DTYPES
+from llm_trainer.core.files import replace_durably, write_json
+from llm_trainer.inference.generation import is_chat_model
 from model import LORA_PLACES, ModelConfig, to_hf_state_dict
-from tokenizer import load_tokenizer
+from llm_trainer.data.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run directory (ckpt.pt + tokenizer files) to export

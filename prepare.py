@@ -54,7 +54,7 @@ whose prompt alone reaches max_len, is skipped and counted. A record goes to
 the val split when hash(seed, record number) < val_fraction, or when it comes
 from a val_input file (val_fraction is then ignored).
 
-Output: see shards.py. The output does not depend on `workers`. meta.json is
+Output: see llm_trainer/data/shards.py. The output does not depend on `workers`. meta.json is
 removed first and written last, so an interrupted run leaves a directory that
 every reader refuses; running again replaces it.
 """
@@ -82,9 +82,9 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-import shards
-from records import BadRecord, as_task, detect_record
-from tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from llm_trainer.data import shards
+from llm_trainer.data.records import BadRecord, as_task, detect_record
+from llm_trainer.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values

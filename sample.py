@@ -13,7 +13,7 @@ template, complete otherwise. Interactive chat keeps the conversation, dropping
 whole turns, oldest first, when it no longer fits the context; /reset clears it,
 /exit (or end of input) leaves. Replies stream as they are generated.
 
-What turns messages into ids and ids into streamed text is generation.py's,
+What turns messages into ids and ids into streamed text is llm_trainer/inference/generation.py's,
 shared with the server and demo.py.
 """
 
@@ -22,8 +22,8 @@ import sys
 import torch
 
 import configurator
-from common import dtype_name, resolve_device, resolve_dtype
-from generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load,
+from llm_trainer.core.common import dtype_name, resolve_device, resolve_dtype
+from llm_trainer.inference.generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load,
                         reply_room, split_think)
 
 # -----------------------------------------------------------------------------

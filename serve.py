@@ -36,8 +36,8 @@ from typing import Optional
 import torch
 
 import configurator
-import generation
-from common import dtype_name, resolve_device, resolve_dtype
+from llm_trainer.inference import generation
+from llm_trainer.core.common import dtype_name, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...

@@ -1,7 +1,7 @@
 """
 One training loop for every stage: pretrain, sft (also long-context SFT and
 reasoning distillation), dpo and grpo. The stage decides what a batch is
-(batches.py; grpo samples its own: grpo.py) and what the loss is (losses.py);
+(llm_trainer/data/batches.py; grpo samples its own: llm_trainer/training/grpo.py) and what the loss is (llm_trainer/training/losses.py);
 optimizer, schedule, precision, parallelism, checkpoints and logging are
 shared.
 
@@ -36,20 +36,20 @@ from typing import Optional
 
 import torch
 
-import checkpoint
-import common
+from llm_trainer.core import checkpoint
+from llm_trainer.core import common
 import configurator
-import distributed
-import grpo
-import losses
-import shards
-from batches import Batches
+from llm_trainer.core import distributed
+from llm_trainer.training import grpo
+from llm_trainer.training import losses
+from llm_trainer.data import shards
+from llm_trainer.data.batches import Batches
 from configurator import fail
-from files import write_json
-from metrics import Logger, format_line
+from llm_trainer.core.files import write_json
+from llm_trainer.training.metrics import Logger, format_line
 from model import LORA_PARTS, ModelConfig, Transformer
-from rewards import Reward
-from tokenizer import ChatTokenizer, load_tokenizer
+from llm_trainer.training.rewards import Reward
+from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
@@ -98,7 +98,7 @@ dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
 dpo_label_smoothing = 0.0
 dpo_precompute_ref = False  # reference log-probs computed once up front: no reference model in memory
-reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, or a weighted sum (rewards.py)
+reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, or a weighted sum (llm_trainer/training/rewards.py)
 grpo_group = 8  # grpo: completions sampled per prompt (batch_size counts prompts)
 grpo_epochs = 1  # grpo: optimizer updates on each batch of rollouts (> 1: the ratio to the rollout policy is clipped)
 grpo_clip = 0.2  # grpo: the ratio is clipped to [1 - grpo_clip, 1 + grpo_clip]
@@ -308,7 +308,7 @@ def update(run, it, counts, micros, while_busy=None):
 
 
 def micro_loss(run, batch, split="train"):
-    """(summed loss, {statistic: sum}) of one micro-batch of `split`: the stage's loss from losses.py.
+    """(summed loss, {statistic: sum}) of one micro-batch of `split`: the stage's loss from llm_trainer/training/losses.py.
     Validation counts every target once (no reasoning-tag weight)."""
     if run.cfg["stage"] == "dpo":
         return losses.dpo_loss(run.model, batch, run.reference.logps(batch, split), run.cfg)
@@ -339,7 +339,7 @@ def evaluate(run):
     model.eval()
     sums = torch.zeros(len(names), device=run.device)
     for i in range(run.rank, -(-n // run.world) * run.world, run.world):
-        # past the last batch a rank still runs a forward (the rule in distributed.py), on a batch not counted
+        # past the last batch a rank still runs a forward (the rule in llm_trainer/core/distributed.py), on a batch not counted
         batch = run.val_batches.get(i % n).to(run.device)
         with run.autocast:
             loss, stats = micro_loss(run, batch, "val")

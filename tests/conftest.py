@@ -2,7 +2,7 @@
 
 import pytest
 
-import tokenizer
+from llm_trainer.data import tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from llm_trainer.core.checkpoint import load_checkpoint
 from tests.test_train import ROOT, TINY, final_weights, metrics, run_train, train_losses, val_losses
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,7 @@ import torch
 
 import eval as evalpy
 import export
-from checkpoint import lora_base, save_checkpoint
+from llm_trainer.core.checkpoint import lora_base, save_checkpoint
 from model import ModelConfig, Transformer
 from tests.test_export import make_run_dir
 from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
@@ -150,7 +150,7 @@ def test_generation_with_stop_strings_and_chat_template_equals_the_hf_backend(ru
 
 def make_lora_run(base, path):
     """A LoRA run directory as train.py saves one: adapters only (off zero), the base named by its sha256."""
-    from checkpoint import load_model
+    from llm_trainer.core.checkpoint import load_model
 
     plain, _ = load_model(base)
     cfg = ModelConfig(**{**plain.cfg.to_dict(), "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("q", "v", "down")})

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import export
-from tokenizer import load_tokenizer, train_tokenizer
-from checkpoint import load_model, save_checkpoint
+from llm_trainer.data.tokenizer import load_tokenizer, train_tokenizer
+from llm_trainer.core.checkpoint import load_model, save_checkpoint
 from model import ModelConfig, Transformer
-from generation import chat_prompt_ids, complete, reply
+from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
 
 transformers = pytest.importorskip("transformers")
 

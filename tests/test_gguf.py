@@ -10,11 +10,11 @@ import torch
 
 import export
 import llama_cpp
-from checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
-from generation import chat_prompt_ids, complete, reply
+from llm_trainer.core.checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
+from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
 from tests.test_export import make_run_dir
 from tests.test_tokenizer import HARD_TEXTS
-from tokenizer import load_tokenizer
+from llm_trainer.data.tokenizer import load_tokenizer
 
 PROMPT = "Return a new list containing"
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import export
-import grpo
-import losses
-import rewards
-import shards
-from checkpoint import load_model
+from llm_trainer.training import grpo
+from llm_trainer.training import losses
+from llm_trainer.training import rewards
+from llm_trainer.data import shards
+from llm_trainer.core.checkpoint import load_model
 from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +97,7 @@ def test_prepare_makes_tasks_from_prompts_and_from_chats(tmp_path, demo_pretrain
     assert meta["counts"]["skipped"] == {"empty_content": 1, "no_prompt": 1}
     split = shards.open_split(tmp_path / "out", "train", verify=True)
     assert split.refs == [{"prompt": "1 + 1 = ?", "answer": "2"}, {"prompt": "2 + 2?", "answer": "4"}]
-    from tokenizer import load_tokenizer
+    from llm_trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "out")
     text = tok.decode(split.document(1)[0].tolist())
@@ -185,7 +185,7 @@ def test_a_grpo_run_exports_and_samples_like_any_other(toy_grpo, tmp_path):
     idx = torch.randint(0, ours.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
-    import generation
+    from llm_trainer.inference import generation
 
     assert generation.load(out)[2]["chat"]  # a grpo run chats by default, as sft and dpo runs do
     assert os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))

@@ -10,7 +10,7 @@ import torch
 
 import export
 import train
-from checkpoint import load_checkpoint, load_model, save_checkpoint
+from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tests.test_train import TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
@@ -116,7 +116,7 @@ def test_merged_export_and_peft_adapter_give_the_trained_model_logits(run_name, 
 
 
 def test_sample_loads_a_lora_run_directly(lora_run):
-    import generation
+    from llm_trainer.inference import generation
 
     model, tok, info = generation.load(lora_run)
     assert info["chat"] and not any(".lora_" in k for k in model.state_dict())  # merged for generation

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import losses
+from llm_trainer.training import losses
 import train
-from batches import pack
+from llm_trainer.data.batches import pack
 from tests.test_train import TINY, metrics, run_train
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import export
-import losses
+from llm_trainer.training import losses
 import train
-from tokenizer import load_tokenizer
-from checkpoint import load_checkpoint, load_model, save_checkpoint
+from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import KVCache
 from tests.test_train import (TINY, metrics, run_train, sigkill_after_checkpoint, train_losses,
                               val_losses)

@@ -18,9 +18,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import prepare
-import shards
-from records import detect_record
-from tokenizer import file_sha256, load_tokenizer
+from llm_trainer.data import shards
+from llm_trainer.data.records import detect_record
+from llm_trainer.data.tokenizer import file_sha256, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 def write_jsonl(path, records):

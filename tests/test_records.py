@@ -1,10 +1,10 @@
-"""records.py: every input format detected and normalised, every bad record with its reason."""
+"""llm_trainer/data/records.py: every input format detected and normalised, every bad record with its reason."""
 
 import json
 
 import pytest
 
-from records import BadRecord, detect_record
+from llm_trainer.data.records import BadRecord, detect_record
 
 U, A, S = "user", "assistant", "system"
 

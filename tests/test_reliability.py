@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import files
+from llm_trainer.core import checkpoint
+from llm_trainer.core import files
 import prepare
 import sample
-import shards
+from llm_trainer.data import shards
 import train
 from model import ModelConfig, Transformer, to_hf_state_dict
 from tests.test_train import ROOT, TINY, build_run, metrics, run_train
@@ -379,7 +379,7 @@ def _id_out_of_vocab(d):
     ids = np.fromfile(path, dtype=meta["dtype"])
     ids[1234] = meta["vocab_size"] + 7
     ids.tofile(path)
-    meta["splits"]["train"]["shards"][0]["sha256"]["bin"] = shards.sha256_file(path)
+    meta["splits"]["train"]["shards"][0]["sha256"]["bin"] = files.sha256_file(path)
     (d / "meta.json").write_text(json.dumps(meta))
     return path
 

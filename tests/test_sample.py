@@ -1,8 +1,8 @@
-"""sample.py and generation.py: prompts, history truncation, streaming decode, --think, the command line."""
+"""sample.py and llm_trainer/inference/generation.py: prompts, history truncation, streaming decode, --think, the command line."""
 
 import pytest
 
-import generation
+from llm_trainer.inference import generation
 import sample
 from test_export import make_run_dir  # the tiny run directory shared with the export tests
 
@@ -164,7 +164,7 @@ def short_context_run(path, block_size=128):
     """A run directory whose model was trained at a short context, as the demo's are (128-160 tokens)."""
     import torch
 
-    from checkpoint import save_checkpoint
+    from llm_trainer.core.checkpoint import save_checkpoint
 
     run = make_run_dir(path, stage="sft")
     state = torch.load(f"{run}/ckpt.pt", map_location="cpu", weights_only=False)

@@ -15,11 +15,11 @@ import openai
 import pytest
 import torch
 
-import generation
-from checkpoint import save_checkpoint
+from llm_trainer.inference import generation
+from llm_trainer.core.checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
 from test_export import demo_lines, make_run_dir
-from tokenizer import train_tokenizer
+from llm_trainer.data.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "data", "demo")

@@ -1,4 +1,4 @@
-"""shards.py: writing shards, reading a split across shard boundaries, refusing incomplete or damaged data."""
+"""llm_trainer/data/shards.py: writing shards, reading a split across shard boundaries, refusing incomplete or damaged data."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import shards
+from llm_trainer.data import shards
 
 
 def make_dataset(tmp_path, docs, shard_tokens, vocab_size=1000, pairs=False):

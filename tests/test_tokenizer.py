@@ -1,4 +1,4 @@
-"""tokenizer.py: the tokenizer (trained, loaded, SentencePiece), ChatML ids, masks and the HF chat template."""
+"""llm_trainer/data/tokenizer.py: the tokenizer (trained, loaded, SentencePiece), ChatML ids, masks and the HF chat template."""
 
 import json
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import losses
-import shards
-import tokenizer
-from batches import Batch
+from llm_trainer.training import losses
+from llm_trainer.core import files
+from llm_trainer.data import tokenizer
+from llm_trainer.data.batches import Batch
 
 U, A, S = "user", "assistant", "system"
 
@@ -212,7 +212,7 @@ def test_a_tokenizer_saved_without_the_unescaping_keeps_its_identity(data_tok_di
     spec["normalizer"] = None  # the layout of a file saved before
     Tokenizer.from_str(json.dumps(spec)).save(str(tmp_path / "old.json"))
     assert tokenizer.file_sha256(tmp_path / "old.json") == tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
-    assert shards.sha256_file(tmp_path / "old.json") == tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
+    assert files.sha256_file(tmp_path / "old.json") == tokenizer.file_sha256(data_tok_dir / "tokenizer.json")
     spec["model"]["vocab"]["zzz_new"] = len(spec["model"]["vocab"]) + 100
     Tokenizer.from_str(json.dumps(spec)).save(str(tmp_path / "other.json"))
     assert tokenizer.file_sha256(tmp_path / "other.json") != tokenizer.file_sha256(data_tok_dir / "tokenizer.json")

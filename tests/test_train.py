@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import losses
+from llm_trainer.training import losses
 import train
-from checkpoint import load_checkpoint
+from llm_trainer.core.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=64", "--batch_size=4",
@@ -97,7 +97,7 @@ def test_val_bpb_is_a_hand_computation(demo_sft, tmp_path):
     here from decoded text (each run of targets on its own: replies are whole), not from tokenizer.token_bytes."""
     import math
 
-    from tokenizer import load_tokenizer
+    from llm_trainer.data.tokenizer import load_tokenizer
 
     run = build_run(demo_sft, str(tmp_path), eval_iters=3, batch_size=2, block_size=256)
     with torch.no_grad():

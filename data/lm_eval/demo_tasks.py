@@ -6,7 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from rewards import think_format  # noqa: E402
+from llm_trainer.training.rewards import think_format  # noqa: E402
 
 
 def final_answer(reply):

@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import checkpoint  # noqa: E402
+from llm_trainer.core import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import demo  # noqa: E402
 import prepare  # noqa: E402

@@ -1,7 +1,7 @@
 """
 The grpo stage's batches: rollouts. For each prompt of a micro-batch (a prompt of the prepared grpo
 set, rendered up to the assistant's header), grpo_group completions are sampled together with the
-KV-cache generator, scored by the reward (rewards.py) against the prompt's reference answer, and
+KV-cache generator, scored by the reward (llm_trainer/training/rewards.py) against the prompt's reference answer, and
 turned into training rows (prompt + completion; targets on the completion only) that carry each
 completion's advantage: its reward minus its group's mean (divided by the group's std when
 grpo_std_norm). losses.grpo_loss is what the rows are trained on.
@@ -9,7 +9,7 @@ grpo_std_norm). losses.grpo_loss is what the rows are trained on.
 A rollout is a pure function of (seed, global micro-batch, weights): the sampler's generator is seeded
 by the micro-batch number, so a resumed run samples the same completions, and N ranks sample what
 one process sampling every micro-batch would. Generation keeps every rank in step (the rule in
-distributed.py): all ranks decode until all are done.
+llm_trainer/core/distributed.py): all ranks decode until all are done.
 """
 
 import time
@@ -17,11 +17,11 @@ import time
 import numpy as np
 import torch
 
-import distributed
-import losses
-from batches import Batch
-from generation import chat_stop_ids, completion_text
-from rewards import exact_answer
+from llm_trainer.core import distributed
+from llm_trainer.training import losses
+from llm_trainer.data.batches import Batch
+from llm_trainer.inference.generation import chat_stop_ids, completion_text
+from llm_trainer.training.rewards import exact_answer
 
 # per-rollout figures, summed over micro-batches and ranks before they are logged
 ROLLOUT_SUMS = ("reward", "reward_sq", "correct", "completions", "completion_tokens", "no_signal_groups", "groups",

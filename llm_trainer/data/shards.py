@@ -23,7 +23,8 @@ import re
 import numpy as np
 
 import configurator
-import files
+from llm_trainer.core import files
+from llm_trainer.core.files import sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -37,14 +38,6 @@ def token_dtype(vocab_size):
 
 def shard_name(split, index):
     return f"{split}_{index:05d}"
-
-
-def sha256_file(path, chunk=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

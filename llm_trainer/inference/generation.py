@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 
 import configurator
-from checkpoint import load_model
-from common import DTYPES
-from tokenizer import load_tokenizer
+from llm_trainer.core.checkpoint import load_model
+from llm_trainer.core.common import DTYPES
+from llm_trainer.data.tokenizer import load_tokenizer
 
 CHAT_STAGES = ("sft", "dpo", "grpo")
 

@@ -1,5 +1,5 @@
 """
-Training rows from a prepared split (shards.py): what a batch is for each stage.
+Training rows from a prepared split (llm_trainer/data/shards.py): what a batch is for each stage.
 
 A unit is what a row holds: a window of block_size+1 tokens of the token
 stream (pretrain), one document from its start (sft), whole documents packed
@@ -49,7 +49,7 @@ class Batch:
     units: torch.Tensor
     segments: Optional[torch.Tensor] = None
     real: int = field(default=0)
-    # grpo rollouts (grpo.py): each row's advantage, and the rollout policy's and the reference's log-probs
+    # grpo rollouts (llm_trainer/training/grpo.py): each row's advantage, and the rollout policy's and the reference's log-probs
     advantages: Optional[torch.Tensor] = None
     old_logps: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None

@@ -9,7 +9,7 @@ What each stage minimises, per micro-batch, and the statistics it reports.
   by the number of pairs, a pair whose rows were cut to no target (a prompt
   as long as the row) left out of both. The reference is the starting weights, frozen, or
   their log-probabilities of every pair computed once (Reference).
-- grpo: on every completion token of a rollout (grpo.py), the clipped policy
+- grpo: on every completion token of a rollout (llm_trainer/training/grpo.py), the clipped policy
   gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
   and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
   the starting weights; the step divides by the completion tokens of the
@@ -24,7 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-import distributed
+from llm_trainer.core import distributed
 from model import Transformer, adapters_off
 
 # DPO statistics as TRL names them; each is a mean over pairs

@@ -1,7 +1,8 @@
 """
-Files written so that a crash never leaves half of one, and JSON as every script writes it.
+Files written so that a crash never leaves half of one, JSON as every script writes it, and file digests.
 """
 
+import hashlib
 import json
 import os
 
@@ -40,3 +41,11 @@ def write_json(path, obj, indent=2, durable=False):
         return
     write_synced(path + ".tmp", dump, mode="w")
     replace_durably(path + ".tmp", path)
+
+
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -45,7 +45,7 @@ from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normaliz
                         trainers)
 
 import configurator
-from files import write_json
+from llm_trainer.core.files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]

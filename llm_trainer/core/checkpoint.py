@@ -21,11 +21,11 @@ import sys
 
 import torch
 
-import distributed
-import files
+from llm_trainer.core import distributed
+from llm_trainer.core import files
+from llm_trainer.core.files import sha256_file
 from configurator import fail
 from model import ModelConfig, Transformer, from_hf_state_dict, merge_lora
-from shards import sha256_file
 
 CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

@@ -815,8 +815,10 @@ def test_hf_import_reads_safetensors_only(tmp_path, capsys):
 
 def _project_sources():
     """The code that runs when someone uses the project (tests may build malicious files on purpose)."""
-    return sorted(Path(p) for pattern in ("*.py", "config/*.py", "data/demo/*.py")
-                  for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = sorted(Path(p) for pattern in ("*.py", "llm_trainer/**/*.py", "config/*.py", "data/demo/*.py")
+                     for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+    assert any(p.parts[-3:] == ("llm_trainer", "core", "checkpoint.py") for p in sources)  # the package is scanned
+    return sources
 
 
 def _calls(tree):

@@ -140,7 +140,8 @@ def test_ppo_epochs_and_kl_run_and_start_at_ratio_one(toy_grpo, tmp_path):
     run = train.build(train.configure(grpo_args(toy_grpo, str(tmp_path / "inproc"), "--grpo_epochs=2",
                                                 "--grpo_kl=0.1")))
     _, micros, _ = grpo.rollouts(run, 0)
-    loss, stats = losses.grpo_loss(run.model, micros[0], run.cfg)
+    cfg = run.cfg
+    loss, stats = losses.grpo_loss(run.model, micros[0], cfg["temperature"], cfg["grpo_clip"], cfg["grpo_kl"])
     assert stats["kl"].item() == pytest.approx(0, abs=1e-6) and stats["clip_fraction"].item() == 0
 
 

@@ -235,8 +235,8 @@ def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path,
     def dpo(units):
         b = batches.batch(units)
         with torch.no_grad():
-            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg)
-        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, "dpo")
+            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg["dpo_beta"])
+        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, pairs=True)
 
     alone = [dpo([k]) for k in good]
     loss, accuracy, count = dpo([empty[0], *good])

@@ -254,7 +254,8 @@ def test_vocab_mismatch_is_refused(demo_pretrain, tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(demo_pretrain, tmp_path):
     out = str(tmp_path / "run")
     p = run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=4",
-                   "--debug_nonfinite_iters=[5, 9, 10, 11]", "--max_bad_steps=3", *TINY], check=False)
+                   "--max_bad_steps=3", *TINY], check=False,
+                  env={**os.environ, "TRAIN_FAULTS": '{"nonfinite_iters": [5, 9, 10, 11]}'})
     assert p.returncode == 1 and "non-finite steps in a row" in p.stdout + p.stderr
     skipped = [r["iter"] for r in metrics(out) if r.get("skipped")]
     assert skipped == [6, 10, 11, 12]

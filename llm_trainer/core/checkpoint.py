@@ -18,6 +18,8 @@ import pickle
 import re
 import shutil
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -312,7 +314,7 @@ def frozen_weights(source, mcfg, what):
         torch.manual_seed(source["seed"])  # as train.build initialises a model from scratch
         return Transformer(mcfg).state_dict()
     check_source(source, what)
-    return starting_weights(source["path"])["model"]
+    return starting_weights(source["path"]).model
 
 
 def lora_base(path):
@@ -360,8 +362,25 @@ def save_run(run, it):
     distributed.together(write, run.rank, run.world, "the checkpoint write")
 
 
+@dataclass
+class Start:
+    """What a run starts from (load_start): the weights, their shape (ModelConfig.to_dict), the data identity and
+    the stage they were trained on ({} and None for HF weights); saved: for init_from=resume, the checkpoint that
+    goes on (iter, optimizer, scaler, config, frozen, run_id, lora_base, best_val_loss), else None."""
+
+    model: dict
+    model_config: dict
+    data: dict
+    stage: Optional[str] = None
+    saved: Optional[dict] = None
+
+    @property
+    def resumed(self):
+        return self.saved is not None
+
+
 def load_start(cfg):
-    """The state a run starts from: None (scratch), a checkpoint dict (resume or a run dir), or HF weights."""
+    """What a run starts from: None (scratch, or resume with no checkpoint yet), else a Start."""
     src = cfg["init_from"]
     if src == "scratch":
         return None
@@ -371,24 +390,22 @@ def load_start(cfg):
             print(f"init_from=resume: no checkpoint in {cfg['out_dir']} yet, starting from scratch")
             return None
         state = with_lora_base(load_checkpoint(path))
-        state["resume"] = True
-        return state
+        return Start(state["model"], state["model_config"], state.get("data", {}), state.get("stage"), saved=state)
     return starting_weights(src)
 
 
 def starting_weights(src):
-    """{model, model_config, data, stage} of the weights in a run directory (a LoRA run's adapters merged into
-    its base) or an HF Llama directory: what a run starting from src starts from."""
+    """The Start of the weights in a run directory (a LoRA run's adapters merged into its base) or an HF Llama
+    directory: what a run starting from src starts from."""
     if os.path.isfile(os.path.join(src, CKPT_NAME)):
         state = load_checkpoint(os.path.join(src, CKPT_NAME))
         if state.get("lora_base"):  # a LoRA run continued: its base with the adapters merged
             model, _ = load_model(src)
             state = {**state, "model": model.state_dict(), "model_config": model.cfg.to_dict()}
-        return {"model": state["model"], "model_config": state["model_config"], "data": state.get("data", {}),
-                "stage": state.get("stage")}
+        return Start(state["model"], state["model_config"], state.get("data", {}), state.get("stage"))
     if os.path.isdir(src) and is_hf_dir(src):
         model, _ = load_model(src)
-        return {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "data": {}, "stage": None}
+        return Start(model.state_dict(), model.cfg.to_dict(), {})
     fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
 
 
@@ -397,11 +414,11 @@ def model_config(cfg, meta, start, lora_targets=()):
     lora = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
             "lora_targets": tuple(lora_targets) if cfg["lora_rank"] else ()}
     if start is not None:
-        mc = ModelConfig(**{**start["model_config"], "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
-                            **lora})
+        mcfg = ModelConfig(**{**start.model_config, "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
+                              **lora})
         if cfg["rope_scaling"] is not None:
-            mc.rope_scaling = dict(cfg["rope_scaling"])
-        return ModelConfig(**mc.to_dict())
+            mcfg.rope_scaling = dict(cfg["rope_scaling"])
+        return ModelConfig(**mcfg.to_dict())
     return ModelConfig(
         vocab_size=cfg["vocab_size"] or meta["vocab_size"], dim=cfg["dim"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None, ffn_dim=cfg["ffn_dim"] or None,
@@ -420,9 +437,9 @@ def data_identity(cfg, meta):
 
 def check_data_identity(cfg, meta, start):
     """A checkpoint continued on data from another tokenizer would train on garbage: refuse it."""
-    if start is None or not start.get("data"):
+    if start is None or not start.data:
         return
-    theirs, ours = start["data"].get("tokenizer_sha256"), meta.get("tokenizer_sha256")
+    theirs, ours = start.data.get("tokenizer_sha256"), meta.get("tokenizer_sha256")
     if theirs and ours and theirs != ours:
         fail(f"{cfg['data_dir']} was tokenized with a different tokenizer than the checkpoint in "
              f"{cfg['init_from'] if cfg['init_from'] != 'resume' else cfg['out_dir']} was trained with")

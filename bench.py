@@ -269,12 +269,12 @@ def hf_model(raw, dev):
 
     from llm_trainer.core.checkpoint import hf_config_dict
 
-    config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.cfg, pad_id=0), attn_implementation="sdpa")
+    config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.mcfg, pad_id=0), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(raw), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"HF baseline does not take our weights: missing {missing}, unexpected {unexpected}")
-    if raw.cfg.tie_embeddings:
+    if raw.mcfg.tie_embeddings:
         hf.tie_weights()
     return hf.to(dev).train()
 
@@ -401,7 +401,7 @@ def measure_prepare(mb, workdir):
 def measure_decode(raw, hf, n_new, run, repeats=5):
     """Greedy decode at batch 1 on the same weights and prompt, ours and HF taking turns:
     {name: (median tokens/s, tokens)}."""
-    dev, vocab = run.device, raw.cfg.vocab_size
+    dev, vocab = run.device, raw.mcfg.vocab_size
     prompt = torch.randint(1, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def ours():
@@ -762,7 +762,7 @@ def bench_lora(b):
         os.makedirs(base_dir)
         base = Transformer(checkpoint.model_config(train_config(b, data, base_dir, stage="sft"),
                                                          {"vocab_size": b["vocab_size"]}, None))
-        checkpoint.save_checkpoint(base_dir, {"model": base.state_dict(), "model_config": base.cfg.to_dict()})
+        checkpoint.save_checkpoint(base_dir, {"model": base.state_dict(), "model_config": base.mcfg.to_dict()})
         fig["model.params"] = base.num_params()
         del base
         runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", init_from=base_dir,

@@ -681,9 +681,9 @@ def _results(chunks, tok, settings, n_workers):
 
 
 def main(argv=None):
-    config = configurator.configure(_DEFAULTS, argv)
-    configurator.print_config(config)
-    return prepare(**config)
+    cfg = configurator.configure(_DEFAULTS, argv)
+    configurator.print_config(cfg)
+    return prepare(**cfg)
 
 
 def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_bytes, stage, allow_mixed,

@@ -584,8 +584,8 @@ def reference_start(raw, source, resumed, cfg):
     if source is None:
         fail(f"the checkpoint in {cfg['out_dir']} does not record where the {cfg['stage']} reference came from (saved "
              "by an older version): start the run again")
-    model = Transformer(raw.cfg)
-    model.load_state_dict(checkpoint.frozen_weights(source, raw.cfg, f"the reference of this {cfg['stage']} run"))
+    model = Transformer(raw.mcfg)
+    model.load_state_dict(checkpoint.frozen_weights(source, raw.mcfg, f"the reference of this {cfg['stage']} run"))
     return model.to(next(raw.parameters()).device)
 
 
@@ -706,10 +706,10 @@ def print_plan(run):
         return
     cfg, raw = run.cfg, run.raw_model
     trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    lora = (f", LoRA rank {raw.cfg.lora_rank} on {'/'.join(raw.cfg.lora_targets)} of {run.lora_base['path']}"
+    lora = (f", LoRA rank {raw.mcfg.lora_rank} on {'/'.join(raw.mcfg.lora_targets)} of {run.lora_base['path']}"
             if run.lora_base else "")
     print(f"model: {raw.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trainable{lora}), "
-          f"{raw.cfg.n_layers} layers, dim {raw.cfg.dim}, vocab {raw.cfg.vocab_size}; device {run.device}, "
+          f"{raw.mcfg.n_layers} layers, dim {raw.mcfg.dim}, vocab {raw.mcfg.vocab_size}; device {run.device}, "
           f"{common.dtype_name(run.ptdtype)}, {run.world} process(es){', FSDP' if run.fsdp else ''}")
     if not cfg["eval_iters"]:
         print("no evaluation (eval_iters=0): no val figures, and no best val loss in the checkpoints", flush=True)

@@ -183,7 +183,7 @@ def test_a_grpo_run_exports_and_samples_like_any_other(toy_grpo, tmp_path):
     ours, info = load_model(out)
     assert info["stage"] == "grpo"
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
-    idx = torch.randint(0, ours.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, ours.mcfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
     from llm_trainer.inference import generation

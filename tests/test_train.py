@@ -120,7 +120,7 @@ def test_val_bpb_is_a_hand_computation(demo_sft, tmp_path):
                     text = text.replace(control, "")
                 text_bytes += len(text.encode("utf-8"))
     ev = train.evaluate(run)
-    vocab = run.raw_model.cfg.vocab_size
+    vocab = run.raw_model.mcfg.vocab_size
     assert ev["val_loss"] == pytest.approx(math.log(vocab), rel=1e-5)
     assert ev["val_bpb"] == pytest.approx(targets * math.log(vocab) / math.log(2) / text_bytes, rel=1e-5)
     assert text_bytes > 1.2 * targets  # tokens of more than one byte: bits per byte is not bits per token

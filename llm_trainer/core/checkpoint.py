@@ -201,28 +201,28 @@ def hf_model_config(path):
         return model_config_from_hf(json.load(f))
 
 
-def hf_config_dict(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
+def hf_config_dict(mcfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
     """config.json for LlamaForCausalLM: rope_theta and rope_parameters both, so transformers 4.x and 5.x agree."""
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    max_len = cfg.max_seq_len
-    if cfg.rope_scaling:
-        s = cfg.rope_scaling
-        rope = {"rope_type": s["type"], "factor": float(s["factor"]), "rope_theta": cfg.rope_theta}
+    rope = {"rope_type": "default", "rope_theta": mcfg.rope_theta}
+    max_len = mcfg.max_seq_len
+    if mcfg.rope_scaling:
+        s = mcfg.rope_scaling
+        rope = {"rope_type": s["type"], "factor": float(s["factor"]), "rope_theta": mcfg.rope_theta}
         if s["type"] == "yarn":
-            rope["original_max_position_embeddings"] = cfg.rope_original_len
+            rope["original_max_position_embeddings"] = mcfg.rope_original_len
             rope.update({k: s[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in s})
         if s["type"] == "dynamic":
-            max_len = cfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
+            max_len = mcfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
-        "rope_scaling": rope if cfg.rope_scaling else None,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.dim, "intermediate_size": mcfg.ffn_dim,
+        "num_hidden_layers": mcfg.n_layers, "num_attention_heads": mcfg.n_heads,
+        "num_key_value_heads": mcfg.n_kv_heads, "head_dim": mcfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": max_len, "rms_norm_eps": mcfg.norm_eps,
+        "rope_theta": mcfg.rope_theta, "rope_parameters": rope,
+        "rope_scaling": rope if mcfg.rope_scaling else None,
+        "tie_word_embeddings": mcfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": mcfg.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
         "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
     }
@@ -251,20 +251,20 @@ def load_model(path, device="cpu"):
     ckpt = os.path.join(path, CKPT_NAME)
     if os.path.isfile(ckpt):
         state = load_checkpoint(ckpt)
-        cfg = ModelConfig(**state["model_config"])
-        model = Transformer(cfg)
+        mcfg = ModelConfig(**state["model_config"])
+        model = Transformer(mcfg)
         model.load_state_dict(with_lora_base(state)["model"])
-        if cfg.lora_rank:  # generation and export want plain weights: the adapters merged
+        if mcfg.lora_rank:  # generation and export want plain weights: the adapters merged
             model = merge_lora(model)
         info = {"kind": "run", "stage": state.get("stage"), "iter": state.get("iter"),
                 "config": state.get("config", {}), "lora_base": state.get("lora_base")}
     elif is_hf_dir(path):
-        cfg = hf_model_config(path)
-        model = Transformer(cfg)
+        mcfg = hf_model_config(path)
+        model = Transformer(mcfg)
         weights = load_hf_weights(path)
-        if cfg.tie_embeddings:
+        if mcfg.tie_embeddings:
             weights.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, cfg), strict=False)
+        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, mcfg), strict=False)
         if missing or unexpected:
             fail(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
         info = {"kind": "hf", "stage": None, "iter": None, "config": {}, "lora_base": None}
@@ -350,7 +350,7 @@ def save_run(run, it):
             return
         saved = {k: v for k, v in model_sd.items() if ".lora_" in k or not run.lora_base}  # LoRA: the base is named
         state = {"model": {k: v.float() for k, v in saved.items()}, "optimizer": optim_sd,
-                 "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
+                 "scaler": run.scaler.state_dict(), "model_config": run.raw_model.mcfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
                  "data": run.data_identity, "lora_base": run.lora_base, "frozen": run.frozen, "run_id": run.run_id}
         try:
@@ -401,11 +401,11 @@ def starting_weights(src):
         state = load_checkpoint(os.path.join(src, CKPT_NAME))
         if state.get("lora_base"):  # a LoRA run continued: its base with the adapters merged
             model, _ = load_model(src)
-            state = {**state, "model": model.state_dict(), "model_config": model.cfg.to_dict()}
+            state = {**state, "model": model.state_dict(), "model_config": model.mcfg.to_dict()}
         return Start(state["model"], state["model_config"], state.get("data", {}), state.get("stage"))
     if os.path.isdir(src) and is_hf_dir(src):
         model, _ = load_model(src)
-        return Start(model.state_dict(), model.cfg.to_dict(), {})
+        return Start(model.state_dict(), model.mcfg.to_dict(), {})
     fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
 
 

@@ -175,7 +175,7 @@ class Reference:
 def frozen_copy(raw_model, device, param_dtype):
     """A frozen copy of a model in eval mode, its parameters in param_dtype (its buffers, the rotary frequencies,
     stay float32, as under FSDP's mixed precision, which casts parameters only)."""
-    model = Transformer(raw_model.cfg).to(device)
+    model = Transformer(raw_model.mcfg).to(device)
     model.load_state_dict(raw_model.state_dict())
     for p in model.parameters():
         p.data = p.data.to(param_dtype)

@@ -44,10 +44,13 @@ def _loss_nats(val_sums):
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage. The callables take train.Run (run), a resolved config (cfg) or a batches.Batch (batch)."""
+
     name: str
     record_kind: str  # prepare.py: the records (records.detect_record) a set of this stage holds; stage=auto picks it
     unit: str  # what a row holds: "window", "document" or "pair" (the module docstring)
     loss: Callable  # (run, batch, split) -> (summed loss, {statistic: sum}) of a micro-batch (training/losses.py)
+    plan: Callable  # (run) -> the lines the run's plan prints for the stage, the first one its steps
     stats: tuple = ()  # the statistics loss reports: logged, and means over the targets in evaluation
     keys: tuple = ()  # config keys of this stage only: another stage refuses them set away from their default
     fixed_on_resume: tuple = ()  # of those, the ones that decide the model, the reference or the batches
@@ -65,7 +68,6 @@ class Stage:
     evaluate: Optional[Callable] = None  # (run) -> val figures; None: the loss over eval_iters val micro-batches
     setup: Optional[Callable] = None  # (run, tokenizer): what else its steps need, set on the run
     check: Callable = _no_checks  # (cfg): settings this stage cannot run with: one line, exit 2
-    plan: Callable = None  # (run) -> the lines the run's plan prints for it
 
 
 # -----------------------------------------------------------------------------

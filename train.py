@@ -425,12 +425,8 @@ def build(cfg):
 
     reference, frozen, wants_reference = None, {}, stage.needs_reference(cfg)
     if wants_reference and not cfg["lora_rank"]:  # (a LoRA run's reference is its base, which lora_base records)
-        frozen = {"reference": start.saved.get("frozen", {}).get("reference") if resumed else
-                  checkpoint.weights_source(cfg["init_from"] if start is not None else "scratch", cfg["seed"])}
         used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
-        reference = losses.Reference(reference_start(raw, frozen["reference"], resumed, cfg), used, dev, autocast,
-                                     rank, world, precompute=stage.precompute_reference(cfg),
-                                     param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
+        reference, frozen = frozen_reference(cfg, stage, raw, start, used, dev, ptdtype, autocast, rank, world)
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
     if wants_reference and cfg["lora_rank"]:  # the reference is the base: the policy with its adapters off
@@ -521,6 +517,19 @@ def make_batches(cfg, stage, meta, splits):
              "--val_fraction=0.01 (or --val_input=FILE), or train without evaluation: --eval_iters=0")
     return train_batches, Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
                                   **args)
+
+
+def frozen_reference(cfg, stage, raw, start, batches, dev, ptdtype, autocast, rank, world):
+    """(losses.Reference, {"reference": where its weights came from}): a frozen copy of the starting weights (or
+    their log-probs of every pair of `batches`), made before the model is wrapped; the source is saved in
+    checkpoints, so that a resumed run rebuilds the same reference."""
+    resumed = start is not None and start.resumed
+    frozen = {"reference": start.saved.get("frozen", {}).get("reference") if resumed else
+              checkpoint.weights_source(cfg["init_from"] if start is not None else "scratch", cfg["seed"])}
+    reference = losses.Reference(reference_start(raw, frozen["reference"], resumed, cfg), batches, dev, autocast,
+                                 rank, world, precompute=stage.precompute_reference(cfg),
+                                 param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
+    return reference, frozen
 
 
 def add_text_and_tasks(run, meta):

@@ -88,6 +88,7 @@ import time
 import numpy as np
 import torch
 
+from llm_trainer import stages
 from llm_trainer.core import common
 import configurator
 import prepare
@@ -136,7 +137,7 @@ eval_batch_sizes = [1, 8, 32]
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
-peak_tflops = 0.0  # 0: train.PEAK_TFLOPS by GPU name (none on CPU)
+peak_tflops = 0.0  # 0: common.PEAK_TFLOPS by GPU name (none on CPU)
 data_batches = 20  # micro-batches timed for the data loading figure (0: skip)
 prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
 decode_tokens = 64  # new tokens per decode run (0: skip)
@@ -268,12 +269,12 @@ def hf_model(raw, dev):
 
     from llm_trainer.core.checkpoint import hf_config_dict
 
-    config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.cfg, pad_id=0), attn_implementation="sdpa")
+    config = transformers.LlamaConfig.from_dict(hf_config_dict(raw.mcfg, pad_id=0), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(raw), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"HF baseline does not take our weights: missing {missing}, unexpected {unexpected}")
-    if raw.cfg.tie_embeddings:
+    if raw.mcfg.tie_embeddings:
         hf.tie_weights()
     return hf.to(dev).train()
 
@@ -282,7 +283,7 @@ def hf_run(run, hf, b):
     """A train.Run for train.train_step that trains `hf` instead of ours; everything else equal."""
     return dataclasses.replace(
         run, raw_model=hf, model=torch.compile(AsOurs(hf), mode=b["compile_mode"]) if b["compile"] else AsOurs(hf),
-        optimizer=train.configure_optimizer(hf, run.cfg, run.device), prefetched=None,
+        optimizer=train.configure_optimizer(hf, run.cfg, run.device), prefetched={},
         scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()))
 
 
@@ -349,7 +350,7 @@ def measure_training(runs, b):
     ratios = [sum(h[0]) / sum(o[0]) for o, h in zip(rounds["ours"], rounds["hf"])] if "hf" in rounds else []
     ours = runs["ours"]
     cfg = ours.cfg
-    tokens = train.tokens_per_step(cfg)
+    tokens = stages.tokens_per_step(cfg)
     peak = peak_of(ours.device, b)
     out = {}
     for name, run in runs.items():
@@ -400,7 +401,7 @@ def measure_prepare(mb, workdir):
 def measure_decode(raw, hf, n_new, run, repeats=5):
     """Greedy decode at batch 1 on the same weights and prompt, ours and HF taking turns:
     {name: (median tokens/s, tokens)}."""
-    dev, vocab = run.device, raw.cfg.vocab_size
+    dev, vocab = run.device, raw.mcfg.vocab_size
     prompt = torch.randint(1, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def ours():
@@ -523,7 +524,7 @@ def bench_sft(b):
         batches = runs["padded"].train_batches
         fig.update({"model.params": runs["packed"].raw_model.num_params(), "sft.documents": batches.split.num_docs,
                     "sft.mean_length": float((batches.split.doc_ends - batches.split.doc_starts).mean()),
-                    "sft.truncated": batches.truncated, "sft.tokens_per_step": train.tokens_per_step(runs["packed"].cfg)})
+                    "sft.truncated": batches.truncated, "sft.tokens_per_step": stages.tokens_per_step(runs["packed"].cfg)})
         rounds = timed_in_turns(runs, b)
 
         def rate(rs):  # target tokens per second over the steps of these rounds
@@ -761,7 +762,7 @@ def bench_lora(b):
         os.makedirs(base_dir)
         base = Transformer(checkpoint.model_config(train_config(b, data, base_dir, stage="sft"),
                                                          {"vocab_size": b["vocab_size"]}, None))
-        checkpoint.save_checkpoint(base_dir, {"model": base.state_dict(), "model_config": base.cfg.to_dict()})
+        checkpoint.save_checkpoint(base_dir, {"model": base.state_dict(), "model_config": base.mcfg.to_dict()})
         fig["model.params"] = base.num_params()
         del base
         runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", init_from=base_dir,
@@ -778,7 +779,7 @@ def bench_lora(b):
             extra = max(e or 0 for _, e, _ in rounds[how])
             fig.update({f"lora.{how}.trainable_params": sum(p.numel() for p in trainable),
                         f"lora.{how}.step_ms": 1000 * statistics.median(times),
-                        f"lora.{how}.tokens_per_s": train.tokens_per_step(run.cfg) / statistics.median(times),
+                        f"lora.{how}.tokens_per_s": stages.tokens_per_step(run.cfg) / statistics.median(times),
                         f"lora.{how}.weights_mb": weights / 2**20, f"lora.{how}.grads_mb": grads / 2**20,
                         f"lora.{how}.optimizer_mb": optimizer / 2**20,
                         f"lora.{how}.state_mb": (weights + grads + optimizer) / 2**20,

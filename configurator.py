@@ -75,21 +75,21 @@ def check_type(key, value, default):
 
 
 def configure(defaults, argv=None):
-    """The config resolved from `defaults` (left unchanged), config files and --key=value overrides in argv."""
+    """The cfg resolved from `defaults` (left unchanged), cfg files and --key=value overrides in argv."""
     argv = sys.argv[1:] if argv is None else argv
-    config = dict(defaults)
+    cfg = dict(defaults)
     known = list(defaults)
     for arg in argv:
         if not arg.startswith("--"):
-            _apply_file(arg, config, defaults)
+            _apply_file(arg, cfg, defaults)
             continue
         if "=" not in arg:
             fail(f"argument '{arg}' must look like --key=value")
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             _unknown_key(key, known)
-        config[key] = check_type(key, _parse_value(text), defaults[key])
-    return config
+        cfg[key] = check_type(key, _parse_value(text), defaults[key])
+    return cfg
 
 
 def _apply_file(path, config, defaults):

@@ -45,7 +45,7 @@ import time
 import torch
 
 import configurator
-import train
+from llm_trainer import stages
 from llm_trainer.core.files import write_json
 
 # -----------------------------------------------------------------------------
@@ -158,25 +158,25 @@ def timed(wall, name):
 # 1. prepare
 
 
-def prepare_all(c, sets):
+def prepare_all(cfg, sets):
     """Tokenizer + pretraining shards, then every chat set tokenized with that tokenizer."""
     import prepare
 
-    args = ["config/prepare_demo.py", f"--out_dir={sets['pretrain']}", f"--workers={c['workers']}"]
-    if c["quick"]:
+    args = ["config/prepare_demo.py", f"--out_dir={sets['pretrain']}", f"--workers={cfg['workers']}"]
+    if cfg["quick"]:
         args += QUICK_PREPARE
     metas = {"pretrain": prepare.main(args)}
     for name, (stem, stage) in CHAT_SETS.items():
         config_file, extra, where = CONFIG_OF[stage], [], DEMO
         max_len = config_value(config_file, "block_size")
         if stage == "grpo":  # prompts with their answers; a prompt leaves room for the completion
-            where, extra = count_prompts(c["data_dir"]), ["--stage=grpo"]
+            where, extra = count_prompts(cfg["data_dir"]), ["--stage=grpo"]
             max_len -= config_value(config_file, "max_new_tokens")
         print(f"\n-- {name}: {stem}_train.jsonl (+ {stem}_val.jsonl held out), max_len {max_len}", flush=True)
         metas[name] = prepare.main([
             f"--input={where}/{stem}_train.jsonl", f"--val_input={where}/{stem}_val.jsonl",
             f"--out_dir={sets[name]}", f"--tokenizer={sets['pretrain']}", f"--max_len={max_len}",
-            f"--workers={c['workers']}", *extra])
+            f"--workers={cfg['workers']}", *extra])
     return metas
 
 
@@ -195,18 +195,18 @@ def count_prompts(data_dir):
 # 2. training: train.py as a subprocess (it exits on errors and handles signals), its output streamed
 
 
-def train_command(c, stage, config_file, init_stage, data, device_kind, device="cpu"):
+def train_command(cfg, stage, config_file, init_stage, data, device_kind, device="cpu"):
     cmd = [sys.executable, "train.py"]
     if init_stage is None:  # the model's shape: only a run from scratch reads it
         cmd.append(MODEL_PRESET[device_kind])
     # a demo starts over: the checkpoints a previous demo left in the stage's run directory are replaced
-    cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(c, stage)}", f"--device={device}", "--overwrite=True"]
+    cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(cfg, stage)}", f"--device={device}", "--overwrite=True"]
     if init_stage is not None:
-        cmd.append(f"--init_from={run_dir(c, init_stage)}")
+        cmd.append(f"--init_from={run_dir(cfg, init_stage)}")
     if device_kind == "gpu":
         lr = config_value(config_file, "learning_rate") * GPU_LR_SCALE
         cmd += GPU_FLAGS + [f"--learning_rate={lr:.3g}", f"--min_lr={lr / 10:.3g}"]
-    if c["quick"]:
+    if cfg["quick"]:
         n = QUICK_ITERS[stage]
         cmd += QUICK_MODEL if init_stage is None else []
         cmd += QUICK_FLAGS + [f"--max_iters={n}", f"--eval_interval={n}", f"--warmup_iters={max(1, n // 10)}",
@@ -214,8 +214,8 @@ def train_command(c, stage, config_file, init_stage, data, device_kind, device="
     return cmd
 
 
-def run_dir(c, stage):
-    return os.path.join(c["out_dir"], stage)
+def run_dir(cfg, stage):
+    return os.path.join(cfg["out_dir"], stage)
 
 
 def run_train(cmd):
@@ -234,7 +234,7 @@ def stage_summary(path, init_stage):
     steps_logged = [r for r in rows if "loss" in r and not r.get("skipped")]
     evals = [r for r in rows if "val_loss" in r]
     steps = steps_logged[-1]["iter"]
-    per_step = train.tokens_per_step(cfg)  # None for grpo: its rows are as long as prompt and completion
+    per_step = stages.tokens_per_step(cfg)  # None for grpo: its rows are as long as prompt and completion
     return {
         "init_from": init_stage, "block_size": cfg["block_size"], "steps": steps, "stage": cfg["stage"],
         "tokens": steps * per_step if per_step else None, "epochs": steps_logged[-1]["epoch"],
@@ -256,11 +256,11 @@ def stage_summary(path, init_stage):
 # 3. evaluation on the held-out tasks
 
 
-def held_out(c):
+def held_out(cfg):
     """The prompts of tasks_val.jsonl each model answers: all, or the first max_prompts (the file interleaves the
     kinds, so every kind is among the first ten)."""
     tasks = read_jsonl(f"{DEMO}/tasks_val.jsonl")
-    n = c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0)
+    n = cfg["max_prompts"] or (QUICK_PROMPTS if cfg["quick"] else 0)
     return tasks[:n] if n else tasks
 
 
@@ -299,9 +299,9 @@ def model_shape(path):
     from llm_trainer.core.checkpoint import load_model
 
     model, _ = load_model(path)
-    mc = model.cfg
-    return {"params": model.num_params(), "n_layers": mc.n_layers, "dim": mc.dim, "n_heads": mc.n_heads,
-            "n_kv_heads": mc.n_kv_heads, "vocab_size": mc.vocab_size}
+    mcfg = model.mcfg
+    return {"params": model.num_params(), "n_layers": mcfg.n_layers, "dim": mcfg.dim, "n_heads": mcfg.n_heads,
+            "n_kv_heads": mcfg.n_kv_heads, "vocab_size": mcfg.vocab_size}
 
 
 def pass_at(path, tasks, device, group, temperature, max_new_tokens):
@@ -334,26 +334,26 @@ def accuracy_table(results):
             "think_well_formed": sum(r["think_well_formed"] for r in results)}
 
 
-def grpo_group(c):
+def grpo_group(cfg):
     """The completions per prompt of the demo's GRPO stage (the quick run's flags win)."""
-    quick = [f for f in QUICK_STAGE_FLAGS["grpo"] if f.startswith("--grpo_group=")] if c["quick"] else []
+    quick = [f for f in QUICK_STAGE_FLAGS["grpo"] if f.startswith("--grpo_group=")] if cfg["quick"] else []
     return int(quick[0].split("=")[1]) if quick else config_value(CONFIG_OF["grpo"], "grpo_group")
 
 
-def new_tokens(c, stage):
+def new_tokens(cfg, stage):
     n = MAX_NEW_TOKENS.get(stage, DEFAULT_NEW_TOKENS)
-    return min(n, QUICK_NEW_TOKENS) if c["quick"] else n
+    return min(n, QUICK_NEW_TOKENS) if cfg["quick"] else n
 
 
-def evaluate_all(c, limit, device):
+def evaluate_all(cfg, limit, device):
     """({stage: accuracy table with its replies and eval.py's figures}, the models' shape: every stage continues
     the same model)."""
     scored = {}
-    os.makedirs(os.path.join(c["out_dir"], "eval"), exist_ok=True)
+    os.makedirs(os.path.join(cfg["out_dir"], "eval"), exist_ok=True)
     for stage in CHAT_STAGES:
         t0 = time.perf_counter()
-        results, figures = answer_tasks(run_dir(c, stage), limit, device, new_tokens(c, stage))
-        with open(os.path.join(c["out_dir"], "eval", f"{stage}.jsonl"), "w", encoding="utf-8") as f:
+        results, figures = answer_tasks(run_dir(cfg, stage), limit, device, new_tokens(cfg, stage))
+        with open(os.path.join(cfg["out_dir"], "eval", f"{stage}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         scored[stage] = {**accuracy_table(results), "harness": figures["tasks"]}
         s, mc = scored[stage], figures["tasks"]["demo_add"]["metrics"]
@@ -362,7 +362,7 @@ def evaluate_all(c, limit, device):
               + f"  demo_add acc {mc['acc']['value']:.3f} ± {mc['acc']['stderr']:.3f}"
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         scored[stage]["results"] = results
-    return scored, model_shape(run_dir(c, "sft"))
+    return scored, model_shape(run_dir(cfg, "sft"))
 
 
 # -----------------------------------------------------------------------------
@@ -643,57 +643,57 @@ def render_report(r):
 
 
 def main(argv=None):
-    c = configurator.configure(_DEFAULTS, argv)
-    if c["preset"] not in ("auto", "cpu", "gpu"):
-        configurator.fail(f"preset must be auto, cpu or gpu, got {c['preset']!r}")
-    kind = c["preset"] if c["preset"] != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    cfg = configurator.configure(_DEFAULTS, argv)
+    if cfg["preset"] not in ("auto", "cpu", "gpu"):
+        configurator.fail(f"preset must be auto, cpu or gpu, got {cfg['preset']!r}")
+    kind = cfg["preset"] if cfg["preset"] != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.chdir(ROOT)
-    os.makedirs(c["out_dir"], exist_ok=True)
-    sets = {name: os.path.join(c["data_dir"], f"demo_{name}") for name in ["pretrain", *CHAT_SETS]}
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    sets = {name: os.path.join(cfg["data_dir"], f"demo_{name}") for name in ["pretrain", *CHAT_SETS]}
     wall, t_start = {}, time.perf_counter()
-    print(f"demo: {kind} preset on {device}{' (quick)' if c['quick'] else ''}; everything goes to {c['out_dir']}",
+    print(f"demo: {kind} preset on {device}{' (quick)' if cfg['quick'] else ''}; everything goes to {cfg['out_dir']}",
           flush=True)
 
     header("1. prepare: tokenizer and token shards")
     with timed(wall, "prepare"):
-        metas = prepare_all(c, sets)
+        metas = prepare_all(cfg, sets)
 
     stages = {}
     for i, (stage, config_file, init_stage, data) in enumerate(STAGES, start=2):
         header(f"{i}. {stage}: train.py {config_file}" + (f", from {init_stage}" if init_stage else ""))
         with timed(wall, stage):
-            run_train(train_command(c, stage, config_file, init_stage, sets[data], kind, device))
-        stages[stage] = stage_summary(run_dir(c, stage), init_stage)
+            run_train(train_command(cfg, stage, config_file, init_stage, sets[data], kind, device))
+        stages[stage] = stage_summary(run_dir(cfg, stage), init_stage)
 
     step = len(STAGES) + 2
-    header(f"{step}. evaluate: greedy answers to the held-out tasks, and pass@{grpo_group(c)} of GRPO's start")
-    tasks = held_out(c)
+    header(f"{step}. evaluate: greedy answers to the held-out tasks, and pass@{grpo_group(cfg)} of GRPO's start")
+    tasks = held_out(cfg)
     with timed(wall, "evaluate"):
-        scored, shape = evaluate_all(c, c["max_prompts"] or (QUICK_PROMPTS if c["quick"] else 0), device)
-        passed = pass_at(run_dir(c, "distill"), tasks, device, grpo_group(c), config_value(CONFIG_OF["grpo"],
-                         "temperature"), new_tokens(c, "grpo"))
-    print(f"distill, pass@{grpo_group(c)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"
+        scored, shape = evaluate_all(cfg, cfg["max_prompts"] or (QUICK_PROMPTS if cfg["quick"] else 0), device)
+        passed = pass_at(run_dir(cfg, "distill"), tasks, device, grpo_group(cfg), config_value(CONFIG_OF["grpo"],
+                         "temperature"), new_tokens(cfg, "grpo"))
+    print(f"distill, pass@{grpo_group(cfg)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"
                                                         for k, v in passed["by_task"].items()), flush=True)
 
     header(f"{step + 1}. export: the DPO model to transformers, compared")
-    chats = CHAT[:QUICK_CHATS] if c["quick"] else CHAT
+    chats = CHAT[:QUICK_CHATS] if cfg["quick"] else CHAT
     with timed(wall, "export"):
-        parity = export_and_compare(run_dir(c, "dpo"), os.path.join(c["out_dir"], "hf"), tasks, chats,
-                                    new_tokens(c, "dpo"))
+        parity = export_and_compare(run_dir(cfg, "dpo"), os.path.join(cfg["out_dir"], "hf"), tasks, chats,
+                                    new_tokens(cfg, "dpo"))
     print(f"max |logits ours - transformers| = {parity['max_abs_diff']:.2e}; greedy replies equal "
           f"{parity['greedy_equal']}/{parity['prompts']}", flush=True)
 
     header(f"{step + 2}. chat with the DPO model")
     with timed(wall, "chat"):
-        transcript = chat_with(run_dir(c, "dpo"), device, chats, new_tokens(c, "dpo"))
+        transcript = chat_with(run_dir(cfg, "dpo"), device, chats, new_tokens(cfg, "dpo"))
 
     header("report")
-    report = build_report(c, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start)
-    print(write_report(c["out_dir"], report, stages))
+    report = build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start)
+    print(write_report(cfg["out_dir"], report, stages))
 
 
-def build_report(c, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start):
+def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
     example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
@@ -702,11 +702,11 @@ def build_report(c, kind, device, shape, stages, metas, scored, passed, parity, 
                            "loss": e["val_loss"]}
     wall = dict(wall, total=time.perf_counter() - t_start)
     report = {
-        "command": "python demo.py" + (" --quick=True" if c["quick"] else ""),
+        "command": "python demo.py" + (" --quick=True" if cfg["quick"] else ""),
         "environment": {
             "commit": git_commit(),
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.machine()}",
-            "threads": torch.get_num_threads(), "preset": kind, "quick": c["quick"],
+            "threads": torch.get_num_threads(), "preset": kind, "quick": cfg["quick"],
             "torch": torch.__version__, "python": platform.python_version(),
             "finished": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             **shape,
@@ -722,7 +722,7 @@ def build_report(c, kind, device, shape, stages, metas, scored, passed, parity, 
         "distill": {"think_share": scored["distill"]["think_well_formed"] / len(distill),
                     "example": {k: example[k] for k in ("task", "prompt", "reply")}},
         "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
-        "grpo": grpo_summary(run_dir(c, "grpo"), passed),
+        "grpo": grpo_summary(run_dir(cfg, "grpo"), passed),
         "export": parity,
         "chat": transcript,
     }

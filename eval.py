@@ -357,8 +357,8 @@ def max_length_of(path, model, info):
     """The context lm_eval's hf backend gives the export: config.json's max_position_embeddings."""
     if info["kind"] == "hf":
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return int(jsonlib.load(f).get("max_position_embeddings") or model.cfg.max_seq_len)
-    return int(hf_config_dict(model.cfg)["max_position_embeddings"])
+            return int(jsonlib.load(f).get("max_position_embeddings") or model.mcfg.max_seq_len)
+    return int(hf_config_dict(model.mcfg)["max_position_embeddings"])
 
 
 def load_lm(path, batch_size=16, device="cpu", dtype="auto", keep_think_tags=False):
@@ -607,7 +607,7 @@ class TrainingTasks:
         self.rank, self.world, self.device, self.ptdtype = rank, world, device, ptdtype
 
     def __call__(self, model):
-        lm = lm_class()(model, self.tokenizer, int(hf_config_dict(model.cfg)["max_position_embeddings"]),
+        lm = lm_class()(model, self.tokenizer, int(hf_config_dict(model.mcfg)["max_position_embeddings"]),
                         self.stop_ids, self.batch_size, self.device, self.ptdtype, self.rank, self.world)
         was_training = model.training
         model.eval()
@@ -619,27 +619,27 @@ class TrainingTasks:
 
 
 def main(argv=None):
-    c = configurator.configure(_DEFAULTS, argv)
-    if bool(c["out_dir"]) == bool(c["hf_dir"]):
+    cfg = configurator.configure(_DEFAULTS, argv)
+    if bool(cfg["out_dir"]) == bool(cfg["hf_dir"]):
         fail("give one of out_dir (a run directory) or hf_dir (an HF Llama directory)")
-    if c["batch_size"] < 1:
-        fail(f"batch_size must be >= 1, got {c['batch_size']}")
+    if cfg["batch_size"] < 1:
+        fail(f"batch_size must be >= 1, got {cfg['batch_size']}")
     earlier = None
-    if c["compare"]:
+    if cfg["compare"]:
         try:
-            with open(c["compare"], encoding="utf-8") as f:
+            with open(cfg["compare"], encoding="utf-8") as f:
                 earlier = jsonlib.load(f)["figures"]
         except (OSError, ValueError, KeyError) as e:
-            fail(f"compare={c['compare']}: not an eval.py --json file ({type(e).__name__}: {first_line(e)})")
-    path = c["out_dir"] or c["hf_dir"]
-    fig, results = evaluate(path, c["tasks"], c["include_path"], c["num_fewshot"], c["limit"], c["batch_size"],
-                            c["device"], c["dtype"], c["apply_chat_template"], c["seed"])
+            fail(f"compare={cfg['compare']}: not an eval.py --json file ({type(e).__name__}: {first_line(e)})")
+    path = cfg["out_dir"] or cfg["hf_dir"]
+    fig, results = evaluate(path, cfg["tasks"], cfg["include_path"], cfg["num_fewshot"], cfg["limit"], cfg["batch_size"],
+                            cfg["device"], cfg["dtype"], cfg["apply_chat_template"], cfg["seed"])
     diffs = differences(fig, earlier) if earlier is not None else None
     print(table(fig, diffs))
-    if c["json"]:
-        write_json(c["json"], {"model": os.path.abspath(path), "config": c, "lm_eval": lm_eval_version(),
+    if cfg["json"]:
+        write_json(cfg["json"], {"model": os.path.abspath(path), "config": cfg, "lm_eval": lm_eval_version(),
                                "figures": fig, "differences": diffs}, indent=1)
-        print(f"(written to {c['json']})", file=sys.stderr)
+        print(f"(written to {cfg['json']})", file=sys.stderr)
 
 
 def lm_eval_version():

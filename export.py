@@ -78,8 +78,8 @@ def export(run_dir, hf_dir, dtype="float32", rope_from=None):
 
     eot, im_end = tokenizer.eot_id, tokenizer.im_end_id
     eos = im_end if chat else eot
-    cfg = model.cfg if rope_from is None else with_rope_of(model.cfg, rope_from)
-    write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(cfg, eot, eos, eot, dtype))
+    mcfg = model.mcfg if rope_from is None else with_rope_of(model.mcfg, rope_from)
+    write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(mcfg, eot, eos, eot, dtype))
     write_json(os.path.join(hf_dir, "generation_config.json"), {
         "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
     })
@@ -88,16 +88,16 @@ def export(run_dir, hf_dir, dtype="float32", rope_from=None):
     return sorted(os.listdir(hf_dir))
 
 
-def with_rope_of(cfg, run_cfg):
-    """cfg with the RoPE settings of run_cfg: the length and scaling a run trained at, which may differ from its
+def with_rope_of(mcfg, run_mcfg):
+    """mcfg with the RoPE settings of run_mcfg: the length and scaling a run trained at, which may differ from its
     base's (a LoRA run at a longer context than its base)."""
-    return replace(cfg, max_seq_len=run_cfg.max_seq_len, rope_scaling=run_cfg.rope_scaling,
-                   rope_theta=run_cfg.rope_theta)
+    return replace(mcfg, max_seq_len=run_mcfg.max_seq_len, rope_scaling=run_mcfg.rope_scaling,
+                   rope_theta=run_mcfg.rope_theta)
 
 
-def rope_settings(cfg):
+def rope_settings(mcfg):
     """What of a config decides the rotary embedding: the length only matters to a scaled one."""
-    return cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len if cfg.rope_scaling else None
+    return mcfg.rope_theta, mcfg.rope_scaling, mcfg.max_seq_len if mcfg.rope_scaling else None
 
 
 def export_adapter(run_dir, hf_dir, dtype="float32"):
@@ -110,9 +110,9 @@ def export_adapter(run_dir, hf_dir, dtype="float32"):
     if not state.get("lora_base"):
         configurator.fail(f"{run_dir} is not a LoRA run (it was trained with lora_rank=0): export it with merge=True")
     checkpoint.check_lora_base(state["lora_base"])  # the base must still be the one the adapters were trained on
-    base, run_cfg = state["lora_base"]["path"], ModelConfig(**state["model_config"])
-    if not checkpoint.is_hf_dir(base) or rope_settings(checkpoint.hf_model_config(base)) != rope_settings(run_cfg):
-        export(base, os.path.join(hf_dir, "base"), dtype, rope_from=run_cfg)
+    base, run_mcfg = state["lora_base"]["path"], ModelConfig(**state["model_config"])
+    if not checkpoint.is_hf_dir(base) or rope_settings(checkpoint.hf_model_config(base)) != rope_settings(run_mcfg):
+        export(base, os.path.join(hf_dir, "base"), dtype, rope_from=run_mcfg)
         base = os.path.abspath(os.path.join(hf_dir, "base"))
     tensors = {}
     for name, t in state["model"].items():  # model.layers.0.self_attn.qkv_proj.lora_A.q -> ...self_attn.q_proj...
@@ -121,13 +121,13 @@ def export_adapter(run_dir, hf_dir, dtype="float32"):
         fused, hf_name = LORA_PLACES[part]
         tensors[f"base_model.model.{module[: -len(fused)]}{hf_name}.lora_{side}.weight"] = (
             t.to(DTYPES[dtype]).contiguous())
-    mc = state["model_config"]
+    mcfg = state["model_config"]
     os.makedirs(hf_dir, exist_ok=True)
     save_file(tensors, os.path.join(hf_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(hf_dir, "adapter_config.json"), {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": mc["lora_rank"],
-        "lora_alpha": mc["lora_alpha"], "lora_dropout": mc["lora_dropout"], "bias": "none", "inference_mode": True,
-        "target_modules": sorted({LORA_PLACES[p][1].split(".")[-1] for p in mc["lora_targets"]}),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": mcfg["lora_rank"],
+        "lora_alpha": mcfg["lora_alpha"], "lora_dropout": mcfg["lora_dropout"], "bias": "none", "inference_mode": True,
+        "target_modules": sorted({LORA_PLACES[p][1].split(".")[-1] for p in mcfg["lora_targets"]}),
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True})
     load_tokenizer(run_dir).save(hf_dir, chat=True)
     return sorted(os.listdir(hf_dir))
@@ -145,33 +145,33 @@ def export_gguf(run_dir, path, gguf_type="f16"):
         configurator.fail(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     model, info = checkpoint.load_model(run_dir, "cpu")
     tokenizer = load_tokenizer(run_dir)
-    chat, cfg = is_chat_model(run_dir, info), model.cfg
-    check_gguf_rope_scaling(cfg.rope_scaling)
+    chat, mcfg = is_chat_model(run_dir, info), model.mcfg
+    check_gguf_rope_scaling(mcfg.rope_scaling)
     tmp = path + ".tmp"  # a file cut short by an error or a kill is never left under the name
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(os.path.basename(os.path.abspath(run_dir)))
     writer.add_file_type(getattr(gguf.LlamaFileType, GGUF_TYPES[gguf_type][1]))
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.dim)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn_dim)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    add_gguf_rope_scaling(writer, cfg)
-    add_gguf_tokenizer(writer, tokenizer, cfg.vocab_size, chat)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    writer.add_context_length(mcfg.max_seq_len)
+    writer.add_embedding_length(mcfg.dim)
+    writer.add_block_count(mcfg.n_layers)
+    writer.add_feed_forward_length(mcfg.ffn_dim)
+    writer.add_head_count(mcfg.n_heads)
+    writer.add_head_count_kv(mcfg.n_kv_heads)
+    writer.add_key_length(mcfg.head_dim)
+    writer.add_value_length(mcfg.head_dim)
+    writer.add_rope_dimension_count(mcfg.head_dim)
+    writer.add_rope_freq_base(mcfg.rope_theta)
+    writer.add_layer_norm_rms_eps(mcfg.norm_eps)
+    writer.add_vocab_size(mcfg.vocab_size)
+    add_gguf_rope_scaling(writer, mcfg)
+    add_gguf_tokenizer(writer, tokenizer, mcfg.vocab_size, chat)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, mcfg.n_layers)
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
     for name, t in to_hf_state_dict(model).items():
         data = t.detach().float().numpy()
         if name.endswith(("q_proj.weight", "k_proj.weight")):  # HF's rotate-half layout -> llama.cpp's pairs
-            heads = cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads
-            data = data.reshape(heads, 2, cfg.head_dim // 2, cfg.dim).swapaxes(1, 2).reshape(data.shape)
+            heads = mcfg.n_heads if name.endswith("q_proj.weight") else mcfg.n_kv_heads
+            data = data.reshape(heads, 2, mcfg.head_dim // 2, mcfg.dim).swapaxes(1, 2).reshape(data.shape)
         kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
         if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:  # q8_0 blocks are 32 wide
             kind = gguf.GGMLQuantizationType.F16
@@ -195,15 +195,15 @@ def check_gguf_rope_scaling(s):
                           "factor): export this model with --hf_dir")
 
 
-def add_gguf_rope_scaling(writer, cfg):
+def add_gguf_rope_scaling(writer, mcfg):
     import gguf
 
-    s = cfg.rope_scaling
+    s = mcfg.rope_scaling
     if not s:
         return
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if s["type"] == "linear" else gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(float(s["factor"]))
-    writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_len)
+    writer.add_rope_scaling_orig_ctx_len(mcfg.rope_original_len)
     if s["type"] == "yarn":
         writer.add_rope_scaling_yarn_beta_fast(float(s.get("beta_fast", 32.0)))
         writer.add_rope_scaling_yarn_beta_slow(float(s.get("beta_slow", 1.0)))
@@ -242,17 +242,17 @@ def add_gguf_tokenizer(writer, tokenizer, vocab_size, chat):
 
 
 def main(argv=None):
-    config = configurator.configure(_DEFAULTS, argv)
-    configurator.print_config(config)
-    if not config["out_dir"] or not (config["hf_dir"] or config["gguf"]):
+    cfg = configurator.configure(_DEFAULTS, argv)
+    configurator.print_config(cfg)
+    if not cfg["out_dir"] or not (cfg["hf_dir"] or cfg["gguf"]):
         configurator.fail("--out_dir (the run directory) and --hf_dir (a directory to write) or --gguf (a file to "
                           "write) are required")
-    if config["hf_dir"]:
-        written = (export if config["merge"] else export_adapter)(config["out_dir"], config["hf_dir"], config["dtype"])
-        print(f"exported {config['out_dir']} -> {config['hf_dir']} ({config['dtype']}): {', '.join(written)}")
-    if config["gguf"]:
-        size = export_gguf(config["out_dir"], config["gguf"], config["gguf_type"])
-        print(f"exported {config['out_dir']} -> {config['gguf']} ({config['gguf_type']}, {size / 2**20:.1f} MiB)")
+    if cfg["hf_dir"]:
+        written = (export if cfg["merge"] else export_adapter)(cfg["out_dir"], cfg["hf_dir"], cfg["dtype"])
+        print(f"exported {cfg['out_dir']} -> {cfg['hf_dir']} ({cfg['dtype']}): {', '.join(written)}")
+    if cfg["gguf"]:
+        size = export_gguf(cfg["out_dir"], cfg["gguf"], cfg["gguf_type"])
+        print(f"exported {cfg['out_dir']} -> {cfg['gguf']} ({cfg['gguf_type']}, {size / 2**20:.1f} MiB)")
     return 0
 
 

@@ -92,15 +92,15 @@ class ModelConfig:
 # Rotary position embeddings, the same formulas as transformers' modeling_rope_utils
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len):
+def rope_inv_freq(mcfg: ModelConfig, seq_len):
     """Inverse frequencies and the attention scale for a sequence of `seq_len` positions (an int, or a tensor on
     the device: no host sync in batched decoding)."""
-    dim, base = cfg.head_dim, cfg.rope_theta
+    dim, base = mcfg.head_dim, mcfg.rope_theta
     device = seq_len.device if torch.is_tensor(seq_len) else None
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    scaling = cfg.rope_scaling or {}
+    scaling = mcfg.rope_scaling or {}
     kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
-    original = cfg.rope_original_len
+    original = mcfg.rope_original_len
     if kind == "linear":
         return 1.0 / (base**exponents) / factor, 1.0
     if kind == "dynamic":
@@ -138,11 +138,11 @@ class Rotary(nn.Module):
     it was computed with and only the new positions take the longer length's (transformers' generate does the
     same), and batched decoding uses its longest row's length (as transformers' batched generate)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mcfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.dynamic = bool(cfg.rope_scaling) and cfg.rope_scaling["type"] == "dynamic"
-        inv_freq, self.attention_scale = rope_inv_freq(cfg, cfg.rope_original_len)
+        self.mcfg = mcfg
+        self.dynamic = bool(mcfg.rope_scaling) and mcfg.rope_scaling["type"] == "dynamic"
+        inv_freq, self.attention_scale = rope_inv_freq(mcfg, mcfg.rope_original_len)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, start_pos: int, seq_len: int, device, in_use=None):
@@ -152,8 +152,8 @@ class Rotary(nn.Module):
         inv_freq, scale = self.inv_freq, self.attention_scale
         end = start_pos + seq_len
         in_use = end if in_use is None else in_use
-        if self.dynamic and (torch.is_tensor(in_use) or in_use > self.cfg.rope_original_len):
-            inv_freq = rope_inv_freq(self.cfg, in_use)[0].to(device)
+        if self.dynamic and (torch.is_tensor(in_use) or in_use > self.mcfg.rope_original_len):
+            inv_freq = rope_inv_freq(self.mcfg, in_use)[0].to(device)
         positions = torch.arange(start_pos, end, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -191,8 +191,8 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Preallocated keys and values for every layer: generation writes in place, never concatenates."""
 
-    def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+    def __init__(self, mcfg: ModelConfig, batch_size, max_len, device, dtype):
+        shape = (mcfg.n_layers, batch_size, mcfg.n_kv_heads, max_len, mcfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -250,12 +250,12 @@ class LoRALinear(nn.Linear):
                               else y.new_zeros(*y.shape[:-1], n) for p, n in self.parts.items()], dim=-1)
 
 
-def projection(cfg, in_features, parts):
+def projection(mcfg, in_features, parts):
     """A bias-free linear layer for these output parts: LoRALinear when any of them is a LoRA target."""
-    adapted = [p for p in parts if cfg.lora_rank and p in cfg.lora_targets]
+    adapted = [p for p in parts if mcfg.lora_rank and p in mcfg.lora_targets]
     if not adapted:
         return nn.Linear(in_features, sum(parts.values()), bias=False)
-    return LoRALinear(in_features, parts, adapted, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    return LoRALinear(in_features, parts, adapted, mcfg.lora_rank, mcfg.lora_alpha, mcfg.lora_dropout)
 
 
 @contextlib.contextmanager
@@ -273,7 +273,7 @@ def adapters_off(model):
 
 def merge_lora(model):
     """A plain Transformer (no adapters) whose weights are the base weights plus every update."""
-    merged = Transformer(model.cfg.base())
+    merged = Transformer(model.mcfg.base())
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -283,18 +283,18 @@ def merge_lora(model):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, mcfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
-        self.q_size = cfg.n_heads * cfg.head_dim
-        self.kv_size = cfg.n_kv_heads * cfg.head_dim
-        self.qkv_proj = projection(cfg, cfg.dim, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
-        self.o_proj = projection(cfg, self.q_size, {"o": cfg.dim})
+        self.mcfg, self.layer_idx = mcfg, layer_idx
+        self.q_size = mcfg.n_heads * mcfg.head_dim
+        self.kv_size = mcfg.n_kv_heads * mcfg.head_dim
+        self.qkv_proj = projection(mcfg, mcfg.dim, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
+        self.o_proj = projection(mcfg, self.q_size, {"o": mcfg.dim})
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
         """mask: None (causal), or (B, 1, T, T) bool, True where a query may attend to a key (packed rows)."""
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
+        hd = self.mcfg.head_dim
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(B, T, -1, hd).transpose(1, 2), cos, sin)
         k = apply_rotary(k.view(B, T, -1, hd).transpose(1, 2), cos, sin)
@@ -308,17 +308,17 @@ class Attention(nn.Module):
             causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.cfg.dropout if self.training else 0.0,
-            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads,
+            dropout_p=self.mcfg.dropout if self.training else 0.0,
+            enable_gqa=self.mcfg.n_kv_heads != self.mcfg.n_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mcfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = projection(cfg, cfg.dim, {"gate": cfg.ffn_dim, "up": cfg.ffn_dim})
-        self.down_proj = projection(cfg, cfg.ffn_dim, {"down": cfg.dim})
+        self.gate_up_proj = projection(mcfg, mcfg.dim, {"gate": mcfg.ffn_dim, "up": mcfg.ffn_dim})
+        self.down_proj = projection(mcfg, mcfg.ffn_dim, {"down": mcfg.dim})
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -326,13 +326,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, mcfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.input_layernorm = RMSNorm(mcfg.dim, mcfg.norm_eps)
+        self.self_attn = Attention(mcfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(mcfg.dim, mcfg.norm_eps)
+        self.mlp = MLP(mcfg)
+        self.dropout = nn.Dropout(mcfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask))
@@ -340,27 +340,27 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, mcfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        self.mcfg = mcfg
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
-            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
-            norm=RMSNorm(cfg.dim, cfg.norm_eps),
+            embed_tokens=nn.Embedding(mcfg.vocab_size, mcfg.dim),
+            layers=nn.ModuleList(Block(mcfg, i) for i in range(mcfg.n_layers)),
+            norm=RMSNorm(mcfg.dim, mcfg.norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.lm_head = nn.Linear(mcfg.dim, mcfg.vocab_size, bias=False)
+        if mcfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = Rotary(cfg)
+        self.rotary = Rotary(mcfg)
         self.apply(self._init_weights)
         # residual projections scaled by depth (GPT-2 / nanoGPT): the residual stream keeps unit scale
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(p, mean=0.0, std=mcfg.init_std / math.sqrt(2 * mcfg.n_layers))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            nn.init.normal_(module.weight, mean=0.0, std=self.mcfg.init_std)
 
     def compute_dtype(self, device):
         """The dtype the attention runs in: autocast's when it is on, else the weights'."""
@@ -421,10 +421,10 @@ class Transformer(nn.Module):
         N counts the weights that take part in a matmul: every linear layer, the
         output head included (tied or not), but not the embedding lookup.
         """
-        c = self.cfg
-        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
+        mcfg = self.mcfg
+        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if mcfg.tie_embeddings else 0)
         n_matmul -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("norm.weight"))
-        return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+        return 6 * n_matmul + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
     # ------------------------------------------------------------------
     # generation
@@ -439,12 +439,12 @@ class Transformer(nn.Module):
         each step's raw logits (1, vocab, float32) before the token is sampled from them.
         """
         device = self.lm_head.weight.device
-        max_len = max_len or self.cfg.max_seq_len
+        max_len = max_len or self.mcfg.max_seq_len
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         if prompt.shape[1] >= max_len:
             raise ValueError(f"prompt of {prompt.shape[1]} tokens leaves no room in a context of {max_len}")
         steps = min(max_new_tokens, max_len - prompt.shape[1])
-        cache = KVCache(self.cfg, 1, prompt.shape[1] + steps, device, self.compute_dtype(device))
+        cache = KVCache(self.mcfg, 1, prompt.shape[1] + steps, device, self.compute_dtype(device))
         # the prompt and every token generated so far, preallocated, for the repetition penalty
         ids = torch.empty(prompt.shape[1] + steps, dtype=torch.long, device=device)
         ids[: prompt.shape[1]] = prompt[0]
@@ -472,7 +472,7 @@ class Transformer(nn.Module):
         rows_done(tokens so far (N, t)) -> (N,) bool, given: rows the caller counts as done too (a stop string in
         their text), asked at those checks; their tokens up to the check are returned."""
         device = self.lm_head.weight.device
-        max_len = max_len or self.cfg.max_seq_len
+        max_len = max_len or self.mcfg.max_seq_len
         lens = torch.tensor([len(p) for p in prompts], device=device)
         if int(lens.max()) >= max_len:
             raise ValueError(f"a prompt of {int(lens.max())} tokens leaves no room in a context of {max_len}")
@@ -480,7 +480,7 @@ class Transformer(nn.Module):
         ids = torch.full((len(prompts), int(lens.max())), pad_id, dtype=torch.long, device=device)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        cache = KVCache(self.cfg, len(prompts), int(lens.max()) + max_new_tokens, device, self.compute_dtype(device))
+        cache = KVCache(self.mcfg, len(prompts), int(lens.max()) + max_new_tokens, device, self.compute_dtype(device))
         logits = self(ids, cache, 0, logits_at=lens - 1)[:, -1]  # a prompt's pad positions come after it: unseen
         out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -570,8 +570,8 @@ def sample_next(logits, seen_ids, temperature=1.0, top_k=None, top_p=None, repet
 
 def to_hf_state_dict(model: Transformer):
     """Our weights under LlamaForCausalLM's names, fused projections split (tensors shared, not copied)."""
-    c, out = model.cfg, {}
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    mcfg, out = model.mcfg, {}
+    q, kv = mcfg.n_heads * mcfg.head_dim, mcfg.n_kv_heads * mcfg.head_dim
     for name, t in model.state_dict().items():
         if name.endswith("qkv_proj.weight"):
             prefix = name[: -len("qkv_proj.weight")]
@@ -581,14 +581,14 @@ def to_hf_state_dict(model: Transformer):
             prefix = name[: -len("gate_up_proj.weight")]
             gate, up = t.chunk(2, dim=0)
             out.update({prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up})
-        elif name == "lm_head.weight" and c.tie_embeddings:
+        elif name == "lm_head.weight" and mcfg.tie_embeddings:
             continue  # transformers re-ties it from tie_word_embeddings
         else:
             out[name] = t
     return out
 
 
-def from_hf_state_dict(hf: dict, cfg: ModelConfig):
+def from_hf_state_dict(hf: dict, mcfg: ModelConfig):
     """LlamaForCausalLM weights -> our state dict (fused projections joined)."""
     out = {}
     for name, t in hf.items():
@@ -605,6 +605,6 @@ def from_hf_state_dict(hf: dict, cfg: ModelConfig):
             out[prefix + "gate_up_proj.weight"] = torch.cat([t, hf[prefix + "up_proj.weight"]], dim=0)
         else:
             out[name] = t
-    if cfg.tie_embeddings:
+    if mcfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

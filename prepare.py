@@ -82,8 +82,9 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
+from llm_trainer import stages
 from llm_trainer.data import shards
-from llm_trainer.data.records import BadRecord, as_task, detect_record
+from llm_trainer.data.records import BadRecord, detect_record
 from llm_trainer.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -94,7 +95,7 @@ out_dir = "data/prepared"
 tokenizer = "train"  # "train", or a path: prepared data dir, run dir, HF tokenizer dir, tokenizer.json, SentencePiece .model
 vocab_size = 6400  # for tokenizer="train"
 tokenizer_sample_bytes = 100_000_000  # train the tokenizer on the first this many bytes of input (0 = all)
-stage = "auto"  # auto | pretrain | sft | dpo | grpo
+stage = "auto"  # auto | pretrain | sft | dpo | grpo (llm_trainer/stages.py)
 allow_mixed = False  # keep plain-text records in a chat (sft) set, every token a target
 val_fraction = 0.01  # share of records (by document) in the val split
 max_len = 0  # truncate documents to this many tokens (0 = no limit)
@@ -106,8 +107,6 @@ strict = False  # stop at the first bad record
 # -----------------------------------------------------------------------------
 _DEFAULTS = configurator.defaults(globals())
 
-STAGES = ("pretrain", "sft", "dpo", "grpo")
-STAGE_OF_KIND = {"text": "pretrain", "chat": "sft", "pair": "dpo", "task": "grpo"}
 _CHUNK_BYTES = 1 << 20  # input is handed to workers in chunks of about this many bytes
 _EXAMPLES = 5  # file:line examples kept per skip reason
 _COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd")
@@ -525,7 +524,7 @@ _worker = {}
 
 
 def _init_worker(tok, settings):
-    _worker.update(settings, tok=tok)
+    _worker.update(settings, tok=tok, stage_def=stages.get(settings["stage"]))
 
 
 def _is_val(seed, ordinal, fraction):
@@ -534,12 +533,14 @@ def _is_val(seed, ordinal, fraction):
 
 
 def _kind_fits(kind, w):
-    return (w["stage"] == STAGE_OF_KIND[kind] or (w["stage"] == "sft" and kind == "text" and w["allow_mixed"])
-            or (w["stage"] == "grpo" and kind == "chat"))  # a chat's last reply is the task's reference
+    stage = w["stage_def"]
+    return (kind == stage.record_kind or kind in stage.record_converters
+            or (stage.mixes_text and kind == "text" and w["allow_mixed"]))
 
 
 def _kind_error(kind, loc, w):
-    hint = "set allow_mixed=True to keep plain text in a chat set, " if w["stage"] == "sft" and kind == "text" else ""
+    hint = ("set allow_mixed=True to keep plain text in a chat set, " if w["stage_def"].mixes_text and kind == "text"
+            else "")
     return (f"{loc}: a {kind} record in a {w['stage']} dataset (stage {w['stage_origin']}); "
             f"{hint}set stage= or give records of one kind")
 
@@ -558,8 +559,8 @@ def process_chunk(chunk):
         res["records"] += 1
         try:
             kind, payload, fmt = detect_record(_parse_line(line))
-            if w["stage"] == "grpo" and kind == "chat":
-                kind, payload = "task", as_task(payload)
+            if kind in w["stage_def"].record_converters:
+                kind, payload = w["stage_def"].record_kind, w["stage_def"].record_converters[kind](payload)
         except BadRecord as e:
             res["bad"].append((e.reason, f"{label}:{first + i}"))
             if w["strict"]:  # the first bad line of the chunk, ahead of anything later in it
@@ -680,17 +681,17 @@ def _results(chunks, tok, settings, n_workers):
 
 
 def main(argv=None):
-    config = configurator.configure(_DEFAULTS, argv)
-    configurator.print_config(config)
-    return prepare(**config)
+    cfg = configurator.configure(_DEFAULTS, argv)
+    configurator.print_config(cfg)
+    return prepare(**cfg)
 
 
 def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_bytes, stage, allow_mixed,
             val_fraction, max_len, max_line_bytes, shard_tokens, workers, seed, strict):
     """The whole run, config keys as arguments; returns meta.json's content."""
     _noted.clear()
-    if stage not in ("auto",) + STAGES:
-        configurator.fail(f"stage must be one of auto, {', '.join(STAGES)}; got '{stage}'")
+    if stage not in ("auto", *stages.STAGES):
+        configurator.fail(f"stage must be one of auto, {', '.join(stages.STAGES)}; got '{stage}'")
     if not 0 <= val_fraction < 1:
         configurator.fail(f"val_fraction must be in [0, 1); got {val_fraction}")
     if (max_len < 0 or max_len == 1 or shard_tokens <= 0 or max_line_bytes <= 0 or workers < 0
@@ -703,7 +704,7 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
     val_inputs = resolve_inputs(val_input, "val_input")
     _check_writable(out_dir)
     first_kind, first_loc = _first_record(inputs + val_inputs, max_line_bytes)
-    settings = {"stage": STAGE_OF_KIND[first_kind] if stage == "auto" else stage,
+    settings = {"stage": stages.of_record_kind(first_kind).name if stage == "auto" else stage,
                 "stage_origin": "given" if stage != "auto" else f"auto: from the first record, {first_loc}",
                 "allow_mixed": allow_mixed, "seed": seed, "val_fraction": val_fraction, "max_len": max_len,
                 "strict": strict}
@@ -761,7 +762,8 @@ def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths, cap):
 def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, cap):
     """The main pass: every record parsed, tokenized (in `workers` processes) and written.
     Returns (splits, counts) for meta.json, the bytes of input read and the workers used."""
-    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=settings["stage"] == "grpo")
+    tasks = stages.get(settings["stage"]).record_kind == "task"  # a task's prompt and answer go to a .ref sidecar
+    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=tasks)
                for s in shards.SPLITS}
     counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
               "truncated": 0, "special_strings": 0, "by_format": collections.Counter()}

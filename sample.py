@@ -121,17 +121,17 @@ def interactive_chat(model, tokenizer, info, settings, read=None):
         history = messages[len(settings["head"]):] + [{"role": "assistant", "content": split_think(text)[1]}]
 
 
-def read_prompts(config):
-    if config["prompt"] and config["prompt_file"]:
+def read_prompts(cfg):
+    if cfg["prompt"] and cfg["prompt_file"]:
         configurator.fail("give --prompt or --prompt_file, not both")
-    if config["prompt"]:
-        return [config["prompt"]]
-    if config["prompt_file"]:
+    if cfg["prompt"]:
+        return [cfg["prompt"]]
+    if cfg["prompt_file"]:
         try:
-            with open(config["prompt_file"], encoding="utf-8") as f:
+            with open(cfg["prompt_file"], encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            configurator.fail(f"cannot read prompt file {config['prompt_file']}: {e}")
+            configurator.fail(f"cannot read prompt file {cfg['prompt_file']}: {e}")
     elif sys.stdin.isatty():
         return None  # interactive
     else:
@@ -142,33 +142,33 @@ def read_prompts(config):
     return prompts
 
 
-def check_config(c):
-    if bool(c["out_dir"]) == bool(c["hf_dir"]):
+def check_config(cfg):
+    if bool(cfg["out_dir"]) == bool(cfg["hf_dir"]):
         configurator.fail("give exactly one of --out_dir (a run directory) or --hf_dir (an HF directory)")
     for key, allowed in (("mode", ("auto", "chat", "complete")), ("think", ("show", "hide"))):
-        if c[key] not in allowed:
-            configurator.fail(f"{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
-    if c["num_samples"] < 1 or c["max_new_tokens"] < 0 or c["top_k"] < 0:
+        if cfg[key] not in allowed:
+            configurator.fail(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0 or cfg["top_k"] < 0:
         configurator.fail("num_samples must be >= 1, max_new_tokens >= 0 (0: what the context leaves), top_k >= 0")
-    if c["temperature"] < 0 or not 0 < c["top_p"] <= 1 or c["repetition_penalty"] <= 0:
+    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
         configurator.fail("temperature must be >= 0, top_p in (0, 1], repetition_penalty > 0")
 
 
 def main(argv=None):
-    c = configurator.configure(_DEFAULTS, argv)
-    check_config(c)
-    prompts = read_prompts(c)  # None: interactive
-    path = c["out_dir"] or c["hf_dir"]
-    dev = resolve_device(c["device"])
-    model, tokenizer, info = load(path, dev, dtype_name(resolve_dtype(c["dtype"], dev)), c["compile"])
-    chat = info["chat"] if c["mode"] == "auto" else c["mode"] == "chat"
-    generator = torch.Generator(dev).manual_seed(c["seed"])
+    cfg = configurator.configure(_DEFAULTS, argv)
+    check_config(cfg)
+    prompts = read_prompts(cfg)  # None: interactive
+    path = cfg["out_dir"] or cfg["hf_dir"]
+    dev = resolve_device(cfg["device"])
+    model, tokenizer, info = load(path, dev, dtype_name(resolve_dtype(cfg["dtype"], dev)), cfg["compile"])
+    chat = info["chat"] if cfg["mode"] == "auto" else cfg["mode"] == "chat"
+    generator = torch.Generator(dev).manual_seed(cfg["seed"])
     settings = {
-        "chat": chat, "num_samples": c["num_samples"], "max_new_tokens": c["max_new_tokens"],
-        "head": [{"role": "system", "content": c["system"]}] if c["system"] else [],
-        "sampling": dict(max_new_tokens=c["max_new_tokens"] or AUTO_MAX_NEW_TOKENS, temperature=c["temperature"],
-                         top_k=c["top_k"] or None, top_p=c["top_p"], repetition_penalty=c["repetition_penalty"],
-                         generator=generator, think=c["think"]),
+        "chat": chat, "num_samples": cfg["num_samples"], "max_new_tokens": cfg["max_new_tokens"],
+        "head": [{"role": "system", "content": cfg["system"]}] if cfg["system"] else [],
+        "sampling": dict(max_new_tokens=cfg["max_new_tokens"] or AUTO_MAX_NEW_TOKENS, temperature=cfg["temperature"],
+                         top_k=cfg["top_k"] or None, top_p=cfg["top_p"], repetition_penalty=cfg["repetition_penalty"],
+                         generator=generator, think=cfg["think"]),
     }
     kind = f"{info['stage']} run" if info["kind"] == "run" else "HF model"
     print(f"{path}: {kind}, {model.num_params() / 1e6:.1f}M params, {'chat' if chat else 'complete'} mode, {dev}",

@@ -536,10 +536,10 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def check_config(c):
-    if bool(c["out_dir"]) == bool(c["hf_dir"]):
+def check_config(cfg):
+    if bool(cfg["out_dir"]) == bool(cfg["hf_dir"]):
         configurator.fail("give exactly one of --out_dir (a run directory) or --hf_dir (an HF directory)")
-    if not 0 < c["port"] < 65536 or c["max_tokens"] < 1 or c["max_n"] < 1 or c["queue_size"] < 1:
+    if not 0 < cfg["port"] < 65536 or cfg["max_tokens"] < 1 or cfg["max_n"] < 1 or cfg["queue_size"] < 1:
         configurator.fail("port must be in 1..65535; max_tokens, max_n and queue_size >= 1")
 
 

@@ -1,9 +1,8 @@
 """
 One training loop for every stage: pretrain, sft (also long-context SFT and
-reasoning distillation), dpo and grpo. The stage decides what a batch is
-(llm_trainer/data/batches.py; grpo samples its own: llm_trainer/training/grpo.py) and what the loss is (llm_trainer/training/losses.py);
-optimizer, schedule, precision, parallelism, checkpoints and logging are
-shared.
+reasoning distillation), dpo and grpo. The stage, defined once in
+llm_trainer/stages.py, decides what a batch is and what the loss is; optimizer,
+schedule, precision, parallelism, checkpoints and logging are shared.
 
     python train.py config/pretrain_demo.py
     python train.py config/sft_demo.py --init_from=out/demo/pretrain
@@ -22,8 +21,13 @@ Guarantees, each tested:
 - checkpoints are atomic; SIGTERM/SIGINT save and exit 0; a non-finite step
   is skipped, and too many in a row stop the run with the last good
   checkpoint intact.
+
+Faults for tests to inject come from the environment, never from the config:
+TRAIN_FAULTS='{"nonfinite_iters": [5, 9], "stall": [1, 5]}' makes the loss of
+iterations 5 and 9 NaN, and rank 1 stall in the step from iteration 5 to 6.
 """
 
+import ast
 import math
 import os
 import re
@@ -31,31 +35,29 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from llm_trainer.core import checkpoint
-from llm_trainer.core import common
 import configurator
-from llm_trainer.core import distributed
-from llm_trainer.training import grpo
-from llm_trainer.training import losses
+from configurator import fail
+from llm_trainer import stages
+from llm_trainer.core import checkpoint, common, distributed
+from llm_trainer.core.files import write_json
 from llm_trainer.data import shards
 from llm_trainer.data.batches import Batches
-from configurator import fail
-from llm_trainer.core.files import write_json
-from llm_trainer.training.metrics import Logger, format_line
-from model import LORA_PARTS, ModelConfig, Transformer
-from llm_trainer.training.rewards import Reward
 from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
+from llm_trainer.training import losses
+from llm_trainer.training.metrics import Logger, format_line
+from llm_trainer.training.rewards import Reward
+from model import LORA_PARTS, ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 out_dir = "out/run"
 data_dir = "data/demo_pretrain"
-stage = "pretrain"  # pretrain | sft | dpo | grpo
+stage = "pretrain"  # pretrain | sft | dpo | grpo (llm_trainer/stages.py)
 init_from = "scratch"  # scratch | resume | a run dir (ckpt.pt) | an HF Llama dir
 # model shape, used when training from scratch (otherwise it comes from the checkpoint)
 vocab_size = 0  # 0: the data's vocabulary size
@@ -131,24 +133,21 @@ wandb_project = "llm-trainer"
 wandb_run_name = ""
 verify_data = True  # checksums and token ids of every shard before the first step
 max_bad_steps = 3  # non-finite steps in a row before the run stops
-debug_nonfinite_iters = []  # fault injection for tests: iterations whose loss is made NaN
-debug_stall = []  # fault injection for tests: [rank, it]: that rank stalls in the step from iteration it to it+1
 # -----------------------------------------------------------------------------
 
 _DEFAULTS = configurator.defaults(globals())
 
-STAGES = ("pretrain", "sft", "dpo", "grpo")
-ROLLOUT_FIGURES = {"grpo": ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s")}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # What decides the model, its reference or the batch sequence (grpo's: its rollouts): a resumed run that changed one
 # would go on as another run, so init_from=resume refuses it (the data's content is compared too: its shards'
 # checksums). Every other key may change on resume (max_iters, the schedule, evaluation, logging, device, dtype...).
+# Each stage names its own such keys (Stage.fixed_on_resume).
 RESUME_FIXED = frozenset({
-    "stage", "seed", "batch_size", "gradient_accumulation_steps", "block_size", "pack", "doc_mask", "think_tag_weight",
+    "stage", "seed", "batch_size", "gradient_accumulation_steps", "block_size", "pack",
     "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps", "tie_embeddings",
     "rope_scaling", "dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-    "grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p",
-})
+}) | stages.FIXED_ON_RESUME
+FAULTS = ("nonfinite_iters", "stall")  # TRAIN_FAULTS (the module docstring)
 
 
 def configure(argv=None):
@@ -159,7 +158,7 @@ def configure(argv=None):
     if cfg["eval_tasks_interval"] == 0:
         cfg["eval_tasks_interval"] = cfg["eval_interval"]
     if cfg["pack"] is None:
-        cfg["pack"] = cfg["stage"] == "sft"
+        cfg["pack"] = stages.get(cfg["stage"]).packs
     return cfg
 
 
@@ -226,7 +225,7 @@ def train_loop(run, logger):
                       "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
                                                                                * cfg["batch_size"]),
                       "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
-                      **{k: stats[k] for k in losses.stat_names(cfg["stage"]) + ROLLOUT_FIGURES.get(cfg["stage"], ())}}
+                      **{k: stats[k] for k in run.stage.stats + run.stage.figures}}
             if peak:
                 record["mfu"] = flops_per_token * stats["positions"] / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
@@ -248,23 +247,25 @@ def train_loop(run, logger):
 
 
 def train_step(run, it):
-    """Iteration `it`: its micro-batches, read (or, for grpo, sampled: grpo_epochs updates on them), then one
+    """Iteration `it`: its micro-batches, read (or sampled by the model: the stage's updates on them), then one
     optimizer update. Returns a dict of floats (one host sync per update)."""
-    cfg = run.cfg
-    if cfg["debug_stall"] == [run.rank, it]:  # as a rank stuck elsewhere: the others time out in a collective
-        deadline = time.time() + 10 * cfg["dist_timeout_s"]
+    if run.faults.get("stall") == [run.rank, it]:  # as a rank stuck elsewhere: the others time out in a collective
+        deadline = time.time() + 10 * run.cfg["dist_timeout_s"]
         while time.time() < deadline and not run.stop_requested:
             time.sleep(0.05)
-    if cfg["stage"] == "grpo":
-        counts, micros, sums = grpo.rollouts(run, it)
+    if run.stage.sample is not None:
+        counts, micros, figures = run.stage.sample(run, it)
         counts = distributed.all_reduce_sum(counts, run.world).tolist()
-        for _ in range(cfg["grpo_epochs"]):
+        for _ in range(run.stage.updates(run.cfg)):
             stats = update(run, it, counts, micros)
-        return {**stats, **grpo.rollout_figures(sums, run.world)}
-    ahead = run.prefetched
-    counts, micros = ahead[1] if ahead is not None and ahead[0] == it else load_micros(run, it)
+        return {**stats, **figures}
+    counts, micros = run.prefetched.pop(it) if it in run.prefetched else load_micros(run, it)
     counts = distributed.all_reduce_sum(counts, run.world).tolist()
-    return update(run, it, counts, micros, while_busy=lambda: setattr(run, "prefetched", (it + 1, load_micros(run, it + 1))))
+
+    def prefetch():  # the next step's batches, read and copied while the device works on this one
+        run.prefetched = {it + 1: load_micros(run, it + 1)}
+
+    return update(run, it, counts, micros, while_busy=prefetch)
 
 
 def update(run, it, counts, micros, while_busy=None):
@@ -280,8 +281,8 @@ def update(run, it, counts, micros, while_busy=None):
         # dropout: a function of (seed, global micro-batch index), so N ranks draw the masks of one process
         torch.manual_seed(cfg["seed"] * 1_000_003 + run.micro_index(it, m))
         with distributed.gradient_sync(model, run.world, run.fsdp, last=m == len(micros) - 1), run.autocast:
-            loss, stats = micro_loss(run, batch)
-            if it in cfg["debug_nonfinite_iters"]:
+            loss, stats = run.stage.loss(run, batch, "train")
+            if it in run.faults.get("nonfinite_iters", ()):
                 loss = loss * float("nan")
         # DDP and FSDP average gradients over ranks: scale back up so the step's gradient is the global mean
         run.scaler.scale(loss * (run.world / denom)).backward()
@@ -307,20 +308,11 @@ def update(run, it, counts, micros, while_busy=None):
             **{k: sums[k] / denom for k in stats_sum}}
 
 
-def micro_loss(run, batch, split="train"):
-    """(summed loss, {statistic: sum}) of one micro-batch of `split`: the stage's loss from llm_trainer/training/losses.py.
-    Validation counts every target once (no reasoning-tag weight)."""
-    if run.cfg["stage"] == "dpo":
-        return losses.dpo_loss(run.model, batch, run.reference.logps(batch, split), run.cfg)
-    if run.cfg["stage"] == "grpo":
-        return losses.grpo_loss(run.model, batch, run.cfg)
-    return losses.lm_loss(run.model, batch, weighted=split == "train")
-
-
 def load_micros(run, it):
     """(losses.batch_counts summed, micro-batches on the device) of this rank at iteration it."""
     micros = [run.train_batches.get(run.micro_index(it, m)) for m in range(run.local_micro)]
-    return sum(losses.batch_counts(b, run.cfg["stage"]) for b in micros), [b.to(run.device) for b in micros]
+    pairs = run.stage.unit == "pair"
+    return sum(losses.batch_counts(b, pairs) for b in micros), [b.to(run.device) for b in micros]
 
 
 # -----------------------------------------------------------------------------
@@ -330,22 +322,24 @@ def load_micros(run, it):
 @torch.no_grad()
 def evaluate(run):
     """Validation figures over eval_iters micro-batches shared by the ranks: token-exact mean cross-entropy
-    (unweighted), DPO loss and reward statistics, or (grpo) greedy rewards (grpo.evaluate); and val_bpb, bits per
-    UTF-8 byte of the targets (of the chosen replies, for DPO), which compares across tokenizers."""
-    if run.cfg["stage"] == "grpo":
-        return grpo.evaluate(run)
-    cfg, model, n = run.cfg, run.model, run.cfg["eval_iters"]
-    names = ("loss", "count", "bytes", *losses.stat_names(cfg["stage"]))
+    (unweighted), or the stage's loss and its statistics (DPO's rewards), or the stage's own figures (grpo's greedy
+    rewards); and val_bpb, bits per UTF-8 byte of the targets (of the chosen replies, for pairs), which compares
+    across tokenizers."""
+    stage, model, n = run.stage, run.model, run.cfg["eval_iters"]
+    if stage.evaluate is not None:
+        return stage.evaluate(run)
+    pairs = stage.unit == "pair"
+    names = ("loss", "count", "bytes", *stage.stats)
     model.eval()
     sums = torch.zeros(len(names), device=run.device)
     for i in range(run.rank, -(-n // run.world) * run.world, run.world):
         # past the last batch a rank still runs a forward (the rule in llm_trainer/core/distributed.py), on a batch not counted
         batch = run.val_batches.get(i % n).to(run.device)
         with run.autocast:
-            loss, stats = micro_loss(run, batch, "val")
+            loss, stats = stage.loss(run, batch, "val")
         if i < n:
-            count = torch.tensor(losses.target_count(batch, cfg["stage"], weighted=False), device=run.device)
-            nbytes = (losses.target_bytes(batch, cfg["stage"], run.token_bytes) if run.token_bytes is not None
+            count = torch.tensor(losses.target_count(batch, pairs, weighted=False), device=run.device)
+            nbytes = (losses.target_bytes(batch, run.token_bytes, pairs) if run.token_bytes is not None
                       else torch.zeros((), device=run.device))
             sums += torch.stack([loss.float(), count, nbytes] + [stats[k].float() for k in names[3:]])
     sums = dict(zip(names, distributed.all_reduce_sum(sums, run.world).tolist()))
@@ -353,8 +347,7 @@ def evaluate(run):
     count, nbytes = max(sums.pop("count"), 1.0), max(sums.pop("bytes"), 1.0)
     figures = {"val_" + k: v / count for k, v in sums.items()}
     if run.token_bytes is not None:  # data without a tokenizer (bench.py's random ids) has no bytes
-        nats = -sums["logps/chosen"] if cfg["stage"] == "dpo" else sums["loss"]
-        figures["val_bpb"] = nats / math.log(2) / nbytes
+        figures["val_bpb"] = stage.bpb_nats(sums) / math.log(2) / nbytes
     return figures
 
 
@@ -367,6 +360,7 @@ class Run:
     """Everything a step needs, built once by build() from a resolved config (bench.py builds one too)."""
 
     cfg: dict  # the resolved config (train.configure)
+    stage: stages.Stage  # what a batch is, the loss, the evaluation (llm_trainer/stages.py)
     rank: int  # this process, 0 .. world-1
     world: int  # processes under torchrun (1 without)
     device: torch.device
@@ -378,10 +372,11 @@ class Run:
     scaler: torch.amp.GradScaler  # loss scaling for float16; disabled otherwise
     train_batches: Batches
     val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
-    reference: Optional[losses.Reference]  # dpo, grpo with grpo_kl: the frozen starting weights (or their log-probs)
+    reference: Optional[losses.Reference]  # Stage.needs_reference: the frozen starting weights (or their log-probs)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer (a resumed one: data)
     frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference": weights_source}), to rebuild it
     run_id: Optional[str]  # saved in checkpoints: rotation removes only this run's (rank 0's id is the one saved)
+    faults: dict = field(default_factory=dict)  # TRAIN_FAULTS: faults tests inject (the module docstring)
     start_iter: int = 0
     resumed: bool = False
     best_val_loss: float = float("inf")
@@ -389,9 +384,9 @@ class Run:
     phase: str = "startup"  # what the run is doing, for the line that reports a failed collective
     lora_base: Optional[dict] = None  # LoRA: the directory the adapters train on, and its weights' sha256
     token_bytes: Optional[torch.Tensor] = None  # the UTF-8 bytes of each token id, for val_bpb
-    tokenizer: Optional[ChatTokenizer] = None  # grpo: completions decoded for the reward
-    reward: Optional[Reward] = None  # grpo
-    prefetched: Optional[tuple] = None  # (iteration, (counts, micro-batches)) read while the device works
+    tokenizer: Optional[ChatTokenizer] = None  # a stage that decodes what it samples (grpo, for the reward)
+    reward: Optional[Reward] = None  # a stage that scores what it samples (grpo)
+    prefetched: dict = field(default_factory=dict)  # {iteration: (counts, micro-batches)} read while the device works
     tasks: Optional[object] = None  # eval_tasks: eval.TrainingTasks, called with the model
 
     @property
@@ -409,101 +404,45 @@ class Run:
 
 
 def build(cfg):
-    """The Run for a resolved config: process group, data, model (from scratch, a run, or an HF directory),
-    reference, wrapping, optimizer, and the state of a resumed run."""
-    check_config(cfg, distributed.rank_and_world()[1])
+    """The Run for a resolved config, in steps: the process group and device, the data, the weights it starts
+    from, the model, the frozen reference, the wrapping (DDP or FSDP2, compile), and a resumed run's state."""
+    stage = stages.get(cfg["stage"])
+    faults = read_faults()
+    check_config(cfg, stage, distributed.rank_and_world()[1])
     rank, local_rank, world = distributed.init_process_group(cfg["device"], cfg["dist_timeout_s"])
-    dev = common.resolve_device(cfg["device"], local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dev = set_up_device(cfg["device"], local_rank)
     ptdtype = common.resolve_dtype(cfg["dtype"], dev)
     new_run = cfg["init_from"] != "resume"  # its checkpoints must not mix with another run's
     if new_run:
         distributed.together(lambda: checkpoint.check_out_dir(cfg["out_dir"], cfg["overwrite"], cfg["init_from"])
                              if rank == 0 else None, rank, world, "checking out_dir")
-    meta = shards.load_meta(cfg["data_dir"])
-    if meta["stage"] != cfg["stage"] and cfg["stage"] != "pretrain":
-        fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
-             f"(prepare.py --stage={cfg['stage']})")
-    verify = cfg["verify_data"] and rank == 0  # rank 0 checks every byte; the others trust it
-    splits = distributed.together(lambda: {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify)
-                                           for s in shards.SPLITS}, rank, world, "checking the data")
-
-    start = checkpoint.load_start(cfg)
-    resumed = start is not None and start.get("resume", False)
-    checkpoint.check_data_identity(cfg, meta, start)
-    if resumed:
-        check_resumed_settings(cfg, meta, start)
-    if cfg["lora_rank"] and start is None:
-        fail("lora_rank > 0 trains adapters on a model: set init_from to a run or HF directory (or resume)")
-    torch.manual_seed(cfg["seed"])
-    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
-    if mcfg.vocab_size < meta["vocab_size"]:
-        fail(f"the model's vocabulary ({mcfg.vocab_size}) does not cover the data's ({meta['vocab_size']} ids in "
-             f"{cfg['data_dir']}): prepare the data with the model's tokenizer")
-    raw = Transformer(mcfg)
-    if start is not None:
-        missing, unexpected = raw.load_state_dict(start["model"], strict=False)
-        if unexpected or any(".lora_" not in k for k in missing):  # only new adapters may be missing
-            fail(f"the weights of {cfg['init_from']} do not fit the model (missing {missing[:3]}, unexpected "
-                 f"{unexpected[:3]})")
-    if cfg["lora_rank"]:  # only the adapters train; the base is frozen and stays out of the optimizer
-        for name, p in raw.named_parameters():
-            p.requires_grad_(".lora_" in name)
-    raw.to(dev)
-
+    meta, splits = open_data(cfg, stage, rank, world)
+    start = load_start(cfg, meta)
+    resumed = start is not None and start.resumed
+    raw = make_model(cfg, meta, start, dev)
     autocast = common.autocast(dev, ptdtype)
-    batch_args = dict(stage=cfg["stage"], block_size=cfg["block_size"], batch_size=cfg["batch_size"],
-                      pad_id=meta["special_ids"].get("<|endoftext|>", 0))
-    train_batches = Batches(splits["train"], seed=cfg["seed"], tag_ids=meta.get("reasoning_tag_ids", ()),
-                            tag_weight=cfg["think_tag_weight"], packing="epoch" if cfg["pack"] else None,
-                            doc_mask=cfg["doc_mask"], **batch_args)
-    if cfg["eval_iters"] and splits["val"].num_docs == 0:
-        fail(f"{cfg['data_dir']} has no val split (prepared with val_fraction=0): prepare it again with "
-             "--val_fraction=0.01 (or --val_input=FILE), or train without evaluation: --eval_iters=0")
-    val_batches = Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
-                          doc_mask=cfg["doc_mask"], **batch_args) if cfg["eval_iters"] else None
-    reference, frozen = None, {}
-    wants_reference = cfg["stage"] == "dpo" or cfg["grpo_kl"] > 0 and cfg["stage"] == "grpo"
+    train_batches, val_batches = make_batches(cfg, stage, meta, splits)
+
+    reference, frozen, wants_reference = None, {}, stage.needs_reference(cfg)
     if wants_reference and not cfg["lora_rank"]:  # (a LoRA run's reference is its base, which lora_base records)
-        frozen = {"reference": start.get("frozen", {}).get("reference") if resumed else
-                  checkpoint.weights_source(cfg["init_from"] if start is not None else "scratch", cfg["seed"])}
-        splits_used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
-        reference = losses.Reference(reference_start(raw, frozen["reference"], resumed, cfg), splits_used, dev,
-                                     autocast, rank, world,
-                                     precompute=cfg["dpo_precompute_ref"] and cfg["stage"] == "dpo",
-                                     param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
+        used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
+        reference, frozen = frozen_reference(cfg, stage, raw, start, used, dev, ptdtype, autocast, rank, world)
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
     if wants_reference and cfg["lora_rank"]:  # the reference is the base: the policy with its adapters off
         reference = losses.Reference(raw, {}, dev, autocast, rank, world, precompute=False, shared=model)
-    run = Run(cfg=cfg, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast, raw_model=raw,
-              model=model, optimizer=configure_optimizer(model, cfg, dev),
+
+    run = Run(cfg=cfg, stage=stage, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast,
+              raw_model=raw, model=model, optimizer=configure_optimizer(model, cfg, dev),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
               data_identity=checkpoint.data_identity(cfg, meta), frozen=frozen,
-              run_id=start.get("run_id") if resumed else uuid.uuid4().hex)
+              run_id=start.saved.get("run_id") if resumed else uuid.uuid4().hex, faults=faults)
     if cfg["lora_rank"]:
-        run.lora_base = start["lora_base"] if resumed else checkpoint.lora_base(cfg["init_from"])
-    tokenizer = load_tokenizer(cfg["data_dir"]) if meta.get("tokenizer_sha256") else None  # bench.py's: random ids
-    if tokenizer is not None:
-        run.token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(dev)
-    if cfg["stage"] == "grpo":
-        run.tokenizer, run.reward = tokenizer, Reward(cfg["reward"])
-    if cfg["eval_tasks"]:
-        import eval as benchmarks  # lm-evaluation-harness, imported only when asked for
-
-        if tokenizer is None:
-            fail(f"eval_tasks needs text: {cfg['data_dir']} has no tokenizer")
-        run.tasks = benchmarks.TrainingTasks(cfg, rank, world, dev, ptdtype)
+        run.lora_base = start.saved["lora_base"] if resumed else checkpoint.lora_base(cfg["init_from"])
+    add_text_and_tasks(run, meta)
     if resumed:
-        distributed.load_full_state_dicts(run.model, run.optimizer, start["model"], start["optimizer"])
-        if start["scaler"]:  # empty when the checkpoint was not trained in float16: the scaler starts fresh
-            run.scaler.load_state_dict(start["scaler"])
-        run.start_iter, run.resumed = int(start["iter"]), True
-        run.best_val_loss = float(start.get("best_val_loss", float("inf")))
+        restore(run, start.saved)
     first, last = distributed.spread(run.start_iter, world)
     if first != last:  # e.g. nodes whose out_dir is not the same directory: only rank 0 writes checkpoints
         fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
@@ -514,15 +453,133 @@ def build(cfg):
     return run
 
 
+def set_up_device(name, local_rank):
+    dev = common.resolve_device(name, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def open_data(cfg, stage, rank, world):
+    """(meta.json, {split: shards.Split}) of data_dir, refused when prepared for another stage."""
+    meta = shards.load_meta(cfg["data_dir"])
+    if meta["stage"] != cfg["stage"] and not stage.any_data:
+        fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
+             f"(prepare.py --stage={cfg['stage']})")
+    verify = cfg["verify_data"] and rank == 0  # rank 0 checks every byte; the others trust it
+    splits = distributed.together(lambda: {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify)
+                                           for s in shards.SPLITS}, rank, world, "checking the data")
+    return meta, splits
+
+
+def load_start(cfg, meta):
+    """What the run starts from (checkpoint.Start, None from scratch), checked against the data and the config."""
+    start = checkpoint.load_start(cfg)
+    checkpoint.check_data_identity(cfg, meta, start)
+    if start is not None and start.resumed:
+        check_resumed_settings(cfg, meta, start)
+    if cfg["lora_rank"] and start is None:
+        fail("lora_rank > 0 trains adapters on a model: set init_from to a run or HF directory (or resume)")
+    return start
+
+
+def make_model(cfg, meta, start, dev):
+    """The model on dev: initialised from the seed, then given the starting weights; LoRA: only adapters train."""
+    torch.manual_seed(cfg["seed"])
+    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
+    if mcfg.vocab_size < meta["vocab_size"]:
+        fail(f"the model's vocabulary ({mcfg.vocab_size}) does not cover the data's ({meta['vocab_size']} ids in "
+             f"{cfg['data_dir']}): prepare the data with the model's tokenizer")
+    raw = Transformer(mcfg)
+    if start is not None:
+        missing, unexpected = raw.load_state_dict(start.model, strict=False)
+        if unexpected or any(".lora_" not in k for k in missing):  # only new adapters may be missing
+            fail(f"the weights of {cfg['init_from']} do not fit the model (missing {missing[:3]}, unexpected "
+                 f"{unexpected[:3]})")
+    if cfg["lora_rank"]:  # only the adapters train; the base is frozen and stays out of the optimizer
+        for name, p in raw.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    return raw.to(dev)
+
+
+def make_batches(cfg, stage, meta, splits):
+    """(train Batches, val Batches or None without evaluation): rows of the stage's unit."""
+    args = dict(unit=stage.unit, block_size=cfg["block_size"], batch_size=cfg["batch_size"],
+                pad_id=meta["special_ids"].get("<|endoftext|>", 0), doc_mask=cfg["doc_mask"])
+    train_batches = Batches(splits["train"], seed=cfg["seed"], tag_ids=meta.get("reasoning_tag_ids", ()),
+                            tag_weight=cfg["think_tag_weight"], packing="epoch" if cfg["pack"] else None, **args)
+    if not cfg["eval_iters"]:
+        return train_batches, None
+    if splits["val"].num_docs == 0:
+        fail(f"{cfg['data_dir']} has no val split (prepared with val_fraction=0): prepare it again with "
+             "--val_fraction=0.01 (or --val_input=FILE), or train without evaluation: --eval_iters=0")
+    return train_batches, Batches(splits["val"], seed=cfg["seed"] + 1, packing="micro-batch" if cfg["pack"] else None,
+                                  **args)
+
+
+def frozen_reference(cfg, stage, raw, start, batches, dev, ptdtype, autocast, rank, world):
+    """(losses.Reference, {"reference": where its weights came from}): a frozen copy of the starting weights (or
+    their log-probs of every pair of `batches`), made before the model is wrapped; the source is saved in
+    checkpoints, so that a resumed run rebuilds the same reference."""
+    resumed = start is not None and start.resumed
+    frozen = {"reference": start.saved.get("frozen", {}).get("reference") if resumed else
+              checkpoint.weights_source(cfg["init_from"] if start is not None else "scratch", cfg["seed"])}
+    reference = losses.Reference(reference_start(raw, frozen["reference"], resumed, cfg), batches, dev, autocast,
+                                 rank, world, precompute=stage.precompute_reference(cfg),
+                                 param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
+    return reference, frozen
+
+
+def add_text_and_tasks(run, meta):
+    """The tokenizer's bytes per token (val_bpb), what the stage's steps need besides (grpo: the reward), and the
+    eval_tasks scorer."""
+    cfg = run.cfg
+    tokenizer = load_tokenizer(cfg["data_dir"]) if meta.get("tokenizer_sha256") else None  # bench.py's: random ids
+    if tokenizer is not None:
+        run.token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(run.device)
+    if run.stage.setup is not None:
+        run.stage.setup(run, tokenizer)
+    if cfg["eval_tasks"]:
+        import eval as benchmarks  # lm-evaluation-harness, imported only when asked for
+
+        if tokenizer is None:
+            fail(f"eval_tasks needs text: {cfg['data_dir']} has no tokenizer")
+        run.tasks = benchmarks.TrainingTasks(cfg, run.rank, run.world, run.device, run.ptdtype)
+
+
+def restore(run, saved):
+    """A resumed run's state from its checkpoint: weights and optimizer (each rank its shard under FSDP), the loss
+    scale, the iteration and the best val loss."""
+    distributed.load_full_state_dicts(run.model, run.optimizer, saved["model"], saved["optimizer"])
+    if saved["scaler"]:  # empty when the checkpoint was not trained in float16: the scaler starts fresh
+        run.scaler.load_state_dict(saved["scaler"])
+    run.start_iter, run.resumed = int(saved["iter"]), True
+    run.best_val_loss = float(saved.get("best_val_loss", float("inf")))
+
+
+def read_faults():
+    """The faults TRAIN_FAULTS asks to inject (the module docstring); {} when it is not set."""
+    text = os.environ.get("TRAIN_FAULTS", "").strip()
+    try:
+        faults = ast.literal_eval(text) if text else {}
+    except (ValueError, SyntaxError):
+        faults = None
+    if not isinstance(faults, dict) or not set(faults) <= set(FAULTS):
+        fail(f"TRAIN_FAULTS={text!r}: expected a dict with keys among {', '.join(FAULTS)} (fault injection for tests)")
+    return faults
+
+
 def check_resumed_settings(cfg, meta, start):
     """A resumed run goes on as the run it resumes: what decides its model, reference or batches (RESUME_FIXED, the
     data's content) is the checkpoint's, else one line naming the key and both values."""
-    saved, where = start.get("config", {}), cfg["out_dir"]
+    saved, where = start.saved.get("config", {}), cfg["out_dir"]
     for key in sorted(RESUME_FIXED & saved.keys()):
         if saved[key] != cfg[key]:
             fail(f"{key}: the checkpoint in {where} was trained with {key}={saved[key]!r}, not {cfg[key]!r}: resume "
                  "with the settings that decide the model, the reference and the batches unchanged")
-    theirs, ours = start.get("data", {}).get("shards_sha256"), checkpoint.data_identity(cfg, meta)["shards_sha256"]
+    theirs, ours = start.data.get("shards_sha256"), checkpoint.data_identity(cfg, meta)["shards_sha256"]
     if theirs and theirs != ours:
         fail(f"data_dir: {cfg['data_dir']} does not hold the data the checkpoint in {where} was trained on (shards "
              f"sha256 {ours[:12]}, not {theirs[:12]}: prepared again, or another set); resume on that data")
@@ -536,21 +593,17 @@ def reference_start(raw, source, resumed, cfg):
     if source is None:
         fail(f"the checkpoint in {cfg['out_dir']} does not record where the {cfg['stage']} reference came from (saved "
              "by an older version): start the run again")
-    model = Transformer(raw.cfg)
-    model.load_state_dict(checkpoint.frozen_weights(source, raw.cfg, f"the reference of this {cfg['stage']} run"))
+    model = Transformer(raw.mcfg)
+    model.load_state_dict(checkpoint.frozen_weights(source, raw.mcfg, f"the reference of this {cfg['stage']} run"))
     return model.to(next(raw.parameters()).device)
 
 
-def check_config(cfg, world):
-    """Impossible combinations: one clear line, exit 2, before any work."""
-    if cfg["stage"] not in STAGES:
-        fail(f"stage must be one of {', '.join(STAGES)}, got {cfg['stage']!r}")
+def check_config(cfg, stage, world):
+    """Impossible combinations: one clear line, exit 2, before any work. The stage checks its own keys."""
     if cfg["dtype"] not in ("auto", *common.DTYPES):
         fail(f"dtype must be auto, bfloat16, float16 or float32, got {cfg['dtype']!r}")
     if cfg["lr_schedule"] not in ("cosine", "wsd"):
         fail(f"lr_schedule must be cosine or wsd, got {cfg['lr_schedule']!r}")
-    if cfg["dpo_loss"] not in ("sigmoid", "ipo"):
-        fail(f"dpo_loss must be sigmoid or ipo, got {cfg['dpo_loss']!r}")
     if cfg["gradient_accumulation_steps"] % world:
         fail(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be divisible by the "
              f"number of processes ({world}): it counts micro-batches over all ranks")
@@ -588,30 +641,24 @@ def check_config(cfg, world):
         if cfg["block_size"] > limit:
             fail(f"block_size {cfg['block_size']} is larger than rope_scaling allows "
                  f"(factor x original_max_seq_len = {int(limit)})")
-    if cfg["stage"] in ("dpo", "grpo") and cfg["dropout"] > 0:
-        fail(f"{cfg['stage']} needs dropout=0: the policy and the reference (or the rollout policy) must agree")
-    if cfg["stage"] == "grpo":
-        if cfg["grpo_group"] < 2 or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
-            fail("grpo_group must be >= 2 (advantages compare a group's completions), grpo_epochs and max_new_tokens >= 1")
-        if not cfg["temperature"] > 0 or not 0 < cfg["top_p"] <= 1 or not cfg["grpo_clip"] > 0 or cfg["grpo_kl"] < 0:
-            fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
-        if cfg["max_new_tokens"] >= cfg["block_size"]:
-            fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
+    stage.check(cfg)
     if cfg["lora_rank"] < 0 or (cfg["lora_rank"] and not (cfg["lora_alpha"] > 0 and 0 <= cfg["lora_dropout"] < 1)):
         fail("lora_rank must be >= 0 (0: no adapters); with adapters lora_alpha > 0 and lora_dropout in [0, 1)")
-    if cfg["lora_rank"] and cfg["stage"] == "pretrain":
-        fail("lora_rank > 0 adapts a trained model: use it for sft, dpo or grpo, not pretrain")
+    if cfg["lora_rank"] and not stage.lora:
+        fail(f"lora_rank > 0 adapts a trained model: use it for "
+             f"{', '.join(s.name for s in stages.STAGES.values() if s.lora)}, not {stage.name}")
     if cfg["lora_rank"]:
         lora_parts(cfg["lora_targets"])
     if cfg["pack"] not in (True, False):
         fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
-    if cfg["pack"] and cfg["stage"] != "sft":
-        fail(f"pack=True packs sft documents; stage {cfg['stage']} "
-             + ("rows are windows of the token stream: doc_mask=True keeps its documents apart"
-                if cfg["stage"] == "pretrain" else "rows stay one chosen/rejected pair each: set pack=False"))
-    if cfg["doc_mask"] and cfg["stage"] != "pretrain":
-        fail(f"doc_mask=True is for pretrain windows; stage {cfg['stage']} rows are documents already "
-             "(pack=True packs sft documents, each kept apart)")
+    if cfg["pack"] and not stage.packs:
+        fail(f"pack=True packs {'/'.join(s.name for s in stages.STAGES.values() if s.packs)} documents; stage "
+             f"{stage.name} " + ("rows are windows of the token stream: doc_mask=True keeps its documents apart"
+                                 if stage.unit == "window" else f"rows stay one {stage.unit} each: set pack=False"))
+    if cfg["doc_mask"] and stage.unit != "window":
+        fail(f"doc_mask=True is for {'/'.join(s.name for s in stages.STAGES.values() if s.unit == 'window')} "
+             f"windows; stage {stage.name} rows are documents already (pack=True packs documents, each kept apart)")
+    stages.check_keys(stage, cfg, _DEFAULTS)
     # the model shape as far as the config decides it (a checkpoint being continued decides the rest)
     shape = {"dim": cfg["dim"], "n_heads": cfg["n_heads"], "n_kv_heads": cfg["n_kv_heads"] or None}
     try:
@@ -663,47 +710,21 @@ def configure_optimizer(model, cfg, dev):
                              fused=dev.type == "cuda")
 
 
-def tokens_per_step(cfg):
-    """Positions computed per optimizer step, padding included: rows x block_size x micro-steps (x 2 for dpo);
-    None for grpo, whose rows are as long as their prompt and completion."""
-    if cfg["stage"] == "grpo":
-        return None
-    rows = 2 if cfg["stage"] == "dpo" else 1
-    return rows * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-
-
 def print_plan(run):
     if run.rank != 0:
         return
     cfg, raw = run.cfg, run.raw_model
     trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    lora = (f", LoRA rank {raw.cfg.lora_rank} on {'/'.join(raw.cfg.lora_targets)} of {run.lora_base['path']}"
+    lora = (f", LoRA rank {raw.mcfg.lora_rank} on {'/'.join(raw.mcfg.lora_targets)} of {run.lora_base['path']}"
             if run.lora_base else "")
     print(f"model: {raw.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trainable{lora}), "
-          f"{raw.cfg.n_layers} layers, dim {raw.cfg.dim}, vocab {raw.cfg.vocab_size}; device {run.device}, "
+          f"{raw.mcfg.n_layers} layers, dim {raw.mcfg.dim}, vocab {raw.mcfg.vocab_size}; device {run.device}, "
           f"{common.dtype_name(run.ptdtype)}, {run.world} process(es){', FSDP' if run.fsdp else ''}")
     if not cfg["eval_iters"]:
         print("no evaluation (eval_iters=0): no val figures, and no best val loss in the checkpoints", flush=True)
-    batches = run.train_batches
-    if cfg["stage"] == "grpo":
-        print(f"stage grpo: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
-              f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
-              f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; {batches.split.num_docs:,} prompts; "
-              f"reward {cfg['reward']}" + (f", resuming at step {run.start_iter}" if run.resumed else ""), flush=True)
-        return
-    print(f"stage {cfg['stage']}: {tokens_per_step(cfg):,} tokens per optimizer step "
-          f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
-          f"{' x 2 (chosen, rejected)' if cfg['stage'] == 'dpo' else ''}), {cfg['max_iters']} steps"
-          + (f", resuming at step {run.start_iter}" if run.resumed else ""), flush=True)
-    layout = ("packed" if cfg["pack"] else "documents kept apart" if cfg["doc_mask"]
-              else "one unit per row" if cfg["stage"] != "pretrain" else "windows of the token stream")
-    cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
-           f"{cfg['block_size'] + 1} and cut" if cfg["stage"] != "pretrain" else "")
-    if cfg["stage"] == "dpo":
-        cut += (f"; {batches.untargeted:,} of {batches.n_units:,} pairs have a prompt that fills the row, no reply "
-                "token left: they are left out of the loss")
-    print(f"rows: {layout}, fill {batches.expected_fill():.1%} (real tokens / computed positions), "
-          f"{batches.rows_per_epoch():,} rows per epoch{cut}", flush=True)
+    first, *rest = run.stage.plan(run)
+    for line in [first + (f", resuming at step {run.start_iter}" if run.resumed else ""), *rest]:
+        print(line, flush=True)
 
 
 def prepare_out_dir(run):

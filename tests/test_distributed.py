@@ -17,6 +17,7 @@ from llm_trainer.core.checkpoint import load_checkpoint
 from tests.test_train import ROOT, TINY, final_weights, metrics, run_train, train_losses, val_losses
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STALL = {**ENV, "TRAIN_FAULTS": '{"stall": [1, 5]}'}  # rank 1 stalls in the step from iteration 5 (train.py)
 COLLECTIVE_FAILED = "a collective did not complete during"
 
 
@@ -46,7 +47,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_nodes(args, port):
+def start_nodes(args, port, env=ENV):
     """Two torchrun agents on this machine, one process each, meeting at 127.0.0.1:port (c10d rendezvous),
     as on two nodes; node 0 hosts the rendezvous. Each in its own process group, so a node can be killed whole."""
     procs = []
@@ -54,7 +55,7 @@ def start_nodes(args, port):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}", "train.py", *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
     return procs
 
@@ -85,7 +86,7 @@ def test_second_node_sigkilled_resumes_to_the_uninterrupted_result(demo_pretrain
     codes, logs = finish(start_nodes(pretrain_args(demo_pretrain, ref, *args), free_port()))
     assert codes == [0, 0], logs
     # rank 1 stalls in the step from iteration 5 (fault injection): the kill lands while rank 0 waits for it there
-    node0, node1 = start_nodes(pretrain_args(demo_pretrain, out, *args, "--debug_stall=[1, 5]"), free_port())
+    node0, node1 = start_nodes(pretrain_args(demo_pretrain, out, *args), free_port(), env=STALL)
     seen = []
     for line in node0.stdout:  # node 0 holds rank 0, which writes the checkpoints
         seen.append(line)
@@ -131,8 +132,8 @@ def test_a_stalled_rank_ends_the_run_with_a_clear_line_within_the_timeout(demo_p
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *pretrain_args(demo_pretrain, out, "--max_iters=8", "--eval_interval=4", "--fsdp=True",
-                          f"--dist_timeout_s={timeout_s}", "--debug_stall=[1, 5]")]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          f"--dist_timeout_s={timeout_s}")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=STALL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rank0 = worker_pid(agent, 0)
     seen = []
     for line in agent.stdout:

@@ -153,7 +153,7 @@ def make_lora_run(base, path):
     from llm_trainer.core.checkpoint import load_model
 
     plain, _ = load_model(base)
-    cfg = ModelConfig(**{**plain.cfg.to_dict(), "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("q", "v", "down")})
+    cfg = ModelConfig(**{**plain.mcfg.to_dict(), "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("q", "v", "down")})
     model = Transformer(cfg)
     model.load_state_dict(plain.state_dict(), strict=False)
     torch.manual_seed(1)

@@ -81,8 +81,8 @@ def test_logits_equal_transformers(exported):
     ours, _ = load_model(run)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
-    assert hf.config.tie_word_embeddings == ours.cfg.tie_embeddings
-    idx = torch.randint(0, ours.cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
+    assert hf.config.tie_word_embeddings == ours.mcfg.tie_embeddings
+    idx = torch.randint(0, ours.mcfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)).abs().max().item()
     assert diff <= 1e-4
@@ -167,7 +167,7 @@ def test_import_back_gives_identical_weights(exported):
     run, hf_dir = exported
     ours, _ = load_model(run)
     back, info = load_model(hf_dir)
-    assert info["kind"] == "hf" and back.cfg == ours.cfg
+    assert info["kind"] == "hf" and back.mcfg == ours.mcfg
     a, b = ours.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -182,7 +182,7 @@ def test_config_files(exported):
     with open(os.path.join(hf_dir, "generation_config.json"), encoding="utf-8") as f:
         generation = json.load(f)
     assert config["rope_theta"] == 5e5 and config["rope_parameters"]["rope_theta"] == 5e5
-    assert config["tie_word_embeddings"] == ours.cfg.tie_embeddings
+    assert config["tie_word_embeddings"] == ours.mcfg.tie_embeddings
     assert config["eos_token_id"] == tok.im_end_id  # an sft run: a reply ends at <|im_end|>
     assert generation["eos_token_id"] == [tok.im_end_id, tok.eot_id]
     assert generation["pad_token_id"] == tok.eot_id
@@ -191,7 +191,7 @@ def test_config_files(exported):
     from safetensors import safe_open
     with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    assert ("lm_head.weight" in names) != ours.cfg.tie_embeddings  # a tied head is not stored twice
+    assert ("lm_head.weight" in names) != ours.mcfg.tie_embeddings  # a tied head is not stored twice
 
 
 def test_pretrain_run_ends_at_endoftext_and_bfloat16(tmp_path):

@@ -140,7 +140,8 @@ def test_ppo_epochs_and_kl_run_and_start_at_ratio_one(toy_grpo, tmp_path):
     run = train.build(train.configure(grpo_args(toy_grpo, str(tmp_path / "inproc"), "--grpo_epochs=2",
                                                 "--grpo_kl=0.1")))
     _, micros, _ = grpo.rollouts(run, 0)
-    loss, stats = losses.grpo_loss(run.model, micros[0], run.cfg)
+    cfg = run.cfg
+    loss, stats = losses.grpo_loss(run.model, micros[0], cfg["temperature"], cfg["grpo_clip"], cfg["grpo_kl"])
     assert stats["kl"].item() == pytest.approx(0, abs=1e-6) and stats["clip_fraction"].item() == 0
 
 
@@ -182,7 +183,7 @@ def test_a_grpo_run_exports_and_samples_like_any_other(toy_grpo, tmp_path):
     ours, info = load_model(out)
     assert info["stage"] == "grpo"
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
-    idx = torch.randint(0, ours.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, ours.mcfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max().item() <= 1e-4
     from llm_trainer.inference import generation

@@ -83,8 +83,8 @@ def test_a_packed_step_equals_the_same_documents_unpacked(demo_sft, tmp_path):
     docs = [d for r in rows for d in r]
     unpacked = build(demo_sft, str(tmp_path), pack=False, batch_size=len(docs), learning_rate=lr)
     for run, batch in ((packed, packed.train_batches.batch(rows)), (unpacked, unpacked.train_batches.batch(docs))):
-        run.prefetched = (0, (losses.batch_counts(batch, "sft"), [batch]))
-    assert float((packed.prefetched[1][1][0].w > 0).sum()) == float((unpacked.prefetched[1][1][0].w > 0).sum())
+        run.prefetched = {0: (losses.batch_counts(batch), [batch])}
+    assert float((packed.prefetched[0][1][0].w > 0).sum()) == float((unpacked.prefetched[0][1][0].w > 0).sum())
     a, b = train.train_step(packed, 0), train.train_step(unpacked, 0)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["target_tokens"] == b["target_tokens"]
     assert a["fill"] > 1.5 * b["fill"]

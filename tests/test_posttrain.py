@@ -60,7 +60,7 @@ def test_rope_scaling_logits_equal_transformers_at_every_length(kind, long_run):
     the longest length it has seen, and a fresh model is what it means)."""
     ours, hf = long_run(kind)
     for T in (20, 63, 64, 65, 100, 128):
-        idx = torch.randint(0, ours.cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+        idx = torch.randint(0, ours.mcfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
             diff = (ours(idx) - hf(idx).logits).abs().max().item()
         assert diff <= 1e-5, (T, diff)
@@ -72,13 +72,13 @@ def test_dynamic_rope_generation_across_the_original_length_equals_transformers(
     row sets the length, as in transformers' batched generate)."""
     ours, hf = long_run("dynamic")
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, ours.cfg.vocab_size, (1, 50), generator=gen)
+    prompt = torch.randint(3, ours.mcfg.vocab_size, (1, 50), generator=gen)
     with torch.no_grad():
         out = hf.generate(prompt, max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True,
                           pad_token_id=0, eos_token_id=None)
         tokens = out.sequences[0, 50:].tolist()
         assert list(ours.generate(prompt[0].tolist(), 40, temperature=0.0)) == tokens
-        cache = KVCache(ours.cfg, 1, 90, "cpu", torch.float32)  # the same tokens fed through our cache
+        cache = KVCache(ours.mcfg, 1, 90, "cpu", torch.float32)  # the same tokens fed through our cache
         logits = [ours(prompt, cache, 0)[:, -1]] + [ours(torch.tensor([[t]]), cache, 50 + i)[:, -1]
                                                     for i, t in enumerate(tokens[:-1])]
         assert max((a - b).abs().max().item() for a, b in zip(logits, out.logits)) <= 1e-5
@@ -91,7 +91,7 @@ def test_dynamic_rope_generation_across_the_original_length_equals_transformers(
                             eos_token_id=None, output_logits=True, return_dict_in_generate=True)
         new = batch.sequences[:, 50:]
         assert ours.generate_batch(prompts, 40, temperature=0.0) == new.tolist()
-        lens, cache = torch.tensor([50, 30]), KVCache(ours.cfg, 2, 90, "cpu", torch.float32)
+        lens, cache = torch.tensor([50, 30]), KVCache(ours.mcfg, 2, 90, "cpu", torch.float32)
         right = torch.stack([pad[0], torch.roll(pad[1], -20)])  # ours: right-padded
         logits = [ours(right, cache, 0, logits_at=lens - 1)[:, -1]] + [ours(new[:, i:i + 1], cache, lens + i)[:, -1]
                                                                        for i in range(39)]
@@ -235,8 +235,8 @@ def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path,
     def dpo(units):
         b = batches.batch(units)
         with torch.no_grad():
-            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg)
-        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, "dpo")
+            loss, stats = losses.dpo_loss(run.model, b, run.reference.logps(b, "train"), run.cfg["dpo_beta"])
+        return float(loss), float(stats["rewards/accuracies"]), losses.target_count(b, pairs=True)
 
     alone = [dpo([k]) for k in good]
     loss, accuracy, count = dpo([empty[0], *good])

@@ -643,11 +643,13 @@ def test_torchrun_with_indivisible_accumulation_fails_on_every_rank(demo_pretrai
 
 
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient"])
-def test_one_nonfinite_step_is_exactly_a_skipped_update(fault, demo_pretrain, tmp_path):
+def test_one_nonfinite_step_is_exactly_a_skipped_update(fault, demo_pretrain, tmp_path, monkeypatch):
     """Steps 0-4 with a fault at step 2 end with the very weights and optimizer state of steps 0, 1, 3, 4."""
     common = dict(stage="pretrain", dropout=0.1, grad_clip=1.0, warmup_iters=2, dim=64, n_heads=4, block_size=64)
-    faulty = build_run(demo_pretrain, str(tmp_path), debug_nonfinite_iters=[2] if fault == "nan loss" else [],
-                       **common)
+    if fault == "nan loss":
+        monkeypatch.setenv("TRAIN_FAULTS", '{"nonfinite_iters": [2]}')
+    faulty = build_run(demo_pretrain, str(tmp_path), **common)
+    monkeypatch.delenv("TRAIN_FAULTS", raising=False)
     clean = build_run(demo_pretrain, str(tmp_path), **common)
     step = {"it": None}
     if fault == "inf gradient":  # the loss stays finite; one weight's gradient overflows
@@ -667,7 +669,7 @@ def test_one_nonfinite_step_is_exactly_a_skipped_update(fault, demo_pretrain, tm
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "grpo"])
-def test_float16_goes_on_after_a_skipped_step(stage, demo_pretrain, toy_grpo, tmp_path):
+def test_float16_goes_on_after_a_skipped_step(stage, demo_pretrain, toy_grpo, tmp_path, monkeypatch):
     """float16's loss scaler (what dtype=auto picks on GPUs without bfloat16; CPU autocast runs it too): a
     non-finite step, or a non-finite first of two grpo_epochs updates, is skipped and lowers the scale, and the
     next updates apply (the scaler used to raise in the next unscale_)."""
@@ -676,7 +678,8 @@ def test_float16_goes_on_after_a_skipped_step(stage, demo_pretrain, toy_grpo, tm
         data, reward = toy_grpo
         extra = dict(stage="grpo", reward=reward, batch_size=2, grpo_group=2, max_new_tokens=4, grpo_epochs=2,
                      learning_rate=1e-2)
-    run = build_run(data, str(tmp_path), dtype="float16", device="cpu", debug_nonfinite_iters=[1], **extra)
+    monkeypatch.setenv("TRAIN_FAULTS", '{"nonfinite_iters": [1]}')
+    run = build_run(data, str(tmp_path), dtype="float16", device="cpu", **extra)
     before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
     scales, finite = [], []
     for it in range(3):

@@ -44,7 +44,7 @@ def target_bytes(tok, ids, mask=None):
     ids, mask = ([tok.eot_id] + ids, [0] + [1] * len(ids)) if mask is None else (ids, mask)
     row = Batch(x=torch.tensor([ids[:-1]], dtype=torch.long), y=torch.tensor([ids[1:]], dtype=torch.long), w=torch.tensor([mask[1:]], dtype=torch.float32),
                 units=torch.tensor([0]))
-    return int(losses.target_bytes(row, "sft", torch.from_numpy(tok.token_bytes())))
+    return int(losses.target_bytes(row, torch.from_numpy(tok.token_bytes())))
 
 
 @pytest.mark.parametrize("text", HARD_TEXTS)

@@ -120,7 +120,7 @@ def test_val_bpb_is_a_hand_computation(demo_sft, tmp_path):
                     text = text.replace(control, "")
                 text_bytes += len(text.encode("utf-8"))
     ev = train.evaluate(run)
-    vocab = run.raw_model.cfg.vocab_size
+    vocab = run.raw_model.mcfg.vocab_size
     assert ev["val_loss"] == pytest.approx(math.log(vocab), rel=1e-5)
     assert ev["val_bpb"] == pytest.approx(targets * math.log(vocab) / math.log(2) / text_bytes, rel=1e-5)
     assert text_bytes > 1.2 * targets  # tokens of more than one byte: bits per byte is not bits per token
@@ -254,7 +254,8 @@ def test_vocab_mismatch_is_refused(demo_pretrain, tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(demo_pretrain, tmp_path):
     out = str(tmp_path / "run")
     p = run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=4",
-                   "--debug_nonfinite_iters=[5, 9, 10, 11]", "--max_bad_steps=3", *TINY], check=False)
+                   "--max_bad_steps=3", *TINY], check=False,
+                  env={**os.environ, "TRAIN_FAULTS": '{"nonfinite_iters": [5, 9, 10, 11]}'})
     assert p.returncode == 1 and "non-finite steps in a row" in p.stdout + p.stderr
     skipped = [r["iter"] for r in metrics(out) if r.get("skipped")]
     assert skipped == [6, 10, 11, 12]

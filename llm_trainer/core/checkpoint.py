@@ -18,6 +18,8 @@ import pickle
 import re
 import shutil
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -199,28 +201,28 @@ def hf_model_config(path):
         return model_config_from_hf(json.load(f))
 
 
-def hf_config_dict(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
+def hf_config_dict(mcfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
     """config.json for LlamaForCausalLM: rope_theta and rope_parameters both, so transformers 4.x and 5.x agree."""
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    max_len = cfg.max_seq_len
-    if cfg.rope_scaling:
-        s = cfg.rope_scaling
-        rope = {"rope_type": s["type"], "factor": float(s["factor"]), "rope_theta": cfg.rope_theta}
+    rope = {"rope_type": "default", "rope_theta": mcfg.rope_theta}
+    max_len = mcfg.max_seq_len
+    if mcfg.rope_scaling:
+        s = mcfg.rope_scaling
+        rope = {"rope_type": s["type"], "factor": float(s["factor"]), "rope_theta": mcfg.rope_theta}
         if s["type"] == "yarn":
-            rope["original_max_position_embeddings"] = cfg.rope_original_len
+            rope["original_max_position_embeddings"] = mcfg.rope_original_len
             rope.update({k: s[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in s})
         if s["type"] == "dynamic":
-            max_len = cfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
+            max_len = mcfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
-        "rope_scaling": rope if cfg.rope_scaling else None,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.dim, "intermediate_size": mcfg.ffn_dim,
+        "num_hidden_layers": mcfg.n_layers, "num_attention_heads": mcfg.n_heads,
+        "num_key_value_heads": mcfg.n_kv_heads, "head_dim": mcfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": max_len, "rms_norm_eps": mcfg.norm_eps,
+        "rope_theta": mcfg.rope_theta, "rope_parameters": rope,
+        "rope_scaling": rope if mcfg.rope_scaling else None,
+        "tie_word_embeddings": mcfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": mcfg.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
         "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
     }
@@ -249,20 +251,20 @@ def load_model(path, device="cpu"):
     ckpt = os.path.join(path, CKPT_NAME)
     if os.path.isfile(ckpt):
         state = load_checkpoint(ckpt)
-        cfg = ModelConfig(**state["model_config"])
-        model = Transformer(cfg)
+        mcfg = ModelConfig(**state["model_config"])
+        model = Transformer(mcfg)
         model.load_state_dict(with_lora_base(state)["model"])
-        if cfg.lora_rank:  # generation and export want plain weights: the adapters merged
+        if mcfg.lora_rank:  # generation and export want plain weights: the adapters merged
             model = merge_lora(model)
         info = {"kind": "run", "stage": state.get("stage"), "iter": state.get("iter"),
                 "config": state.get("config", {}), "lora_base": state.get("lora_base")}
     elif is_hf_dir(path):
-        cfg = hf_model_config(path)
-        model = Transformer(cfg)
+        mcfg = hf_model_config(path)
+        model = Transformer(mcfg)
         weights = load_hf_weights(path)
-        if cfg.tie_embeddings:
+        if mcfg.tie_embeddings:
             weights.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, cfg), strict=False)
+        missing, unexpected = model.load_state_dict(from_hf_state_dict(weights, mcfg), strict=False)
         if missing or unexpected:
             fail(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
         info = {"kind": "hf", "stage": None, "iter": None, "config": {}, "lora_base": None}
@@ -312,7 +314,7 @@ def frozen_weights(source, mcfg, what):
         torch.manual_seed(source["seed"])  # as train.build initialises a model from scratch
         return Transformer(mcfg).state_dict()
     check_source(source, what)
-    return starting_weights(source["path"])["model"]
+    return starting_weights(source["path"]).model
 
 
 def lora_base(path):
@@ -348,7 +350,7 @@ def save_run(run, it):
             return
         saved = {k: v for k, v in model_sd.items() if ".lora_" in k or not run.lora_base}  # LoRA: the base is named
         state = {"model": {k: v.float() for k, v in saved.items()}, "optimizer": optim_sd,
-                 "scaler": run.scaler.state_dict(), "model_config": run.raw_model.cfg.to_dict(),
+                 "scaler": run.scaler.state_dict(), "model_config": run.raw_model.mcfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
                  "data": run.data_identity, "lora_base": run.lora_base, "frozen": run.frozen, "run_id": run.run_id}
         try:
@@ -360,8 +362,25 @@ def save_run(run, it):
     distributed.together(write, run.rank, run.world, "the checkpoint write")
 
 
+@dataclass
+class Start:
+    """What a run starts from (load_start): the weights, their shape (ModelConfig.to_dict), the data identity and
+    the stage they were trained on ({} and None for HF weights); saved: for init_from=resume, the checkpoint that
+    goes on (iter, optimizer, scaler, config, frozen, run_id, lora_base, best_val_loss), else None."""
+
+    model: dict
+    model_config: dict
+    data: dict
+    stage: Optional[str] = None
+    saved: Optional[dict] = None
+
+    @property
+    def resumed(self):
+        return self.saved is not None
+
+
 def load_start(cfg):
-    """The state a run starts from: None (scratch), a checkpoint dict (resume or a run dir), or HF weights."""
+    """What a run starts from: None (scratch, or resume with no checkpoint yet), else a Start."""
     src = cfg["init_from"]
     if src == "scratch":
         return None
@@ -371,24 +390,22 @@ def load_start(cfg):
             print(f"init_from=resume: no checkpoint in {cfg['out_dir']} yet, starting from scratch")
             return None
         state = with_lora_base(load_checkpoint(path))
-        state["resume"] = True
-        return state
+        return Start(state["model"], state["model_config"], state.get("data", {}), state.get("stage"), saved=state)
     return starting_weights(src)
 
 
 def starting_weights(src):
-    """{model, model_config, data, stage} of the weights in a run directory (a LoRA run's adapters merged into
-    its base) or an HF Llama directory: what a run starting from src starts from."""
+    """The Start of the weights in a run directory (a LoRA run's adapters merged into its base) or an HF Llama
+    directory: what a run starting from src starts from."""
     if os.path.isfile(os.path.join(src, CKPT_NAME)):
         state = load_checkpoint(os.path.join(src, CKPT_NAME))
         if state.get("lora_base"):  # a LoRA run continued: its base with the adapters merged
             model, _ = load_model(src)
-            state = {**state, "model": model.state_dict(), "model_config": model.cfg.to_dict()}
-        return {"model": state["model"], "model_config": state["model_config"], "data": state.get("data", {}),
-                "stage": state.get("stage")}
+            state = {**state, "model": model.state_dict(), "model_config": model.mcfg.to_dict()}
+        return Start(state["model"], state["model_config"], state.get("data", {}), state.get("stage"))
     if os.path.isdir(src) and is_hf_dir(src):
         model, _ = load_model(src)
-        return {"model": model.state_dict(), "model_config": model.cfg.to_dict(), "data": {}, "stage": None}
+        return Start(model.state_dict(), model.mcfg.to_dict(), {})
     fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
 
 
@@ -397,11 +414,11 @@ def model_config(cfg, meta, start, lora_targets=()):
     lora = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
             "lora_targets": tuple(lora_targets) if cfg["lora_rank"] else ()}
     if start is not None:
-        mc = ModelConfig(**{**start["model_config"], "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
-                            **lora})
+        mcfg = ModelConfig(**{**start.model_config, "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
+                              **lora})
         if cfg["rope_scaling"] is not None:
-            mc.rope_scaling = dict(cfg["rope_scaling"])
-        return ModelConfig(**mc.to_dict())
+            mcfg.rope_scaling = dict(cfg["rope_scaling"])
+        return ModelConfig(**mcfg.to_dict())
     return ModelConfig(
         vocab_size=cfg["vocab_size"] or meta["vocab_size"], dim=cfg["dim"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None, ffn_dim=cfg["ffn_dim"] or None,
@@ -420,9 +437,9 @@ def data_identity(cfg, meta):
 
 def check_data_identity(cfg, meta, start):
     """A checkpoint continued on data from another tokenizer would train on garbage: refuse it."""
-    if start is None or not start.get("data"):
+    if start is None or not start.data:
         return
-    theirs, ours = start["data"].get("tokenizer_sha256"), meta.get("tokenizer_sha256")
+    theirs, ours = start.data.get("tokenizer_sha256"), meta.get("tokenizer_sha256")
     if theirs and ours and theirs != ours:
         fail(f"{cfg['data_dir']} was tokenized with a different tokenizer than the checkpoint in "
              f"{cfg['init_from'] if cfg['init_from'] != 'resume' else cfg['out_dir']} was trained with")

@@ -1,9 +1,11 @@
 """
-Training rows from a prepared split (llm_trainer/data/shards.py): what a batch is for each stage.
+Training rows from a prepared split (llm_trainer/data/shards.py): what a batch is, for the kind of unit a
+stage's rows hold (llm_trainer/stages.py says which).
 
-A unit is what a row holds: a window of block_size+1 tokens of the token
-stream (pretrain), one document from its start (sft), whole documents packed
-together (sft with pack=True), or a chosen/rejected pair (dpo, two rows). Each
+A unit is what a row holds: a "window" of block_size+1 tokens of the token
+stream (pretrain), one "document" from its start (sft; a grpo prompt), whole
+documents packed together (sft with pack=True), or a chosen/rejected "pair"
+(dpo, two rows). Each
 epoch orders the units by a seeded permutation, and row r of global
 micro-batch g is unit g * batch_size + r of the sequence of epochs, so a batch
 is a pure function of (seed, g): a resumed run, or N ranks taking their share
@@ -62,12 +64,14 @@ class Batch:
         return Batch(**moved)
 
 
-def count_units(stage, num_tokens, num_docs, block_size):
-    """Units in a split of num_tokens tokens in num_docs documents: an epoch of the stage (unpacked); a grpo
-    unit is a prompt."""
-    if stage == "pretrain":
+UNITS = ("window", "document", "pair")
+
+
+def count_units(unit, num_tokens, num_docs, block_size):
+    """Units of this kind in a split of num_tokens tokens in num_docs documents: an epoch (unpacked)."""
+    if unit == "window":
         return (num_tokens - 1) // block_size
-    return num_docs // 2 if stage == "dpo" else num_docs
+    return num_docs // 2 if unit == "pair" else num_docs
 
 
 def pack(lengths, capacity):
@@ -87,28 +91,29 @@ def pack(lengths, capacity):
 
 
 class Batches:
-    """Rows of one split for one stage, in a seeded order per epoch (see the module docstring).
+    """Rows of one split, each holding a unit of this kind (UNITS), in a seeded order per epoch (see the module
+    docstring).
 
     packing: None, "epoch" (training: documents packed over each epoch) or "micro-batch" (validation: each
     micro-batch packs the documents it holds unpacked). doc_mask: pretrain windows get segments."""
 
-    def __init__(self, split, stage, block_size, batch_size, seed, pad_id, tag_ids=(), tag_weight=1.0,
+    def __init__(self, split, unit, block_size, batch_size, seed, pad_id, tag_ids=(), tag_weight=1.0,
                  packing=None, doc_mask=False):
-        self.split, self.stage, self.T, self.B = split, stage, block_size, batch_size
+        self.split, self.unit_kind, self.T, self.B = split, unit, block_size, batch_size
         self.seed, self.pad_id, self.packing, self.doc_mask = seed, pad_id, packing, doc_mask
         self.tag_ids, self.tag_weight = np.array(sorted(tag_ids), dtype=np.int64), tag_weight
         lengths = split.doc_ends - split.doc_starts
         self.lengths = np.minimum(lengths, block_size + 1)  # a longer document is cut to one row, as prepare.py cuts
-        self.truncated = int((lengths > block_size + 1).sum()) if stage != "pretrain" else 0
-        # dpo: pairs whose prompt fills the row, so that a row keeps no target: left out of the loss
+        self.truncated = int((lengths > block_size + 1).sum()) if unit != "window" else 0
+        # pairs whose prompt fills the row, so that a row keeps no target: left out of the loss
         # (losses.pair_has_targets), counted here for the run's plan
         self.untargeted = 0
-        if stage == "dpo":
+        if unit == "pair":
             kept = split.row_targets(block_size + 1)[: 2 * (split.num_docs // 2)] > 0
             self.untargeted = int((~(kept[0::2] & kept[1::2])).sum())
-        self.n_units = count_units(stage, split.num_tokens, split.num_docs, block_size)
+        self.n_units = count_units(unit, split.num_tokens, split.num_docs, block_size)
         if self.n_units < 1:
-            fail(f"split '{split.name}' of {split.data_dir} is too small for stage {stage} with block_size "
+            fail(f"split '{split.name}' of {split.data_dir} is too small for one {unit} row with block_size "
                  f"{block_size} ({split.num_tokens} tokens, {split.num_docs} documents)"
                  + (": prepare it with a larger --val_fraction or a --val_input file, or train without evaluation "
                     "(--eval_iters=0)" if split.name == "val" else ""))
@@ -164,7 +169,7 @@ class Batches:
 
     def expected_fill(self):
         """Real tokens / computed positions over the first epoch."""
-        if self.stage == "pretrain":
+        if self.unit_kind == "window":
             return 1.0
         if self.packing == "epoch":
             self._set_epoch(0)
@@ -182,15 +187,15 @@ class Batches:
         return tokens, mask
 
     def rows(self, unit):
-        """The rows a unit makes, one (two for a DPO pair), each (tokens, mask, segment of every token or None,
+        """The rows a unit makes, one (two for a pair), each (tokens, mask, segment of every token or None,
         tokens before the padding), block_size+1 tokens long."""
-        if self.stage == "pretrain":
+        if self.unit_kind == "window":
             start = unit * self.T
             tokens, mask = self.split.read(start, self.T + 1)
             return [(tokens, mask, self._window_segments(start) if self.doc_mask else None, self.T + 1)]
         if isinstance(unit, list):
             return [self._packed_row(unit)]
-        docs = [unit] if self.stage == "sft" else [2 * unit, 2 * unit + 1]
+        docs = [2 * unit, 2 * unit + 1] if self.unit_kind == "pair" else [unit]
         return [(*self._padded(*self.split.document(d, self.T + 1)), None, int(self.lengths[d])) for d in docs]
 
     def _packed_row(self, docs):
@@ -211,7 +216,7 @@ class Batches:
     def batch(self, units):
         """The Batch of these units, in this order."""
         rows = [self.rows(u) for u in units]
-        rows = [r[0] for r in rows] + ([r[1] for r in rows] if self.stage == "dpo" else [])
+        rows = [r[0] for r in rows] + ([r[1] for r in rows] if self.unit_kind == "pair" else [])
         tokens = np.stack([r[0] for r in rows])
         mask = np.stack([r[1] for r in rows])
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -219,7 +224,7 @@ class Batches:
         segments = None
         if rows[0][2] is not None:
             seg = np.stack([r[2] for r in rows])
-            if self.stage != "pretrain":  # the label after a document's last token is the next document's
+            if self.unit_kind != "window":  # the label after a document's last token is the next document's
                 w[seg[:, :-1] != seg[:, 1:]] = 0
             segments = torch.from_numpy(np.ascontiguousarray(seg[:, :-1]))
         if self.tag_weight != 1.0 and len(self.tag_ids):

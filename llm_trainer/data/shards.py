@@ -188,7 +188,8 @@ class Split:
         self.name, self.meta, self.data_dir = name, meta, data_dir
         dtype = np.dtype(meta["dtype"])
         self._bins, self._masks, starts = [], [], []
-        self.refs = [] if meta.get("stage") == "grpo" else None  # per document: {"prompt", "answer"}
+        # per document of a set of tasks (a .ref sidecar beside each shard): {"prompt", "answer"}
+        self.refs = [] if any("ref_bytes" in s for sp in meta["splits"].values() for s in sp["shards"]) else None
         offset = 0
         for shard in meta["splits"][name]["shards"]:
             suffixes = SUFFIXES + (("ref",) if self.refs is not None else ())

@@ -44,12 +44,12 @@ def load(path, device="cpu", dtype="float32", compile=False):
     model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(path)
     control = (tokenizer.eot_id, tokenizer.im_start_id, tokenizer.im_end_id)
-    if max(control) >= model.cfg.vocab_size:  # a foreign tokenizer that got our special tokens added
+    if max(control) >= model.mcfg.vocab_size:  # a foreign tokenizer that got our special tokens added
         configurator.fail(f"{path}: the chat special tokens (ids {control}) are outside the model's vocabulary "
-                          f"of {model.cfg.vocab_size}; fine-tune the model with this tokenizer first")
+                          f"of {model.mcfg.vocab_size}; fine-tune the model with this tokenizer first")
     if compile:
         model.compile(dynamic=True)
-    block_size = (info.get("config") or {}).get("block_size") or model.cfg.max_seq_len
+    block_size = (info.get("config") or {}).get("block_size") or model.mcfg.max_seq_len
     return model, tokenizer, dict(info, chat=is_chat_model(path, info), block_size=int(block_size))
 
 

@@ -26,6 +26,7 @@ from llm_trainer.training.rewards import exact_answer
 # per-rollout figures, summed over micro-batches and ranks before they are logged
 ROLLOUT_SUMS = ("reward", "reward_sq", "correct", "completions", "completion_tokens", "no_signal_groups", "groups",
                 "gen_s")
+FIGURES = ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s")  # logged per step
 
 
 def advantages(rewards, group, std_norm=True):
@@ -108,13 +109,14 @@ def add_logps(run, batch):
 
 
 def rollouts(run, it):
-    """(losses.batch_counts summed, this rank's micro-batches, {ROLLOUT_SUMS} of this rank) of iteration it."""
+    """(losses.batch_counts summed, this rank's micro-batches, the FIGURES of every rank's rollouts) of
+    iteration it."""
     micros, sums = [], dict.fromkeys(ROLLOUT_SUMS, 0.0)
     for m in range(run.local_micro):
         batch, s = rollout(run, run.train_batches, run.micro_index(it, m), run.cfg["grpo_group"])
         micros.append(add_logps(run, batch))
         sums = {k: sums[k] + s[k] for k in ROLLOUT_SUMS}
-    return sum(losses.batch_counts(b, "grpo") for b in micros), micros, sums
+    return sum(losses.batch_counts(b) for b in micros), micros, rollout_figures(sums, run.world)
 
 
 def rollout_figures(sums, world):

@@ -1,5 +1,6 @@
 """
-What each stage minimises, per micro-batch, and the statistics it reports.
+What each stage minimises, per micro-batch, and the statistics it reports (llm_trainer/stages.py says which
+stage uses which).
 
 - pretrain, sft: the cross-entropy of every label position times its weight
   (batches.Batch.w: 0 off the targets, think_tag_weight on reasoning tags in
@@ -35,11 +36,6 @@ DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "reward
 GRPO_STATS = ("kl", "clip_fraction")  # means over the step's completion tokens
 
 
-def stat_names(stage):
-    """The statistics (besides the loss) the stage's micro_loss reports, in order."""
-    return {"dpo": DPO_STATS, "grpo": GRPO_STATS}.get(stage, ())
-
-
 def token_losses(model, x, y, segments=None, temperature=1.0):
     """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model;
     segments: the documents of packed rows (batches.Batch); temperature: of the distribution scored."""
@@ -57,16 +53,16 @@ def lm_loss(model, batch, weighted=True):
     return (token_losses(model, batch.x, batch.y, batch.segments) * w).sum(), {}
 
 
-def dpo_terms(policy_logps, ref_logps, cfg):
-    """Per-pair DPO loss and the DPO_STATS per pair, from (2B,) summed log-probs, chosen rows first."""
+def dpo_terms(policy_logps, ref_logps, beta, kind="sigmoid", label_smoothing=0.0):
+    """Per-pair DPO loss (kind: sigmoid or ipo) and the DPO_STATS per pair, from (2B,) summed log-probs, chosen rows
+    first."""
     pc, pr = policy_logps.chunk(2)
     rc, rr = ref_logps.chunk(2)
     logits = (pc - pr) - (rc - rr)
-    beta = cfg["dpo_beta"]
-    if cfg["dpo_loss"] == "ipo":
+    if kind == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     else:
-        eps = cfg["dpo_label_smoothing"]
+        eps = label_smoothing
         losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
     chosen_r, rejected_r = beta * (pc - rc).detach(), beta * (pr - rr).detach()
     stats = (chosen_r, rejected_r, (chosen_r > rejected_r).float(), chosen_r - rejected_r, pc.detach(), pr.detach())
@@ -80,9 +76,9 @@ def pair_has_targets(batch):
     return chosen & rejected
 
 
-def dpo_loss(model, batch, ref_logps, cfg):
+def dpo_loss(model, batch, ref_logps, beta, kind="sigmoid", label_smoothing=0.0):
     """(summed loss, {statistic: sum over pairs}) of a DPO micro-batch, over its pairs with targets."""
-    losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, cfg)
+    losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, beta, kind, label_smoothing)
     kept = pair_has_targets(batch).float()
     return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
 
@@ -104,36 +100,37 @@ def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):
     return ((pg + kl_coef * kl) * mask).sum(), stats
 
 
-def grpo_loss(model, batch, cfg):
+def grpo_loss(model, batch, temperature, clip, kl_coef):
     """(summed loss, {GRPO_STATS: sums}) of a micro-batch of rollouts. The policy is the distribution the
     completions were sampled from (the logits divided by the sampling temperature). Without rollout log-probs
     (one update per rollout batch) the ratio is p / p.detach(): 1, with the policy gradient's gradient."""
-    logp = -token_losses(model, batch.x, batch.y, temperature=cfg["temperature"])
+    logp = -token_losses(model, batch.x, batch.y, temperature=temperature)
     old = batch.old_logps if batch.old_logps is not None else logp.detach()
-    return grpo_terms(logp, old, batch.ref_logps, batch.advantages, batch.w, cfg["grpo_clip"], cfg["grpo_kl"])
+    return grpo_terms(logp, old, batch.ref_logps, batch.advantages, batch.w, clip, kl_coef)
 
 
-def target_count(batch, stage, weighted=True):
-    """What the step's loss is a mean over, for this micro-batch: target weight (tokens) or pairs with targets."""
-    if stage == "dpo":
+def target_count(batch, pairs=False, weighted=True):
+    """What the step's loss is a mean over, for this micro-batch: target weight (tokens) or, for rows of pairs,
+    pairs with targets."""
+    if pairs:
         return float(pair_has_targets(batch).sum())
     return float(batch.w.sum() if weighted else (batch.w > 0).sum())
 
 
-def target_bytes(batch, stage, token_bytes):
+def target_bytes(batch, token_bytes, pairs=False):
     """The UTF-8 bytes of text the micro-batch's targets hold (tokenizer.token_bytes: each id's bytes, less the
-    dummy prefix of a text's first token), those of the chosen rows for DPO (the rows before the rejected ones): the
-    denominator of bits per byte."""
+    dummy prefix of a text's first token), those of the chosen rows for pairs (the rows before the rejected ones):
+    the denominator of bits per byte."""
     sizes, prefix, opens = token_bytes
     y = batch.y.clamp(min=0)
     size = (sizes[y] - prefix[y] * opens[batch.x]) * (batch.w > 0)
-    return (size[: size.shape[0] // 2] if stage == "dpo" else size).sum().float()
+    return (size[: size.shape[0] // 2] if pairs else size).sum().float()
 
 
-def batch_counts(batch, stage):
+def batch_counts(batch, pairs=False):
     """float64 [loss normaliser (target_count), target tokens, real positions, computed positions] of a
     micro-batch, taken on the host: the step's mean, and how full its rows are."""
-    return torch.tensor([target_count(batch, stage), float((batch.w > 0).sum()), batch.real, batch.x.numel()],
+    return torch.tensor([target_count(batch, pairs), float((batch.w > 0).sum()), batch.real, batch.x.numel()],
                         dtype=torch.float64)
 
 
@@ -178,7 +175,7 @@ class Reference:
 def frozen_copy(raw_model, device, param_dtype):
     """A frozen copy of a model in eval mode, its parameters in param_dtype (its buffers, the rotary frequencies,
     stay float32, as under FSDP's mixed precision, which casts parameters only)."""
-    model = Transformer(raw_model.cfg).to(device)
+    model = Transformer(raw_model.mcfg).to(device)
     model.load_state_dict(raw_model.state_dict())
     for p in model.parameters():
         p.data = p.data.to(param_dtype)

@@ -1,0 +1,202 @@
+"""
+The stages train.py runs, each defined once, here: what prepare.py makes of a record, what a row holds, the loss
+and its statistics, the evaluation figures, the frozen second model it needs, the plan line, and the config keys
+only it uses. train.py and prepare.py look a stage up once (get) and ask it; the batcher (data/batches.py) and the
+losses (training/losses.py) take what it says as arguments. Adding a stage is one more Stage in STAGES plus its
+tests: the training loop does not change.
+
+A Stage is plain data and plain functions: no classes to derive from, nothing registers itself.
+
+What a row holds (Stage.unit) decides the rest of the batch: a "window" of block_size+1 tokens of the token stream;
+a "document" from its start (padded, or packed with others when the stage packs); a "pair", chosen and rejected
+documents in two rows, whose loss is a mean over pairs (losses.target_count) and whose val_bpb counts the chosen
+replies. A stage that samples its own rows from the model (grpo's rollouts) says so with `sample`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from configurator import fail
+from llm_trainer.data.records import as_task
+from llm_trainer.training import grpo, losses
+from llm_trainer.training.rewards import Reward
+
+
+def _never(cfg):
+    return False
+
+
+def _always(cfg):
+    return True
+
+
+def _no_checks(cfg):
+    pass
+
+
+def _one_update(cfg):
+    return 1
+
+
+def _loss_nats(val_sums):
+    return val_sums["loss"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. The callables take train.Run (run), a resolved config (cfg) or a batches.Batch (batch)."""
+
+    name: str
+    record_kind: str  # prepare.py: the records (records.detect_record) a set of this stage holds; stage=auto picks it
+    unit: str  # what a row holds: "window", "document" or "pair" (the module docstring)
+    loss: Callable  # (run, batch, split) -> (summed loss, {statistic: sum}) of a micro-batch (training/losses.py)
+    plan: Callable  # (run) -> the lines the run's plan prints for the stage, the first one its steps
+    stats: tuple = ()  # the statistics loss reports: logged, and means over the targets in evaluation
+    keys: tuple = ()  # config keys of this stage only: another stage refuses them set away from their default
+    fixed_on_resume: tuple = ()  # of those, the ones that decide the model, the reference or the batches
+    record_converters: dict = field(default_factory=dict)  # prepare.py: other record kinds taken, made this kind
+    mixes_text: bool = False  # prepare.py allow_mixed=True keeps plain-text records, every token a target
+    any_data: bool = False  # trains on a set prepared for any stage (its tokens); else only on its own stage's
+    packs: bool = False  # pack=True (its default) packs whole documents into each row
+    lora: bool = True  # lora_rank > 0: adapters on a trained model
+    needs_reference: Callable = _never  # (cfg): a frozen copy of the starting weights beside the policy
+    precompute_reference: Callable = _never  # (cfg): the reference's log-probs computed once instead of a model
+    bpb_nats: Callable = _loss_nats  # (val sums) -> the nats of the targets whose bytes val_bpb divides by
+    sample: Optional[Callable] = None  # (run, it) -> (batch counts, micro-batches, logged figures): rows sampled
+    updates: Callable = _one_update  # (cfg) -> optimizer updates on each step's sampled rows
+    figures: tuple = ()  # the names of sample's logged figures
+    evaluate: Optional[Callable] = None  # (run) -> val figures; None: the loss over eval_iters val micro-batches
+    setup: Optional[Callable] = None  # (run, tokenizer): what else its steps need, set on the run
+    check: Callable = _no_checks  # (cfg): settings this stage cannot run with: one line, exit 2
+
+
+# -----------------------------------------------------------------------------
+# the pieces the definitions name
+
+
+def lm_loss(run, batch, split):
+    """Validation counts every target once (no reasoning-tag weight)."""
+    return losses.lm_loss(run.model, batch, weighted=split == "train")
+
+
+def dpo_loss(run, batch, split):
+    cfg = run.cfg
+    return losses.dpo_loss(run.model, batch, run.reference.logps(batch, split), cfg["dpo_beta"], cfg["dpo_loss"],
+                           cfg["dpo_label_smoothing"])
+
+
+def grpo_loss(run, batch, split):
+    cfg = run.cfg
+    return losses.grpo_loss(run.model, batch, cfg["temperature"], cfg["grpo_clip"], cfg["grpo_kl"])
+
+
+def chosen_nats(val_sums):
+    """DPO's val_bpb: the chosen replies' negative log-likelihood, over their bytes."""
+    return -val_sums["logps/chosen"]
+
+
+def no_dropout(cfg):
+    if cfg["dropout"] > 0:
+        fail(f"{cfg['stage']} needs dropout=0: the policy and the reference (or the rollout policy) must agree")
+
+
+def check_dpo(cfg):
+    no_dropout(cfg)
+    if cfg["dpo_loss"] not in ("sigmoid", "ipo"):
+        fail(f"dpo_loss must be sigmoid or ipo, got {cfg['dpo_loss']!r}")
+
+
+def check_grpo(cfg):
+    no_dropout(cfg)
+    if cfg["grpo_group"] < 2 or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
+        fail("grpo_group must be >= 2 (advantages compare a group's completions), grpo_epochs and max_new_tokens >= 1")
+    if not cfg["temperature"] > 0 or not 0 < cfg["top_p"] <= 1 or not cfg["grpo_clip"] > 0 or cfg["grpo_kl"] < 0:
+        fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
+    if cfg["max_new_tokens"] >= cfg["block_size"]:
+        fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
+
+
+def grpo_setup(run, tokenizer):
+    """Completions are decoded for the reward, which the config names."""
+    run.tokenizer, run.reward = tokenizer, Reward(run.cfg["reward"])
+
+
+def tokens_per_step(cfg):
+    """Positions computed per optimizer step, padding included: rows x block_size x micro-steps (x 2 for pairs);
+    None for a stage that samples its rows, as long as their prompt and completion."""
+    stage = get(cfg["stage"])
+    if stage.sample is not None:
+        return None
+    rows = 2 if stage.unit == "pair" else 1
+    return rows * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+
+
+def plan_rows(run):
+    """The plan of a stage that reads its rows: tokens per step, and how full and how cut the rows are."""
+    cfg, batches, unit = run.cfg, run.train_batches, run.stage.unit
+    steps = (f"stage {cfg['stage']}: {tokens_per_step(cfg):,} tokens per optimizer step "
+             f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
+             f"{' x 2 (chosen, rejected)' if unit == 'pair' else ''}), {cfg['max_iters']} steps")
+    layout = ("packed" if cfg["pack"] else "documents kept apart" if cfg["doc_mask"]
+              else "one unit per row" if unit != "window" else "windows of the token stream")
+    cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
+           f"{cfg['block_size'] + 1} and cut" if unit != "window" else "")
+    if unit == "pair":
+        cut += (f"; {batches.untargeted:,} of {batches.n_units:,} pairs have a prompt that fills the row, no reply "
+                "token left: they are left out of the loss")
+    return [steps, f"rows: {layout}, fill {batches.expected_fill():.1%} (real tokens / computed positions), "
+                   f"{batches.rows_per_epoch():,} rows per epoch{cut}"]
+
+
+def plan_rollouts(run):
+    cfg = run.cfg
+    return [f"stage {cfg['stage']}: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
+            f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
+            f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; "
+            f"{run.train_batches.split.num_docs:,} prompts; reward {cfg['reward']}"]
+
+
+# -----------------------------------------------------------------------------
+# the stages
+
+STAGES = {s.name: s for s in (
+    Stage(name="pretrain", record_kind="text", unit="window", loss=lm_loss, any_data=True, lora=False,
+          keys=("doc_mask", "think_tag_weight"), fixed_on_resume=("doc_mask", "think_tag_weight"), plan=plan_rows),
+    Stage(name="sft", record_kind="chat", unit="document", loss=lm_loss, mixes_text=True, packs=True,
+          keys=("think_tag_weight",), fixed_on_resume=("think_tag_weight",), plan=plan_rows),
+    Stage(name="dpo", record_kind="pair", unit="pair", loss=dpo_loss, stats=losses.DPO_STATS,
+          keys=("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_precompute_ref"),
+          needs_reference=_always, precompute_reference=lambda cfg: cfg["dpo_precompute_ref"], bpb_nats=chosen_nats,
+          check=check_dpo, plan=plan_rows),
+    Stage(name="grpo", record_kind="task", unit="document", loss=grpo_loss, stats=losses.GRPO_STATS,
+          record_converters={"chat": as_task},  # a chat's last reply is the task's reference answer
+          keys=("reward", "grpo_group", "grpo_epochs", "grpo_clip", "grpo_kl", "grpo_std_norm", "temperature",
+                "top_p", "max_new_tokens"),
+          fixed_on_resume=("grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p"),
+          needs_reference=lambda cfg: cfg["grpo_kl"] > 0, sample=grpo.rollouts, updates=lambda cfg: cfg["grpo_epochs"],
+          figures=grpo.FIGURES, evaluate=grpo.evaluate, setup=grpo_setup, check=check_grpo, plan=plan_rollouts),
+)}
+
+# keys that decide the model, the reference or the batches, of any stage: a resumed run keeps them (train.py)
+FIXED_ON_RESUME = frozenset(k for s in STAGES.values() for k in s.fixed_on_resume)
+
+
+def get(name):
+    """The stage named `name`, or one line listing the stages."""
+    if name not in STAGES:
+        fail(f"stage must be one of {', '.join(STAGES)}, got {name!r}")
+    return STAGES[name]
+
+
+def of_record_kind(kind):
+    """The stage whose sets hold records of this kind (prepare.py stage=auto)."""
+    return next(s for s in STAGES.values() if s.record_kind == kind)
+
+
+def check_keys(stage, cfg, defaults):
+    """A key only other stages use, set away from its default, would be ignored: refuse it, naming it."""
+    for other in STAGES.values():
+        for key in other.keys:
+            if key not in stage.keys and cfg[key] != defaults[key]:
+                fail(f"{key}={cfg[key]!r} is a setting of stage {other.name}; stage {stage.name} does not use it "
+                     "(leave it at its default)")

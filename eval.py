@@ -19,9 +19,9 @@ two standard errors of the difference (sqrt(se_a^2 + se_b^2)) is called noise.
 The model side, checked against lm_eval's hf backend on the exported model (tests/test_eval.py):
 - text is tokenized by the transformers tokenizer the export writes (the same ids as `lm_eval --model hf`);
 - loglikelihood: requests sorted by length, batched; the choices of an item share one forward of their context:
-  one row holds the context, then every choice side by side, each attending to the context and to itself, at the
-  positions it would have alone (model.hidden_states' positions and mask); only the scored positions reach the
-  head;
+  one row holds the context, then every choice side by side (up to twice the model's context in all), each
+  attending to the context and to itself, at the positions it would have alone (model.hidden_states' positions
+  and mask); only the scored positions reach the head;
 - loglikelihood_rolling: lm_eval's disjoint windows of max_length, scored the same way;
 - generate_until: our batched KV-cache generator, stopping at the end-of-turn ids and at the stop strings,
   rows sorted by length; greedy unless the task samples.
@@ -74,6 +74,10 @@ SUITES = {
     "gsm8k": {"tasks": ["gsm8k"], "chat": True},
 }
 MAX_GEN_TOKS = 256  # lm_eval's hf backend's default for tasks that set none
+# A shared row may be longer than the model's context: each choice keeps the positions it has alone (at most
+# max_length), so only the row's attention grows. Twice max_length holds the choices of HellaSwag-like items at
+# once (a context computed once, not once per row) with a forward's attention at most 4x a max_length row's.
+ROW_SPAN = 2
 
 
 # -----------------------------------------------------------------------------
@@ -163,10 +167,10 @@ def _define_lm():
                 torch.distributed.barrier()
 
         # -- scoring -----------------------------------------------------------------------------------
-        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-            """[(log-probability, greedy)] of each (key, context ids, continuation ids)."""
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, span=ROW_SPAN, **kwargs):
+            """[(log-probability, greedy)] of each (key, context ids, continuation ids); span: shared_context_rows'."""
             results = [None] * len(requests)
-            rows = shared_context_rows([(ctx, cont) for _, ctx, cont in requests], self.max_length)
+            rows = shared_context_rows([(ctx, cont) for _, ctx, cont in requests], self.max_length, span)
             for batch in length_batches(rows, self.batch_size):
                 for i, answer in zip((i for _, branches in batch for i, _ in branches), self._score(batch)):
                     results[i] = answer
@@ -196,7 +200,9 @@ def _define_lm():
                     windows.append((None, ctx, cont))
                     owners.append(r)
             totals = [0.0] * len(requests)
-            for r, (logp, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            # a window's context is the text before it, shared by no other window but the documents' first ones
+            # (BOS alone): rows of max_length, a longer one would save a position and cost attention
+            for r, (logp, _) in zip(owners, self._loglikelihood_tokens(windows, span=1)):
                 totals[r] += logp
             for req, total in zip(requests, totals):
                 self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -248,10 +254,10 @@ def sampling_args(kwargs):
             "top_p": kwargs.get("top_p"), "generator": torch.Generator().manual_seed(0)}
 
 
-def shared_context_rows(pairs, max_length):
+def shared_context_rows(pairs, max_length, span=ROW_SPAN):
     """Rows of (context ids, [(request index, continuation ids)]): the continuations of one context together, as
-    many as fit max_length + the longest of them; a context + continuation longer than max_length + 1 is cut from
-    the left (as lm_eval does) and gets a row of its own."""
+    many as fit span * max_length; a context + continuation longer than max_length + 1 is cut from the left (as
+    lm_eval does) and gets a row of its own."""
     rows, open_rows = [], {}
     for i, (ctx, cont) in enumerate(pairs):
         if len(ctx) + len(cont) > max_length + 1:
@@ -260,7 +266,7 @@ def shared_context_rows(pairs, max_length):
             continue
         key = tuple(ctx)
         row = open_rows.get(key)
-        if row is None or row_length(row) + len(cont) - 1 > max(max_length, len(ctx) + len(cont) - 1):
+        if row is None or row_length(row) + len(cont) - 1 > span * max_length:
             row = (list(ctx), [])
             open_rows[key] = row
             rows.append(row)

@@ -377,8 +377,12 @@ class Transformer(nn.Module):
         batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
         # position start_pos[b], looked up in the table of the cache's positions
         in_use = start_pos.max() + 1 if batched and self.rotary.dynamic else None  # the longest row's length
-        table = self.rotary(0, cache.max_len, idx.device, in_use) if batched else self.rotary(
-            0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
+        if batched:
+            table = self.rotary(0, cache.max_len, idx.device, in_use)
+        elif positions is not None:  # a row may be longer than its highest position (eval.py's shared rows):
+            table = self.rotary(0, int(positions.max()) + 1, idx.device)  # dynamic NTK scales for the latter
+        else:
+            table = self.rotary(0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
         if segments is not None:
             positions, mask = segment_positions(segments), segment_mask(segments)

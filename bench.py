@@ -857,6 +857,7 @@ def eval_model(b, tmp):
     shape = {k: b[k] for k in SHAPE_KEYS if k != "vocab_size"}
     shape["n_kv_heads"], shape["ffn_dim"] = shape["n_kv_heads"] or None, shape["ffn_dim"] or None
     cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=b["block_size"], **shape)
+    torch.manual_seed(b["seed"])  # the same random weights every run: near-tied choices flip the same way
     run, model = os.path.join(tmp, "run"), Transformer(cfg)
     os.makedirs(run)
     save_checkpoint(run, {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "pretrain", "iter": 0,

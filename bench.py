@@ -53,7 +53,8 @@ How it measures:
     python bench.py --evals=True --model=tiny --device=cpu --threads=2 --rounds=2
 - quality=True measures quality per token and per second: the same model (the preset's shape, the same seed's
   initial weights) on the same prepared pretraining data (data_dir, with a val split and a tokenizer) in the
-  same batch order, trained quality_iters steps by each recipe (a name and train.py keys, over train_keys),
+  same batch order, trained quality_iters steps by each recipe (a name and train.py keys, over train_keys, over
+  train.py's defaults),
   val bits per byte every quality_eval_interval steps. The baseline is the first recipe at the best of
   baseline_lrs (the lowest final val bpb, mean over seeds), so that it is tuned; every run's min_lr is a tenth
   of its peak unless the recipe sets it. For each recipe and seed, against the baseline of the same seed: the
@@ -74,9 +75,10 @@ How it measures:
 
     python bench.py --serve=True --serve_run=out/demo/sft --device=cpu
 
-`model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
-every key given after it (in a config file or as --key=value) wins. The shape keys and their
-defaults are train.py's. `--json=PATH` writes every
+`model` picks a size preset: the shape and the recipe (optimizer, learning rates: RECIPE_KEYS) of
+config/model_<model>.py and that preset's vocabulary; every key given after it (in a config file or as
+--key=value) wins. The shape and recipe keys and their defaults are train.py's. quality=True runs each
+recipe over train.py's defaults, not over the preset's recipe, so that a recipe is what it says. `--json=PATH` writes every
 figure with its name, the config, the command, the device, torch and transformers versions and
 the date.
 """
@@ -114,6 +116,9 @@ from llm_trainer.training import optimizers
 from model import to_hf_state_dict, token_cross_entropy
 
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
+# the optimizer and schedule, as train.py takes them: a size preset (config/model_*.py) sets its recipe
+RECIPE_KEYS = ("optimizer", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "muon_lr", "muon_momentum",
+               "muon_adjust_lr", "muon_split", "group_lr", "group_weight_decay")
 STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "compile", "compile_mode",
              "seed")
 
@@ -169,7 +174,7 @@ prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
 decode_tokens = 64  # new tokens per decode run (0: skip)
 json = ""  # write every figure to this path
 # -----------------------------------------------------------------------------
-_DEFAULTS = {**{k: train._DEFAULTS[k] for k in SHAPE_KEYS}, **configurator.defaults(globals())}
+_DEFAULTS = {**{k: train._DEFAULTS[k] for k in SHAPE_KEYS + RECIPE_KEYS}, **configurator.defaults(globals())}
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CORPUS = os.path.join(ROOT, "data", "demo", "pretrain.jsonl")
@@ -207,7 +212,7 @@ def configure(argv=None):
 
 def train_config(b, data_dir, out_dir, stage="pretrain", **keys):
     """train.py's resolved config for a run with bench's shape and step settings."""
-    keys = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS}, **keys}
+    keys = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS + RECIPE_KEYS}, **keys}
     keys.update(data_dir=data_dir, out_dir=out_dir, stage=stage, verify_data=False)
     return train.configure([f"--{k}={v!r}" for k, v in keys.items()])
 
@@ -984,9 +989,10 @@ def quality_runs(b):
 def quality_run(b, data, keys, seed, tmp):
     """One run: {"tokens", "seconds", "val_bpb"} at each evaluation (seconds: of training steps only), the median
     step and optimizer-step times (ms), the optimizer's groups."""
+    recipe = {**{k: train._DEFAULTS[k] for k in RECIPE_KEYS}, **keys}  # stated in full: not the preset's recipe
     run = train.build(train_config(b, data, os.path.join(tmp, "run"), seed=seed, max_iters=b["quality_iters"],
                                    eval_interval=b["quality_eval_interval"], eval_iters=b["quality_eval_iters"],
-                                   overwrite=True, **keys))
+                                   overwrite=True, **recipe))
     tokens_per_step = stages.tokens_per_step(run.cfg)
     curve, seconds, steps = {"tokens": [], "seconds": [], "val_bpb": []}, 0.0, []
     for it in range(b["quality_iters"] + 1):

@@ -78,7 +78,7 @@ batch_size = 8  # rows per micro-batch per rank
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all ranks
 max_iters = 1000
 # optimizer and schedule (the groups and their settings: llm_trainer/training/optimizers.py)
-optimizer = "adamw"  # adamw: AdamW on every weight | muon: Muon on the hidden matrices, AdamW on embedding, head, norms
+optimizer = "muon"  # muon: Muon on the hidden matrices, AdamW on embedding, head, norms | adamw: AdamW on every weight
 learning_rate = 6e-4  # AdamW's peak learning rate (with optimizer=muon: of the embedding, head and norms)
 min_lr = 6e-5  # where the schedule ends: every group's peak learning rate times min_lr / learning_rate
 muon_lr = 0.02  # muon: the hidden matrices' peak learning rate (torch.optim.Muon's, adjusted to each shape)

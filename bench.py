@@ -1129,8 +1129,8 @@ def report_quality(b, fig, notes, device):
              f"baseline {base_name}, learning_rate sweep (mean final val bpb): " + ", ".join(
                  f"{lr}: {v:.4f}" for lr, v in fig["quality.sweep"].items()) + f" -> {fig['quality.baseline_lr']:g}"
              + (" (at the edge of the sweep: widen it)" if fig["quality.baseline_lr_at_edge"] else ""),
-             f"{'recipe':24}{'final bpb':>18}{'tokens to baseline':>22}{'seconds to baseline':>22}{'step ms':>14}"
-             f"{'optimizer ms':>14}"]
+             f"{'recipe':24}{'final bpb':>26}{'tokens to baseline':>22}{'seconds to baseline':>22}{'step ms':>18}"
+             f"{'optimizer ms':>20}"]
 
     def cell(f, key, spec, suffix=""):
         v = f[key]
@@ -1141,9 +1141,9 @@ def report_quality(b, fig, notes, device):
         if f is None or not f["seeds"]:
             lines.append(f"{name:24}(not run yet)")
             continue
-        lines.append(f"{name:24}{cell(f, 'final_bpb', '.4f'):>18}{cell(f, 'token_ratio', '.2f', 'x'):>22}"
-                     f"{cell(f, 'second_ratio', '.2f', 'x'):>22}{cell(f, 'step_ms', ',.0f'):>14}"
-                     f"{cell(f, 'optimizer_ms', ',.1f'):>14}")
+        lines.append(f"{name:24}{cell(f, 'final_bpb', '.4f'):>26}{cell(f, 'token_ratio', '.2f', 'x'):>22}"
+                     f"{cell(f, 'second_ratio', '.2f', 'x'):>22}{cell(f, 'step_ms', ',.0f'):>18}"
+                     f"{cell(f, 'optimizer_ms', ',.1f'):>20}")
     lines.append("tokens/seconds to baseline: the baseline's tokens (seconds) over the recipe's to reach the baseline's "
                  "final val bpb, same seed; mean (min-max) over seeds")
     return "\n".join(lines)

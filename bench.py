@@ -797,7 +797,8 @@ def bench_lora(b):
         fig["model.params"] = base.num_params()
         del base
         runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", init_from=base_dir,
-                                              lora_rank=b["lora_rank"] if how == "lora" else 0))
+                                              lora_rank=b["lora_rank"] if how == "lora" else 0,
+                                              optimizer="adamw"))  # fine-tuning, as the sft configs: AdamW
                 for how in b["lora_runs"]}
         rounds = timed_in_turns(runs, b)
         for how, run in runs.items():

@@ -10,7 +10,7 @@ max_iters = 400
 # the tiny preset's recipe (docs/BENCHMARKS.md): on this corpus and budget Muon reaches AdamW's final val bpb in
 # about half the tokens, for a few percent more time per step
 optimizer = "muon"
-muon_lr = 0.02  # the hidden matrices
+muon_lr = 0.01  # the hidden matrices
 learning_rate = 3e-3  # the embedding, head and norms; a ~1M-parameter model takes a large step
 min_lr = 3e-4
 warmup_iters = 30

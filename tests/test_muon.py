@@ -224,7 +224,7 @@ def test_two_ranks_ddp_and_fsdp_equal_one_process(demo_pretrain, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_with_optimizer_muon(demo_pretrain, demo_sft, tmp_path):
-    """The adapters train with AdamW (optimizers.named_groups says why), the base stays frozen, the loss falls."""
+    """The adapters train with AdamW (the optimizers module says why), the base stays frozen, the loss falls."""
     base = str(tmp_path / "base")
     train.main(muon_args(demo_pretrain, f"--out_dir={base}", "--max_iters=20", "--eval_interval=20"))
     run = train.build(train.configure([f"--data_dir={demo_sft}", f"--out_dir={tmp_path / 'lora'}", "--stage=sft",

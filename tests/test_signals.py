@@ -46,6 +46,12 @@ def test_prepare_workers_end_when_the_parent_ignores_sigterm(demo_pretrain, tmp_
             assert meta["timing"]["workers"] == 2, meta["timing"]
         print("kept", meta["counts"]["kept"])
     """)
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "kept 300" in p.stdout
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, which would otherwise outlive the test
+        raise AssertionError("prepare.py's pool did not end within 120 s") from None
+    assert p.returncode == 0, err[-3000:]
+    assert "kept 300" in out

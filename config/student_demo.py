@@ -12,6 +12,7 @@ n_kv_heads = 1
 block_size = 128
 batch_size = 32
 max_iters = 60
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 5e-3
 min_lr = 5e-4
 warmup_iters = 10

@@ -887,9 +887,9 @@ def bench_kd(b):
         fig["kd.teacher_params"] = teacher.num_params()
         teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         del teacher
-        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", **(
+        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", optimizer="adamw", **(
             {} if how == "sft" else {"teacher": teacher_dir, "kd_chunk": b["kd_chunk"] if how == "kd" else 0})))
-                for how in b["kd_runs"]}
+                for how in b["kd_runs"]}  # fine-tuning, as the sft configs: AdamW
         any_run = next(iter(runs.values()))
         fig["model.params"] = any_run.raw_model.num_params()
         rounds = timed_in_turns(runs, b)

@@ -103,9 +103,10 @@ def kd_terms(h, head_weight, positions, teacher_h, teacher_weight, targets, kind
     hidden states h (B, T, dim)); teacher_h (N, teacher dim): the teacher's at the same positions. Both heads run
     `chunk` positions at a time, and each chunk's logits are computed again in the backward pass (activation
     checkpointing) instead of kept: the logits of both models exist one chunk at a time, at the cost of a second
-    pass through both heads. chunk=0: all positions at once, every logit kept for the backward pass."""
+    pass through both heads. chunk=0, or no more positions than chunk: all at once, every logit kept for the
+    backward pass (one chunk would save nothing, and recomputing it costs a pass)."""
     h = h.flatten(0, 1)[positions]
-    if not chunk:
+    if not chunk or len(positions) <= chunk:
         return _head_terms(h, head_weight, teacher_h, teacher_weight, targets, kind, temperature)
     parts = [checkpoint(_head_terms, hc, head_weight, tc, teacher_weight, yc, kind, temperature, use_reentrant=False)
              for hc, tc, yc in zip(h.split(chunk), teacher_h.split(chunk), targets.split(chunk))]

@@ -42,6 +42,14 @@ How it measures:
   runs one of them alone, so that the process's peak RSS is that run's.
 
     python bench.py --lora=True --model=124m --block_size=256 --batch_size=4 --device=cpu
+- kd=True measures logit distillation: the same SFT step (synthetic chats, as sft=True) of the same student, plain
+  ("sft"), with a frozen teacher (random weights of the kd_teacher preset's shape, the student's own when "") whose
+  logits and the student's exist kd_chunk target positions at a time ("kd"), and with all of them at once
+  ("kd_unchunked"), in turns; step time and its ratio to plain SFT, and the CUDA peak (weights, optimizer state and
+  teacher, plus the most a step allocates) on a GPU. On a CPU the peak is the process's maximum resident set:
+  kd_runs=["kd"] (or one other) runs one alone, so that it is that run's.
+
+    python bench.py --kd=True --model=26m --block_size=256 --batch_size=8 --device=cpu --threads=2
 - evals=True measures eval.py against lm_eval's own hf backend (HFLM) on the export of the same model: a
   multiple-choice task of eval_items items (a local YAML task built from the demo corpus, HellaSwag-like: a
   passage of 200 characters, four endings of 80, one of them the passage's own), the whole
@@ -145,6 +153,10 @@ sft_docs = 4000  # synthetic chats when sft=True and no data_dir
 lora = False  # LoRA against full fine-tuning instead: tokens/s and memory (weights, gradients, optimizer state)
 lora_rank = 8
 lora_runs = ["full", "lora"]  # lora=True: the runs compared ("lora" or "full" alone: the process RSS is its own)
+kd = False  # logit distillation instead: the SFT step's cost with a teacher over without one, and memory
+kd_teacher = ""  # kd=True: the teacher's size preset ("": the student's shape)
+kd_chunk = 1024  # kd=True: the "kd" run's kd_chunk (train.py)
+kd_runs = ["sft", "kd", "kd_unchunked"]  # kd=True: the runs compared (one alone: the process RSS is its own)
 serve = False  # serve.py instead: aggregate tokens/s and time to first token at serve_clients concurrent clients
 serve_run = ""  # serve=True: the run (or HF) directory to serve
 serve_clients = [1, 4, 16]  # concurrent streaming clients, one measurement each
@@ -846,6 +858,74 @@ def report_lora(b, fig, notes, device):
     return "\n".join(lines)
 
 
+KD_RUNS = ("sft", "kd", "kd_unchunked")
+KD_KEYS = ["model.params", "kd.teacher_params", "kd.target_tokens_per_step", *[f"kd.{how}.{k}" for how in KD_RUNS
+                                                                             for k in ("step_ms", "peak_mem_mb")],
+           "kd.kd_over_sft", "kd.kd_unchunked_over_sft", "process.max_rss_mb"]
+
+
+def bench_kd(b):
+    """KD_KEYS: the same student's SFT step plain, distilled with its logits kd_chunk positions at a time, and
+    distilled unchunked, on the same batches, timed in turns."""
+    from llm_trainer.core import checkpoint
+    from model import Transformer
+
+    if not set(b["kd_runs"]) <= set(KD_RUNS) or not b["kd_runs"]:
+        fail(f"kd_runs must be some of {', '.join(KD_RUNS)}, got {b['kd_runs']}")
+    fig, notes = dict.fromkeys(KD_KEYS), {}
+    shape = {k: b[k] for k in SHAPE_KEYS}
+    if b["kd_teacher"]:
+        shape.update({k: v for k, v in configure([f"--model={b['kd_teacher']}"]).items() if k in SHAPE_KEYS},
+                     vocab_size=b["vocab_size"])
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data = write_synthetic_chats(os.path.join(tmp, "data"), b["vocab_size"], b["block_size"], 400, b["seed"])
+        teacher_dir = os.path.join(tmp, "teacher")  # random weights of the teacher's shape, saved as a run
+        os.makedirs(teacher_dir)
+        teacher = Transformer(checkpoint.model_config(train_config(b, data, teacher_dir, stage="sft", **shape),
+                                                      {"vocab_size": b["vocab_size"]}, None))
+        checkpoint.save_checkpoint(teacher_dir, {"model": teacher.state_dict(), "model_config": teacher.mcfg.to_dict()})
+        fig["kd.teacher_params"] = teacher.num_params()
+        teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        del teacher
+        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", optimizer="adamw", **(
+            {} if how == "sft" else {"teacher": teacher_dir, "kd_chunk": b["kd_chunk"] if how == "kd" else 0})))
+                for how in b["kd_runs"]}  # fine-tuning, as the sft configs: AdamW
+        any_run = next(iter(runs.values()))
+        fig["model.params"] = any_run.raw_model.num_params()
+        rounds = timed_in_turns(runs, b)
+        for how, run in runs.items():
+            extra = max(e or 0 for _, e, _ in rounds[how])
+            fig[f"kd.{how}.step_ms"] = 1000 * statistics.median(t for ts, _, _ in rounds[how] for t in ts)
+            fig[f"kd.{how}.peak_mem_mb"] = ((resident_bytes(run) + extra + (teacher_bytes if how != "sft" else 0))
+                                            / 2**20 if run.device.type == "cuda" else None)
+        fig["kd.target_tokens_per_step"] = statistics.mean(
+            s["target_tokens"] for rs in rounds.values() for _, _, stats in rs for s in stats)
+        for how in ("kd", "kd_unchunked"):
+            if how in runs and "sft" in runs:
+                fig[f"kd.{how}_over_sft"] = fig[f"kd.{how}.step_ms"] / fig["kd.sft.step_ms"]
+        fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        notes["dtype"] = common.dtype_name(any_run.ptdtype)
+        device = describe_device(any_run.device)
+    return fig, notes, device
+
+
+def report_kd(b, fig, notes, device):
+    runs = b["kd_runs"]
+    lines = [f"bench kd: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, teacher "
+             f"{fig['kd.teacher_params'] / 1e6:.2f}M, {device}, {notes['dtype']}, compile={b['compile']}, "
+             f"{b['batch_size']} rows x {b['block_size']} x {b['gradient_accumulation_steps']} micro-steps, "
+             f"{fig['kd.target_tokens_per_step']:,.0f} target tokens per step, kd_chunk {b['kd_chunk']}",
+             f"{'':26}" + "".join(f"{how:>14}" for how in runs)]
+    for label, key, spec in (("step time, median (ms)", "step_ms", ",.1f"), ("CUDA peak (MB)", "peak_mem_mb", ",.0f")):
+        lines.append(f"{label:26}" + "".join(f"{num(fig[f'kd.{how}.{key}'], spec):>14}" for how in runs))
+    ratios = [f"{how} {fig[f'kd.{how}_over_sft']:.2f}x" for how in ("kd", "kd_unchunked")
+              if fig[f"kd.{how}_over_sft"] is not None]
+    if ratios:
+        lines.append("step time over plain SFT: " + ", ".join(ratios))
+    lines.append(f"process max RSS {fig['process.max_rss_mb']:,.0f} MB (runs in this process: {', '.join(runs)})")
+    return "\n".join(lines)
+
+
 EVAL_KEYS = ["model.params", "eval.items", *[f"eval.{who}.{k}" for who in ("ours", "hf") for k in (
     "items_per_s", "best_batch_size", "model_share", "model_items_per_s")], "eval.ours_over_hf", "eval.model_ours_over_hf",
     "eval.same_acc", "process.max_rss_mb"]
@@ -1254,6 +1334,7 @@ def main(argv=None):
         torch.set_num_threads(b["threads"])
     torch.manual_seed(b["seed"])
     measure, render = ((bench_serve, report_serve) if b["serve"] else (bench_lora, report_lora) if b["lora"]
+                       else (bench_kd, report_kd) if b["kd"]
                        else (bench_sft, report_sft) if b["sft"] else (bench_evals, report_evals) if b["evals"]
                        else (bench_quality, report_quality) if b["quality"] else (bench, report))
     fig, notes, device = measure(b)

@@ -14,6 +14,8 @@ Stages, each announced by a header and followed by its own progress output:
     dpo       config/dpo_demo.py        chosen/rejected pairs, from sft (why: see the config)
     grpo      config/grpo_demo.py       reinforcement learning on the counting prompts, reward: the exact answer,
                                         from distill
+    students  config/student_demo.py    a model a quarter the size, from scratch on the chat set, the same steps
+                                        twice: alone, and distilled from sft's logits (teacher=sft)
     evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl), and the
               pass@grpo_group of GRPO's start model
     export    the DPO model to a transformers directory; logits and greedy text compared with transformers
@@ -72,9 +74,12 @@ STAGES = [
     ("distill", "config/distill_demo.py", "sft", "reason"),
     ("dpo", "config/dpo_demo.py", "sft", "dpo"),
     ("grpo", "config/grpo_demo.py", "distill", "grpo"),
+    ("student_sft", "config/student_demo.py", None, "sft"),
+    ("student_kd", "config/student_demo.py", None, "sft"),
 ]
 CONFIG_OF = {stage: config_file for stage, config_file, _, _ in STAGES}
-CHAT_STAGES = ["sft", "sft_long", "distill", "dpo", "grpo"]  # scored on the held-out tasks
+TEACHER_OF = {"student_kd": "sft"}  # logit distillation: the run whose model teaches the stage
+CHAT_STAGES = ["sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd"]  # scored on the held-out tasks
 # prepared chat set -> the demo files it reads (<stem>_train.jsonl, <stem>_val.jsonl) and the stage whose config
 # decides its max_len; the count files are written by count_prompts
 CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
@@ -89,7 +94,8 @@ GPU_LR_SCALE = 1 / 3  # a 26M model wants a smaller step than the ~1M one the co
 # tuned on a GPU: a conservative guess)
 
 QUICK_MODEL = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
-QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3}
+QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3, "student_sft": 6,
+               "student_kd": 6}
 QUICK_FLAGS = ["--batch_size=8", "--eval_iters=2"]
 QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=16", "--eval_iters=1"]}
 QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
@@ -197,18 +203,20 @@ def count_prompts(data_dir):
 
 def train_command(cfg, stage, config_file, init_stage, data, device_kind, device="cpu"):
     cmd = [sys.executable, "train.py"]
-    if init_stage is None:  # the model's shape: only a run from scratch reads it
+    if init_stage is None:  # the model's shape: only a run from scratch reads it (a student's config sets its own)
         cmd.append(MODEL_PRESET[device_kind])
     # a demo starts over: the checkpoints a previous demo left in the stage's run directory are replaced
     cmd += [config_file, f"--data_dir={data}", f"--out_dir={run_dir(cfg, stage)}", f"--device={device}", "--overwrite=True"]
     if init_stage is not None:
         cmd.append(f"--init_from={run_dir(cfg, init_stage)}")
+    if stage in TEACHER_OF:
+        cmd.append(f"--teacher={run_dir(cfg, TEACHER_OF[stage])}")
     if device_kind == "gpu":
         lr = config_value(config_file, "learning_rate") * GPU_LR_SCALE
         cmd += GPU_FLAGS + [f"--learning_rate={lr:.3g}", f"--min_lr={lr / 10:.3g}"]
     if cfg["quick"]:
         n = QUICK_ITERS[stage]
-        cmd += QUICK_MODEL if init_stage is None else []
+        cmd += QUICK_MODEL if stage == "pretrain" else []
         cmd += QUICK_FLAGS + [f"--max_iters={n}", f"--eval_interval={n}", f"--warmup_iters={max(1, n // 10)}",
                               f"--log_interval={max(1, n // 5)}"] + QUICK_STAGE_FLAGS.get(stage, [])
     return cmd
@@ -243,7 +251,7 @@ def stage_summary(path, init_stage):
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps_logged),
         "fill": statistics.mean(r["fill"] for r in steps_logged), "pack": cfg["pack"],
         "target_tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in steps_logged),
-        "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"],
+        "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"], "teacher": cfg["teacher"],
         "curve": {"iter": [r["iter"] for r in steps_logged], "loss": [r["loss"] for r in steps_logged],
                   "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals],
                   **({"reward": [r["reward"] for r in steps_logged], "accuracy": [r["accuracy"] for r in steps_logged],
@@ -444,7 +452,8 @@ def plot_losses(stages, path):
         else:
             ax.plot(curve["iter"], curve["loss"], label="train", lw=1.2)
             ax.plot(curve["val_iter"], curve["val_loss"], "o-", label="val", ms=4)
-        ax.set_title(name + (" (train loss tag-weighted)" if s["think_tag_weight"] != 1 else ""), fontsize=9)
+        ax.set_title(name + (" (train loss tag-weighted)" if s["think_tag_weight"] != 1 else "")
+                     + (" (train loss: CE and KD)" if s["teacher"] else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (DPO: sigmoid loss; GRPO: reward)")
@@ -500,6 +509,7 @@ def verdicts(r):
     separated = dpo["after"]["margin"] > dpo["before"]["margin"] and dpo["after"]["accuracy"] > dpo["before"]["accuracy"]
     helped = distill["accuracy"] > sft["accuracy"] and not noise(distill, sft)
     long_costs_nothing = long["accuracy"] >= sft["accuracy"] and st["sft_long"]["val_loss"] <= st["sft"]["val_loss"]
+    kd, alone = st["student_kd"], st["student_sft"]
     return {
         "identity": "it names itself" if r["identity"]["correct"] else "it does not name itself",
         "tasks_vs_sft": {name: compare_tasks(models[name], sft) for name in ("sft_long", "distill", "dpo")},
@@ -516,6 +526,9 @@ def verdicts(r):
                  "standard errors: on this budget it does not lift held-out accuracy (config/grpo_demo.py lists the "
                  "learning rates, group sizes and temperatures tried, none of which did; the model cannot copy the "
                  "characters it counts, so a correct count is luck it cannot learn to repeat)."),
+        "students": ("Distillation lowered" if kd["val_loss"] < alone["val_loss"] else "Distillation did not lower")
+        + " the student's held-out loss; task accuracy against the student alone: "
+        + compare_tasks(models["student_kd"], models["student_sft"]) + ".",
     }
 
 
@@ -627,6 +640,7 @@ def render_report(r):
         f"{g['reward_end']:.3f} at the last; held-out greedy reward {g['val_reward_start']:.3f} → "
         f"{g['val_reward_end']:.3f}. Generating took {pct(g['gen_share'])} of a step, the update the rest. "
         f"± is one standard error. {v['grpo']}", "",
+        *students_section(r), "",
         "## Export to transformers", "",
         f"`{x['hf_dir']}` (the DPO model) loaded with `AutoModelForCausalLM`: max |logit difference| "
         f"{x['max_abs_diff']:.2e} over {x['tokens']} positions of {x['sequences']} held-out conversations (float "
@@ -637,6 +651,45 @@ def render_report(r):
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def students_section(r):
+    """The report's lines on the students: alone against distilled, the teacher beside them."""
+    k, models = r["students"], r["students"]["models"]
+    cell = lambda m: f"{m['correct']}/{m['n']} ({pct(m['accuracy'])} ± {pct(m['se'])})"  # noqa: E731
+    rows = [("parameters", *(f"{m['params'] / 1e6:.2f}M" for m in models.values())),
+            ("training steps (wall time)", *(f"{m['steps']} ({m['wall_s']:.0f} s)" for m in models.values())),
+            ("held-out val loss (bits/byte)", *(f"{m['val_loss']:.3f} ({m['val_bpb']:.3f})" for m in models.values())),
+            ("held-out tasks, greedy", *(cell(m) for m in models.values())),
+            ("demo_add acc", *(f"{pct(m['demo_add'])} ± {pct(m['demo_add_se'])}" for m in models.values()))]
+    return ["## Distillation into a smaller model (logits of the SFT model)", "",
+            *table(["", "student alone", "student distilled", "teacher (sft)"], rows), "",
+            f"The same student, from scratch on the chat set, the same steps alone and distilled: (1 − {k['kd_weight']:g})"
+            f" × cross-entropy + {k['kd_weight']:g} × {k['kd_loss']} to the teacher at temperature "
+            f"{k['kd_temperature']:g}, on the same targets. On the held-out targets the teacher's own cross-entropy is "
+            f"{k['val_teacher_ce']:.3f}, and the distilled student's divergence from it went {k['val_kd_start']:.3f} → "
+            f"{k['val_kd']:.3f}. The val loss is the plain cross-entropy of every held-out conversation (one figure "
+            f"per run, no standard error); ± is one standard error. {r['verdicts']['students']}"]
+
+
+def students_summary(cfg, stages, scored, wall):
+    """The students alone and distilled, and their teacher: size, steps, wall time, held-out loss and scores."""
+    with open(os.path.join(run_dir(cfg, "student_kd"), "config.json"), encoding="utf-8") as f:
+        kd = json.load(f)
+    evals = stages["student_kd"]["evals"]
+
+    def model(name):
+        s, m = stages[name], scored[name]
+        add = m["harness"]["demo_add"]["metrics"]["acc"]
+        return {"params": model_shape(run_dir(cfg, name))["params"], "steps": s["steps"], "wall_s": wall[name],
+                "val_loss": s["val_loss"], "val_bpb": s["val_bpb"], "correct": m["correct"], "n": m["n"],
+                "accuracy": m["accuracy"], "se": math.sqrt(m["accuracy"] * (1 - m["accuracy"]) / m["n"]),
+                "demo_add": add["value"], "demo_add_se": add["stderr"]}
+
+    return {"kd_loss": kd["kd_loss"], "kd_temperature": kd["kd_temperature"], "kd_weight": kd["kd_weight"],
+            "val_kd_start": evals[0]["val_kd"], "val_kd": evals[-1]["val_kd"],
+            "val_teacher_ce": evals[-1]["val_teacher_ce"],
+            "models": {name: model(name) for name in ("student_sft", "student_kd", "sft")}}
 
 
 # -----------------------------------------------------------------------------
@@ -723,6 +776,7 @@ def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity
                     "example": {k: example[k] for k in ("task", "prompt", "reply")}},
         "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
         "grpo": grpo_summary(run_dir(cfg, "grpo"), passed),
+        "students": students_summary(cfg, stages, scored, wall),
         "export": parity,
         "chat": transcript,
     }

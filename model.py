@@ -396,19 +396,27 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start_pos, mask)
         return self.model.norm(x)
 
-    def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None, logits_at=None, temperature=1.0):
+    def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None, logits_at=None, temperature=1.0,
+                hidden=False, head_loss=None):
         """Logits (B, T, vocab) of token ids idx (B, T); given targets (B, T), each position's float32
         cross-entropy (B, T) instead, of the logits divided by temperature (grpo: the distribution its
         completions were sampled from). The loss is part of the model so that torch.compile fuses it with
         the head: the float32 copy of the logits is never written out. logits_at (B,): the logits (B, 1,
-        vocab) of that one position per row only (the last of a prompt)."""
+        vocab) of that one position per row only (the last of a prompt). hidden=True: the final-norm hidden
+        states (B, T, dim) instead of logits (a distillation teacher's). head_loss(h, head_weight), with
+        targets: a function of the hidden states and the head's weight, computed in this forward, where FSDP
+        has gathered the head; the result is (cross-entropy, head_loss(...)) (distillation: the divergence
+        from a teacher, training/losses.py)."""
         h = self.hidden_states(idx, cache, start_pos, segments)
+        if hidden:
+            return h
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at].unsqueeze(1)
         logits = self.lm_head(h)
         if targets is None:
             return logits
-        return token_cross_entropy(logits if temperature == 1.0 else logits / temperature, targets)
+        ce = token_cross_entropy(logits if temperature == 1.0 else logits / temperature, targets)
+        return ce if head_loss is None else (ce, head_loss(h, self.lm_head.weight))
 
     # ------------------------------------------------------------------
     # sizes

@@ -107,7 +107,12 @@ dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
 dpo_label_smoothing = 0.0
 dpo_precompute_ref = False  # reference log-probs computed once up front: no reference model in memory
-reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, or a weighted sum (llm_trainer/training/rewards.py)
+teacher = ""  # sft: logit distillation from this frozen model (a run or an HF Llama directory of the same tokenizer)
+kd_weight = 0.5  # sft with a teacher: loss = (1 - kd_weight) * cross-entropy + kd_weight * divergence from the teacher
+kd_temperature = 1.0  # sft with a teacher: both distributions softened by it; the divergence is multiplied by its square
+kd_loss = "forward_kl"  # sft with a teacher: forward_kl (KL(teacher || student)) | reverse_kl | jsd
+kd_chunk = 1024  # sft with a teacher: target positions whose logits (of both models) exist at once; 0: all
+reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, a weighted sum, and teacher:DIR (llm_trainer/training/rewards.py)
 grpo_group = 8  # grpo: completions sampled per prompt (batch_size counts prompts)
 grpo_epochs = 1  # grpo: optimizer updates on each batch of rollouts (> 1: the ratio to the rollout policy is clipped)
 grpo_clip = 0.2  # grpo: the ratio is clipped to [1 - grpo_clip, 1 + grpo_clip]
@@ -238,7 +243,7 @@ def train_loop(run, logger):
                       "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
                                                                                * cfg["batch_size"]),
                       "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
-                      **{k: stats[k] for k in run.stage.stats + run.stage.figures}}
+                      **{k: stats[k] for k in run.stage.stats(cfg) + run.stage.figures}}
             if peak:
                 record["mfu"] = flops_per_token * stats["positions"] / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
@@ -341,7 +346,7 @@ def evaluate(run):
     if stage.evaluate is not None:
         return stage.evaluate(run)
     pairs = stage.unit == "pair"
-    names = ("loss", "count", "bytes", *stage.stats)
+    names = ("loss", "count", "bytes", *stage.stats(run.cfg))
     model.eval()
     sums = torch.zeros(len(names), device=run.device)
     for i in range(run.rank, -(-n // run.world) * run.world, run.world):
@@ -385,8 +390,9 @@ class Run:
     train_batches: Batches
     val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
     reference: Optional[losses.Reference]  # Stage.needs_reference: the frozen starting weights (or their log-probs)
+    teacher: Optional[torch.nn.Module]  # Stage.teacher: the frozen model it distils from (wrapped as the policy is)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer (a resumed one: data)
-    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference": weights_source}), to rebuild it
+    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference" or "teacher": weights_source})
     run_id: Optional[str]  # saved in checkpoints: rotation removes only this run's (rank 0's id is the one saved)
     faults: dict = field(default_factory=dict)  # TRAIN_FAULTS: faults tests inject (the module docstring)
     start_iter: int = 0
@@ -439,6 +445,8 @@ def build(cfg):
     if wants_reference and not cfg["lora_rank"]:  # (a LoRA run's reference is its base, which lora_base records)
         used = {"train": train_batches, "val": val_batches} if val_batches else {"train": train_batches}
         reference, frozen = frozen_reference(cfg, stage, raw, start, used, dev, ptdtype, autocast, rank, world)
+    teacher, teacher_source = frozen_teacher(cfg, stage, raw, start, meta, dev, ptdtype, world)
+    frozen.update(teacher_source)
     model = distributed.wrap_model(raw, dev, ptdtype, world, local_rank, fsdp=cfg["fsdp"], compile=cfg["compile"],
                                    compile_mode=cfg["compile_mode"])
     if wants_reference and cfg["lora_rank"]:  # the reference is the base: the policy with its adapters off
@@ -447,7 +455,7 @@ def build(cfg):
     run = Run(cfg=cfg, stage=stage, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast,
               raw_model=raw, model=model, optimizer=optimizers.build(model, cfg),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
-              train_batches=train_batches, val_batches=val_batches, reference=reference,
+              train_batches=train_batches, val_batches=val_batches, reference=reference, teacher=teacher,
               data_identity=checkpoint.data_identity(cfg, meta), frozen=frozen,
               run_id=start.saved.get("run_id") if resumed else uuid.uuid4().hex, faults=faults)
     if cfg["lora_rank"]:
@@ -542,6 +550,47 @@ def frozen_reference(cfg, stage, raw, start, batches, dev, ptdtype, autocast, ra
                                  rank, world, precompute=stage.precompute_reference(cfg),
                                  param_dtype=distributed.param_dtype(ptdtype, world, cfg["fsdp"]))
     return reference, frozen
+
+
+def frozen_teacher(cfg, stage, raw, start, meta, dev, ptdtype, world):
+    """(the frozen teacher the stage distils from, {"teacher": where its weights came from}), or (None, {}) for a
+    stage without one. Its weights are bfloat16 when the run computes in bfloat16, else float32; it is sharded (and
+    compiled) as the student is. The source is saved in checkpoints: a resumed run takes the same teacher, refused
+    when it changed or is gone."""
+    path = stage.teacher(cfg)
+    if not path:
+        return None, {}
+    if start is not None and start.resumed:
+        source = start.saved.get("frozen", {}).get("teacher")
+        if source is None or source["path"] != os.path.abspath(path):
+            fail(f"teacher: the checkpoint in {cfg['out_dir']} was trained "
+                 f"{'without a teacher' if source is None else 'with the teacher ' + source['path']}, not "
+                 f"{os.path.abspath(path)}: resume with the teacher it started with")
+        checkpoint.check_source(source, "the teacher of this run")
+    else:
+        source = checkpoint.weights_source(path, None)
+    teacher = checkpoint.frozen_model(source, dev, torch.bfloat16 if ptdtype == torch.bfloat16 else torch.float32)
+    check_teacher(cfg, meta, teacher, raw, path)
+    return distributed.wrap_frozen(teacher, ptdtype, world, cfg["fsdp"], cfg["compile"], cfg["compile_mode"]), {
+        "teacher": source}
+
+
+def check_teacher(cfg, meta, teacher, raw, path):
+    """A teacher's logits must index the student's tokens: as many of them, and (where the data has text) the
+    tokenizer the data was prepared with; else one line naming both."""
+    theirs, ours = teacher.mcfg.vocab_size, raw.mcfg.vocab_size
+    if theirs != ours:
+        fail(f"teacher {path} has a vocabulary of {theirs:,} ids, the student {ours:,}: a teacher must share the "
+             "student's vocabulary")
+    if not meta.get("tokenizer_sha256"):  # bench.py's random ids: no tokenizer to compare
+        return
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                                  "tokenizer_config.json")):
+        fail(f"teacher {path} holds no tokenizer to compare with the one {cfg['data_dir']} was prepared with")
+    its, data = load_tokenizer(path), load_tokenizer(cfg["data_dir"])
+    if not its.same_ids(data):
+        fail(f"teacher {path}: its tokenizer ({its.vocab_size:,} tokens) is not the one {cfg['data_dir']} was prepared "
+             f"with ({data.vocab_size:,} tokens): a teacher must give the text the ids the student learns")
 
 
 def add_text_and_tasks(run, meta):

@@ -13,13 +13,15 @@ documents in two rows, whose loss is a mean over pairs (losses.target_count) and
 replies. A stage that samples its own rows from the model (grpo's rollouts) says so with `sample`.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from configurator import fail
+from llm_trainer.core import checkpoint, common
 from llm_trainer.data.records import as_task
 from llm_trainer.training import grpo, losses
-from llm_trainer.training.rewards import Reward
+from llm_trainer.training.rewards import TEACHER, Reward, parse, teacher_term
 
 
 def _never(cfg):
@@ -38,6 +40,14 @@ def _one_update(cfg):
     return 1
 
 
+def _no_stats(cfg):
+    return ()
+
+
+def _no_teacher(cfg):
+    return ""
+
+
 def _loss_nats(val_sums):
     return val_sums["loss"]
 
@@ -51,8 +61,9 @@ class Stage:
     unit: str  # what a row holds: "window", "document" or "pair" (the module docstring)
     loss: Callable  # (run, batch, split) -> (summed loss, {statistic: sum}) of a micro-batch (training/losses.py)
     plan: Callable  # (run) -> the lines the run's plan prints for the stage, the first one its steps
-    stats: tuple = ()  # the statistics loss reports: logged, and means over the targets in evaluation
+    stats: Callable = _no_stats  # (cfg) -> the statistics loss reports: logged, and means over the targets in evaluation
     keys: tuple = ()  # config keys of this stage only: another stage refuses them set away from their default
+    requires: dict = field(default_factory=dict)  # {key: the key without which it does nothing}: set alone, refused
     fixed_on_resume: tuple = ()  # of those, the ones that decide the model, the reference or the batches
     record_converters: dict = field(default_factory=dict)  # prepare.py: other record kinds taken, made this kind
     mixes_text: bool = False  # prepare.py allow_mixed=True keeps plain-text records, every token a target
@@ -60,6 +71,7 @@ class Stage:
     packs: bool = False  # pack=True (its default) packs whole documents into each row
     lora: bool = True  # lora_rank > 0: adapters on a trained model
     needs_reference: Callable = _never  # (cfg): a frozen copy of the starting weights beside the policy
+    teacher: Callable = _no_teacher  # (cfg) -> the directory of the frozen teacher it distils from, "" for none
     precompute_reference: Callable = _never  # (cfg): the reference's log-probs computed once instead of a model
     bpb_nats: Callable = _loss_nats  # (val sums) -> the nats of the targets whose bytes val_bpb divides by
     sample: Optional[Callable] = None  # (run, it) -> (batch counts, micro-batches, logged figures): rows sampled
@@ -77,6 +89,16 @@ class Stage:
 def lm_loss(run, batch, split):
     """Validation counts every target once (no reasoning-tag weight)."""
     return losses.lm_loss(run.model, batch, weighted=split == "train")
+
+
+def sft_loss(run, batch, split):
+    """Plain SFT, or distilled from the run's teacher (validation: the plain cross-entropy, with the teacher's
+    figures beside it)."""
+    if run.teacher is None:
+        return lm_loss(run, batch, split)
+    cfg = run.cfg
+    return losses.distill_loss(run.model, run.teacher, batch, cfg["kd_loss"], cfg["kd_temperature"], cfg["kd_weight"],
+                               cfg["kd_chunk"], weighted=split == "train")
 
 
 def dpo_loss(run, batch, split):
@@ -106,10 +128,40 @@ def check_dpo(cfg):
         fail(f"dpo_loss must be sigmoid or ipo, got {cfg['dpo_loss']!r}")
 
 
+def check_teacher_dir(path, key):
+    """A teacher must be a model, named before any work starts."""
+    if not (os.path.isdir(path) and checkpoint.holds_model(path)):
+        fail(f"{key}: {path!r} holds no model (a run directory with {checkpoint.CKPT_NAME}, or an HF Llama directory "
+             "with config.json and *.safetensors)")
+
+
+def check_sft(cfg):
+    if not 0 <= cfg["kd_weight"] <= 1:
+        fail(f"kd_weight must be in [0, 1] (the loss is (1 - kd_weight) CE + kd_weight KD), got {cfg['kd_weight']}")
+    if not cfg["kd_temperature"] > 0:
+        fail(f"kd_temperature must be > 0, got {cfg['kd_temperature']}")
+    if cfg["kd_loss"] not in losses.KD_KINDS:
+        fail(f"kd_loss must be one of {', '.join(losses.KD_KINDS)}, got {cfg['kd_loss']!r}")
+    if cfg["kd_chunk"] < 0:
+        fail(f"kd_chunk must be >= 0 (positions per chunk; 0: all at once), got {cfg['kd_chunk']}")
+    if cfg["teacher"]:
+        check_teacher_dir(cfg["teacher"], "teacher")
+
+
+def grpo_teacher(cfg):
+    """The directory of the reward's teacher:DIR term, or ""."""
+    term = teacher_term(cfg["reward"])
+    return term[1] if term else ""
+
+
 def check_grpo(cfg):
     no_dropout(cfg)
-    if cfg["grpo_group"] < 2 or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
-        fail("grpo_group must be >= 2 (advantages compare a group's completions), grpo_epochs and max_new_tokens >= 1")
+    teacher_alone = all(name.startswith(TEACHER) for _, name in parse(cfg["reward"]))
+    if cfg["grpo_group"] < (1 if teacher_alone else 2) or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
+        fail("grpo_group must be >= 2 (advantages compare a group's completions; 1 is enough for a reward that is a "
+             "teacher alone, which grades each token), grpo_epochs and max_new_tokens >= 1")
+    if teacher := grpo_teacher(cfg):
+        check_teacher_dir(teacher, f"reward {cfg['reward']!r}")
     if not cfg["temperature"] > 0 or not 0 < cfg["top_p"] <= 1 or not cfg["grpo_clip"] > 0 or cfg["grpo_kl"] < 0:
         fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
     if cfg["max_new_tokens"] >= cfg["block_size"]:
@@ -150,10 +202,33 @@ def plan_rows(run):
 
 def plan_rollouts(run):
     cfg = run.cfg
-    return [f"stage {cfg['stage']}: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
-            f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
-            f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; "
-            f"{run.train_batches.split.num_docs:,} prompts; reward {cfg['reward']}"]
+    lines = [f"stage {cfg['stage']}: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
+             f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
+             f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; "
+             f"{run.train_batches.split.num_docs:,} prompts; reward {cfg['reward']}"]
+    if run.teacher is not None:
+        lines.append(teacher_line(run, f"every completion token's advantage adds {run.reward.teacher[0]:g} x "
+                                       "(log p_teacher - log p) of the token sampled"))
+    return lines
+
+
+def plan_sft(run):
+    cfg, lines = run.cfg, plan_rows(run)
+    if run.teacher is not None:
+        lines.append(teacher_line(run, f"loss (1 - {cfg['kd_weight']:g}) x CE + {cfg['kd_weight']:g} x "
+                                       f"{cfg['kd_loss']} at temperature {cfg['kd_temperature']:g} (x T^2) on the same "
+                                       f"targets, weighted alike; {cfg['kd_chunk'] or 'all'} positions per chunk"))
+    return lines
+
+
+def teacher_line(run, how):
+    """The plan's line for the run's frozen teacher: what it is, and how it teaches."""
+    mcfg, block = run.teacher.mcfg, run.cfg["block_size"]
+    short = (f"; trained at {mcfg.max_seq_len} positions, beyond which it extrapolates (block_size {block})"
+             if block > mcfg.max_seq_len else "")
+    return (f"teacher: {run.frozen['teacher']['path']}, {run.teacher.num_params() / 1e6:.2f}M parameters "
+            f"({mcfg.n_layers} layers, dim {mcfg.dim}), frozen, "
+            f"{common.dtype_name(next(run.teacher.parameters()).dtype)}{short}; {how}")
 
 
 # -----------------------------------------------------------------------------
@@ -162,13 +237,17 @@ def plan_rollouts(run):
 STAGES = {s.name: s for s in (
     Stage(name="pretrain", record_kind="text", unit="window", loss=lm_loss, any_data=True, lora=False,
           keys=("doc_mask", "think_tag_weight"), fixed_on_resume=("doc_mask", "think_tag_weight"), plan=plan_rows),
-    Stage(name="sft", record_kind="chat", unit="document", loss=lm_loss, mixes_text=True, packs=True,
-          keys=("think_tag_weight",), fixed_on_resume=("think_tag_weight",), plan=plan_rows),
-    Stage(name="dpo", record_kind="pair", unit="pair", loss=dpo_loss, stats=losses.DPO_STATS,
+    Stage(name="sft", record_kind="chat", unit="document", loss=sft_loss, mixes_text=True, packs=True,
+          keys=("think_tag_weight", "teacher", "kd_weight", "kd_temperature", "kd_loss", "kd_chunk"),
+          requires={k: "teacher" for k in ("kd_weight", "kd_temperature", "kd_loss", "kd_chunk")},
+          fixed_on_resume=("think_tag_weight", "teacher"), teacher=lambda cfg: cfg["teacher"],
+          stats=lambda cfg: losses.KD_STATS if cfg["teacher"] else (), check=check_sft, plan=plan_sft),
+    Stage(name="dpo", record_kind="pair", unit="pair", loss=dpo_loss, stats=lambda cfg: losses.DPO_STATS,
           keys=("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_precompute_ref"),
           needs_reference=_always, precompute_reference=lambda cfg: cfg["dpo_precompute_ref"], bpb_nats=chosen_nats,
           check=check_dpo, plan=plan_rows),
-    Stage(name="grpo", record_kind="task", unit="document", loss=grpo_loss, stats=losses.GRPO_STATS,
+    Stage(name="grpo", record_kind="task", unit="document", loss=grpo_loss, teacher=grpo_teacher,
+          stats=lambda cfg: losses.GRPO_STATS + (losses.TEACHER_STATS if grpo_teacher(cfg) else ()),
           record_converters={"chat": as_task},  # a chat's last reply is the task's reference answer
           keys=("reward", "grpo_group", "grpo_epochs", "grpo_clip", "grpo_kl", "grpo_std_norm", "temperature",
                 "top_p", "max_new_tokens"),
@@ -194,9 +273,13 @@ def of_record_kind(kind):
 
 
 def check_keys(stage, cfg, defaults):
-    """A key only other stages use, set away from its default, would be ignored: refuse it, naming it."""
+    """A key only other stages use, or one of this stage's without the key it needs, set away from its default,
+    would be ignored: refuse it, naming it."""
     for other in STAGES.values():
         for key in other.keys:
             if key not in stage.keys and cfg[key] != defaults[key]:
                 fail(f"{key}={cfg[key]!r} is a setting of stage {other.name}; stage {stage.name} does not use it "
                      "(leave it at its default)")
+    for key, needed in stage.requires.items():
+        if cfg[key] != defaults[key] and cfg[needed] == defaults[needed]:
+            fail(f"{key}={cfg[key]!r} does nothing without {needed}: set {needed} too, or leave {key} at its default")

@@ -12,7 +12,7 @@ import pytest
 import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
@@ -44,8 +44,9 @@ def test_every_stage_ran_in_order(quick_demo):
     out, stdout, report, md = quick_demo
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
-                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. evaluate",
-                                                "== 9. export", "== 10. chat with the DPO model", "== report"]
+                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. student_sft",
+                                                "== 9. student_kd", "== 10. evaluate", "== 11. export",
+                                                "== 12. chat with the DPO model", "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
@@ -57,6 +58,10 @@ def test_every_stage_ran_in_order(quick_demo):
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
     assert cfg["distill"]["think_tag_weight"] == 10 and cfg["dpo"]["stage"] == "dpo"
+    # the students: the same smaller model from scratch, the same steps, alone and distilled from sft
+    assert cfg["student_sft"]["init_from"] == cfg["student_kd"]["init_from"] == "scratch"
+    assert os.path.normpath(cfg["student_kd"]["teacher"]) == os.path.join(out, "sft") and not cfg["student_sft"]["teacher"]
+    assert cfg["student_kd"]["max_iters"] == cfg["student_sft"]["max_iters"]
     for stage in demo.CHAT_STAGES:
         assert len(read_jsonl(os.path.join(out, "eval", f"{stage}.jsonl"))) == report["tasks"]["n"] > 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(out, "hf")))
@@ -125,6 +130,13 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         assert report["dpo"][point]["accuracy"] == row["val_rewards/accuracies"]
         assert report["dpo"][point]["margin"] == row["val_rewards/margins"]
     assert report["dpo"]["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    students = report["students"]
+    kd_evals = [r for r in read_jsonl(os.path.join(out, "student_kd", "metrics.jsonl")) if "val_loss" in r]
+    assert (students["val_kd_start"], students["val_kd"]) == (kd_evals[0]["val_kd"], kd_evals[-1]["val_kd"])
+    assert students["val_teacher_ce"] == kd_evals[-1]["val_teacher_ce"]
+    for name, m in students["models"].items():
+        assert m["val_loss"] == report["stages"][name]["val_loss"] and m["steps"] == report["stages"][name]["steps"]
+        assert (m["correct"], m["n"]) == (report["tasks"]["models"][name]["correct"], report["tasks"]["n"])
     assert report["export"]["max_abs_diff"] <= 1e-4
     assert report["export"]["greedy_equal"] == report["export"]["template_ids_equal"] == report["export"]["prompts"]
     assert set(report["wall_s"]) == {"prepare", *TRAINED, "evaluate", "export", "chat", "total"}

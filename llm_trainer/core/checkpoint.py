@@ -317,6 +317,21 @@ def frozen_weights(source, mcfg, what):
     return starting_weights(source["path"]).model
 
 
+def holds_model(path):
+    """Whether a directory holds a model load_model reads: a run (ckpt.pt) or an HF Llama directory."""
+    return os.path.isfile(os.path.join(path, CKPT_NAME)) or is_hf_dir(path)
+
+
+def frozen_model(source, device, param_dtype=torch.float32):
+    """The model whose weights a source records (weights_source; check_source them first where they may have
+    changed since), frozen: eval mode, no gradients, its parameters in param_dtype (its buffers, the rotary
+    frequencies, float32). A second model a run keeps beside the one it trains: a distillation teacher."""
+    model, _ = load_model(source["path"])
+    for p in model.parameters():
+        p.data = p.data.to(param_dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def lora_base(path):
     """What a LoRA run records of its base: the directory and the sha256 of its weights."""
     return weights_source(path, None)

@@ -51,17 +51,23 @@ def is_collective_failure(error):
     return isinstance(error, RuntimeError) and any(s in str(error) for s in ("gloo", "Gloo", "NCCL", "c10d"))
 
 
+def shard(model, ptdtype, reshard_root=None):
+    """FSDP2: fully_shard each block, then the whole (the root: embedding, final norm, head), parameters
+    computing in ptdtype; reshard_root=False keeps the root's parameters gathered after its forward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for block in model.model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_root, **kwargs)
+
+
 def wrap_model(model, dev, ptdtype, world, local_rank, fsdp=False, compile=False, compile_mode="default"):
     """FSDP2 (fully_shard per block, then the whole) or DDP when there are several processes; torch.compile
     when asked (after sharding, before DDP, as PyTorch recommends for each)."""
     if world > 1 and fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if ptdtype != torch.float32 else None
-        kwargs = {"mp_policy": mp} if mp else {}
-        for block in model.model.layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        shard(model, ptdtype)
     if compile:
         model = torch.compile(model, mode=compile_mode)
     if world > 1 and not fsdp:
@@ -69,6 +75,15 @@ def wrap_model(model, dev, ptdtype, world, local_rank, fsdp=False, compile=False
 
         model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
     return model
+
+
+def wrap_frozen(model, ptdtype, world, fsdp=False, compile=False, compile_mode="default"):
+    """A frozen second model (a distillation teacher) wrapped as the trained one is: sharded like it under FSDP,
+    compiled when it is. The root's parameters stay gathered after a forward, so that its head can be applied
+    outside that forward (in the student's: losses.distill_loss)."""
+    if world > 1 and fsdp:
+        shard(model, ptdtype, reshard_root=False)
+    return torch.compile(model, mode=compile_mode) if compile else model
 
 
 def param_dtype(ptdtype, world, fsdp):

@@ -51,10 +51,12 @@ class Batch:
     units: torch.Tensor
     segments: Optional[torch.Tensor] = None
     real: int = field(default=0)
-    # grpo rollouts (llm_trainer/training/grpo.py): each row's advantage, and the rollout policy's and the reference's log-probs
+    # grpo rollouts (llm_trainer/training/grpo.py): each row's (or each token's) advantage, and the rollout policy's,
+    # the reference's and the teacher's log-probs
     advantages: Optional[torch.Tensor] = None
     old_logps: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None
+    teacher_logps: Optional[torch.Tensor] = None
 
     def to(self, dev):
         """The batch on `dev`; from pinned memory without blocking on CUDA, so the copy overlaps the step."""

@@ -242,6 +242,17 @@ class ChatTokenizer:
         """{token string: id} of every token, the added ones included."""
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def same_ids(self, other):
+        """Whether another tokenizer gives every text the ids this one gives: the same vocabulary and merges,
+        normalizer, pre-tokenizer and added tokens (a post-processor may differ: training data is encoded without
+        it). Then the logits of models trained with either index the same tokens (a distillation teacher's)."""
+        def spec(tok):
+            spec = json.loads(tok._tok.to_str())
+            added = {a["id"]: a["content"] for a in spec["added_tokens"]}
+            return [spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")] + [added]
+
+        return spec(self) == spec(other)
+
     def id_bytes(self):
         """The bytes each id stands for, a list indexed by id: byte-level BPE ids exactly (a piece of a character is
         its bytes), SentencePiece ids with "▁" as a space and <0xNN> as one byte, special tokens their text."""

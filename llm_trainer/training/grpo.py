@@ -4,7 +4,10 @@ set, rendered up to the assistant's header), grpo_group completions are sampled 
 KV-cache generator, scored by the reward (llm_trainer/training/rewards.py) against the prompt's reference answer, and
 turned into training rows (prompt + completion; targets on the completion only) that carry each
 completion's advantage: its reward minus its group's mean (divided by the group's std when
-grpo_std_norm). losses.grpo_loss is what the rows are trained on.
+grpo_std_norm). With a teacher in the reward (`teacher:DIR`, on-policy distillation), every completion
+token's advantage adds the term's weight times log p_teacher - log p of the token sampled: minus the
+per-token estimate of the reverse KL from the teacher, on the policy's own samples (GKD, Agarwal et al.
+2024). losses.grpo_loss is what the rows are trained on.
 
 A rollout is a pure function of (seed, global micro-batch, weights): the sampler's generator is seeded
 by the micro-batch number, so a resumed run samples the same completions, and N ranks sample what
@@ -37,6 +40,12 @@ def advantages(rewards, group, std_norm=True):
     if std_norm:
         a = a / (r.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
     return a.reshape(-1)
+
+
+def teacher_advantages(adv, logps, teacher_logps, w, weight):
+    """(N, T) per-token advantages: each row's own adv (N,) plus weight times teacher_logps - logps (N, T), the
+    teacher's and the policy's log-probabilities of each sampled token, on the target tokens (w > 0); 0 elsewhere."""
+    return (adv[:, None] + weight * (teacher_logps - logps)) * (w > 0)
 
 
 def generate(run, prompts, greedy=False, seed=0):
@@ -95,16 +104,23 @@ def rows(run, prompts, completions, docs, group):
 @torch.no_grad()
 def add_logps(run, batch):
     """The log-probs a grpo update needs besides its own: the rollout policy's (grpo_epochs > 1: the ratio's
-    denominator) and the reference's (grpo_kl > 0)."""
+    denominator; with a teacher: the policy's side of the per-token advantages), the reference's (grpo_kl > 0)
+    and the teacher's (at temperature 1: its own distribution), which the advantages then include."""
     with run.autocast:
         t = run.cfg["temperature"]
-        if run.cfg["grpo_epochs"] > 1:
+        if run.cfg["grpo_epochs"] > 1 or run.teacher is not None:
             run.raw_model.eval()
-            batch.old_logps = -losses.token_losses(run.model, batch.x, batch.y, temperature=t).float()
+            rollout_logps = -losses.token_losses(run.model, batch.x, batch.y, temperature=t).float()
             run.raw_model.train()
+            if run.cfg["grpo_epochs"] > 1:
+                batch.old_logps = rollout_logps
         if run.reference is not None:
             with run.reference.module() as reference:
                 batch.ref_logps = -losses.token_losses(reference, batch.x, batch.y, temperature=t).float()
+        if run.teacher is not None:
+            batch.teacher_logps = -losses.token_losses(run.teacher, batch.x, batch.y).float()
+            batch.advantages = teacher_advantages(batch.advantages, rollout_logps, batch.teacher_logps, batch.w,
+                                                  run.reward.teacher[0])
     return batch
 
 

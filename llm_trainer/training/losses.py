@@ -5,6 +5,13 @@ stage uses which).
 - pretrain, sft: the cross-entropy of every label position times its weight
   (batches.Batch.w: 0 off the targets, think_tag_weight on reasoning tags in
   replies, 1 elsewhere); the step divides the sum by the sum of the weights.
+- sft with a teacher (logit distillation): at every target position,
+  (1 - kd_weight) times the cross-entropy plus kd_weight times a divergence
+  of the student's distribution from a frozen teacher's (forward KL, reverse
+  KL or Jensen-Shannon, both softened by a temperature T, times T^2), each
+  position weighted as its cross-entropy is: the step's division by the sum
+  of the weights makes both terms means over the same targets. The logits
+  of both models exist kd_chunk positions at a time (distill_loss).
 - dpo: the sigmoid (or IPO) loss of the difference between the policy's and
   the reference's log-ratio of chosen over rejected reply; the step divides
   by the number of pairs, a pair whose rows were cut to no target (a prompt
@@ -12,7 +19,7 @@ stage uses which).
   their log-probabilities of every pair computed once (Reference).
 - grpo: on every completion token of a rollout (llm_trainer/training/grpo.py), the clipped policy
   gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
-  and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
+  (or the token's own: on-policy distillation) and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
   the starting weights; the step divides by the completion tokens of the
   step (token-level normalisation).
 
@@ -21,12 +28,15 @@ of its targets, across micro-batches and ranks, which only sums can give.
 """
 
 import contextlib
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llm_trainer.core import distributed
-from model import Transformer, adapters_off
+from model import Transformer, adapters_off, token_cross_entropy
 
 # DPO statistics as TRL names them; each is a mean over pairs
 DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -34,6 +44,12 @@ DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "reward
 
 
 GRPO_STATS = ("kl", "clip_fraction")  # means over the step's completion tokens
+TEACHER_STATS = ("teacher_kl",)  # grpo with a teacher: the mean of log p - log p_teacher over the completion tokens
+
+# distillation: the student's cross-entropy, the divergence from the teacher and the teacher's own cross-entropy on
+# the same targets; means over the step's targets, weighted as the loss is
+KD_STATS = ("ce", "kd", "teacher_ce")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def token_losses(model, x, y, segments=None, temperature=1.0):
@@ -51,6 +67,74 @@ def lm_loss(model, batch, weighted=True):
     """(summed loss, {}) of a pretrain/sft micro-batch; weighted=False counts every target once (validation)."""
     w = batch.w if weighted else (batch.w > 0).float()
     return (token_losses(model, batch.x, batch.y, batch.segments) * w).sum(), {}
+
+
+def divergence(student_logits, teacher_logits, kind, temperature):
+    """(N,) float32: the divergence of the student's distribution from the teacher's at each of N positions, both
+    softened by the temperature T, times T^2 (Hinton et al. 2015: its gradient keeps the cross-entropy's scale as T
+    changes). forward_kl is KL(teacher || student): the student spreads over every token the teacher gives mass;
+    reverse_kl is KL(student || teacher): it settles on the teacher's likeliest tokens; jsd, the Jensen-Shannon
+    divergence (beta 1/2) to their mixture, lies between the two and is at most ln 2 (before the T^2)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = functools.partial(F.kl_div, reduction="none", log_target=True)  # kl(log q, log p) = p (log p - log q)
+    if kind == "forward_kl":
+        d = kl(s, t)
+    elif kind == "reverse_kl":
+        d = kl(t, s)
+    else:
+        mixture = torch.logsumexp(torch.stack([s, t]), dim=0) - math.log(2)
+        d = 0.5 * (kl(mixture, t) + kl(mixture, s))
+    return d.sum(-1) * temperature**2
+
+
+def _head_terms(h, head_weight, teacher_h, teacher_weight, targets, kind, temperature):
+    """(divergence, the teacher's cross-entropy), each (N,), of N positions from both models' final hidden states
+    and heads."""
+    student, teacher = F.linear(h, head_weight), F.linear(teacher_h, teacher_weight)
+    return divergence(student, teacher, kind, temperature), token_cross_entropy(teacher, targets)
+
+
+# Eager, also inside a compiled student: the number of chunks changes with each batch's targets, and a compiled loop
+# would be compiled again for every count.
+@torch.compiler.disable
+def kd_terms(h, head_weight, positions, teacher_h, teacher_weight, targets, kind, temperature, chunk):
+    """(divergence, the teacher's cross-entropy), each (N,) float32, at N positions (flat indices into the student's
+    hidden states h (B, T, dim)); teacher_h (N, teacher dim): the teacher's at the same positions. Both heads run
+    `chunk` positions at a time, and each chunk's logits are computed again in the backward pass (activation
+    checkpointing) instead of kept: the logits of both models exist one chunk at a time, at the cost of a second
+    pass through both heads. chunk=0, or no more positions than chunk: all at once, every logit kept for the
+    backward pass (one chunk would save nothing, and recomputing it costs a pass)."""
+    h = h.flatten(0, 1)[positions]
+    if not chunk or len(positions) <= chunk:
+        return _head_terms(h, head_weight, teacher_h, teacher_weight, targets, kind, temperature)
+    parts = [checkpoint(_head_terms, hc, head_weight, tc, teacher_weight, yc, kind, temperature, use_reentrant=False)
+             for hc, tc, yc in zip(h.split(chunk), teacher_h.split(chunk), targets.split(chunk))]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def distill_loss(model, teacher, batch, kind, temperature, alpha, chunk, weighted=True):
+    """(summed loss, {KD_STATS: sums}) of an sft micro-batch distilled from a frozen teacher: at every target
+    position (1 - alpha) times the cross-entropy plus alpha times the divergence (kd_terms), each weighted by the
+    position's weight (Batch.w: think_tag_weight on reasoning tags), so that the step's division by the weight sum
+    makes both means over the same targets. The cross-entropy is lm_loss's own, so alpha = 0 is plain SFT exactly.
+    weighted=False (validation): the loss is the cross-entropy alone, every target counted once, as without a
+    teacher. The teacher's head is applied inside the student's forward (Transformer.forward's head_loss), to the
+    hidden states of the targets only; under FSDP the teacher's root (embedding, final norm, head) stays gathered
+    after its forward (distributed.wrap_frozen)."""
+    w = batch.w if weighted else (batch.w > 0).float()
+    positions = (w.flatten() > 0).nonzero().squeeze(1)
+    targets = batch.y.flatten()[positions]
+    with torch.no_grad():
+        teacher_h = teacher(batch.x, segments=batch.segments, hidden=True).flatten(0, 1)[positions]
+    head_loss = functools.partial(kd_terms, positions=positions, teacher_h=teacher_h,
+                                  teacher_weight=teacher.lm_head.weight, targets=targets, kind=kind,
+                                  temperature=temperature, chunk=chunk)
+    ce, (kd, teacher_ce) = model(batch.x, targets=batch.y, segments=batch.segments, head_loss=head_loss)
+    wt = w.flatten()[positions]
+    sums = {"ce": (ce * w).sum(), "kd": (kd * wt).sum(), "teacher_ce": (teacher_ce * wt).sum()}
+    loss = (1 - alpha) * sums["ce"] + alpha * sums["kd"] if weighted else sums["ce"]
+    return loss, {k: v.detach() for k, v in sums.items()}
 
 
 def dpo_terms(policy_logps, ref_logps, beta, kind="sigmoid", label_smoothing=0.0):
@@ -85,11 +169,11 @@ def dpo_loss(model, batch, ref_logps, beta, kind="sigmoid", label_smoothing=0.0)
 
 def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):
     """(summed loss, {GRPO_STATS: sums}) over the target tokens (w > 0) of rows of per-token log-probs (N, T):
-    the clipped policy gradient with each row's advantage adv (N,), plus kl_coef times the k3 KL estimate
-    exp(ref - logp) - (ref - logp) - 1 when ref_logp is given."""
+    the clipped policy gradient with each row's advantage adv (N,), or each token's (N, T), plus kl_coef times the
+    k3 KL estimate exp(ref - logp) - (ref - logp) - 1 when ref_logp is given."""
     mask = (w > 0).float()
     ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
+    a = adv if adv.dim() == 2 else adv[:, None]
     pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
@@ -106,7 +190,10 @@ def grpo_loss(model, batch, temperature, clip, kl_coef):
     (one update per rollout batch) the ratio is p / p.detach(): 1, with the policy gradient's gradient."""
     logp = -token_losses(model, batch.x, batch.y, temperature=temperature)
     old = batch.old_logps if batch.old_logps is not None else logp.detach()
-    return grpo_terms(logp, old, batch.ref_logps, batch.advantages, batch.w, clip, kl_coef)
+    loss, stats = grpo_terms(logp, old, batch.ref_logps, batch.advantages, batch.w, clip, kl_coef)
+    if batch.teacher_logps is not None:  # on-policy distillation: how far the policy is from the teacher
+        stats["teacher_kl"] = ((logp.detach() - batch.teacher_logps) * (batch.w > 0)).sum()
+    return loss, stats
 
 
 def target_count(batch, pairs=False, weighted=True):

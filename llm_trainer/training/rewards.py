@@ -6,6 +6,10 @@ the answer the data gives.
 The config names one or a weighted sum, `reward = "exact_answer + 0.2 * think_format"`; each term
 is a built-in (below), `module:function` (an importable module) or `path/to/file.py:function` (a
 file of yours). A reward is code that runs, like a config file: use your own.
+
+One term may be `teacher:DIR` (on-policy distillation): a frozen teacher model that grades every token
+of a completion (llm_trainer/training/grpo.py) instead of the completion as a whole, so it is not one of
+the functions Reward sums.
 """
 
 import importlib
@@ -49,18 +53,36 @@ def think_format(prompt, completion, reference):
 BUILTINS = {"exact_answer": exact_answer, "think_format": think_format}
 
 
+TEACHER = "teacher:"  # the prefix of a teacher term: teacher:DIR
+
+
+def parse(spec):
+    """[(weight, name)] of the terms of a reward spec."""
+    terms = []
+    for term in (t.strip() for t in spec.split("+")):
+        weight, _, name = term.rpartition("*")
+        try:
+            terms.append((float(weight) if weight.strip() else 1.0, name.strip()))
+        except ValueError:
+            fail(f"reward {spec!r}: {term!r} is not 'name' or 'weight * name'")
+    return terms
+
+
+def teacher_term(spec):
+    """(weight, directory) of the teacher:DIR term of a reward spec, or None."""
+    found = [(weight, name[len(TEACHER):]) for weight, name in parse(spec) if name.startswith(TEACHER)]
+    if len(found) > 1:
+        fail(f"reward {spec!r}: more than one teacher term (one teacher grades the tokens)")
+    return found[0] if found else None
+
+
 class Reward:
-    """A weighted sum of reward functions from a spec such as "exact_answer + 0.2 * think_format"."""
+    """A weighted sum of reward functions from a spec such as "exact_answer + 0.2 * think_format"; teacher: the
+    spec's (weight, directory) of teacher:DIR, or None."""
 
     def __init__(self, spec):
-        self.spec, self.terms = spec, []
-        for term in (t.strip() for t in spec.split("+")):
-            weight, _, name = term.rpartition("*")
-            try:
-                weight = float(weight) if weight.strip() else 1.0
-            except ValueError:
-                fail(f"reward {spec!r}: {term!r} is not 'name' or 'weight * name'")
-            self.terms.append((weight, name.strip(), load(name.strip())))
+        self.spec, self.teacher = spec, teacher_term(spec)
+        self.terms = [(weight, name, load(name)) for weight, name in parse(spec) if not name.startswith(TEACHER)]
 
     def __call__(self, prompt, completion, reference):
         total = 0.0

@@ -1,12 +1,51 @@
-"""Session fixtures shared by the test files: the embedded demo data, prepared once per test session."""
+"""The session fixtures of the test suite (its one conftest.py; shared helpers are in tests/helpers.py): a small
+corpus and a tokenizer trained on it, and the embedded demo data prepared once per test session."""
 
+import json
 import os
+import random
 
 import pytest
 
 import prepare
+from llm_trainer.data import tokenizer
+from tests.helpers import DEMO, TOY_REWARD
 
-DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
+# -----------------------------------------------------------------------------
+# a small bilingual corpus and a tokenizer trained on it once (the data tests)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It is only the great men who are truly obscene.\n\t\t-- Havelock Ellis",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "三百六十行，行行出状元。“你好！”她说：（这是测试）【标题】《书名》……",
+    "Assistant: 42 + 17 = 59. User asked again, the assistant answered twice!",
+    "def add(a, b):\n    return a + b  # 🙂 emoji 🚀 and tabs\tok",
+]
+
+
+@pytest.fixture(scope="session")
+def data_corpus():
+    """CORPUS, a copy per test."""
+    return list(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def data_tok():
+    """A byte-level BPE ChatTokenizer (vocab 600) trained on CORPUS."""
+    return tokenizer.train_tokenizer(CORPUS * 20, 600)
+
+
+@pytest.fixture(scope="session")
+def data_tok_dir(data_tok, tmp_path_factory):
+    """data_tok saved in a directory, as prepare.py --tokenizer=DIR takes it."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    data_tok.save(str(path))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the demo data, prepared
 
 
 def _prepare(out_dir, **keys):
@@ -41,20 +80,10 @@ def demo_dpo(tmp_path_factory, demo_pretrain):
     return _chat_data(tmp_path_factory, "demo_dpo", "dpo", demo_pretrain)
 
 
-TOY_REWARD = '''
-def share_of_a(prompt, completion, reference):
-    """The share of the completion's characters that are the letter a: an easy, dense reward."""
-    return completion.count("a") / max(len(completion), 1)
-'''
-
-
 @pytest.fixture(scope="session")
 def toy_grpo(tmp_path_factory, demo_pretrain):
     """A grpo set of made-up prompts ({"prompt", "answer"}) with the demo tokenizer, and a reward file for a task a
     random model learns within a few dozen steps: write many a's. Returns (data dir, reward spec)."""
-    import json
-    import random
-
     root = tmp_path_factory.mktemp("toy_grpo")
     rng = random.Random(0)
     words = ["apple", "banana", "cherry", "river", "stone", "music", "light", "ocean", "tree", "cloud"]

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import demo
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 

@@ -14,9 +14,8 @@ import torch
 
 import train
 from llm_trainer.core.checkpoint import load_checkpoint
-from tests.test_train import ROOT, TINY, final_weights, metrics, run_train, train_losses, val_losses
+from tests.helpers import ENV, ROOT, TINY, final_weights, metrics, run_train, train_losses, val_losses
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STALL = {**ENV, "TRAIN_FAULTS": '{"stall": [1, 5]}'}  # rank 1 stalls in the step from iteration 5 (train.py)
 COLLECTIVE_FAILED = "a collective did not complete during"
 

@@ -14,8 +14,7 @@ import eval as evalpy
 import export
 from llm_trainer.core.checkpoint import lora_base, save_checkpoint
 from model import ModelConfig, Transformer
-from tests.test_export import make_run_dir
-from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
+from tests.helpers import TINY, make_run_dir, metrics, run_train, train_losses, val_losses
 
 pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

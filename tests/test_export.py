@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import export
-from llm_trainer.data.tokenizer import load_tokenizer, train_tokenizer
-from llm_trainer.core.checkpoint import load_model, save_checkpoint
-from model import ModelConfig, Transformer
-from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
+from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.core.checkpoint import load_model
+from llm_trainer.inference.generation import chat_prompt_ids, reply
+from tests.helpers import complete, make_run_dir
 
 transformers = pytest.importorskip("transformers")
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo")
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "计算：145 + 21"},
@@ -23,48 +22,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "wohs"},
     {"role": "user", "content": "谁开发了你？"},
 ]
-
-
-def demo_lines(n=300):
-    """A few hundred short lines of the demo corpus: English, Chinese, chat replies."""
-    lines = []
-    for name in ("pretrain.jsonl", "sft_train.jsonl"):
-        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
-            for _, line in zip(range(n // 2), f):
-                record = json.loads(line)
-                if "text" in record:
-                    lines.append(record["text"])
-                else:
-                    lines.extend(m["content"] for m in record["conversations"])
-    return lines
-
-
-def make_run_dir(path, stage="sft", tie_embeddings=True, n_kv_heads=2, steps=30, seed=0):
-    """A run directory as train.py writes it, from a few AdamW steps on a tiny model (weights off their init)."""
-    torch.manual_seed(seed)
-    lines = demo_lines()
-    tok = train_tokenizer(lines, 400)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                      max_seq_len=256, rope_theta=5e5, tie_embeddings=tie_embeddings)
-    model = Transformer(cfg)
-    stream = []
-    for line in lines:
-        stream += tok.encode(line) + [tok.eot_id]
-    data = torch.tensor(stream[: 8 * 65]).view(8, 65)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        logits = model(data[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    os.makedirs(path, exist_ok=True)
-    save_checkpoint(str(path), {
-        "model": model.state_dict(), "model_config": cfg.to_dict(), "stage": stage, "iter": steps,
-        "config": {"block_size": 256, "stage": stage}, "optimizer": opt.state_dict(),
-    })
-    tok.save(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module", params=[(True, 2), (False, 4)], ids=["tied-gqa", "untied-mha"])

@@ -11,10 +11,9 @@ import torch
 import export
 import llama_cpp
 from llm_trainer.core.checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
-from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
-from tests.test_export import make_run_dir
-from tests.test_tokenizer import HARD_TEXTS
 from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.inference.generation import chat_prompt_ids, reply
+from tests.helpers import HARD_TEXTS, complete, make_run_dir
 
 PROMPT = "Return a new list containing"
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},

@@ -14,7 +14,7 @@ from llm_trainer.training import losses
 from llm_trainer.training import rewards
 from llm_trainer.data import shards
 from llm_trainer.core.checkpoint import load_model
-from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
+from tests.helpers import TINY, metrics, run_train, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
 

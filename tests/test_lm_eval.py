@@ -11,9 +11,7 @@ import pytest
 
 import eval as evalpy
 import export
-from tests.test_export import make_run_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, make_run_dir
 
 
 def test_lm_eval_command_line_on_the_export_equals_eval_py(tmp_path):

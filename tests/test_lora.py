@@ -11,7 +11,7 @@ import torch
 import export
 import train
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
-from tests.test_train import TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
+from tests.helpers import TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

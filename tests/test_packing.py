@@ -8,7 +8,7 @@ import torch
 from llm_trainer.training import losses
 import train
 from llm_trainer.data.batches import pack
-from tests.test_train import TINY, metrics, run_train
+from tests.helpers import TINY, metrics, run_train
 
 
 def build(data_dir, out_dir, **overrides):

@@ -13,8 +13,7 @@ import train
 from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import KVCache
-from tests.test_train import (TINY, metrics, run_train, sigkill_after_checkpoint, train_losses,
-                              val_losses)
+from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
 

@@ -30,61 +30,8 @@ import sample
 from llm_trainer.data import shards
 import train
 from model import ModelConfig, Transformer, to_hf_state_dict
-from tests.test_train import ROOT, TINY, build_run, metrics, run_train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu", "gen_s"}
-DEMO = os.path.join(ROOT, "data", "demo")
-
-
-def spawn(cmd, **kwargs):
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
-
-
-def torchrun(args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
-
-
-def wait_for(proc, prefix, count=1):
-    """Read proc's output up to its count-th line starting with prefix; return what was read."""
-    seen, lines = 0, []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            seen += 1
-            if seen == count:
-                return "".join(lines)
-    raise AssertionError(f"the process ended (rc {proc.wait()}) before {prefix!r} x{count}:\n{''.join(lines)[-3000:]}")
-
-
-def records(out_dir):
-    """metrics.jsonl as {(iter, "train"|"eval"): record without timing fields}."""
-    return {(r["iter"], "eval" if "val_loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in metrics(out_dir)}
-
-
-def state_of(out_dir):
-    return checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-
-
-def assert_same_state(a, b):
-    """Model weights and optimizer moments bit for bit."""
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        for name, t in sa[key].items():
-            assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb[key][name])), (key, name)
-
-
-def all_checkpoints_load(out_dir):
-    """Every ckpt*.pt of out_dir loads; returns {file name: iter}."""
-    found = {}
-    for path in glob.glob(os.path.join(out_dir, "ckpt*.pt")):
-        found[os.path.basename(path)] = checkpoint.load_checkpoint(path)["iter"]  # fails (exit 2) if unreadable
-    return found
+from tests.helpers import (DEMO, ENV, ROOT, TINY, all_checkpoints_load, assert_same_state, build_run, metrics, records,
+                           run_train, spawn, state_of, torchrun, wait_for)
 
 
 def run_script(script, args, monkeypatch, capsys):

@@ -4,7 +4,7 @@ import pytest
 
 from llm_trainer.inference import generation
 import sample
-from test_export import make_run_dir  # the tiny run directory shared with the export tests
+from tests.helpers import make_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,9 @@ import torch
 from llm_trainer.inference import generation
 from llm_trainer.core.checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
-from test_export import demo_lines, make_run_dir
 from llm_trainer.data.tokenizer import train_tokenizer
+from tests.helpers import DEMO, ROOT, complete, demo_lines, make_run_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "data", "demo")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，你是谁？"},
             {"role": "assistant", "content": "我是一个小模型。"}, {"role": "user", "content": "What is 2 + 3?"}]
 
@@ -162,7 +160,7 @@ def test_completions_continue_a_base_model(runs):
     server = Server(runs["pretrain"])
     try:
         model, tok, info = generation.load(runs["pretrain"])
-        expected = generation.complete(model, tok, "The night was", temperature=0.0, max_new_tokens=20)
+        expected = complete(model, tok, "The night was", temperature=0.0, max_new_tokens=20)
         r = server.client().completions.create(model="pre", prompt="The night was", temperature=0, max_tokens=20)
         assert r.choices[0].text == expected and expected
     finally:
@@ -422,7 +420,7 @@ def test_completions_return_the_text_as_written(runs, reason):
     """A distilled model's continuation, <think> and all, with stop strings applied to all of it."""
     model, tok, info = generation.load(runs["reason"])
     prompt = "user\nCompute 361 + 968.\nassistant\n"
-    raw = generation.complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
+    raw = complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
     assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
     client = reason.client()
     r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)

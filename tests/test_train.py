@@ -1,6 +1,5 @@
 """train.py: it learns, its loss is token-exact, it resumes bit for bit, torchrun equals one process."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,43 +11,8 @@ import torch
 from llm_trainer.training import losses
 import train
 from llm_trainer.core.checkpoint import load_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=64", "--batch_size=4",
-        "--warmup_iters=2", "--eval_iters=2", "--log_interval=1", "--verify_data=True"]
-
-
-def run_train(args, cwd=ROOT, nproc=1, check=True, **kwargs):
-    cmd = [sys.executable, "train.py", *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train.py", *args]
-    env = {**kwargs.pop("env", os.environ), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(out_dir):
-    return {r["iter"]: r["loss"] for r in metrics(out_dir) if "loss" in r and not r.get("skipped")}
-
-
-def grad_norms(out_dir):
-    return {r["iter"]: r["grad_norm"] for r in metrics(out_dir) if "grad_norm" in r}
-
-
-def val_losses(out_dir):
-    return [r["val_loss"] for r in metrics(out_dir) if "val_loss" in r]
-
-
-def final_weights(out_dir):
-    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+from tests.helpers import (ROOT, TINY, build_run, final_weights, metrics, run_train, sigkill_after_checkpoint,
+                           train_losses, val_losses)
 
 
 def test_pretrain_then_sft_learn(demo_pretrain, demo_sft, tmp_path):
@@ -64,12 +28,6 @@ def test_pretrain_then_sft_learn(demo_pretrain, demo_sft, tmp_path):
     v = val_losses(sft)
     assert v[-1] < 0.85 * v[0], v  # 30 steps from a 200-step model: packed and padded rows both reach ~0.8
     assert os.path.exists(os.path.join(sft, "tokenizer.json"))  # a run dir is self-contained
-
-
-def build_run(data_dir, out_dir, **overrides):
-    return train.build(train.configure([f"--{k}={v}" for k, v in {
-        "data_dir": data_dir, "out_dir": out_dir, "stage": "sft", "dim": 32, "n_layers": 1, "n_heads": 2,
-        "block_size": 96, "warmup_iters": 0, "grad_clip": 0.0, "verify_data": False, **overrides}.items()]))
 
 
 def test_step_loss_is_mean_over_all_targets(demo_sft, tmp_path):
@@ -172,23 +130,6 @@ def test_exact_resume_after_sigkill(stage, data, request, tmp_path):
     assert all(got[i] == want[i] for i in want)  # bit for bit
     for k, v in final_weights(ref).items():
         assert torch.equal(v, final_weights(out)[k]), k
-
-
-def sigkill_after_checkpoint(args, it):
-    """Run train.py with args and SIGKILL it once it has saved its checkpoint at iteration it."""
-    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if f"saved checkpoint at iter {it}" in line:
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
-    out = [a for a in args if a.startswith("--out_dir=")][-1].split("=", 1)[1]
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["iter"] == it
 
 
 def test_sigterm_saves_and_exits_zero(demo_pretrain, tmp_path):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.test_train import TINY, run_train
+from tests.helpers import TINY, run_train
 
 WANDB = os.path.join(os.path.dirname(sys.executable), "wandb")
 

@@ -9,7 +9,7 @@ import pytest
 
 import prepare
 from llm_trainer.data import tokenizer
-from tests.helpers import DEMO, TOY_REWARD
+from tests.helpers import DEMO, TINY, TOY_REWARD, make_run_dir, train_in_process
 
 # -----------------------------------------------------------------------------
 # a small bilingual corpus and a tokenizer trained on it once (the data tests)
@@ -81,6 +81,17 @@ def demo_dpo(tmp_path_factory, demo_pretrain):
 
 
 @pytest.fixture(scope="session")
+def demo_dpo_small(tmp_path_factory, demo_pretrain):
+    """The demo's first 96 training and 32 held-out pairs: for tests of what a DPO step computes, where
+    dpo_precompute_ref=True would score all 1,150 pairs of demo_dpo up front."""
+    root = tmp_path_factory.mktemp("demo_dpo_small")
+    for split, n in (("train", 96), ("val", 32)):
+        with open(os.path.join(DEMO, f"dpo_{split}.jsonl"), encoding="utf-8") as f:
+            (root / f"{split}.jsonl").write_text("".join(line for _, line in zip(range(n), f)), encoding="utf-8")
+    return _prepare(root / "data", input=root / "train.jsonl", val_input=root / "val.jsonl", tokenizer=demo_pretrain)
+
+
+@pytest.fixture(scope="session")
 def toy_grpo(tmp_path_factory, demo_pretrain):
     """A grpo set of made-up prompts ({"prompt", "answer"}) with the demo tokenizer, and a reward file for a task a
     random model learns within a few dozen steps: write many a's. Returns (data dir, reward spec)."""
@@ -95,3 +106,39 @@ def toy_grpo(tmp_path_factory, demo_pretrain):
     (root / "reward_a.py").write_text(TOY_REWARD, encoding="utf-8")
     data = _prepare(root / "data", input=root / "train.jsonl", val_input=root / "val.jsonl", tokenizer=demo_pretrain)
     return data, f"{root / 'reward_a.py'}:share_of_a"
+
+
+# -----------------------------------------------------------------------------
+# tiny runs of train.py, trained once per session: start from them (init_from) rather than train your own
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(demo_pretrain, tmp_path_factory):
+    """A tiny pretrained model (20 steps), e.g. the base of LoRA runs."""
+    out = str(tmp_path_factory.mktemp("pretrain_run"))
+    train_in_process([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20",
+                      "--learning_rate=1e-2", *TINY])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(demo_sft, tmp_path_factory):
+    """A tiny SFT model (40 steps from scratch), the start of the post-training stages."""
+    out = str(tmp_path_factory.mktemp("sft_run"))
+    train_in_process([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=40",
+                      "--eval_interval=40", "--learning_rate=3e-3", *TINY])
+    return out
+
+
+@pytest.fixture(scope="session")
+def made_run(tmp_path_factory):
+    """made_run(stage): a run directory named stage, from helpers.make_run_dir (a tiny model, 30 AdamW steps, no
+    train.py), made once per session. Read it, export it; copy it to change it."""
+    made = {}
+
+    def get(stage):
+        if stage not in made:
+            made[stage] = make_run_dir(tmp_path_factory.mktemp(f"made_{stage}") / stage, stage=stage)
+        return made[stage]
+
+    return get

@@ -1,7 +1,9 @@
 """What the test files share (fixtures are in conftest.py): the tiny model, train.py run as a user runs it (a
-subprocess, torchrun), what a run directory records, a hand-made run directory, and texts."""
+subprocess, torchrun) or in this process, what a run directory records, a hand-made run directory, and texts."""
 
+import contextlib
 import glob
+import io
 import json
 import os
 import signal
@@ -22,7 +24,7 @@ TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_si
         "--warmup_iters=2", "--eval_iters=2", "--log_interval=1", "--verify_data=True"]
 
 # -----------------------------------------------------------------------------
-# train.py: in a subprocess or under torchrun, or built here
+# train.py: in a subprocess or under torchrun (where the process is what is tested), or in this process
 
 
 def run_train(args, cwd=ROOT, nproc=1, check=True, **kwargs):
@@ -35,6 +37,36 @@ def run_train(args, cwd=ROOT, nproc=1, check=True, **kwargs):
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_in_process(args, check=True, env=None):
+    """train.main(args) in this process, a CompletedProcess as run_train's: returncode (0, or the code it exits
+    with), stdout, stderr. Bit for bit what run_train gives (one thread, as run_train's OMP_NUM_THREADS=1), about 3 s
+    sooner (no interpreter and torch to start). env: variables set for the run (TRAIN_FAULTS); the signal handlers
+    train.py installs and the thread count are put back."""
+    import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads, saved_env = torch.get_num_threads(), dict(os.environ)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.environ.update(env or {})
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    p = subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"train.main({args}) exited {code}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 

@@ -9,7 +9,7 @@ import torch
 import bench
 import configurator
 from model import ModelConfig, Transformer
-from tests.helpers import ROOT, make_run_dir
+from tests.helpers import ROOT
 
 SMALL = ["--device=cpu", "--model=tiny", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
          "--vocab_size=256", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
@@ -99,8 +99,8 @@ def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
     assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut
 
 
-def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(tmp_path):
-    run = make_run_dir(tmp_path / "run")
+def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(made_run, tmp_path):
+    run = made_run("sft")
     path = tmp_path / "bench.json"
     bench.main(["--serve=True", f"--serve_run={run}", "--device=cpu", "--serve_clients=[1, 3]", "--rounds=1",
                 "--serve_max_tokens=8", "--serve_load_clients=8", f"--json={path}"])

@@ -12,6 +12,8 @@ import pytest
 import demo
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # demo.py --quick=True, every stage
+
 TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 

@@ -25,10 +25,10 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module", params=[(True, 2), (False, 4)], ids=["tied-gqa", "untied-mha"])
-def exported(request, tmp_path_factory):
+def exported(request, made_run, tmp_path_factory):
     tied, kv = request.param
     root = tmp_path_factory.mktemp("tied" if tied else "untied")
-    run = make_run_dir(root / "run", tie_embeddings=tied, n_kv_heads=kv)
+    run = made_run("sft") if tied else make_run_dir(root / "run", tie_embeddings=tied, n_kv_heads=kv)
     export.export(run, str(root / "hf"), "float32")
     return run, str(root / "hf")
 
@@ -100,11 +100,11 @@ def test_chat_template_ids_equal_sample_prompt_ids(exported):
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
-def test_transformers_defaults_agree_with_sample(tmp_path, stage):
+def test_transformers_defaults_agree_with_sample(made_run, tmp_path, stage):
     """A new user's first try, the library's defaults only: the tokenizer starts a text as a document, the pipeline's
     greedy text equals sample.py's (complete for a base model, a chat reply for a chat model), and eos is where
     sample.py stops."""
-    run = make_run_dir(tmp_path / "run", stage=stage)
+    run = made_run(stage)
     export.export(run, str(tmp_path / "hf"))
     ours, _ = load_model(run)
     tok = load_tokenizer(run)
@@ -151,8 +151,8 @@ def test_config_files(exported):
     assert ("lm_head.weight" in names) != ours.mcfg.tie_embeddings  # a tied head is not stored twice
 
 
-def test_pretrain_run_ends_at_endoftext_and_bfloat16(tmp_path):
-    run = make_run_dir(tmp_path / "run", stage="pretrain", steps=1)
+def test_pretrain_run_ends_at_endoftext_and_bfloat16(made_run, tmp_path):
+    run = made_run("pretrain")
     assert export.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
     tok = load_tokenizer(run)
     with open(tmp_path / "hf" / "config.json", encoding="utf-8") as f:

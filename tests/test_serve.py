@@ -19,7 +19,9 @@ from llm_trainer.inference import generation
 from llm_trainer.core.checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
 from llm_trainer.data.tokenizer import train_tokenizer
-from tests.helpers import DEMO, ROOT, complete, demo_lines, make_run_dir
+from tests.helpers import DEMO, ROOT, complete, demo_lines
+
+pytestmark = pytest.mark.slow  # serve.py in a subprocess, a headless browser
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，你是谁？"},
             {"role": "assistant", "content": "我是一个小模型。"}, {"role": "user", "content": "What is 2 + 3?"}]
@@ -82,10 +84,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    return {"sft": make_run_dir(root / "sft", stage="sft"), "pretrain": make_run_dir(root / "pre", stage="pretrain"),
-            "reason": reasoning_run_dir(root / "reason")}
+def runs(made_run, tmp_path_factory):
+    return {"sft": made_run("sft"), "pretrain": made_run("pretrain"),
+            "reason": reasoning_run_dir(tmp_path_factory.mktemp("serve") / "reason")}
 
 
 @pytest.fixture(scope="module")

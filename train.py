@@ -185,12 +185,18 @@ def start(run):
     """Write the run directory's config and tokenizer, install the signal handlers, then train."""
     cfg = run.cfg
     distributed.together(lambda: prepare_out_dir(run), run.rank, run.world, "preparing out_dir")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: request_stop(run, signum))
-    logger = distributed.together(lambda: Logger(cfg, run.rank, run.start_iter if run.resumed else None),
-                                  run.rank, run.world, "starting the log")
-    print_plan(run)
-    train_loop(run, logger)
+    # restored at the end: a caller that trains in-process (the demo, the tests) keeps its own handlers, and
+    # processes it forks later do not inherit one that ignores SIGTERM (a pool's terminate() would wait forever)
+    previous = {sig: signal.signal(sig, lambda signum, frame: request_stop(run, signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        logger = distributed.together(lambda: Logger(cfg, run.rank, run.start_iter if run.resumed else None),
+                                      run.rank, run.world, "starting the log")
+        print_plan(run)
+        train_loop(run, logger)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_loop(run, logger):

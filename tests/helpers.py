@@ -43,11 +43,10 @@ def run_train(args, cwd=ROOT, nproc=1, check=True, **kwargs):
 def train_in_process(args, check=True, env=None):
     """train.main(args) in this process, a CompletedProcess as run_train's: returncode (0, or the code it exits
     with), stdout, stderr. Bit for bit what run_train gives (one thread, as run_train's OMP_NUM_THREADS=1), about 3 s
-    sooner (no interpreter and torch to start). env: variables set for the run (TRAIN_FAULTS); the signal handlers
-    train.py installs and the thread count are put back."""
+    sooner (no interpreter and torch to start). env: variables set for the run (TRAIN_FAULTS); they and the thread
+    count are put back (train.py puts back the signal handlers it installs)."""
     import train
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     threads, saved_env = torch.get_num_threads(), dict(os.environ)
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
@@ -62,8 +61,6 @@ def train_in_process(args, check=True, env=None):
         os.environ.clear()
         os.environ.update(saved_env)
         torch.set_num_threads(threads)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     p = subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"train.main({args}) exited {code}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -99,6 +99,7 @@ def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
     assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut
 
 
+@pytest.mark.slow  # serve.py in a subprocess
 def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(made_run, tmp_path):
     run = made_run("sft")
     path = tmp_path / "bench.json"

@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Linux or macOS, Python 3.10+):
 #   make demo   the whole pipeline on the embedded demo data, ending in out/demo/report.md
-#   make test   the test suite (pytest, CPU)
+#   make test   the test suite (pytest, CPU); make test-fast: its unit-level tier, for development
 # Each creates .venv and installs requirements.txt on first use; later runs install nothing
 # (the stamp .venv/.installed is newer than requirements.txt). make test also installs requirements-test.txt
 # (stamp .venv/.installed-test), which builds llama.cpp once (llama-cpp-python; pip caches the wheel).
@@ -21,13 +21,18 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF 
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test bench-gpu
+.PHONY: demo test test-fast bench-gpu
 
 demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q
+
+# the unit-level tier, for the inner loop while developing: every test not marked slow (no subprocess, torchrun,
+# server, browser, llama.cpp or lm-eval run, nothing over a few seconds); make test runs them all
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # make bench-gpu: every GPU figure of docs/BENCHMARKS.md, the most wanted first (124M with compile against HF,
 # on real prepared data so the data-loading share is measured too), each run capped at BENCH_TIMEOUT seconds so

@@ -9,8 +9,8 @@ import torch
 import bench
 import configurator
 from model import ModelConfig, Transformer
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--device=cpu", "--model=tiny", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
          "--vocab_size=256", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
          "--warmup_steps=1", "--steps=1", "--rounds=2", "--data_batches=2", "--decode_tokens=4", "--prepare_mb=0.05",
@@ -99,10 +99,9 @@ def test_sft_mode_compares_packed_with_padded_rows(tmp_path):
     assert 15 < fig["sft.mean_length"] < 30 and fig["sft.truncated"] > 0  # long-tailed: some are cut
 
 
-def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(tmp_path):
-    from test_export import make_run_dir
-
-    run = make_run_dir(tmp_path / "run")
+@pytest.mark.slow  # serve.py in a subprocess
+def test_serve_mode_measures_tokens_and_time_to_first_token_and_checks_a_load(made_run, tmp_path):
+    run = made_run("sft")
     path = tmp_path / "bench.json"
     bench.main(["--serve=True", f"--serve_run={run}", "--device=cpu", "--serve_clients=[1, 3]", "--rounds=1",
                 "--serve_max_tokens=8", "--serve_load_clients=8", f"--json={path}"])

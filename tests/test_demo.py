@@ -10,8 +10,10 @@ import sys
 import pytest
 
 import demo
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # demo.py --quick=True, every stage
+
 TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 

@@ -16,7 +16,7 @@ import train
 from configurator import ConfigError
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from llm_trainer.training import grpo, losses
-from tests.test_train import metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
+from tests.helpers import metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 TEACHER = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
 STUDENT = {"dim": 32, "n_layers": 1, "n_heads": 2}  # smaller than the teacher: another shape

@@ -14,9 +14,10 @@ import torch
 
 import train
 from llm_trainer.core.checkpoint import load_checkpoint
-from tests.test_train import ROOT, TINY, final_weights, metrics, run_train, train_losses, val_losses
+from tests.helpers import ENV, ROOT, TINY, final_weights, metrics, run_train, train_in_process, train_losses, val_losses
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+pytestmark = pytest.mark.slow  # every test here starts torchrun
+
 STALL = {**ENV, "TRAIN_FAULTS": '{"stall": [1, 5]}'}  # rank 1 stalls in the step from iteration 5 (train.py)
 COLLECTIVE_FAILED = "a collective did not complete during"
 
@@ -27,12 +28,13 @@ def pretrain_args(data, out, *extra):
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-@pytest.mark.parametrize("eval_iters", [1, 2, 3, 5])
-def test_evaluation_with_any_eval_iters_equals_one_process(fsdp, eval_iters, demo_pretrain, tmp_path):
+def test_evaluation_with_fewer_batches_than_ranks_equals_one_process(fsdp, demo_pretrain, tmp_path):
     """eval_iters not a multiple of the ranks, or fewer than them, hung FSDP: ranks ran different numbers of
-    forwards, each an all-gather. Now the last round is padded with a batch that is not counted."""
-    args = pretrain_args(demo_pretrain, str(tmp_path / "two"), "--max_iters=1", "--eval_interval=1",
-                         f"--eval_iters={eval_iters}")
+    forwards, each an all-gather. Now the last round is padded with a batch that is not counted. Here fewer than the
+    ranks (eval_iters 1: rank 1 only pads); not a multiple (3: a full round, then a padded one) in
+    test_two_nodes_equal_one_process, a multiple (2) in tests/test_train.py::test_torchrun_two_ranks_equal_one_process,
+    each under DDP and FSDP."""
+    args = pretrain_args(demo_pretrain, str(tmp_path / "two"), "--max_iters=1", "--eval_interval=1", "--eval_iters=1")
     run_train([*args, f"--fsdp={fsdp}"], nproc=2, timeout=120)
     # the same run in this process (its own out_dir: the other holds a run): evaluate, one step, evaluate
     one = train.build(train.configure([*args, f"--out_dir={tmp_path / 'one'}"]))
@@ -69,7 +71,7 @@ def finish(procs, timeout=180):
 def test_two_nodes_equal_one_process(fsdp, demo_pretrain, tmp_path):
     args = ["--max_iters=4", "--eval_interval=2", "--eval_iters=3"]
     one, nodes = str(tmp_path / "one"), str(tmp_path / "nodes")
-    run_train(pretrain_args(demo_pretrain, one, *args), timeout=120)
+    train_in_process(pretrain_args(demo_pretrain, one, *args))
     codes, out = finish(start_nodes(pretrain_args(demo_pretrain, nodes, *args, f"--fsdp={fsdp}"), free_port()))
     assert codes == [0, 0], out
     l1, l2 = train_losses(one), train_losses(nodes)

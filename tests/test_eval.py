@@ -14,10 +14,10 @@ import eval as evalpy
 import export
 from llm_trainer.core.checkpoint import lora_base, save_checkpoint
 from model import ModelConfig, Transformer
-from tests.test_export import make_run_dir
-from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
+from tests.helpers import TINY, metrics, run_train, train_in_process, train_losses, val_losses
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow  # lm-evaluation-harness on both sides, eval.py and torchrun in subprocesses
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INCLUDE = os.path.join(ROOT, "data", "lm_eval")
 
@@ -74,12 +74,12 @@ def tasks_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(made_run, tmp_path_factory):
     """A base run and a chat run, each with its export."""
     root = tmp_path_factory.mktemp("eval_runs")
     out = {}
     for stage in ("pretrain", "sft"):
-        run = make_run_dir(root / stage, stage=stage)
+        run = made_run(stage)
         export.export(run, str(root / f"{stage}_hf"))
         out[stage] = (run, str(root / f"{stage}_hf"))
     return out
@@ -231,8 +231,8 @@ def test_in_training_evaluation_leaves_training_bit_identical(demo_pretrain, tmp
             "--learning_rate=1e-2", "--device=cpu", *TINY, "--gradient_accumulation_steps=2"]
     tasks = ["--eval_tasks=demo_add", f"--eval_tasks_include={INCLUDE}", "--eval_tasks_limit=12"]
     plain, scored, ranks = str(tmp_path / "plain"), str(tmp_path / "scored"), str(tmp_path / "ranks")
-    run_train(args + [f"--out_dir={plain}"])
-    run_train(args + [f"--out_dir={scored}", *tasks])
+    train_in_process(args + [f"--out_dir={plain}"])
+    train_in_process(args + [f"--out_dir={scored}", *tasks])
     assert train_losses(plain) == train_losses(scored) and val_losses(plain) == val_losses(scored)
     rows = [r for r in metrics(scored) if "tasks/demo_add/acc" in r]
     assert [r["iter"] for r in rows] == [0, 3, 6] and all("val_loss" in r for r in rows)

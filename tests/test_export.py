@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import export
-from llm_trainer.data.tokenizer import load_tokenizer, train_tokenizer
-from llm_trainer.core.checkpoint import load_model, save_checkpoint
-from model import ModelConfig, Transformer
-from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
+from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.core.checkpoint import load_model
+from llm_trainer.inference.generation import chat_prompt_ids, reply
+from tests.helpers import complete, make_run_dir
 
 transformers = pytest.importorskip("transformers")
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo")
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "计算：145 + 21"},
@@ -25,53 +24,11 @@ CONVERSATION = [
 ]
 
 
-def demo_lines(n=300):
-    """A few hundred short lines of the demo corpus: English, Chinese, chat replies."""
-    lines = []
-    for name in ("pretrain.jsonl", "sft_train.jsonl"):
-        with open(os.path.join(DEMO, name), encoding="utf-8") as f:
-            for _, line in zip(range(n // 2), f):
-                record = json.loads(line)
-                if "text" in record:
-                    lines.append(record["text"])
-                else:
-                    lines.extend(m["content"] for m in record["conversations"])
-    return lines
-
-
-def make_run_dir(path, stage="sft", tie_embeddings=True, n_kv_heads=2, steps=30, seed=0):
-    """A run directory as train.py writes it, from a few AdamW steps on a tiny model (weights off their init)."""
-    torch.manual_seed(seed)
-    lines = demo_lines()
-    tok = train_tokenizer(lines, 400)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                      max_seq_len=256, rope_theta=5e5, tie_embeddings=tie_embeddings)
-    model = Transformer(cfg)
-    stream = []
-    for line in lines:
-        stream += tok.encode(line) + [tok.eot_id]
-    data = torch.tensor(stream[: 8 * 65]).view(8, 65)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        logits = model(data[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    os.makedirs(path, exist_ok=True)
-    save_checkpoint(str(path), {
-        "model": model.state_dict(), "model_config": cfg.to_dict(), "stage": stage, "iter": steps,
-        "config": {"block_size": 256, "stage": stage}, "optimizer": opt.state_dict(),
-    })
-    tok.save(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module", params=[(True, 2), (False, 4)], ids=["tied-gqa", "untied-mha"])
-def exported(request, tmp_path_factory):
+def exported(request, made_run, tmp_path_factory):
     tied, kv = request.param
     root = tmp_path_factory.mktemp("tied" if tied else "untied")
-    run = make_run_dir(root / "run", tie_embeddings=tied, n_kv_heads=kv)
+    run = made_run("sft") if tied else make_run_dir(root / "run", tie_embeddings=tied, n_kv_heads=kv)
     export.export(run, str(root / "hf"), "float32")
     return run, str(root / "hf")
 
@@ -143,11 +100,11 @@ def test_chat_template_ids_equal_sample_prompt_ids(exported):
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
-def test_transformers_defaults_agree_with_sample(tmp_path, stage):
+def test_transformers_defaults_agree_with_sample(made_run, tmp_path, stage):
     """A new user's first try, the library's defaults only: the tokenizer starts a text as a document, the pipeline's
     greedy text equals sample.py's (complete for a base model, a chat reply for a chat model), and eos is where
     sample.py stops."""
-    run = make_run_dir(tmp_path / "run", stage=stage)
+    run = made_run(stage)
     export.export(run, str(tmp_path / "hf"))
     ours, _ = load_model(run)
     tok = load_tokenizer(run)
@@ -194,8 +151,8 @@ def test_config_files(exported):
     assert ("lm_head.weight" in names) != ours.mcfg.tie_embeddings  # a tied head is not stored twice
 
 
-def test_pretrain_run_ends_at_endoftext_and_bfloat16(tmp_path):
-    run = make_run_dir(tmp_path / "run", stage="pretrain", steps=1)
+def test_pretrain_run_ends_at_endoftext_and_bfloat16(made_run, tmp_path):
+    run = made_run("pretrain")
     assert export.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
     tok = load_tokenizer(run)
     with open(tmp_path / "hf" / "config.json", encoding="utf-8") as f:

@@ -11,10 +11,11 @@ import torch
 import export
 import llama_cpp
 from llm_trainer.core.checkpoint import CKPT_NAME, load_checkpoint, load_model, save_checkpoint
-from llm_trainer.inference.generation import chat_prompt_ids, complete, reply
-from tests.test_export import make_run_dir
-from tests.test_tokenizer import HARD_TEXTS
 from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.inference.generation import chat_prompt_ids, reply
+from tests.helpers import HARD_TEXTS, complete, make_run_dir
+
+pytestmark = pytest.mark.slow  # llama.cpp runs every file
 
 PROMPT = "Return a new list containing"
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
@@ -36,9 +37,9 @@ def llama(path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(made_run):
     """A base model and a chat model (30 steps from a tiny init), by stage."""
-    return {stage: make_run_dir(tmp_path_factory.mktemp(stage) / "run", stage=stage) for stage in ("pretrain", "sft")}
+    return {stage: made_run(stage) for stage in ("pretrain", "sft")}
 
 
 @pytest.fixture(params=["pretrain", "sft"])
@@ -139,10 +140,10 @@ def test_logits_close_in_every_type(runs, gguf_type):
 
 
 @pytest.mark.parametrize("kind", ["linear", "yarn"])
-def test_rope_scaling_is_carried(tmp_path, kind):
+def test_rope_scaling_is_carried(made_run, tmp_path, kind):
     """A context-extended model (RoPE scaled 4x from 64 positions) gives the same logits in llama.cpp over 200
     positions; without the scaling in the file they would be far off."""
-    base = make_run_dir(tmp_path / "base", stage="pretrain")
+    base = made_run("pretrain")
     state = load_checkpoint(os.path.join(base, CKPT_NAME))
     state["model_config"]["rope_scaling"] = {"type": kind, "factor": 4.0, "original_max_seq_len": 64}
     scaled = str(tmp_path / "scaled")
@@ -170,8 +171,8 @@ def test_refusals_exit_2(tmp_path):
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.tmp").exists()
 
 
-def test_command_line_writes_hf_dir_and_gguf(tmp_path, capsys):
-    run = make_run_dir(tmp_path / "run", stage="sft", steps=1)
+def test_command_line_writes_hf_dir_and_gguf(made_run, tmp_path, capsys):
+    run = made_run("sft")
     assert export.main([f"--out_dir={run}", f"--hf_dir={tmp_path / 'hf'}", f"--gguf={tmp_path / 'm.gguf'}",
                         "--gguf_type=q8_0"]) == 0
     assert "m.gguf (q8_0" in capsys.readouterr().out

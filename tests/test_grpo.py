@@ -14,7 +14,7 @@ from llm_trainer.training import losses
 from llm_trainer.training import rewards
 from llm_trainer.data import shards
 from llm_trainer.core.checkpoint import load_model
-from tests.test_train import TINY, metrics, run_train, train_losses, val_losses
+from tests.helpers import TINY, metrics, run_train, train_in_process, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,9 +115,10 @@ def grpo_args(toy, out, *extra):
             "--batch_size=4", "--grpo_group=4", "--max_new_tokens=12", "--eval_iters=3", *extra]
 
 
+@pytest.mark.slow
 def test_a_toy_reward_is_learnt_on_held_out_prompts(toy_grpo, tmp_path):
     out = str(tmp_path / "run")
-    p = run_train(grpo_args(toy_grpo, out, "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
+    p = train_in_process(grpo_args(toy_grpo, out, "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
                             "--grpo_group=8", "--max_new_tokens=16", "--eval_iters=5"))
     evals = [r for r in metrics(out) if "val_reward" in r]
     assert evals[-1]["val_reward"] > evals[0]["val_reward"] + 0.2, evals
@@ -131,8 +132,8 @@ def test_ppo_epochs_and_kl_run_and_start_at_ratio_one(toy_grpo, tmp_path):
     """grpo_epochs=2 (the ratio to the rollout policy, clipped) with a KL to the start: at the first update the
     policy is the rollout policy and the reference, so nothing is clipped and the KL is 0."""
     out = str(tmp_path / "run")
-    run_train(grpo_args(toy_grpo, out, "--max_iters=2", "--eval_interval=2", "--grpo_epochs=2", "--grpo_kl=0.1",
-                        "--learning_rate=1e-2", "--warmup_iters=0"))
+    train_in_process(grpo_args(toy_grpo, out, "--max_iters=2", "--eval_interval=2", "--grpo_epochs=2",
+                               "--grpo_kl=0.1", "--learning_rate=1e-2", "--warmup_iters=0"))
     first = [r for r in metrics(out) if "loss" in r][0]  # the record of iteration 1: its second update's figures
     assert first["kl"] > 0  # the second update's: the policy has moved off the reference by then
     import train
@@ -145,11 +146,12 @@ def test_ppo_epochs_and_kl_run_and_start_at_ratio_one(toy_grpo, tmp_path):
     assert stats["kl"].item() == pytest.approx(0, abs=1e-6) and stats["clip_fraction"].item() == 0
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(toy_grpo, tmp_path):
     args = ["--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu",
             "--learning_rate=1e-2"]
     one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    run_train(grpo_args(toy_grpo, one, *args))
+    train_in_process(grpo_args(toy_grpo, one, *args))
     run_train(grpo_args(toy_grpo, ddp, *args), nproc=2, timeout=300)
     run_train(grpo_args(toy_grpo, fsdp, *args, "--fsdp=True"), nproc=2, timeout=300)  # generation in step: no hang
     l1, l2 = train_losses(one), train_losses(ddp)
@@ -169,7 +171,7 @@ def test_a_bad_reward_is_one_clear_line(body, message, toy_grpo, tmp_path):
     path = tmp_path / "bad_reward.py"
     path.write_text(body)
     spec = f"{path}:f"
-    p = run_train(grpo_args((toy_grpo[0], spec), str(tmp_path / "run"), "--max_iters=2"), check=False)
+    p = train_in_process(grpo_args((toy_grpo[0], spec), str(tmp_path / "run"), "--max_iters=2"), check=False)
     lines = [line for line in p.stderr.strip().splitlines() if line]
     assert p.returncode == 2 and len(lines) == 1 and message.format(spec=spec) in lines[0], p.stderr
     if "raised" in message:
@@ -178,7 +180,7 @@ def test_a_bad_reward_is_one_clear_line(body, message, toy_grpo, tmp_path):
 
 def test_a_grpo_run_exports_and_samples_like_any_other(toy_grpo, tmp_path):
     out, hf_dir = str(tmp_path / "run"), str(tmp_path / "hf")
-    run_train(grpo_args(toy_grpo, out, "--max_iters=2", "--eval_interval=2"))
+    train_in_process(grpo_args(toy_grpo, out, "--max_iters=2", "--eval_interval=2"))
     export.export(out, hf_dir)
     ours, info = load_model(out)
     assert info["stage"] == "grpo"

@@ -1,7 +1,6 @@
 """The import picture of the library: llm_trainer's layers import only downwards, and nothing circles."""
 
 import ast
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

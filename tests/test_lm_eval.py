@@ -11,13 +11,13 @@ import pytest
 
 import eval as evalpy
 import export
-from tests.test_export import make_run_dir
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # lm_eval's own command line
 
 
-def test_lm_eval_command_line_on_the_export_equals_eval_py(tmp_path):
-    run = make_run_dir(tmp_path / "run", stage="pretrain")
+def test_lm_eval_command_line_on_the_export_equals_eval_py(made_run, tmp_path):
+    run = made_run("pretrain")
     export.export(run, str(tmp_path / "hf"))
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf",

@@ -11,19 +11,17 @@ import torch
 import export
 import train
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
-from tests.test_train import TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
+from tests.helpers import (TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_in_process,
+                           train_losses, val_losses)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def base(demo_pretrain, tmp_path_factory):
-    """A tiny pretrained run: the model the adapters train on."""
-    out = str(tmp_path_factory.mktemp("lora_base"))
-    run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20",
-               "--learning_rate=1e-2", *TINY])
-    return out
+def base(pretrain_run):
+    """The model the adapters train on: the session's tiny pretrained run (conftest.py)."""
+    return pretrain_run
 
 
 def lora_args(data, out, init, *extra):
@@ -55,7 +53,7 @@ def test_adapters_start_at_zero_and_only_they_train(base, demo_sft, tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(base, demo_sft, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora_run"))
-    run_train(lora_args(demo_sft, out, base, "--max_iters=12", "--eval_interval=12"))
+    train_in_process(lora_args(demo_sft, out, base, "--max_iters=12", "--eval_interval=12"))
     return out
 
 
@@ -69,8 +67,8 @@ def test_the_checkpoint_holds_the_adapters_and_names_its_base(lora_run, base):
 def yarn_lora(demo_sft, init, out):
     """LoRA at twice its base's context with YaRN: an adapter's base must compute with the run's RoPE settings."""
     scaling = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
-    run_train(lora_args(demo_sft, out, init, "--max_iters=2", "--eval_interval=2", "--block_size=128",
-                        f"--rope_scaling={scaling}"))
+    train_in_process(lora_args(demo_sft, out, init, "--max_iters=2", "--eval_interval=2", "--block_size=128",
+                               f"--rope_scaling={scaling}"))
     return out
 
 
@@ -86,6 +84,7 @@ def yarn_lora_on_hf_run(base, demo_sft, tmp_path_factory):
     return yarn_lora(demo_sft, str(root / "hf"), str(root / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_name", ["lora_run", "yarn_lora_run", "yarn_lora_on_hf_run"])
 def test_merged_export_and_peft_adapter_give_the_trained_model_logits(run_name, request, tmp_path):
     lora_run = request.getfixturevalue(run_name)
@@ -124,24 +123,26 @@ def test_sample_loads_a_lora_run_directly(lora_run):
                                        max_new_tokens=5), str)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(base, demo_sft, tmp_path):
     args = [a for a in lora_args(demo_sft, "", base, "--max_iters=12", "--eval_interval=4", "--lora_dropout=0.1")
             if a != "--out_dir="]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run_train([*args, f"--out_dir={ref}"])
+    train_in_process([*args, f"--out_dir={ref}"])
     sigkill_after_checkpoint([*args, f"--out_dir={out}"], 8)
-    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={out}", "--init_from=resume"])
     assert train_losses(out) == train_losses(ref) and val_losses(out) == val_losses(ref)
     a, b = load_checkpoint(os.path.join(ref, "ckpt.pt")), load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(base, demo_sft, tmp_path):
     """With dropout on: its masks follow the global micro-batch, not the rank."""
     args = ["--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu",
             "--lora_dropout=0.1"]
     one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    run_train(lora_args(demo_sft, one, base, *args))
+    train_in_process(lora_args(demo_sft, one, base, *args))
     run_train(lora_args(demo_sft, ddp, base, *args), nproc=2, timeout=300)
     run_train(lora_args(demo_sft, fsdp, base, *args, "--fsdp=True"), nproc=2, timeout=300)
     l1, g1 = train_losses(one), grad_norms(one)
@@ -152,24 +153,25 @@ def test_two_ranks_equal_one_process(base, demo_sft, tmp_path):
     assert all(torch.allclose(v, b["model"][k], atol=1e-5) for k, v in a["model"].items())
 
 
-def test_lora_on_an_hf_directory_and_dpo_without_a_second_model(base, demo_sft, demo_dpo, tmp_path):
+@pytest.mark.slow
+def test_lora_on_an_hf_directory_and_dpo_without_a_second_model(base, demo_sft, demo_dpo_small, tmp_path):
     """An HF directory made by our export stands in for a downloaded Llama; DPO's reference is the base with the
     adapters off: the loss is log 2 at step 0, where the adapters are zero."""
     hf_dir = str(tmp_path / "hf")
     export.export(base, hf_dir)
     out = str(tmp_path / "sft")
-    run_train(lora_args(demo_sft, out, hf_dir, "--max_iters=2", "--eval_interval=2"))
+    train_in_process(lora_args(demo_sft, out, hf_dir, "--max_iters=2", "--eval_interval=2"))
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["lora_base"]["path"] == os.path.abspath(hf_dir)
     export.export_adapter(out, str(tmp_path / "adapter"))  # the same RoPE settings: the adapter names the base
     with open(tmp_path / "adapter" / "adapter_config.json", encoding="utf-8") as f:
         assert json.load(f)["base_model_name_or_path"] == os.path.abspath(hf_dir)
     assert not os.path.exists(tmp_path / "adapter" / "base")
     dpo = str(tmp_path / "dpo")
-    run_train([f"--data_dir={demo_dpo}", f"--out_dir={dpo}", "--stage=dpo", f"--init_from={hf_dir}", *TINY,
-               "--lora_rank=4", "--max_iters=1", "--eval_interval=1", "--eval_iters=4"])
+    train_in_process([f"--data_dir={demo_dpo_small}", f"--out_dir={dpo}", "--stage=dpo", f"--init_from={hf_dir}", *TINY,
+                      "--lora_rank=4", "--max_iters=1", "--eval_interval=1", "--eval_iters=4"])
     rows = metrics(dpo)
     assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    run = train.build(train.configure([f"--data_dir={demo_dpo}", f"--out_dir={tmp_path / 'x'}", "--stage=dpo",
+    run = train.build(train.configure([f"--data_dir={demo_dpo_small}", f"--out_dir={tmp_path / 'x'}", "--stage=dpo",
                                        f"--init_from={hf_dir}", "--lora_rank=4", "--verify_data=False"]))
     assert run.reference.model is None and run.reference.shared is run.model  # no second model in memory
 
@@ -180,11 +182,11 @@ def test_a_base_that_changed_is_refused(base, demo_sft, tmp_path):
     copy = str(tmp_path / "base")
     shutil.copytree(base, copy)
     out = str(tmp_path / "run")
-    run_train(lora_args(demo_sft, out, copy, "--max_iters=2", "--eval_interval=2"))
+    train_in_process(lora_args(demo_sft, out, copy, "--max_iters=2", "--eval_interval=2"))
     state = load_checkpoint(os.path.join(copy, "ckpt.pt"))
     state["model"]["model.norm.weight"] = state["model"]["model.norm.weight"] * 2
     save_checkpoint(copy, state)
-    p = run_train(lora_args(demo_sft, out, copy, "--max_iters=4", "--init_from=resume"), check=False)
+    p = train_in_process(lora_args(demo_sft, out, copy, "--max_iters=4", "--init_from=resume"), check=False)
     assert p.returncode == 2 and "the base of this LoRA run" in p.stderr and "has changed since" in p.stderr, p.stderr
 
 
@@ -195,17 +197,17 @@ def test_a_base_that_changed_is_refused(base, demo_sft, tmp_path):
     (["--lora_rank=4", "--init_from=scratch"], "set init_from to a run or HF directory"),
 ])
 def test_bad_lora_config_is_one_line_exit_2(args, message, demo_sft, base, tmp_path):
-    p = run_train([f"--data_dir={demo_sft}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", f"--init_from={base}",
-                   *TINY, *args], check=False)
+    p = train_in_process([f"--data_dir={demo_sft}", f"--out_dir={tmp_path / 'run'}", "--stage=sft",
+                          f"--init_from={base}", *TINY, *args], check=False)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_grpo_with_lora_and_a_kl_to_the_base(base, toy_grpo, tmp_path):
     data, reward = toy_grpo
     out = str(tmp_path / "grpo")
-    run_train([f"--data_dir={data}", f"--out_dir={out}", "--stage=grpo", f"--reward={reward}", f"--init_from={base}",
-               *TINY, "--lora_rank=4", "--grpo_kl=0.1", "--grpo_group=4", "--max_new_tokens=8", "--max_iters=2",
-               "--eval_interval=2", "--warmup_iters=0"])
+    train_in_process([f"--data_dir={data}", f"--out_dir={out}", "--stage=grpo", f"--reward={reward}",
+                      f"--init_from={base}", *TINY, "--lora_rank=4", "--grpo_kl=0.1", "--grpo_group=4",
+                      "--max_new_tokens=8", "--max_iters=2", "--eval_interval=2", "--warmup_iters=0"])
     first = [r for r in metrics(out) if "loss" in r][0]
     assert first["kl"] == pytest.approx(0, abs=1e-7)  # the first step's policy is its base: the reference
     assert all(".lora_" in k for k in load_checkpoint(os.path.join(out, "ckpt.pt"))["model"])

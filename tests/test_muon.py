@@ -14,7 +14,8 @@ from llm_trainer.core import checkpoint
 from llm_trainer.training import optimizers
 from llm_trainer.training.optimizers import Muon, newton_schulz
 from model import ModelConfig, Transformer
-from tests.test_train import TINY, final_weights, run_train, sigkill_after_checkpoint, train_losses, val_losses
+from tests.helpers import (TINY, final_weights, run_train, sigkill_after_checkpoint, train_in_process, train_losses,
+                           val_losses)
 
 A, B, C = 3.4445, -4.7750, 2.0315  # torch.optim.Muon's documented Newton-Schulz coefficients (Keller Jordan's)
 
@@ -184,12 +185,12 @@ def test_exact_resume_after_sigkill(demo_pretrain, tmp_path):
     """The Muon momentum buffers and AdamW moments are in the checkpoint: bit for bit as if never stopped."""
     args = muon_args(demo_pretrain, "--max_iters=16", "--eval_interval=4", "--dropout=0.1")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run_train([*args, f"--out_dir={ref}"])
+    train_in_process([*args, f"--out_dir={ref}"])
     sigkill_after_checkpoint([*args, f"--out_dir={out}"], 8)
     saved = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["optimizer"]["state"]
     assert "momentum_buffer" in saved["model.layers.0.self_attn.qkv_proj.weight"]
     assert "exp_avg" in saved["model.embed_tokens.weight"]
-    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = train_losses(ref), train_losses(out)
     assert sorted(got) == sorted(want) == list(range(1, 17))
     assert all(got[i] == want[i] for i in want)
@@ -204,7 +205,7 @@ def test_two_ranks_ddp_and_fsdp_equal_one_process(demo_pretrain, tmp_path):
     """FSDP2 shards every matrix by rows: Muon gathers the update, orthogonalises it whole, keeps its rows."""
     args = muon_args(demo_pretrain, "--max_iters=4", "--eval_interval=2", "--gradient_accumulation_steps=2")
     one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    run_train([*args, f"--out_dir={one}"])
+    train_in_process([*args, f"--out_dir={one}"])
     run_train([*args, f"--out_dir={ddp}"], nproc=2)
     run_train([*args, f"--out_dir={fsdp}", "--fsdp=True"], nproc=2)
     l1, l2, l3 = train_losses(one), train_losses(ddp), train_losses(fsdp)

@@ -8,7 +8,7 @@ import torch
 from llm_trainer.training import losses
 import train
 from llm_trainer.data.batches import pack
-from tests.test_train import TINY, metrics, run_train
+from tests.helpers import TINY, metrics, train_in_process
 
 
 def build(data_dir, out_dir, **overrides):
@@ -126,8 +126,8 @@ def test_fill_and_target_tokens_are_logged_for_every_stage(demo_sft, demo_pretra
     for name, data, extra in (("sft", demo_sft, []), ("sft", demo_sft, ["--pack=False"]),
                               ("pretrain", demo_pretrain, [])):
         out = str(tmp_path / f"{name}{len(extra)}")
-        p = run_train([f"--data_dir={data}", f"--out_dir={out}", f"--stage={name}", "--max_iters=2",
-                       "--eval_interval=2", *TINY, *extra])
+        p = train_in_process([f"--data_dir={data}", f"--out_dir={out}", f"--stage={name}", "--max_iters=2",
+                              "--eval_interval=2", *TINY, *extra])
         record = [r for r in metrics(out) if "loss" in r][-1]
         assert record["target_tokens_per_s"] > 0 and 0 < record["fill"] <= 1
         assert "fill" in p.stdout and "target tok/s" in p.stdout and "rows per epoch" in p.stdout
@@ -142,7 +142,7 @@ def test_fill_and_target_tokens_are_logged_for_every_stage(demo_sft, demo_pretra
     (["--stage=sft", "--pack=maybe"], "pack must be True, False or None"),
 ])
 def test_bad_packing_config_is_one_line_exit_2(args, message, demo_sft, tmp_path):
-    p = run_train([f"--data_dir={demo_sft}", f"--out_dir={tmp_path / 'run'}", *TINY, *args], check=False)
+    p = train_in_process([f"--data_dir={demo_sft}", f"--out_dir={tmp_path / 'run'}", *TINY, *args], check=False)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
@@ -154,12 +154,12 @@ def test_no_val_split_is_refused_with_the_fix_or_trained_without_evaluation(tmp_
     src.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     prepare.main([f"--input={src}", f"--out_dir={data}", "--tokenizer=train", "--vocab_size=300", "--val_fraction=0",
                   "--workers=1"])
-    p = run_train([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY, "--max_iters=3"],
-                  check=False)
+    p = train_in_process([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY, "--max_iters=3"],
+                         check=False)
     assert p.returncode == 2, p.stderr
     assert f"{data} has no val split" in p.stderr and "--val_fraction=0.01" in p.stderr and "--eval_iters=0" in p.stderr
-    p = run_train([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY, "--eval_iters=0",
-                   "--max_iters=3"])
+    p = train_in_process([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--stage=sft", *TINY,
+                          "--eval_iters=0", "--max_iters=3"])
     assert p.stdout.count("no evaluation (eval_iters=0)") == 1, p.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and not any(k.startswith("val_") for r in records for k in r)

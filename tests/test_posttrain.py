@@ -13,19 +13,10 @@ import train
 from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import KVCache
-from tests.test_train import (TINY, metrics, run_train, sigkill_after_checkpoint, train_losses,
-                              val_losses)
+from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def sft_run(demo_sft, tmp_path_factory):
-    """A tiny SFT model, the starting point of every post-training stage here."""
-    out = str(tmp_path_factory.mktemp("sft_run"))
-    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=40", "--eval_interval=40",
-               "--learning_rate=3e-3", *TINY])
-    return out
+# sft_run (conftest.py), a tiny SFT model, is the starting point of every post-training stage here
 
 
 # -----------------------------------------------------------------------------
@@ -42,8 +33,9 @@ def long_run(sft_run, demo_sft, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"long_{kind}")
             out, hf_dir = str(root / "run"), str(root / "hf")
             scaling = {"type": kind, "factor": 2.0, "original_max_seq_len": 64}
-            run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", f"--init_from={sft_run}",
-                       "--max_iters=2", "--eval_interval=2", *TINY, "--block_size=128", f"--rope_scaling={scaling}"])
+            train_in_process([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", f"--init_from={sft_run}",
+                              "--max_iters=2", "--eval_interval=2", *TINY, "--block_size=128",
+                              f"--rope_scaling={scaling}"])
             state = load_checkpoint(os.path.join(out, "ckpt.pt"))
             assert state["model_config"]["rope_scaling"]["type"] == kind and state["model_config"]["max_seq_len"] == 128
             export.export(out, hf_dir)
@@ -54,6 +46,7 @@ def long_run(sft_run, demo_sft, tmp_path_factory):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
 def test_rope_scaling_logits_equal_transformers_at_every_length(kind, long_run):
     """Below, at, just past and well past the original length of 64 (increasing: transformers' dynamic NTK keeps
@@ -66,6 +59,7 @@ def test_rope_scaling_logits_equal_transformers_at_every_length(kind, long_run):
         assert diff <= 1e-5, (T, diff)
 
 
+@pytest.mark.slow
 def test_dynamic_rope_generation_across_the_original_length_equals_transformers(long_run):
     """Under a KV cache transformers rotates each new position with the frequencies of its own length and keeps the
     cached keys as they were: so does our cache, one sequence (generate) or a batch (generate_batch, whose longest
@@ -100,8 +94,8 @@ def test_dynamic_rope_generation_across_the_original_length_equals_transformers(
 
 def test_block_size_beyond_rope_scaling_is_refused(sft_run, demo_sft, tmp_path):
     scaling = {"type": "linear", "factor": 2.0, "original_max_seq_len": 64}
-    p = run_train([f"--data_dir={demo_sft}", f"--out_dir={tmp_path}", "--stage=sft", f"--init_from={sft_run}",
-                   *TINY, "--block_size=256", f"--rope_scaling={scaling}"], check=False)
+    p = train_in_process([f"--data_dir={demo_sft}", f"--out_dir={tmp_path}", "--stage=sft", f"--init_from={sft_run}",
+                          *TINY, "--block_size=256", f"--rope_scaling={scaling}"], check=False)
     assert p.returncode == 2 and "larger than rope_scaling allows" in p.stderr
 
 
@@ -160,16 +154,16 @@ def test_validation_loss_is_unweighted(demo_reason, tmp_path):
 # DPO
 
 
-def dpo_args(demo_dpo, sft_run, out, *extra):
-    return [f"--data_dir={demo_dpo}", f"--out_dir={out}", "--stage=dpo", f"--init_from={sft_run}", *TINY,
+def dpo_args(data, sft_run, out, *extra):
+    return [f"--data_dir={data}", f"--out_dir={out}", "--stage=dpo", f"--init_from={sft_run}", *TINY,
             "--eval_iters=4", *extra]
 
 
 @pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_loss_is_log2_at_step_0(demo_dpo, sft_run, tmp_path, precompute):
+def test_dpo_loss_is_log2_at_step_0(demo_dpo_small, sft_run, tmp_path, precompute):
     out = str(tmp_path / "dpo")
-    run_train(dpo_args(demo_dpo, sft_run, out, "--max_iters=1", "--eval_interval=1",
-                       f"--dpo_precompute_ref={precompute}"))
+    train_in_process(dpo_args(demo_dpo_small, sft_run, out, "--max_iters=1", "--eval_interval=1",
+                              f"--dpo_precompute_ref={precompute}"))
     rows = metrics(out)
     assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["val_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -177,10 +171,11 @@ def test_dpo_loss_is_log2_at_step_0(demo_dpo, sft_run, tmp_path, precompute):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_dpo_raises_held_out_margin_and_accuracy(demo_dpo, sft_run, tmp_path):
     out = str(tmp_path / "dpo")
-    run_train(dpo_args(demo_dpo, sft_run, out, "--max_iters=40", "--eval_interval=40", "--learning_rate=2e-3",
-                       "--batch_size=8", "--eval_iters=10", "--dpo_beta=0.1"))
+    train_in_process(dpo_args(demo_dpo, sft_run, out, "--max_iters=40", "--eval_interval=40", "--learning_rate=2e-3",
+                              "--batch_size=8", "--eval_iters=10", "--dpo_beta=0.1"))
     evals = [r for r in metrics(out) if "val_loss" in r]
     before, after = evals[0], evals[-1]
     assert after["val_rewards/margins"] > before["val_rewards/margins"] + 0.1
@@ -191,16 +186,17 @@ def test_dpo_raises_held_out_margin_and_accuracy(demo_dpo, sft_run, tmp_path):
         assert key in [r for r in metrics(out) if "loss" in r and "val_loss" not in r][-1]
 
 
-def test_dpo_precomputed_reference_equals_reference_model(demo_dpo, sft_run, tmp_path):
+def test_dpo_precomputed_reference_equals_reference_model(demo_dpo_small, sft_run, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run_train(dpo_args(demo_dpo, sft_run, a, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3"))
-    run_train(dpo_args(demo_dpo, sft_run, b, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3",
-                       "--dpo_precompute_ref=True"))
+    train_in_process(dpo_args(demo_dpo_small, sft_run, a, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3"))
+    train_in_process(dpo_args(demo_dpo_small, sft_run, b, "--max_iters=4", "--eval_interval=4", "--learning_rate=1e-3",
+                              "--dpo_precompute_ref=True"))
     la, lb = train_losses(a), train_losses(b)
     assert all(abs(la[i] - lb[i]) < 1e-5 for i in la)
 
 
-def test_dpo_under_fsdp_bfloat16_starts_at_its_reference_as_one_process(demo_dpo, sft_run, tmp_path):
+@pytest.mark.slow
+def test_dpo_under_fsdp_bfloat16_starts_at_its_reference_as_one_process(demo_dpo_small, sft_run, tmp_path):
     """FSDP computes the policy with bfloat16 parameters: the reference (model or precomputed table) must too, so
     that step 0 is ln 2 with no reward won, as in one process."""
     if not torch.distributed.is_gloo_available():
@@ -208,7 +204,11 @@ def test_dpo_under_fsdp_bfloat16_starts_at_its_reference_as_one_process(demo_dpo
     args = ["--max_iters=1", "--eval_interval=1", "--device=cpu", "--dtype=bfloat16", "--gradient_accumulation_steps=2"]
     runs = {"one": (1, []), "fsdp": (2, ["--fsdp=True"]), "fsdp-table": (2, ["--fsdp=True", "--dpo_precompute_ref=True"])}
     for name, (nproc, extra) in runs.items():
-        run_train(dpo_args(demo_dpo, sft_run, str(tmp_path / name), *args, *extra), nproc=nproc, timeout=300)
+        run = dpo_args(demo_dpo_small, sft_run, str(tmp_path / name), *args, *extra)
+        if nproc == 1:
+            train_in_process(run)
+        else:
+            run_train(run, nproc=nproc, timeout=300)
         rows = metrics(str(tmp_path / name))
         first = [r for r in rows if "loss" in r][0]
         assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6), name
@@ -245,12 +245,13 @@ def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path,
     assert accuracy == sum(a[1] for a in alone)
 
 
-def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):
+@pytest.mark.slow
+def test_dpo_two_ranks_equal_one_process(demo_dpo_small, sft_run, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--max_iters=3", "--eval_interval=3", "--learning_rate=1e-3", "--gradient_accumulation_steps=2",
             "--device=cpu"]
-    run_train(dpo_args(demo_dpo, sft_run, one, *args))
-    run_train(dpo_args(demo_dpo, sft_run, two, *args), nproc=2)
+    train_in_process(dpo_args(demo_dpo_small, sft_run, one, *args))
+    run_train(dpo_args(demo_dpo_small, sft_run, two, *args), nproc=2)
     l1, l2 = train_losses(one), train_losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
     assert all(abs(l1[i] - l2[i]) <= 1e-5 for i in l1), (l1, l2)
@@ -259,36 +260,37 @@ def test_dpo_two_ranks_equal_one_process(demo_dpo, sft_run, tmp_path):
     assert m1["val_rewards/margins"] == pytest.approx(m2["val_rewards/margins"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_resumed_after_sigkill_keeps_its_reference(demo_dpo, sft_run, tmp_path, precompute):
+def test_dpo_resumed_after_sigkill_keeps_its_reference(demo_dpo_small, sft_run, tmp_path, precompute):
     """The reference is the starting weights, rebuilt from the init_from the checkpoint records (it used to be the
     resumed policy: every reward restarted at zero, the loss at ln 2)."""
-    args = [a for a in dpo_args(demo_dpo, sft_run, "", "--max_iters=8", "--eval_interval=4", "--learning_rate=3e-3",
-                                f"--dpo_precompute_ref={precompute}") if a != "--out_dir="]
+    args = [a for a in dpo_args(demo_dpo_small, sft_run, "", "--max_iters=8", "--eval_interval=4",
+                                "--learning_rate=3e-3", f"--dpo_precompute_ref={precompute}") if a != "--out_dir="]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run_train([*args, f"--out_dir={ref}"])
+    train_in_process([*args, f"--out_dir={ref}"])
     sigkill_after_checkpoint([*args, f"--out_dir={out}"], 4)
-    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = train_losses(ref), train_losses(out)
     assert sorted(got) == list(range(1, 9)) and got == want, (want, got)
     assert val_losses(out) == val_losses(ref)
 
 
-def test_a_resumed_reference_that_changed_or_is_gone_is_refused(demo_dpo, sft_run, tmp_path):
+def test_a_resumed_reference_that_changed_or_is_gone_is_refused(demo_dpo_small, sft_run, tmp_path):
     import shutil
 
     start = str(tmp_path / "start")
     shutil.copytree(sft_run, start)
     out = str(tmp_path / "dpo")
-    run_train(dpo_args(demo_dpo, start, out, "--max_iters=2", "--eval_interval=2"))
+    train_in_process(dpo_args(demo_dpo_small, start, out, "--max_iters=2", "--eval_interval=2"))
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["frozen"]["reference"]["path"] == os.path.abspath(start)
     state = load_checkpoint(os.path.join(start, "ckpt.pt"))
     state["model"]["model.norm.weight"] = state["model"]["model.norm.weight"] * 2
     save_checkpoint(start, state)
-    resume = dpo_args(demo_dpo, start, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
-    p = run_train(resume, check=False)
+    resume = dpo_args(demo_dpo_small, start, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    p = train_in_process(resume, check=False)
     assert p.returncode == 2 and "the reference of this dpo run" in p.stderr and "has changed since" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     shutil.rmtree(start)
-    p = run_train(resume, check=False)
+    p = train_in_process(resume, check=False)
     assert p.returncode == 2 and "is not there any more" in p.stderr, p.stderr

@@ -297,8 +297,9 @@ def test_tokenizer_trained_on_the_input(tmp_path, data_corpus):
     assert tok.decode(ids) == first + "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_interrupted_prepare_is_refused_then_replaced(tmp_path, data_tok_dir, data_corpus):
-    path = mixed_corpus(tmp_path / "big.jsonl", 40_000, data_corpus)  # a few seconds of work
+    path = mixed_corpus(tmp_path / "big.jsonl", 10_000, data_corpus)  # about 50 shards: killed after the third
     cfg = dict(input=path, tokenizer=data_tok_dir, shard_tokens=20_000, val_fraction=0.01)
     run_prepare(tmp_path / "reference", **cfg)
     out = tmp_path / "out"

@@ -30,61 +30,8 @@ import sample
 from llm_trainer.data import shards
 import train
 from model import ModelConfig, Transformer, to_hf_state_dict
-from tests.test_train import ROOT, TINY, build_run, metrics, run_train
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = {"tokens_per_s", "target_tokens_per_s", "dt_ms", "mem_mb", "mfu", "gen_s"}
-DEMO = os.path.join(ROOT, "data", "demo")
-
-
-def spawn(cmd, **kwargs):
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
-
-
-def torchrun(args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
-
-
-def wait_for(proc, prefix, count=1):
-    """Read proc's output up to its count-th line starting with prefix; return what was read."""
-    seen, lines = 0, []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            seen += 1
-            if seen == count:
-                return "".join(lines)
-    raise AssertionError(f"the process ended (rc {proc.wait()}) before {prefix!r} x{count}:\n{''.join(lines)[-3000:]}")
-
-
-def records(out_dir):
-    """metrics.jsonl as {(iter, "train"|"eval"): record without timing fields}."""
-    return {(r["iter"], "eval" if "val_loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in metrics(out_dir)}
-
-
-def state_of(out_dir):
-    return checkpoint.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-
-
-def assert_same_state(a, b):
-    """Model weights and optimizer moments bit for bit."""
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        for name, t in sa[key].items():
-            assert torch.equal(torch.as_tensor(t), torch.as_tensor(sb[key][name])), (key, name)
-
-
-def all_checkpoints_load(out_dir):
-    """Every ckpt*.pt of out_dir loads; returns {file name: iter}."""
-    found = {}
-    for path in glob.glob(os.path.join(out_dir, "ckpt*.pt")):
-        found[os.path.basename(path)] = checkpoint.load_checkpoint(path)["iter"]  # fails (exit 2) if unreadable
-    return found
+from tests.helpers import (DEMO, ENV, ROOT, TINY, all_checkpoints_load, assert_same_state, build_run, metrics, records,
+                           run_train, spawn, state_of, torchrun, train_in_process, wait_for)
 
 
 def run_script(script, args, monkeypatch, capsys):
@@ -102,12 +49,14 @@ def run_script(script, args, monkeypatch, capsys):
 # 1. crash anywhere
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_bit_for_bit(demo_pretrain, tmp_path):
-    """5 SIGKILLs at seeded random moments, half of them inside a checkpoint write (checkpoint_interval=1):
-    after each, every checkpoint loads; resumed to the end, losses and weights equal an uninterrupted run's."""
+    """5 SIGKILLs of train.py processes at seeded random moments, half of them inside a checkpoint write
+    (checkpoint_interval=1): after each, every checkpoint loads; resumed to the end (here), losses and weights equal
+    an uninterrupted run's (here)."""
     args = [f"--data_dir={demo_pretrain}", "--max_iters=36", "--eval_interval=12", "--dropout=0.1", *TINY]
     ref = str(tmp_path / "ref")
-    run_train([*args, f"--out_dir={ref}"])
+    train_in_process([*args, f"--out_dir={ref}"])
     out = str(tmp_path / "killed")
     rng = random.Random(8)
     torn_writes = 0
@@ -127,7 +76,7 @@ def test_sigkill_at_random_moments_resumes_bit_for_bit(demo_pretrain, tmp_path):
         saved = all_checkpoints_load(out)  # zero unreadable checkpoints (none at all if killed before the first)
         assert checkpoint.resume_checkpoint_path(out) == (os.path.join(out, "ckpt.pt") if saved else None)
         assert not saved or saved["ckpt.pt"] == max(saved.values())
-    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = records(ref), records(out)
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)  # every loss, lr and norm, bit for bit
     assert_same_state(state_of(ref), state_of(out))
@@ -209,10 +158,10 @@ def test_resume_survives_a_torn_metrics_line_and_logs_each_eval_once(demo_pretra
     resumed run must not log the evaluation at its first iteration twice."""
     out = str(tmp_path / "run")
     args = [f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--eval_interval=4", *TINY]
-    run_train([*args, "--max_iters=4"])
+    train_in_process([*args, "--max_iters=4"])
     with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write('{"iter": 5, "loss": 6.9')
-    run_train([*args, "--max_iters=8", "--init_from=resume"])
+    train_in_process([*args, "--max_iters=8", "--init_from=resume"])
     keys = [(r["iter"], "val_loss" in r) for r in metrics(out)]
     assert len(keys) == len(set(keys)), keys
 
@@ -224,16 +173,16 @@ def test_a_new_run_into_another_runs_out_dir_is_refused_or_overwritten(demo_pret
     out = str(tmp_path / "run")
     args = [f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--eval_interval=100", "--checkpoint_interval=1",
             "--keep_last=2", *TINY]
-    run_train([*args, "--max_iters=6"])
-    p = run_train([*args, "--max_iters=3"], check=False)
+    train_in_process([*args, "--max_iters=6"])
+    p = train_in_process([*args, "--max_iters=3"], check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "holds the checkpoints of another run" in p.stderr and "--overwrite=True" in p.stderr
     assert all_checkpoints_load(out) == {"ckpt.pt": 6, "ckpt_00000005.pt": 5, "ckpt_00000004.pt": 4}
-    run_train([*args, "--max_iters=3", "--overwrite=True"])
+    train_in_process([*args, "--max_iters=3", "--overwrite=True"])
     assert all_checkpoints_load(out) == {"ckpt.pt": 3, "ckpt_00000002.pt": 2, "ckpt_00000001.pt": 1}
     with open(os.path.join(out, "ckpt.pt"), "wb") as f:
         f.write(b"torn")
-    p = run_train([*args, "--max_iters=3", "--init_from=resume"])
+    p = train_in_process([*args, "--max_iters=3", "--init_from=resume"])
     assert "resuming at step 2" in p.stdout
 
 
@@ -241,11 +190,11 @@ def test_overwrite_deletes_nothing_when_the_run_is_refused(demo_pretrain, demo_s
     """overwrite=True deletes another run's checkpoints only once the new run has passed its checks: a run refused
     for its data, or one that would start from the very checkpoints it deletes, leaves them all in place."""
     out = str(tmp_path / "run")
-    run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=100", *TINY])
+    train_in_process([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=100", *TINY])
     before = all_checkpoints_load(out)
     for extra in ([f"--data_dir={demo_sft}", "--stage=dpo"],
                   [f"--data_dir={demo_sft}", "--stage=sft", f"--init_from={out}"]):
-        p = run_train([*extra, f"--out_dir={out}", "--max_iters=2", "--overwrite=True", *TINY], check=False)
+        p = train_in_process([*extra, f"--out_dir={out}", "--max_iters=2", "--overwrite=True", *TINY], check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert all_checkpoints_load(out) == before
     assert "is the out_dir whose checkpoints --overwrite=True would delete" in p.stderr
@@ -263,6 +212,7 @@ def test_rotation_removes_only_this_runs_checkpoints(tmp_path):
 # 2. preemption
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_zero(demo_pretrain, tmp_path):
     out = str(tmp_path / "run")
     proc = spawn([sys.executable, "train.py", f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--max_iters=100000",
@@ -275,6 +225,7 @@ def test_sigint_saves_and_exits_zero(demo_pretrain, tmp_path):
     assert state_of(out)["iter"] == last >= 2  # the step under way was finished, saved, and nothing after it
 
 
+@pytest.mark.slow
 def test_torchrun_sigterm_stops_every_rank_and_resumes_exactly(demo_pretrain, tmp_path):
     """SIGTERM to the torchrun agent, which forwards it to both workers: every rank stops after the same step,
     rank 0 saves it, and the resumed run ends bit for bit where an uninterrupted torchrun run ends."""
@@ -309,6 +260,7 @@ def snapshot(out_dir):
     return files, meta
 
 
+@pytest.mark.slow
 def test_prepare_killed_at_random_moments_is_refused_then_completed(tmp_path, monkeypatch, capsys):
     """prepare.py (2 workers, tokenizer trained here) SIGKILLed 3 times at seeded random moments, each over the
     debris of the one before: train.py refuses the directory every time; a last run completes it, identical to an
@@ -497,6 +449,7 @@ def _max_rss_mb(cmd):
     return int(out[0]), int(out[1])
 
 
+@pytest.mark.slow
 def test_50mb_single_lines_are_counted_in_bounded_memory(tmp_path, demo_pretrain):
     """A 50 MB line of valid JSON of an unknown shape and a 50 MB line of broken JSON: two skipped records,
     no crash, and memory a small multiple of the line, not of the file; under the default max_line_bytes (16 MB)
@@ -629,6 +582,7 @@ def test_readme_lists_the_settings_fixed_on_resume():
     assert set(re.findall(r"`(\w+)`", fixed)) == train.RESUME_FIXED
 
 
+@pytest.mark.slow
 def test_torchrun_with_indivisible_accumulation_fails_on_every_rank(demo_pretrain, tmp_path):
     out = tmp_path / "run"
     p = run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--device=cpu",

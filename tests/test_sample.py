@@ -4,17 +4,17 @@ import pytest
 
 from llm_trainer.inference import generation
 import sample
-from test_export import make_run_dir  # the tiny run directory shared with the export tests
+from tests.helpers import make_run_dir
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    return make_run_dir(tmp_path_factory.mktemp("sft") / "run", stage="sft")
+def chat_run(made_run):
+    return made_run("sft")
 
 
 @pytest.fixture(scope="module")
-def loaded(sft_run):
-    return generation.load(sft_run)
+def loaded(chat_run):
+    return generation.load(chat_run)
 
 
 def test_streaming_never_prints_half_a_character(loaded):
@@ -86,10 +86,9 @@ def test_history_drops_whole_turns_oldest_first(loaded):
     assert kept is None
 
 
-def test_default_mode_follows_the_stage(tmp_path, loaded):
+def test_default_mode_follows_the_stage(made_run, loaded):
     assert loaded[2]["chat"] and loaded[2]["block_size"] == 256
-    pretrain = make_run_dir(tmp_path / "pretrain", stage="pretrain", steps=1)
-    assert not generation.load(pretrain)[2]["chat"]
+    assert not generation.load(made_run("pretrain"))[2]["chat"]
 
 
 def test_seeded_sampling_is_reproducible(loaded):
@@ -106,16 +105,16 @@ def test_seeded_sampling_is_reproducible(loaded):
     assert len({draw(1), draw(2), draw(3)}) > 1
 
 
-def test_main_prints_a_reply_and_exits_0(sft_run, tmp_path, capsys):
-    assert sample.main([f"--out_dir={sft_run}", "--prompt=你好，你是谁？", "--max_new_tokens=12", "--temperature=0"]) == 0
+def test_main_prints_a_reply_and_exits_0(chat_run, tmp_path, capsys):
+    assert sample.main([f"--out_dir={chat_run}", "--prompt=你好，你是谁？", "--max_new_tokens=12", "--temperature=0"]) == 0
     out = capsys.readouterr().out
-    model, tok, _ = generation.load(sft_run)
+    model, tok, _ = generation.load(chat_run)
     expected = generation.reply(model, tok, [{"role": "user", "content": "你好，你是谁？"}], max_new_tokens=12, temperature=0)
     assert expected and out == expected + "\n"
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("床前明月光，\n\nHello\n", encoding="utf-8")
-    assert sample.main([f"--out_dir={sft_run}", "--mode=complete", f"--prompt_file={prompts}",
+    assert sample.main([f"--out_dir={chat_run}", "--mode=complete", f"--prompt_file={prompts}",
                         "--num_samples=2", "--max_new_tokens=8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("床前明月光，") and out.count("---------------") == 2 and "\nHello" in out

@@ -18,11 +18,11 @@ import torch
 from llm_trainer.inference import generation
 from llm_trainer.core.checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
-from test_export import demo_lines, make_run_dir
 from llm_trainer.data.tokenizer import train_tokenizer
+from tests.helpers import DEMO, ROOT, complete, demo_lines
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "data", "demo")
+pytestmark = pytest.mark.slow  # serve.py in a subprocess, a headless browser
+
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，你是谁？"},
             {"role": "assistant", "content": "我是一个小模型。"}, {"role": "user", "content": "What is 2 + 3?"}]
 
@@ -84,10 +84,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    return {"sft": make_run_dir(root / "sft", stage="sft"), "pretrain": make_run_dir(root / "pre", stage="pretrain"),
-            "reason": reasoning_run_dir(root / "reason")}
+def runs(made_run, tmp_path_factory):
+    return {"sft": made_run("sft"), "pretrain": made_run("pretrain"),
+            "reason": reasoning_run_dir(tmp_path_factory.mktemp("serve") / "reason")}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +161,7 @@ def test_completions_continue_a_base_model(runs):
     server = Server(runs["pretrain"])
     try:
         model, tok, info = generation.load(runs["pretrain"])
-        expected = generation.complete(model, tok, "The night was", temperature=0.0, max_new_tokens=20)
+        expected = complete(model, tok, "The night was", temperature=0.0, max_new_tokens=20)
         r = server.client().completions.create(model="pre", prompt="The night was", temperature=0, max_tokens=20)
         assert r.choices[0].text == expected and expected
     finally:
@@ -422,7 +421,7 @@ def test_completions_return_the_text_as_written(runs, reason):
     """A distilled model's continuation, <think> and all, with stop strings applied to all of it."""
     model, tok, info = generation.load(runs["reason"])
     prompt = "user\nCompute 361 + 968.\nassistant\n"
-    raw = generation.complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
+    raw = complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
     assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
     client = reason.client()
     r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)

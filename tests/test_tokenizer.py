@@ -10,6 +10,7 @@ from llm_trainer.training import losses
 from llm_trainer.core import files
 from llm_trainer.data import tokenizer
 from llm_trainer.data.batches import Batch
+from tests.helpers import HARD_TEXTS
 
 U, A, S = "user", "assistant", "system"
 
@@ -19,16 +20,6 @@ def msg(role, content, **extra):
 
 
 # -- the trained tokenizer ------------------------------------------------------------------------
-
-HARD_TEXTS = [
-    "你好，世界！“引号”‘单引’；冒号：问号？（括号）【方括号】《书名号》……——、。",
-    "emoji 🙂🚀 skin 👍🏽 family 👨\u200d👩\u200d👧 flag 🇨🇳",
-    "   leading spaces, trailing spaces   ",
-    "\n\nnewlines\r\nand\ttabs\n\n\n",
-    "ｆｕｌｌ　ｗｉｄｔｈ　ＡＢＣ　１２３ and NBSP\u00a0here and ﬁ ligature",
-    "<|im_end|> typed by a user, <think> too, and <|endoftext|>",
-    "",
-]
 
 
 @pytest.mark.parametrize("text", HARD_TEXTS)

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
-from tests.test_train import TINY, run_train
+import pytest
+
+from tests.helpers import TINY, run_train
+
+pytestmark = pytest.mark.slow  # train.py and wandb in subprocesses, as a user runs them
 
 WANDB = os.path.join(os.path.dirname(sys.executable), "wandb")
 

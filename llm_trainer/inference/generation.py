@@ -249,8 +249,3 @@ def completion_text(tokenizer, ids, stop_ids):
 def reply(model, tokenizer, messages, **sampling):
     """The assistant's reply to a conversation [{"role", "content"}, ...]; keywords as generate_text."""
     return generate_text(model, tokenizer, chat_prompt_ids(tokenizer, messages), chat_stop_ids(tokenizer), **sampling)
-
-
-def complete(model, tokenizer, text, **sampling):
-    """The continuation of plain text (without the text itself); keywords as generate_text."""
-    return generate_text(model, tokenizer, complete_prompt_ids(tokenizer, text), (tokenizer.eot_id,), **sampling)

@@ -33,10 +33,8 @@ from llm_trainer.core import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import demo  # noqa: E402
 import prepare  # noqa: E402
-from conftest import TOY_REWARD  # noqa: E402
-from tests.test_reliability import (all_checkpoints_load, assert_same_state, records, spawn, state_of,  # noqa: E402
-                                    torchrun, wait_for)
-from tests.test_train import TINY, run_train  # noqa: E402
+from tests.helpers import (TINY, TOY_REWARD, all_checkpoints_load, assert_same_state, records, run_train,  # noqa: E402
+                           spawn, state_of, torchrun, wait_for)
 
 # -----------------------------------------------------------------------------
 kills = 20  # SIGKILLs of the single-process run

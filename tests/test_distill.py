@@ -16,7 +16,7 @@ import train
 from configurator import ConfigError
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from llm_trainer.training import grpo, losses
-from tests.helpers import metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
+from tests.helpers import metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses, val_losses
 
 TEACHER = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
 STUDENT = {"dim": 32, "n_layers": 1, "n_heads": 2}  # smaller than the teacher: another shape
@@ -26,7 +26,8 @@ STUDENT = {"dim": 32, "n_layers": 1, "n_heads": 2}  # smaller than the teacher: 
 def teacher(demo_sft, tmp_path_factory):
     """A small SFT model: the teacher of every test here."""
     out = str(tmp_path_factory.mktemp("teacher"))
-    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=30", "--eval_interval=30",
+    train_in_process([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=30",
+                      "--eval_interval=30",
                "--learning_rate=3e-3", "--block_size=128", "--batch_size=8", "--eval_iters=1", *TEACHER])
     return out
 
@@ -140,7 +141,7 @@ def test_a_compiled_student_and_teacher_train_as_eager(teacher, demo_sft, tmp_pa
 def student_base(demo_sft, tmp_path_factory):
     """A student-shaped SFT run of a few steps: what a LoRA or long-context student starts from."""
     out = str(tmp_path_factory.mktemp("student"))
-    run_train([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=4", "--eval_interval=4",
+    train_in_process([f"--data_dir={demo_sft}", f"--out_dir={out}", "--stage=sft", "--max_iters=4", "--eval_interval=4",
                "--block_size=128", "--batch_size=4", "--eval_iters=1", "--learning_rate=3e-3",
                *(f"--{k}={v}" for k, v in STUDENT.items())])
     return out
@@ -263,7 +264,7 @@ def kd_args(data, teacher, *extra):
 def test_kd_two_ranks_ddp_and_fsdp_equal_one_process(teacher, demo_sft, tmp_path):
     args = ["--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu"]
     one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    run_train(kd_args(demo_sft, teacher, *args, f"--out_dir={one}"))
+    train_in_process(kd_args(demo_sft, teacher, *args, f"--out_dir={one}"))
     run_train(kd_args(demo_sft, teacher, *args, f"--out_dir={ddp}"), nproc=2, timeout=300)
     run_train(kd_args(demo_sft, teacher, *args, f"--out_dir={fsdp}", "--fsdp=True"), nproc=2, timeout=300)
     rows = {d: [r for r in metrics(d) if "loss" in r] for d in (one, ddp, fsdp)}
@@ -283,10 +284,10 @@ def test_kd_resumed_after_sigkill_equals_uninterrupted_and_keeps_its_teacher(tea
     shutil.copytree(teacher, own)
     args = kd_args(demo_sft, own, "--max_iters=8", "--eval_interval=4", "--dropout=0.1")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run_train([*args, f"--out_dir={ref}"])
+    train_in_process([*args, f"--out_dir={ref}"])
     sigkill_after_checkpoint([*args, f"--out_dir={out}"], 4)
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["frozen"]["teacher"]["path"] == os.path.abspath(own)
-    run_train([*args, f"--out_dir={out}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={out}", "--init_from=resume"])
     want, got = train_losses(ref), train_losses(out)
     assert sorted(got) == list(range(1, 9)) and got == want, (want, got)
     for k, v in load_checkpoint(os.path.join(ref, "ckpt.pt"))["model"].items():
@@ -357,7 +358,7 @@ def test_on_policy_two_ranks_equal_one_process_and_resume_exactly(teacher, toy_g
     args = grpo_args(data, f"{toy} + teacher:{teacher}", "--max_iters=4", "--eval_interval=2",
                      "--gradient_accumulation_steps=2", "--device=cpu")
     one, ddp, fsdp, killed = (str(tmp_path / n) for n in ("one", "ddp", "fsdp", "killed"))
-    run_train([*args, f"--out_dir={one}"])
+    train_in_process([*args, f"--out_dir={one}"])
     run_train([*args, f"--out_dir={ddp}"], nproc=2, timeout=300)
     run_train([*args, f"--out_dir={fsdp}", "--fsdp=True"], nproc=2, timeout=300)
     rows = {d: [r for r in metrics(d) if "loss" in r] for d in (one, ddp, fsdp)}
@@ -367,7 +368,7 @@ def test_on_policy_two_ranks_equal_one_process_and_resume_exactly(teacher, toy_g
             for k in ("loss", "reward", "teacher_kl"):
                 assert b[k] == pytest.approx(a[k], abs=1e-5), (d, k)
     sigkill_after_checkpoint([*args, f"--out_dir={killed}"], 2)
-    run_train([*args, f"--out_dir={killed}", "--init_from=resume"])
+    train_in_process([*args, f"--out_dir={killed}", "--init_from=resume"])
     assert train_losses(killed) == train_losses(one)
     assert [r["teacher_kl"] for r in metrics(killed) if "teacher_kl" in r] == [r["teacher_kl"] for r in rows[one]]
 

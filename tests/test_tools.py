@@ -198,3 +198,132 @@ def test_streaming_never_takes_back(text):
     for n in range(len(text) + 1):
         shown, calls = split_tool_calls(text[:n], final=False)
         assert final.startswith(shown) and final_calls[: len(calls)] == calls
+
+
+# -- data: every input shape becomes OpenAI's, its ids those of apply_chat_template(messages, tools=...) ----------
+
+SCHEMA = CALC["function"]
+OPENAI_CHAT = {"tools": [CALC], "messages": [
+    {"role": U, "content": "What is 147 + 85?"},
+    {"role": A, "content": None, "tool_calls": [call("calculator", '{"expression":"147 + 85"}', "call_9")]},
+    {"role": T, "tool_call_id": "call_9", "content": "232"}, {"role": A, "content": "It is 232."}]}
+# the same conversation in the other shapes, each with what it reads as in OpenAI's (tools, messages)
+SHAREGPT_CHAT = {"tools": json.dumps([SCHEMA]), "conversations": [
+    {"from": "human", "value": "What is 147 + 85?"},
+    {"from": "function_call", "value": json.dumps({"name": "calculator", "arguments": {"expression": "147 + 85"}})},
+    {"from": "observation", "value": "232"}, {"from": "gpt", "value": "It is 232."}]}
+MINIMIND_CHAT = {"conversations": [
+    {"role": S, "content": "You can count.", "tools": json.dumps([CALC])},
+    {"role": U, "content": "What is 147 + 85?"},
+    {"role": A, "content": "", "tool_calls": json.dumps([{"name": "calculator", "arguments": {"expression": "147 + 85"}}])},
+    {"role": T, "content": "232"}, {"role": A, "content": "It is 232."}]}
+PARALLEL_CHAT = {"tools": TOOLS, "messages": [  # parallel calls beside text, results answering them by id, out of order
+    {"role": U, "content": "北京和上海？"},
+    {"role": A, "content": "Both.", "tool_calls": [call("get_weather", {"city": "北京"}, "a"), call("get_weather", '{"city": "上海"}', "b")]},
+    {"role": T, "tool_call_id": "b", "content": "15"}, {"role": T, "tool_call_id": "a", "content": "28"},
+    {"role": A, "content": "28, 15"}]}
+LEGACY_CHAT = {"messages": [  # OpenAI's older function_call / role "function"
+    {"role": U, "content": "2+2?"},
+    {"role": A, "content": None, "function_call": {"name": "calculator", "arguments": '{"expression": "2+2"}'}},
+    {"role": "function", "name": "calculator", "content": "4"}, {"role": A, "content": "4"}]}
+
+# what each reads as, in OpenAI's (messages, tools), and the text of its targets
+USER, ANSWER = {"role": U, "content": "What is 147 + 85?"}, {"role": A, "content": "It is 232."}
+CALL_147 = {"role": A, "content": "", "tool_calls": [call("calculator", {"expression": "147 + 85"})]}
+CALL_TARGETS = ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "147 + 85"}}\n</tool_call><|im_end|>'
+                "It is 232.<|im_end|>")
+TOOL_RECORDS = [
+    (OPENAI_CHAT, (OPENAI_CHAT["messages"], [CALC]),
+     CALL_TARGETS.replace('{"expression": "147 + 85"}', '{"expression":"147 + 85"}')),  # JSON text verbatim
+    (SHAREGPT_CHAT, ([USER, CALL_147, {"role": T, "content": "232"}, ANSWER], [CALC]), CALL_TARGETS),
+    (MINIMIND_CHAT, ([{"role": S, "content": "You can count."}, USER, CALL_147, {"role": T, "content": "232"}, ANSWER],
+                     [CALC]), CALL_TARGETS),
+    (PARALLEL_CHAT, (PARALLEL_CHAT["messages"], TOOLS),
+     'Both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>28, 15<|im_end|>'),
+    (LEGACY_CHAT, ([LEGACY_CHAT["messages"][0], {"role": A, "content": None, "tool_calls": [
+        call("calculator", '{"expression": "2+2"}')]}, {"role": T, "content": "4"}, LEGACY_CHAT["messages"][3]], None),
+     '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call><|im_end|>4<|im_end|>'),
+]
+
+
+def test_prepared_ids_are_apply_chat_template_ids_and_targets_the_replies(tmp_path, data_tok_dir):
+    """Each shape prepared: the ids transformers' apply_chat_template(messages, tools=...) gives for the OpenAI form
+    of the record, targets exactly the assistant's text and calls."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_prepare import documents, run_prepare, write_jsonl
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(data_tok_dir))
+    path = write_jsonl(tmp_path / "tools.jsonl", [r for r, _, _ in TOOL_RECORDS])
+    meta = run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, val_fraction=0.0)
+    assert meta["counts"]["kept"] == len(TOOL_RECORDS) and not meta["counts"]["skipped"]
+    assert meta["counts"]["by_format"] == {"messages_tools": 3, "sharegpt_tools": 1, "conversations_tools": 1}
+    tok = tokenizer.load_tokenizer(tmp_path / "out")
+    for (_, (messages, tools), targets), (ids, mask) in zip(TOOL_RECORDS, documents(tmp_path / "out")):
+        assert ids == list(hf.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False))
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == targets
+
+
+BAD_TOOL_LINES = [
+    OPENAI_CHAT,
+    {"tools": [CALC], "messages": [  # arguments that are not JSON
+        {"role": U, "content": "q"}, {"role": A, "content": None, "tool_calls": [call("calculator", "{expression: 1}")]},
+        {"role": T, "content": "1"}, {"role": A, "content": "1"}]},
+    {"messages": [{"role": U, "content": "q"}, {"role": T, "content": "a result of nothing"}, {"role": A, "content": "x"}]},
+    {"messages": [{"role": U, "content": "q"}, {"role": A, "content": None, "tool_calls": [call("calculator", "{}", "x")]},
+                  {"role": T, "tool_call_id": "y", "content": "1"}, {"role": A, "content": "1"}]},  # answers another id
+    {"messages": [{"role": U, "content": "q"}, {"role": A, "content": None, "tool_calls": [call("calculator", "{}")]},
+                  {"role": T, "content": "1"}, {"role": T, "content": "2"}, {"role": A, "content": "1"}]},  # one too many
+    {"messages": [{"role": U, "content": "q"}, {"role": A, "content": None, "tool_calls": [call("", "{}")]}]},
+    {"messages": [{"role": U, "content": "q"}, {"role": A, "content": None, "tool_calls": [call("f", "[1, 2]")]}]},
+    {"tools": "not json", "messages": [{"role": U, "content": "q"}, {"role": A, "content": "a"}]},
+    {"tools": [{"description": "no name"}], "messages": [{"role": U, "content": "q"}, {"role": A, "content": "a"}]},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "calculator(1)"}]},
+]
+
+
+def test_bad_tool_records_are_counted_with_file_and_line(tmp_path, data_tok_dir):
+    from tests.test_prepare import run_prepare, write_jsonl
+
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_TOOL_LINES)
+    meta = run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, val_fraction=0.0)
+    counts = meta["counts"]
+    assert counts["kept"] == 1 and counts["skipped"] == {"bad_tool_arguments": 2, "tool_answers_no_call": 3,
+                                                         "bad_tool_call": 2, "bad_tools": 2}
+    assert counts["skipped_examples"]["bad_tool_arguments"] == [f"{path}:2", f"{path}:7"]
+    assert counts["skipped_examples"]["tool_answers_no_call"] == [f"{path}:3", f"{path}:4", f"{path}:5"]
+
+
+# -- the exports: transformers' and llama.cpp's renderings of the saved template ---------------------------------
+
+def test_exports_render_tool_conversations_to_the_same_ids(tmp_path):
+    """The exported tokenizer's apply_chat_template(messages, tools=...) and the GGUF's template in llama.cpp (through
+    llama-cpp-python) give render_chat()'s ids; llama.cpp shows the tags in generated text (not control tokens).
+    Content holding special strings is left out here: llama.cpp does not undo the template's escape (README)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    transformers = pytest.importorskip("transformers")
+    import export
+    from tests.test_export import make_run_dir
+
+    run = make_run_dir(tmp_path / "run", stage="sft", steps=1)
+    export.export(run, str(tmp_path / "hf"))
+    export.export_gguf(run, str(tmp_path / "m.gguf"), "f32")
+    tok = tokenizer.load_tokenizer(run)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        template = llm.metadata["tokenizer.chat_template"]
+        chats = [(TOOL_CHATS[0][0], [CALC])] + [form for _, form, _ in TOOL_RECORDS if form[1] != TOOLS]
+        for messages, tools in chats:
+            for gen in (False, True):
+                ours = tok.render_chat(messages, add_generation_prompt=gen, tools=tools)[0]
+                assert list(hf.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=gen,
+                                                   return_dict=False)) == ours
+                rendered = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+                    template=template, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                    add_generation_prompt=gen)(messages=messages, tools=tools)
+                assert llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True) == ours
+        tags = list(tok.tool_tag_ids.values())
+        assert [llm.detokenize([t]) for t in tags] == [t.encode() for t in TOOL_TAGS]
+    finally:
+        llm.close()

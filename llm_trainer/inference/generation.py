@@ -306,6 +306,36 @@ def generate_text(model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, th
     return "".join(shown)
 
 
+def reply_with_tools(model, tokenizer, messages, tools, max_steps=4, think="show", on_text=None, on_call=None,
+                     max_len=None, **sampling):
+    """The messages the assistant adds to a conversation when it may call `tools` (inference/tools.py's Tools):
+    each reply's calls are run and their results added as tool messages, until a reply calls nothing, or after
+    max_steps replies with calls (the last reply's calls are then left as text), or when the context is full.
+    on_text(piece) sees each reply's text as it streams (think="hide": without its <think> block), on_call(call,
+    result) each call run; sampling: as ReplyStream."""
+    added, stop = [], chat_stop_ids(tokenizer)
+    for step in range(max_steps + 1):
+        ids = chat_prompt_ids(tokenizer, messages + added, tools.schemas)
+        if len(ids) >= (max_len or model.mcfg.max_seq_len):
+            break
+        stream = ReplyStream(model, tokenizer, ids, stop, max_len=max_len, tools=step < max_steps, **sampling)
+        content = []
+        for piece in stream:
+            content.append(piece.content)
+            shown = piece.reasoning + piece.content if think == "show" else piece.content
+            if shown and on_text is not None:
+                on_text(shown)
+        if not stream.calls:
+            return added + [{"role": "assistant", "content": "".join(content)}]
+        added.append(tool_call_message("".join(content), stream.calls))
+        for call in stream.calls:
+            result = tools.run(call)
+            added.append({"role": "tool", "content": result})
+            if on_call is not None:
+                on_call(call, result)
+    return added
+
+
 def chat_stop_ids(tokenizer):
     return (tokenizer.im_end_id, tokenizer.eot_id)
 

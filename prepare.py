@@ -88,7 +88,8 @@ import configurator
 from llm_trainer import stages
 from llm_trainer.data import shards
 from llm_trainer.data.records import BadRecord, detect_record
-from llm_trainer.data.tokenizer import call_json, file_sha256, load_tokenizer, train_tokenizer
+from llm_trainer.data.tokenizer import (TOOLS_POSTAMBLE, TOOLS_PREAMBLE, call_json, file_sha256, load_tokenizer,
+                                        train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -788,7 +789,9 @@ def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_token
     splits = {s: {"tokens": w.tokens, "documents": w.documents, "targets": w.targets, "shards": w.close()}
               for s, w in writers.items()}
     if counts["kept"] == 0:
-        configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped)")
+        reasons = ", ".join(f"{n} {r} (first at {counts['skipped_examples'][r][0]})"
+                            for r, n in counts["skipped"].most_common())
+        configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped: {reasons})")
     if splits["train"]["documents"] == 0:
         configurator.fail("the train split is empty: lower val_fraction or give more input")
     counts.update(skipped=dict(counts["skipped"]), by_format=dict(counts["by_format"]))
@@ -845,7 +848,8 @@ def _sample_texts(paths, limit, cap):
             texts = [f"{m['role']}\n{m['content']}" for m in messages]
             texts += [f"\n{m['reasoning_content']}\n" for m in messages if m.get("reasoning_content")]
             texts += [call_json(c) for m in messages for c in m.get("tool_calls", [])]
-            texts += [json.dumps(t, ensure_ascii=False) for m in messages for t in m.get("tools", [])]
+            tools = [t for m in messages for t in m.get("tools", [])]  # the schemas, in the template's words
+            texts += [TOOLS_PREAMBLE, *(json.dumps(t, ensure_ascii=False) for t in tools), TOOLS_POSTAMBLE] if tools else []
         for t in texts:
             yield t
             seen += len(t.encode("utf-8"))

@@ -12,7 +12,7 @@ import pytest
 import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "tools"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
@@ -44,15 +44,16 @@ def test_every_stage_ran_in_order(quick_demo):
     out, stdout, report, md = quick_demo
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
-                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. evaluate",
-                                                "== 9. export", "== 10. chat with the DPO model", "== report"]
+                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. tools",
+                                                "== 9. evaluate", "== 10. export", "== 11. chat with the DPO model",
+                                                "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
     cfg = {stage: run_config(out, stage) for stage in TRAINED}
     assert cfg["pretrain"]["init_from"] == "scratch"
     for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft"),
-                          ("grpo", "distill")]:
+                          ("grpo", "distill"), ("tools", "sft")]:
         assert os.path.normpath(cfg[stage]["init_from"]) == os.path.join(out, parent)
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
@@ -165,3 +166,15 @@ def test_gpu_preset_trains_a_bigger_model_with_compile():
     assert "config/model_26m.py" in gpu and "--compile=True" in gpu
     sft = demo.train_command(c, "sft", "config/sft_demo.py", "pretrain", "data/demo_sft", "gpu")
     assert not any(a.startswith("config/model_") for a in sft) and "--init_from=out/demo/pretrain" in sft
+
+
+def test_tool_use_is_scored_on_the_held_out_additions(quick_demo):
+    out, _, report, md = quick_demo
+    rows, t = read_jsonl(os.path.join(out, "eval", "tools.jsonl")), report["tools"]
+    assert rows and all(r["task"] == "add" for r in rows)
+    assert (t["with_tool"]["correct"], t["with_tool"]["n"]) == (sum(r["with_tool"] for r in rows), len(rows))
+    assert t["without_tool"]["correct"] == sum(r["without_tool"] for r in rows)
+    assert t["called"] == sum(r["calls"] > 0 for r in rows)
+    assert t["sft"] == report["tasks"]["models"]["sft"]["by_task"]["add"]  # the SFT model's score, same prompts
+    assert "## Tool use" in md and t["example"]["prompt"] in md
+

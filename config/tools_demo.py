@@ -14,6 +14,7 @@ learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 5
 weight_decay = 0.0
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 eval_interval = 30
 eval_iters = 1  # 1 x 16 rows: every held-out tool conversation
 log_interval = 10

@@ -3,6 +3,7 @@ with tools in its rollouts (the results appended, never targets; resume and 2 ra
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import sample
 from llm_trainer.core.checkpoint import load_checkpoint
 from llm_trainer.data import shards
 from llm_trainer.data.tokenizer import load_tokenizer
+from llm_trainer.inference.generation import chat_prompt_ids, reply_with_tools
 from llm_trainer.inference.tools import Tools, calculator
 from llm_trainer.training import grpo, losses
 from tests.test_train import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
@@ -84,6 +86,62 @@ def test_a_bad_tools_file_is_one_clear_line(tmp_path, capsys, body, message):
     with pytest.raises(SystemExit) as e:
         Tools(str(path))
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# generation that runs the calls (a scripted model: each prompt gets the next of its replies)
+
+
+class Scripted:
+    """A model whose n-th reply is replies[n] (token ids); it keeps the prompts it was given."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.prompts = tok, replies, []
+        self.mcfg = SimpleNamespace(max_seq_len=4096)
+
+    def generate(self, prompt_ids, max_new_tokens, stop_ids=(), **sampling):
+        self.prompts.append(list(prompt_ids))
+        yield from self.replies[len(self.prompts) - 1] + [self.tok.im_end_id]
+
+
+def written_call(tok, inside):
+    """The ids of a reply holding one <tool_call> block whose inside is the text `inside`."""
+    tags = tok.tool_tag_ids
+    return [tags["<tool_call>"], *tok.encode(f"\n{inside}\n"), tags["</tool_call>"]]
+
+
+CALL_2_3 = json.dumps({"name": "calculator", "arguments": {"expression": "2 + 3"}})
+
+
+def test_reply_with_tools_runs_the_call_and_feeds_its_result_back(data_tok):
+    model, seen = Scripted(data_tok, [written_call(data_tok, CALL_2_3), data_tok.encode("5")]), []
+    added = reply_with_tools(model, data_tok, [{"role": "user", "content": "2+3?"}], Tools("calculator"),
+                             on_call=lambda call, result: seen.append((call, result)))
+    assert added == [{"role": "assistant", "content": "", "tool_calls": [
+                         {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2 + 3"}}}]},
+                     {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}]
+    assert seen == [({"name": "calculator", "arguments": {"expression": "2 + 3"}}, "5")]
+    # the second prompt is the first, the call as written and its result in a tool turn: the template's ids
+    schemas = Tools("calculator").schemas
+    assert model.prompts[1] == chat_prompt_ids(data_tok, [{"role": "user", "content": "2+3?"}, *added[:2]], schemas)
+    assert "<tool_response>\n5\n</tool_response>" in data_tok.decode(model.prompts[1])
+
+
+def test_reply_with_tools_stops_after_max_steps_and_leaves_the_last_call_as_text(data_tok):
+    model = Scripted(data_tok, [written_call(data_tok, CALL_2_3)] * 3)
+    added = reply_with_tools(model, data_tok, [{"role": "user", "content": "2+3?"}], Tools("calculator"), max_steps=2)
+    assert len(model.prompts) == 3 and [m["role"] for m in added] == ["assistant", "tool"] * 2 + ["assistant"]
+    assert CALL_2_3 in added[-1]["content"] and "tool_calls" not in added[-1]
+
+
+@pytest.mark.parametrize("inside", ['{"name": "calculator", "arguments": {2 + 3}}', "calculator(2 + 3)",
+                                    '{"arguments": {"expression": "2 + 3"}}'])
+def test_a_call_that_is_not_valid_json_is_shown_as_text(data_tok, inside):
+    model, seen, shown = Scripted(data_tok, [written_call(data_tok, inside)]), [], []
+    added = reply_with_tools(model, data_tok, [{"role": "user", "content": "2+3?"}], Tools("calculator"),
+                             on_call=lambda *a: seen.append(a), on_text=shown.append)
+    assert added == [{"role": "assistant", "content": f"<tool_call>\n{inside}\n</tool_call>"}] and not seen
+    assert "".join(shown) == added[0]["content"] and len(model.prompts) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +273,7 @@ def test_tool_results_carry_no_loss_and_no_log_probability(tool_model, tmp_path,
 def grpo_tool_args(data, out, init, *extra):
     return [f"--data_dir={data}", f"--out_dir={out}", "--stage=grpo", f"--init_from={init}", "--grpo_tools=calculator",
             "--reward=exact_answer", "--block_size=384", "--batch_size=2", "--grpo_group=4", "--max_new_tokens=48",
-            "--learning_rate=1e-3", "--warmup_iters=0", "--eval_iters=1", "--log_interval=1", "--device=cpu", *extra]
+            "--optimizer=adamw", "--learning_rate=1e-3", "--warmup_iters=0", "--eval_iters=1", "--log_interval=1", "--device=cpu", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ Stages, each announced by a header and followed by its own progress output:
                                         from distill
     students  config/student_demo.py    a model a quarter the size, from scratch on the chat set, the same steps
                                         twice: alone, and distilled from sft's logits (teacher=sft)
-    evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl), and the
-              pass@grpo_group of GRPO's start model
+    tools     config/tools_demo.py      conversations that call the calculator for additions, from sft
+    evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl), the
+              pass@grpo_group of GRPO's start model, and the tools model's held-out additions with the calculator
+              and without it
     export    the DPO model to a transformers directory; logits and greedy text compared with transformers
     chat      a few prompts to the final model, printed as it streams
 
@@ -76,6 +78,7 @@ STAGES = [
     ("grpo", "config/grpo_demo.py", "distill", "grpo"),
     ("student_sft", "config/student_demo.py", None, "sft"),
     ("student_kd", "config/student_demo.py", None, "sft"),
+    ("tools", "config/tools_demo.py", "sft", "tools"),
 ]
 CONFIG_OF = {stage: config_file for stage, config_file, _, _ in STAGES}
 TEACHER_OF = {"student_kd": "sft"}  # logit distillation: the run whose model teaches the stage
@@ -83,7 +86,7 @@ CHAT_STAGES = ["sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "stud
 # prepared chat set -> the demo files it reads (<stem>_train.jsonl, <stem>_val.jsonl) and the stage whose config
 # decides its max_len; the count files are written by count_prompts
 CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
-             "dpo": ("dpo", "dpo"), "grpo": ("count", "grpo")}
+             "dpo": ("dpo", "dpo"), "grpo": ("count", "grpo"), "tools": ("tool", "tools")}
 # the counting prompts of the reasoning set (make_chat.py's templates), GRPO's task
 COUNT_PROMPT = re.compile(r"How many characters are in|Count the characters in|What is the length of|有几个字符|"
                           r"有多少个字符|的长度是多少")
@@ -95,7 +98,7 @@ GPU_LR_SCALE = 1 / 3  # a 26M model wants a smaller step than the ~1M one the co
 
 QUICK_MODEL = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
 QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3, "student_sft": 6,
-               "student_kd": 6}
+               "student_kd": 6, "tools": 4}
 QUICK_FLAGS = ["--batch_size=8", "--eval_iters=2"]
 QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=16", "--eval_iters=1"]}
 QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
@@ -104,6 +107,7 @@ QUICK_NEW_TOKENS = 24
 QUICK_CHATS = 2
 
 MAX_NEW_TOKENS = {"distill": 128, "grpo": 128}  # room for the reasoning; the others answer in a few tokens
+TOOL_STEPS = 2  # the tools model's replies whose calls are run, at most, before its answer
 DEFAULT_NEW_TOKENS = 48
 PARITY_SEQUENCES = 8  # held-out conversations whose logits are compared with transformers
 
@@ -329,6 +333,41 @@ def pass_at(path, tasks, device, group, temperature, max_new_tokens):
     return accuracy_table(results)
 
 
+def tool_use(path, tasks, device, max_new_tokens):
+    """The tools model's greedy answers to the held-out additions, with the calculator offered (its calls run,
+    their results fed back: generation.reply_with_tools) and without a tool, each scored as the tasks are."""
+    from llm_trainer.inference import generation
+    from llm_trainer.inference.tools import Tools
+
+    model, tok, info = generation.load(path, device)
+    calculator, rows = Tools("calculator"), []
+    for t in tasks:
+        messages = [{"role": "user", "content": t["prompt"]}]
+        added = generation.reply_with_tools(model, tok, messages, calculator, TOOL_STEPS, temperature=0.0,
+                                            max_new_tokens=max_new_tokens, max_len=info["block_size"])
+        answer = added[-1]["content"] if added and added[-1]["role"] == "assistant" else ""
+        plain = generation.reply(model, tok, messages, temperature=0.0, max_new_tokens=max_new_tokens,
+                                 max_len=info["block_size"])
+        rows.append({**t, "messages": added, "calls": sum(m["role"] == "tool" for m in added),
+                     "with_tool": score(t, answer)["correct"], "reply_without": plain,
+                     "without_tool": score(t, plain)["correct"]})
+    return rows
+
+
+def tool_summary(rows, sft):
+    """The report's figures of tool_use's rows, beside the SFT model's score on the same prompts."""
+    def share(k):
+        n = len(rows)
+        p = k / max(n, 1)
+        return {"correct": k, "n": n, "accuracy": p, "se": math.sqrt(p * (1 - p) / max(n, 1))}
+
+    example = next((r for r in rows if r["with_tool"]), rows[0])
+    return {"with_tool": share(sum(r["with_tool"] for r in rows)),
+            "without_tool": share(sum(r["without_tool"] for r in rows)), "sft": sft,
+            "called": sum(r["calls"] > 0 for r in rows), "steps": TOOL_STEPS,
+            "example": {"prompt": example["prompt"], "messages": example["messages"]}}
+
+
 def accuracy_table(results):
     by_task = {}
     for r in results:
@@ -463,6 +502,15 @@ def plot_losses(stages, path):
     plt.close(fig)
 
 
+def tool_line(m):
+    """A message of a tool conversation as one transcript line: a call as name(arguments), a result as → result."""
+    if m["role"] == "tool":
+        return f"tool: {m['content']}"
+    calls = [f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+             for c in m.get("tool_calls", [])]
+    return f"assistant: {shorten(m['content'])}" + (f" [calls {', '.join(calls)}]" if calls else "")
+
+
 def pct(x):
     return f"{100 * x:.1f}%"
 
@@ -503,7 +551,7 @@ def grpo_wins(models):
 
 def verdicts(r):
     """Every judgement the report makes, each computed once from the report's figures (words only, no numbers)."""
-    st, models, dpo = r["stages"], r["tasks"]["models"], r["dpo"]
+    st, models, dpo, tools = r["stages"], r["tasks"]["models"], r["dpo"], r["tools"]
     wins = grpo_wins(models)
     sft, long, distill = models["sft"], models["sft_long"], models["distill"]
     separated = dpo["after"]["margin"] > dpo["before"]["margin"] and dpo["after"]["accuracy"] > dpo["before"]["accuracy"]
@@ -520,6 +568,10 @@ def verdicts(r):
             if distill["think_well_formed"] > distill["n"] / 2 else "."),
         "dpo": ("separated the held-out pairs the preferred way." if separated
                 else "did not separate the held-out pairs on this budget."),
+        "tools": ("the calculator lifts held-out addition by more than two standard errors." if
+                  tools["with_tool"]["accuracy"] > tools["sft"]["accuracy"] and not noise(tools["with_tool"], tools["sft"])
+                  else "on this budget the calculator does not lift held-out addition by more than two standard "
+                       "errors."),
         "grpo": (f"On {', '.join(wins)}, GRPO's greedy held-out accuracy exceeds every other chat model's by more "
                  "than two standard errors." if wins else
                  "On no task does GRPO's greedy held-out accuracy exceed every other chat model's by more than two "
@@ -641,6 +693,17 @@ def render_report(r):
         f"{g['val_reward_end']:.3f}. Generating took {pct(g['gen_share'])} of a step, the update the rest. "
         f"± is one standard error. {v['grpo']}", "",
         *students_section(r), "",
+        f"## Tool use (from the SFT model; {st['tools']['steps']} steps on conversations that call the calculator)", "",
+        *table(["held-out additions, greedy", "correct"],
+               [("tools model, the calculator offered", with_se(r["tools"]["with_tool"])),
+                ("tools model, no tool", with_se(r["tools"]["without_tool"])),
+                ("SFT model, no tool", with_se(r["tools"]["sft"]))]), "",
+        f"With the calculator offered (its schema in the system turn), the tools model called it on "
+        f"{r['tools']['called']}/{r['tools']['with_tool']['n']} prompts; each call ran and its result came back as a "
+        f"tool message, at most {r['tools']['steps']} replies with calls before the answer. ± is one standard error: "
+        f"{v['tools']} A held-out addition:", "",
+        "```", f"user: {r['tools']['example']['prompt']}",
+        *(tool_line(m) for m in r["tools"]["example"]["messages"]), "```", "",
         "## Export to transformers", "",
         f"`{x['hf_dir']}` (the DPO model) loaded with `AutoModelForCausalLM`: max |logit difference| "
         f"{x['max_abs_diff']:.2e} over {x['tokens']} positions of {x['sequences']} held-out conversations (float "
@@ -726,8 +789,14 @@ def main(argv=None):
         scored, shape = evaluate_all(cfg, cfg["max_prompts"] or (QUICK_PROMPTS if cfg["quick"] else 0), device)
         passed = pass_at(run_dir(cfg, "distill"), tasks, device, grpo_group(cfg), config_value(CONFIG_OF["grpo"],
                          "temperature"), new_tokens(cfg, "grpo"))
+        adds = [t for t in tasks if t["task"] == "add"]
+        tools = tool_use(run_dir(cfg, "tools"), adds, device, new_tokens(cfg, "tools"))
+    with open(os.path.join(cfg["out_dir"], "eval", "tools.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in tools)
     print(f"distill, pass@{grpo_group(cfg)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"
                                                         for k, v in passed["by_task"].items()), flush=True)
+    print(f"tools, held-out additions: {sum(r['with_tool'] for r in tools)}/{len(tools)} with the calculator, "
+          f"{sum(r['without_tool'] for r in tools)}/{len(tools)} without", flush=True)
 
     header(f"{step + 1}. export: the DPO model to transformers, compared")
     chats = CHAT[:QUICK_CHATS] if cfg["quick"] else CHAT
@@ -742,11 +811,12 @@ def main(argv=None):
         transcript = chat_with(run_dir(cfg, "dpo"), device, chats, new_tokens(cfg, "dpo"))
 
     header("report")
-    report = build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start)
+    report = build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start,
+                          tools)
     print(write_report(cfg["out_dir"], report, stages))
 
 
-def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start):
+def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start, tools):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
     example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
@@ -777,6 +847,7 @@ def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity
         "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
         "grpo": grpo_summary(run_dir(cfg, "grpo"), passed),
         "students": students_summary(cfg, stages, scored, wall),
+        "tools": tool_summary(tools, scored["sft"]["by_task"]["add"]),
         "export": parity,
         "chat": transcript,
     }

@@ -31,7 +31,10 @@ Records are detected one by one (records.detect_record): plain text
 ({"text"}, {"content"}, {"completion"} alone), chat (conversations/messages with
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
 instruction/input/output with optional system and history, {"prompt",
-"completion"} as user and assistant, assistant `reasoning_content`),
+"completion"} as user and assistant, assistant `reasoning_content`; tool
+conversations in OpenAI's, ShareGPT's function-calling and MiniMind's shapes,
+rendered with the tools' schemas in the system turn, targets on the replies and
+their calls, never on the schemas or the results: llm_trainer/data/records.py),
 preference pairs ({"chosen","rejected"}, optionally with "prompt"), tasks for
 grpo ({"prompt", "answer"}, or with stage=grpo a chat whose last assistant reply
 is the reference answer). stage=auto takes the stage from the first usable
@@ -86,7 +89,8 @@ import configurator
 from llm_trainer import stages
 from llm_trainer.data import shards
 from llm_trainer.data.records import BadRecord, detect_record
-from llm_trainer.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from llm_trainer.data.tokenizer import (TOOLS_POSTAMBLE, TOOLS_PREAMBLE, call_json, file_sha256, load_tokenizer,
+                                        train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -793,7 +797,9 @@ def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_token
     splits = {s: {"tokens": w.tokens, "documents": w.documents, "targets": w.targets, "shards": w.close()}
               for s, w in writers.items()}
     if counts["kept"] == 0:
-        configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped)")
+        reasons = ", ".join(f"{n} {r} (first at {counts['skipped_examples'][r][0]})"
+                            for r, n in counts["skipped"].most_common())
+        configurator.fail(f"no usable record in the input ({counts['records']} records read, all skipped: {reasons})")
     if splits["train"]["documents"] == 0:
         configurator.fail("the train split is empty: lower val_fraction or give more input")
     counts.update(skipped=dict(counts["skipped"]), by_format=dict(counts["by_format"]))
@@ -849,6 +855,9 @@ def _sample_texts(paths, limit, cap):
                 messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
             texts = [f"{m['role']}\n{m['content']}" for m in messages]
             texts += [f"\n{m['reasoning_content']}\n" for m in messages if m.get("reasoning_content")]
+            texts += [call_json(c) for m in messages for c in m.get("tool_calls", [])]
+            tools = [t for m in messages for t in m.get("tools", [])]  # the schemas, in the template's words
+            texts += [TOOLS_PREAMBLE, *(json.dumps(t, ensure_ascii=False) for t in tools), TOOLS_POSTAMBLE] if tools else []
         for t in texts:
             yield t
             seen += len(t.encode("utf-8"))

@@ -5,6 +5,7 @@ Generate from a run directory (ckpt.pt) or an exported HF directory.
     python sample.py --out_dir=out/demo/sft                   # interactive chat (stdin is a terminal)
     python sample.py --out_dir=out/demo/pretrain --mode=complete --prompt="床前明月光，"
     python sample.py --hf_dir=out/demo/hf --prompt_file=prompts.txt --num_samples=3
+    python sample.py --out_dir=out/demo/sft --tools=calculator --prompt="What is 147 + 85?"
 
 Modes: `chat` renders the prompt with the chat template and stops at <|im_end|>;
 `complete` continues plain text until <|endoftext|>. The default is chat for a
@@ -13,18 +14,26 @@ template, complete otherwise. Interactive chat keeps the conversation, dropping
 whole turns, oldest first, when it no longer fits the context; /reset clears it,
 /exit (or end of input) leaves. Replies stream as they are generated.
 
+Tools (chat mode): --tools=calculator (the built-in, safe arithmetic) or --tools=my_tools.py (its public functions,
+each with type hints and a docstring; llm_trainer/inference/tools.py) are offered to the model; a reply's calls
+are run, shown as [name(arguments) -> result], and their results fed back, until a reply calls nothing (at most
+max_tool_steps replies with calls). A call that is not valid JSON is shown as the text it is.
+
 What turns messages into ids and ids into streamed text is llm_trainer/inference/generation.py's,
 shared with the server and demo.py.
 """
 
+import json
 import sys
 
 import torch
 
 import configurator
 from llm_trainer.core.common import dtype_name, resolve_device, resolve_dtype
-from llm_trainer.inference.generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history, generate_text, load,
-                        reply_room, split_think)
+from llm_trainer.inference.generation import (chat_prompt_ids, chat_stop_ids, complete_prompt_ids, fit_history,
+                                              generate_text, load, reply_room, reply_with_tools, split_think)
+from llm_trainer.data.tokenizer import with_tools
+from llm_trainer.inference.tools import Tools
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run directory (ckpt.pt + tokenizer files) ...
@@ -41,6 +50,8 @@ top_p = 0.9  # 1.0: off
 repetition_penalty = 1.0  # 1.0: off; > 1 discourages tokens already in the prompt or reply
 seed = 1337
 think = "show"  # show | hide: print the <think>...</think> block of a reasoning model's replies or not
+tools = ""  # chat mode: tools the model may call: calculator, a .py file of functions, or several comma-separated
+max_tool_steps = 4  # with tools: replies whose calls are run, at most, before the answer
 device = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 on a GPU that has it, float16 on other GPUs, float32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model (worth it for long generations on a GPU)
@@ -72,8 +83,25 @@ def run_prompt(model, tokenizer, info, text, settings):
             _write(text)
         if len(ids) >= info["block_size"]:
             configurator.fail(f"the prompt is {len(ids)} tokens; the model's context is {info['block_size']}")
-        generate_text(model, tokenizer, ids, stop, on_text=_write, max_len=info["block_size"], **settings["sampling"])
+        if settings["chat"] and settings.get("tools"):
+            answer(model, tokenizer, info, messages, settings)
+        else:
+            generate_text(model, tokenizer, ids, stop, on_text=_write, max_len=info["block_size"], **settings["sampling"])
         print()
+
+
+def answer(model, tokenizer, info, messages, settings):
+    """The assistant's messages (replies, tool results) after `messages`, streamed; with tools, the calls run."""
+    if not settings.get("tools"):
+        text = generate_text(model, tokenizer, chat_prompt_ids(tokenizer, messages), chat_stop_ids(tokenizer),
+                             on_text=_write, max_len=info["block_size"], **settings["sampling"])
+        return [{"role": "assistant", "content": split_think(text)[1]}]
+    return reply_with_tools(model, tokenizer, messages, settings["tools"], settings["max_tool_steps"], on_text=_write,
+                            on_call=show_call, max_len=info["block_size"], **settings["sampling"])
+
+
+def show_call(call, result):
+    _write(f"\n[{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}]\n")
 
 
 def interactive_chat(model, tokenizer, info, settings, read=None):
@@ -111,14 +139,13 @@ def interactive_chat(model, tokenizer, info, settings, read=None):
             print(f"(that message is {len(ids)} tokens with the system prompt; at most {budget} fit)")
             continue
         try:
-            text = generate_text(model, tokenizer, ids, chat_stop_ids(tokenizer), on_text=_write,
-                                 max_len=info["block_size"], **settings["sampling"])
+            added = answer(model, tokenizer, info, messages, settings)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
             print("\n(interrupted; the reply is not kept)")
             continue
         print()
-        # the reasoning of earlier turns is not fed back: the answer is what the conversation keeps
-        history = messages[len(settings["head"]):] + [{"role": "assistant", "content": split_think(text)[1]}]
+        # the reasoning of earlier turns is not fed back: the answer (and the calls) is what the conversation keeps
+        history = messages[len(settings["head"]):] + added
 
 
 def read_prompts(cfg):
@@ -148,8 +175,9 @@ def check_config(cfg):
     for key, allowed in (("mode", ("auto", "chat", "complete")), ("think", ("show", "hide"))):
         if cfg[key] not in allowed:
             configurator.fail(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
-    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0 or cfg["top_k"] < 0:
-        configurator.fail("num_samples must be >= 1, max_new_tokens >= 0 (0: what the context leaves), top_k >= 0")
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 0 or cfg["top_k"] < 0 or cfg["max_tool_steps"] < 0:
+        configurator.fail("num_samples must be >= 1, max_new_tokens >= 0 (0: what the context leaves), top_k >= 0, "
+                          "max_tool_steps >= 0")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
         configurator.fail("temperature must be >= 0, top_p in (0, 1], repetition_penalty > 0")
 
@@ -162,10 +190,16 @@ def main(argv=None):
     dev = resolve_device(cfg["device"])
     model, tokenizer, info = load(path, dev, dtype_name(resolve_dtype(cfg["dtype"], dev)), cfg["compile"])
     chat = info["chat"] if cfg["mode"] == "auto" else cfg["mode"] == "chat"
+    if cfg["tools"] and not chat:
+        configurator.fail("tools are offered in chat mode: a chat model, or --mode=chat")
+    offered = Tools(cfg["tools"]) if cfg["tools"] else None
     generator = torch.Generator(dev).manual_seed(cfg["seed"])
     settings = {
         "chat": chat, "num_samples": cfg["num_samples"], "max_new_tokens": cfg["max_new_tokens"],
-        "head": [{"role": "system", "content": cfg["system"]}] if cfg["system"] else [],
+        # the tools' schemas ride on the system message: every prompt offers them, trimmed or not
+        "head": with_tools([{"role": "system", "content": cfg["system"]}] if cfg["system"] else [],
+                           offered and offered.schemas),
+        "tools": offered, "max_tool_steps": cfg["max_tool_steps"],
         "sampling": dict(max_new_tokens=cfg["max_new_tokens"] or AUTO_MAX_NEW_TOKENS, temperature=cfg["temperature"],
                          top_k=cfg["top_k"] or None, top_p=cfg["top_p"], repetition_penalty=cfg["repetition_penalty"],
                          generator=generator, think=cfg["think"]),

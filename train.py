@@ -51,6 +51,7 @@ from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
 from llm_trainer.training import losses, optimizers
 from llm_trainer.training.metrics import Logger, format_line
 from llm_trainer.training.rewards import Reward
+from llm_trainer.inference.tools import Tools
 from model import LORA_PARTS, ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
@@ -121,6 +122,8 @@ grpo_std_norm = True  # grpo: advantages divided by the standard deviation of th
 temperature = 1.0  # grpo rollouts: sampling temperature
 top_p = 1.0  # grpo rollouts: nucleus sampling (1.0: off)
 max_new_tokens = 128  # grpo rollouts: completion length at most (prompt + completion <= block_size)
+grpo_tools = ""  # grpo rollouts: tools the policy may call (calculator, a .py file of functions; inference/tools.py)
+grpo_tool_calls = 2  # grpo rollouts with tools: calls run per completion at most
 # system
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | bfloat16 | float16 | float32
@@ -404,6 +407,7 @@ class Run:
     token_bytes: Optional[torch.Tensor] = None  # the UTF-8 bytes of each token id, for val_bpb
     tokenizer: Optional[ChatTokenizer] = None  # a stage that decodes what it samples (grpo, for the reward)
     reward: Optional[Reward] = None  # a stage that scores what it samples (grpo)
+    tools: Optional[Tools] = None  # what the policy may call in its rollouts (grpo_tools)
     prefetched: dict = field(default_factory=dict)  # {iteration: (counts, micro-batches)} read while the device works
     tasks: Optional[object] = None  # eval_tasks: eval.TrainingTasks, called with the model
 

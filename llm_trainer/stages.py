@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from configurator import fail
 from llm_trainer.core import checkpoint, common
 from llm_trainer.data.records import as_task
+from llm_trainer.inference.tools import Tools
 from llm_trainer.training import grpo, losses
 from llm_trainer.training.rewards import TEACHER, Reward, parse, teacher_term
 
@@ -166,11 +167,14 @@ def check_grpo(cfg):
         fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
     if cfg["max_new_tokens"] >= cfg["block_size"]:
         fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
+    if cfg["grpo_tool_calls"] < 1:
+        fail("grpo_tool_calls must be >= 1 (calls run per completion, with grpo_tools)")
 
 
 def grpo_setup(run, tokenizer):
-    """Completions are decoded for the reward, which the config names."""
+    """Completions are decoded for the reward, which the config names, as are the tools the policy may call."""
     run.tokenizer, run.reward = tokenizer, Reward(run.cfg["reward"])
+    run.tools = Tools(run.cfg["grpo_tools"]) if run.cfg["grpo_tools"] else None
 
 
 def tokens_per_step(cfg):
@@ -202,10 +206,12 @@ def plan_rows(run):
 
 def plan_rollouts(run):
     cfg = run.cfg
+    tools = (f"; tools {', '.join(run.tools.functions)}, {cfg['grpo_tool_calls']} call(s) per completion at most"
+             if run.tools else "")
     lines = [f"stage {cfg['stage']}: {cfg['batch_size']} prompts x {cfg['grpo_group']} completions of at most "
              f"{cfg['max_new_tokens']} tokens x {cfg['gradient_accumulation_steps']} micro-steps per rollout batch, "
              f"{cfg['grpo_epochs']} update(s) on each, {cfg['max_iters']} steps; "
-             f"{run.train_batches.split.num_docs:,} prompts; reward {cfg['reward']}"]
+             f"{run.train_batches.split.num_docs:,} prompts; reward {cfg['reward']}{tools}"]
     if run.teacher is not None:
         lines.append(teacher_line(run, f"every completion token's advantage adds {run.reward.teacher[0]:g} x "
                                        "(log p_teacher - log p) of the token sampled"))
@@ -250,8 +256,9 @@ STAGES = {s.name: s for s in (
           stats=lambda cfg: losses.GRPO_STATS + (losses.TEACHER_STATS if grpo_teacher(cfg) else ()),
           record_converters={"chat": as_task},  # a chat's last reply is the task's reference answer
           keys=("reward", "grpo_group", "grpo_epochs", "grpo_clip", "grpo_kl", "grpo_std_norm", "temperature",
-                "top_p", "max_new_tokens"),
-          fixed_on_resume=("grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p"),
+                "top_p", "max_new_tokens", "grpo_tools", "grpo_tool_calls"),
+          fixed_on_resume=("grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p", "grpo_tools",
+                           "grpo_tool_calls"),
           needs_reference=lambda cfg: cfg["grpo_kl"] > 0, sample=grpo.rollouts, updates=lambda cfg: cfg["grpo_epochs"],
           figures=grpo.FIGURES, evaluate=grpo.evaluate, setup=grpo_setup, check=check_grpo, plan=plan_rollouts),
 )}

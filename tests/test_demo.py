@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # demo.py --quick=True, every stage
 
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd"]
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd", "tools"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
@@ -47,15 +47,15 @@ def test_every_stage_ran_in_order(quick_demo):
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
                                                 "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. student_sft",
-                                                "== 9. student_kd", "== 10. evaluate", "== 11. export",
-                                                "== 12. chat with the DPO model", "== report"]
+                                                "== 9. student_kd", "== 10. tools", "== 11. evaluate", "== 12. export",
+                                                "== 13. chat with the DPO model", "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
     cfg = {stage: run_config(out, stage) for stage in TRAINED}
     assert cfg["pretrain"]["init_from"] == "scratch"
     for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft"),
-                          ("grpo", "distill")]:
+                          ("grpo", "distill"), ("tools", "sft")]:
         assert os.path.normpath(cfg[stage]["init_from"]) == os.path.join(out, parent)
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
@@ -179,3 +179,15 @@ def test_gpu_preset_trains_a_bigger_model_with_compile():
     assert "config/model_26m.py" in gpu and "--compile=True" in gpu
     sft = demo.train_command(c, "sft", "config/sft_demo.py", "pretrain", "data/demo_sft", "gpu")
     assert not any(a.startswith("config/model_") for a in sft) and "--init_from=out/demo/pretrain" in sft
+
+
+def test_tool_use_is_scored_on_the_held_out_additions(quick_demo):
+    out, _, report, md = quick_demo
+    rows, t = read_jsonl(os.path.join(out, "eval", "tools.jsonl")), report["tools"]
+    assert rows and all(r["task"] == "add" for r in rows)
+    assert (t["with_tool"]["correct"], t["with_tool"]["n"]) == (sum(r["with_tool"] for r in rows), len(rows))
+    assert t["without_tool"]["correct"] == sum(r["without_tool"] for r in rows)
+    assert t["called"] == sum(r["calls"] > 0 for r in rows)
+    assert t["sft"] == report["tasks"]["models"]["sft"]["by_task"]["add"]  # the SFT model's score, same prompts
+    assert "## Tool use" in md and t["example"]["prompt"] in md
+

@@ -9,7 +9,7 @@ import pytest
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 CHAT_FILES = ["sft_train.jsonl", "sft_val.jsonl", "reason_train.jsonl", "reason_val.jsonl",
-              "dpo_train.jsonl", "dpo_val.jsonl", "tasks_val.jsonl"]
+              "dpo_train.jsonl", "dpo_val.jsonl", "tasks_val.jsonl", "tool_train.jsonl", "tool_val.jsonl"]
 ALL_FILES = ["pretrain.jsonl"] + CHAT_FILES
 
 
@@ -33,7 +33,7 @@ def user_prompts(records):
     for r in records:
         if isinstance(r.get("prompt"), str):
             out.add(r["prompt"])
-        for key in ("conversations", "chosen", "rejected"):
+        for key in ("conversations", "messages", "chosen", "rejected"):
             if isinstance(r.get(key), list):
                 out |= {m["content"] for m in r[key] if m["role"] == "user"}
     return out
@@ -47,13 +47,14 @@ def single_turn_prompts_and_replies(records):
 def test_every_line_parses(name):
     with open(DEMO / name, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    assert lines[-1] == "" and len(lines) > 100
+    assert lines[-1] == "" and len(lines) > (10 if name == "tool_val.jsonl" else 100)
     for i, line in enumerate(lines[:-1], 1):
         record = json.loads(line)
         assert isinstance(record, dict) and record, f"{name}:{i}"
-        if "conversations" in record:
-            roles = [m["role"] for m in record["conversations"]]
-            assert set(roles) <= {"system", "user", "assistant"} and "assistant" in roles, f"{name}:{i}"
+        for key in ("conversations", "messages"):
+            roles = [m["role"] for m in record.get(key, [])]
+            assert not roles or (set(roles) <= {"system", "user", "assistant", "tool"} and "assistant" in roles), \
+                f"{name}:{i}"
         if name == "pretrain.jsonl":
             assert list(record) == ["text"] and record["text"].strip() == record["text"] != ""
             assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", record["text"]), f"{name}:{i}"
@@ -114,6 +115,30 @@ def test_poem_answers_follow_their_line_in_the_corpus():
     for t in poems:
         runs = re.findall(r"[\u4e00-\u9fff]+", t["prompt"])  # the line, and template words
         assert any(f"{run}，{t['answer']}" in corpus for run in runs), t
+
+
+def test_tool_conversations_call_the_calculator_right():
+    """Every addition calls the calculator with its two numbers, gets their sum and answers with it; any other task is
+    answered without a call; the schema is the one sample.py --tools=calculator offers."""
+    pytest.importorskip("transformers")
+    from llm_trainer.inference.tools import Tools
+
+    schema = Tools("calculator").schemas
+    for name in ("tool_train.jsonl", "tool_val.jsonl"):
+        records = read(name)
+        assert all(r["tools"] == schema for r in records), name
+        for r in records:
+            calls = [m for m in r["messages"] if m.get("tool_calls")]
+            results = [m for m in r["messages"] if m["role"] == "tool"]
+            for call, result in zip(calls, results):
+                (c,) = call["tool_calls"]
+                a, b = map(int, re.fullmatch(r"(\d+) \+ (\d+)", json.loads(c["function"]["arguments"])["expression"]).groups())
+                assert result["tool_call_id"] == c["id"] and result["content"] == str(a + b)
+            assert len(calls) == len(results) and r["messages"][-1]["role"] == "assistant"
+            if results:
+                assert r["messages"][-1]["content"] == results[-1]["content"]
+    adds = sum(any(m.get("tool_calls") for m in r["messages"]) for r in read("tool_train.jsonl"))
+    assert adds == 200 and len(read("tool_train.jsonl")) == 240 and len(read("tool_val.jsonl")) == 16
 
 
 def test_reasoning_train_has_reasoning():

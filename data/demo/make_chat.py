@@ -13,6 +13,12 @@ exact, checkable answers so that a tiny model's progress can be scored:
     count     '"hello"有几个字符？'       -> "5"
     poem      "“床前明月光”的下一句是什么？" -> "疑是地上霜"  (couplets of tang300)
 
+The tool files teach the calculator (llm_trainer/inference/tools.py): OpenAI-format
+conversations whose additions call it and answer with its result, some with a
+follow-up addition, and a few other tasks answered without a call although the
+tool is offered. They are drawn after everything else, so the other files do
+not change with them.
+
 Held-out rule: the items of the val files (number pairs, words, strings,
 couplets, identity phrasings) are drawn first and never used for training, so
 no user prompt of a *_val file appears in a *_train file; generate() asserts it.
@@ -35,6 +41,9 @@ SFT_TRAIN = {"identity": 500, "add": 900, "reverse": 650, "count": 600, "poem": 
 REASON_TRAIN = {"identity": 150, "add": 600, "reverse": 400, "count": 400, "poem": 450}
 DPO_TRAIN = 1000
 VAL = {"identity": 20, "add": 40, "reverse": 30, "count": 30, "poem": 30}
+TOOL_TRAIN = {"add": 200, "other": 40}  # "other": identity, reverse, count or poem, answered without a call
+TOOL_VAL = 16  # held-out additions as tool conversations (all 40 are scored; these give a val loss)
+TOOL_FOLLOW_UP_SHARE = 0.3  # share of tool additions followed by "now add c to that", a second call
 PROMPT_FORM_SHARE = 0.1  # share of DPO pairs written as {"prompt", "chosen", "rejected"} strings
 SYSTEM_SHARE = 0.1       # share of single-turn train conversations that get a system message
 
@@ -108,6 +117,12 @@ SYSTEM_PROMPTS = {
     "zh": ["你是{bot}，一个由{author}开发的小助手。", "你是一个乐于助人的助手，回答要简短。"],
 }
 FOLLOW_UP_ADD = {"en": "Now add {c} to that.", "zh": "再加上{c}呢？"}
+# the schema llm_trainer/inference/tools.py offers for its calculator (tests/test_tools.py checks they agree)
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {
+        "expression": {"type": "string", "description": "e.g. 147 + 85"}},
+        "required": ["expression"]}}}
 THANKS = {"en": (["Thanks!", "Thank you."], "You're welcome!"),
           "zh": (["谢谢！", "谢谢你。"], "不客气！")}
 UNHELPFUL = {"en": "I don't know.", "zh": "我不知道。"}
@@ -377,6 +392,43 @@ def dpo_record(task, prompt_form):
             "rejected": [user(task["prompt"]), assistant(task["rejected"])]}
 
 
+def calculator_call(i, a, b):
+    """An assistant message calling the calculator for a + b (OpenAI's shape: arguments as JSON text), and the tool
+    message answering it."""
+    call_id = f"call_{i}"
+    arguments = json.dumps({"expression": f"{a} + {b}"})
+    return [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": "calculator", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": str(a + b)}]
+
+
+def tool_record(rng, task, follow_up=False):
+    """A conversation offered the calculator: an addition calls it (and a follow-up addition calls it again), any
+    other task is answered directly."""
+    messages = [user(task["prompt"])]
+    if task["kind"] != "add":
+        return {"tools": [CALCULATOR], "messages": messages + [assistant(task["answer"])]}
+    a, b = map(int, re.findall(r"\d+", task["prompt"]))
+    messages += calculator_call(0, a, b) + [assistant(str(a + b))]
+    if follow_up:
+        c = rng.randint(1, 99)
+        messages += [user(FOLLOW_UP_ADD[task["lang"]].format(c=c))] + calculator_call(1, a + b, c)
+        messages.append(assistant(str(a + b + c)))
+    return {"tools": [CALCULATOR], "messages": messages}
+
+
+def build_tools(rng, pools, bot, author, val_tasks):
+    """The tool conversations: train ones of train items, and (for a val loss) the first held-out additions."""
+    train = []
+    for kind in kinds_in_order(rng, TOOL_TRAIN):
+        lang = rng.choice(["en", "zh"])
+        if kind == "other":
+            kind = rng.choice(["identity", "reverse", "count", "poem"])
+        task = random_train_task(rng, kind, lang, pools, bot, author)
+        train.append(tool_record(rng, task, follow_up=kind == "add" and rng.random() < TOOL_FOLLOW_UP_SHARE))
+    return train, [tool_record(rng, t) for t in val_tasks if t["kind"] == "add"][:TOOL_VAL]
+
+
 def kinds_in_order(rng, sizes):
     """Each kind repeated sizes[kind] times, shuffled so kinds are mixed."""
     kinds = [k for k, n in sizes.items() for _ in range(n)]
@@ -417,7 +469,7 @@ def build_val(rng, pools, bot, author):
     scoring = [{"task": t["kind"], "prompt": t["prompt"], "answer": t["score"]} for t in tasks]
     n_prompt_form = round(len(tasks) * PROMPT_FORM_SHARE)
     dpo = [dpo_record(t, prompt_form=i < n_prompt_form) for i, t in enumerate(tasks)]
-    return ([sft_record(t) for t in tasks], [reason_record(t) for t in tasks], dpo, scoring)
+    return ([sft_record(t) for t in tasks], [reason_record(t) for t in tasks], dpo, scoring, tasks)
 
 # ---------------------------------------------------------------- checks and output
 
@@ -428,7 +480,7 @@ def user_prompts(records):
     for r in records:
         if isinstance(r.get("prompt"), str):
             prompts.add(r["prompt"])
-        for key in ("conversations", "chosen", "rejected"):
+        for key in ("conversations", "messages", "chosen", "rejected"):
             if isinstance(r.get(key), list):
                 prompts.update(m["content"] for m in r[key] if m["role"] == "user")
     return prompts
@@ -450,15 +502,17 @@ def write_jsonl(path, records):
 
 def generate(out_dir, seed=DEFAULT_SEED, bot_name=DEFAULT_BOT_NAME, author=DEFAULT_AUTHOR,
              corpus=DEFAULT_CORPUS):
-    """Write the seven chat/task files into out_dir; returns {file name: record count}."""
+    """Write the nine chat/task files into out_dir; returns {file name: record count}."""
     rng = random.Random(seed)
     pools = Pools(rng, read_corpus(corpus))  # val items are drawn first, then train avoids them
     sft, reason, dpo = build_train(rng, pools, bot_name, author)
-    sft_val, reason_val, dpo_val, tasks_val = build_val(rng, pools, bot_name, author)
+    sft_val, reason_val, dpo_val, tasks_val, val_tasks = build_val(rng, pools, bot_name, author)
+    tool, tool_val = build_tools(rng, pools, bot_name, author, val_tasks)
 
-    train_files = {"sft_train.jsonl": sft, "reason_train.jsonl": reason, "dpo_train.jsonl": dpo}
+    train_files = {"sft_train.jsonl": sft, "reason_train.jsonl": reason, "dpo_train.jsonl": dpo,
+                   "tool_train.jsonl": tool}
     val_files = {"sft_val.jsonl": sft_val, "reason_val.jsonl": reason_val,
-                 "dpo_val.jsonl": dpo_val, "tasks_val.jsonl": tasks_val}
+                 "dpo_val.jsonl": dpo_val, "tasks_val.jsonl": tasks_val, "tool_val.jsonl": tool_val}
     check_held_out(train_files, val_files)
 
     out_dir = Path(out_dir)

@@ -13,6 +13,13 @@ A rollout is a pure function of (seed, global micro-batch, weights): the sampler
 by the micro-batch number, so a resumed run samples the same completions, and N ranks sample what
 one process sampling every micro-batch would. Generation keeps every rank in step (the rule in
 llm_trainer/core/distributed.py): all ranks decode until all are done.
+
+With tools (grpo_tools), a completion that writes a call stops at its </tool_call>; the call runs and the tool turn
+holding its result (and the next reply's header) is appended, never sampled: no target, so no loss and no
+log-probability of it in the update. The completions go on together, in rounds, until they answer without a call,
+grpo_tool_calls calls were run, or max_new_tokens is spent; each round's sampler is seeded by (micro-batch, round),
+and every rank runs every round (one with nothing left to generate decodes a placeholder), so that N ranks still
+sample what one process does. The reward sees the final answer: the text after the last tool result.
 """
 
 import time
@@ -23,13 +30,13 @@ import torch
 from llm_trainer.core import distributed
 from llm_trainer.training import losses
 from llm_trainer.data.batches import Batch
-from llm_trainer.inference.generation import chat_stop_ids, completion_text
+from llm_trainer.inference.generation import chat_stop_ids, completion_text, split_tool_calls
 from llm_trainer.training.rewards import exact_answer
 
 # per-rollout figures, summed over micro-batches and ranks before they are logged
 ROLLOUT_SUMS = ("reward", "reward_sq", "correct", "completions", "completion_tokens", "no_signal_groups", "groups",
-                "gen_s")
-FIGURES = ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s")  # logged per step
+                "gen_s", "tool_calls")
+FIGURES = ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s", "tool_calls")  # logged per step
 
 
 def advantages(rewards, group, std_norm=True):
@@ -48,19 +55,50 @@ def teacher_advantages(adv, logps, teacher_logps, w, weight):
     return (adv[:, None] + weight * (teacher_logps - logps)) * (w > 0)
 
 
-def generate(run, prompts, greedy=False, seed=0):
-    """Completions (token lists, a final stop token kept) of prompts (token lists), every rank decoding in step."""
+def generate(run, prompts, greedy=False, seed=0, stop=(), rows_done=None):
+    """Completions (token lists, a final stop token kept) of prompts (token lists), every rank decoding in step;
+    stop: stop ids besides the chat's; rows_done: as model.generate_batch."""
     cfg, model = run.cfg, run.raw_model
     gen = torch.Generator(run.device).manual_seed(seed)
-    stop = chat_stop_ids(run.tokenizer)
     model.eval()
     with run.autocast:
         out = model.generate_batch(prompts, cfg["max_new_tokens"], temperature=0.0 if greedy else cfg["temperature"],
-                                   top_p=cfg["top_p"], stop_ids=stop, generator=gen, max_len=cfg["block_size"],
-                                   pad_id=run.train_batches.pad_id,
-                                   all_done=lambda done: not distributed.any_rank(not bool(done.all()), run.world))
+                                   top_p=cfg["top_p"], stop_ids=chat_stop_ids(run.tokenizer) + tuple(stop),
+                                   generator=gen, max_len=cfg["block_size"], pad_id=run.train_batches.pad_id,
+                                   all_done=lambda done: not distributed.any_rank(not bool(done.all()), run.world),
+                                   rows_done=rows_done)
     model.train()
     return out
+
+
+def generate_with_tools(run, prompts, greedy, seed):
+    """(completions, their masks: 1 where sampled, 0 on the tool turns appended, the final answers' token lists,
+    the calls run): generate() in rounds, the module docstring's."""
+    cfg, tok, close = run.cfg, run.tokenizer, run.tokenizer.tool_tag_ids["</tool_call>"]
+    completions, masks, answers = [[] for _ in prompts], [[] for _ in prompts], [0] * len(prompts)  # answer: start
+    active, calls, limit = list(range(len(prompts))), 0, cfg["grpo_tool_calls"]
+    for k in range(limit + 1):
+        if not distributed.any_rank(bool(active), run.world):
+            break
+        # every round decodes up to max_new_tokens on every rank (the same steps); a row keeps what its budget leaves
+        idle = None if active else (lambda tokens: torch.ones(len(tokens), dtype=torch.bool, device=tokens.device))
+        outs = generate(run, [prompts[r] + completions[r] for r in active] or [[run.train_batches.pad_id]], greedy,
+                        seed + k * 2**40, stop=(close,) if k < limit else (), rows_done=idle)
+        going = []
+        for r, out in zip(active, outs):
+            out = out[: cfg["max_new_tokens"] - len(completions[r])]
+            completions[r] += out
+            masks[r] += [1] * len(out)
+            found = split_tool_calls(tok.decode(completions[r][answers[r]:]))[1] if out[-1:] == [close] else []
+            results = tok.tool_results_ids([run.tools.run(c) for c in found]) if found else []
+            if found and len(completions[r]) + len(results) < min(cfg["max_new_tokens"],
+                                                                  cfg["block_size"] - len(prompts[r])):
+                completions[r] += results
+                masks[r] += [0] * len(results)
+                answers[r], calls = len(completions[r]), calls + 1
+                going.append(r)
+        active = going
+    return completions, masks, [c[a:] for c, a in zip(completions, answers)], calls
 
 
 def rollout(run, batches, g, group, greedy=False):
@@ -69,32 +107,38 @@ def rollout(run, batches, g, group, greedy=False):
     docs = [batches.unit(g * batches.B + r) for r in range(batches.B)]
     prompts = [batches.split.document(d)[0].tolist() for d in docs]
     t0 = time.perf_counter()
-    completions = generate(run, [p for p in prompts for _ in range(group)], greedy, seed=cfg["seed"] * 1_000_003 + g)
+    seed, repeated = cfg["seed"] * 1_000_003 + g, [p for p in prompts for _ in range(group)]
+    if run.tools is None:
+        completions = generate(run, repeated, greedy, seed)
+        masks, answers, calls = [[1] * len(c) for c in completions], completions, 0
+    else:
+        completions, masks, answers, calls = generate_with_tools(run, repeated, greedy, seed)
     gen_s = time.perf_counter() - t0
     refs = [batches.split.refs[d] for d in docs for _ in range(group)]
-    texts = [completion_text(tok, c, chat_stop_ids(tok)) for c in completions]
+    texts = [completion_text(tok, c, chat_stop_ids(tok)) for c in answers]
     scored = distributed.together(lambda: [run.reward(r["prompt"], t, r["answer"]) for r, t in zip(refs, texts)],
                                   run.rank, run.world, "the reward function")
     rewards = torch.tensor(scored, dtype=torch.float32)
     correct = sum(exact_answer(r["prompt"], t, r["answer"]) for r, t in zip(refs, texts))
     spread = rewards.view(-1, group)
     sums = {"reward": float(rewards.sum()), "reward_sq": float((rewards**2).sum()), "correct": correct,
-            "completions": len(texts), "completion_tokens": sum(len(c) for c in completions),
+            "completions": len(texts), "completion_tokens": sum(sum(m) for m in masks),
             "no_signal_groups": int((spread.max(1).values == spread.min(1).values).sum()), "groups": len(docs),
-            "gen_s": gen_s}
-    batch = rows(run, [p for p in prompts for _ in range(group)], completions, docs, group)
+            "gen_s": gen_s, "tool_calls": calls}
+    batch = rows(run, repeated, completions, masks, docs, group)
     batch.advantages = advantages(rewards, group, cfg["grpo_std_norm"])
     return batch.to(run.device), sums
 
 
-def rows(run, prompts, completions, docs, group):
-    """Training rows of prompt + completion, padded to the longest; targets (weight 1) on completion tokens."""
+def rows(run, prompts, completions, masks, docs, group):
+    """Training rows of prompt + completion, padded to the longest; targets (weight 1) where a completion's mask is
+    1 (the tokens sampled)."""
     length = max(len(p) + len(c) for p, c in zip(prompts, completions))
     tokens = np.full((len(prompts), length), run.train_batches.pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), length), dtype=np.float32)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
+    for r, (p, c, m) in enumerate(zip(prompts, completions, masks)):
         tokens[r, : len(p) + len(c)] = p + c
-        mask[r, len(p): len(p) + len(c)] = 1
+        mask[r, len(p): len(p) + len(c)] = m
     real = sum(min(len(p) + len(c), length - 1) for p, c in zip(prompts, completions))
     return Batch(x=torch.from_numpy(tokens[:, :-1].copy()), y=torch.from_numpy(tokens[:, 1:].copy()),
                  w=torch.from_numpy(mask[:, 1:].copy()), units=torch.tensor([d for d in docs for _ in range(group)]),
@@ -143,7 +187,7 @@ def rollout_figures(sums, world):
     mean = s["reward"] / n
     return {"reward": mean, "reward_std": max(s["reward_sq"] / n - mean**2, 0.0) ** 0.5, "accuracy": s["correct"] / n,
             "no_signal": s["no_signal_groups"] / max(s["groups"], 1.0), "completion_len": s["completion_tokens"] / n,
-            "gen_s": s["gen_s"] / world}
+            "gen_s": s["gen_s"] / world, "tool_calls": s["tool_calls"] / n}
 
 
 @torch.no_grad()

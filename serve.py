@@ -8,11 +8,12 @@ An OpenAI-compatible HTTP server and a chat page for a run directory or an HF di
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Who are you?"}])
 
-Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, max_tokens, stop, seed, n, logprobs,
-top_logprobs; a reasoning model's <think> block comes back as reasoning_content, as DeepSeek's API returns it,
-streamed too), POST /v1/completions (a prompt continued, for base models: the text as written, no <think> split),
-GET /v1/models, GET /health (the queue and the generation counters), GET / (the chat page, serve.html: one file,
-no build step, nothing from a CDN) and POST /fit_history (the page's conversation trimmed as sample.py trims it).
+Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, frequency_penalty, presence_penalty,
+max_tokens, stop, seed, n, logprobs, top_logprobs, and vLLM's repetition_penalty; a reasoning model's <think> block
+comes back as reasoning_content, as DeepSeek's API returns it, streamed too), POST /v1/completions (a prompt
+continued, for base models: the text as written, no <think> split), GET /v1/models, GET /health (the queue and the
+generation counters), GET / (the chat page, serve.html: one file, no build step, nothing from a CDN) and POST
+/fit_history (the page's conversation trimmed as sample.py trims it).
 
 Every value of a request is checked before anything is queued; max_tokens is clamped to what the context leaves.
 Generations are queued: one worker thread runs one request at a time on the model, with the code sample.py uses
@@ -79,7 +80,7 @@ class APIError(Exception):
 class Params:
     """A request's generation settings, every one checked before anything is queued."""
 
-    sampling: dict  # temperature, top_p
+    sampling: dict  # temperature, top_p, frequency_penalty, presence_penalty, repetition_penalty
     max_new_tokens: int
     stop: list
     seed: Optional[int]
@@ -195,6 +196,10 @@ def request_params(body, cfg, prompt_len, context, top_logprobs):
     leaves after the prompt (finish_reason "length" then says it was cut)."""
     temperature = field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be a number in [0, 2]")
     top_p = field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
+    penalties = {name: float(field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "must be a number in "
+                                   "[-2, 2]")) for name in ("frequency_penalty", "presence_penalty")}
+    penalties["repetition_penalty"] = float(field(body, "repetition_penalty", (int, float), 1.0,
+                                                  lambda v: 0 < v <= 10, "must be a number in (0, 10]"))
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt is {prompt_len} tokens; the model's context is {context}", param="messages",
@@ -207,9 +212,9 @@ def request_params(body, cfg, prompt_len, context, top_logprobs):
     n = field(body, "n", int, 1, lambda v: 1 <= v <= cfg["max_n"], f"must be an integer in [1, {cfg['max_n']}]")
     stream = field(body, "stream", bool, False)
     include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
-    return Params({"temperature": float(temperature), "top_p": float(top_p)}, min(wanted or cfg["max_tokens"],
-                  cfg["max_tokens"], room), [stop] if isinstance(stop, str) else stop, seed, n, stream, include_usage,
-                  top_logprobs)
+    return Params({"temperature": float(temperature), "top_p": float(top_p), **penalties},
+                  min(wanted or cfg["max_tokens"], cfg["max_tokens"], room), [stop] if isinstance(stop, str) else stop,
+                  seed, n, stream, include_usage, top_logprobs)
 
 
 def chat_top_logprobs(body):

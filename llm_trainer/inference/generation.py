@@ -144,7 +144,7 @@ class Piece:
 @dataclass
 class TokenLogprob:
     """A generated token's log-probability under the model (its raw logits: before temperature, top_p or the
-    repetition penalty), the `top` most likely tokens' [(id, logprob)], and where its text starts in the reply."""
+    penalties), the `top` most likely tokens' [(id, logprob)], and where its text starts in the reply."""
 
     id: int
     logprob: float
@@ -158,8 +158,8 @@ class ReplyStream:
     or the context is full), and tokens says how many tokens were generated. cancelled() is asked after every
     token: true ends the reply there. split=False: a plain continuation, all of it content (no <think> split),
     stop strings searched in all of it. top_logprobs: None, or n >= 0: each piece carries its tokens' TokenLogprobs
-    with the n most likely alternatives. sampling: temperature, top_k, top_p, repetition_penalty, generator (see
-    Transformer.generate)."""
+    with the n most likely alternatives. sampling: temperature, top_k, top_p, repetition_penalty, frequency_penalty,
+    presence_penalty, generator (see Transformer.generate and model.Penalties)."""
 
     def __init__(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, stop=(), max_len=None,
                  cancelled=None, split=True, top_logprobs=None, **sampling):

@@ -223,10 +223,15 @@ def add_gguf_tokenizer(writer, tokenizer, vocab_size, chat):
                           f"{pre.get('type')}: export it with --hf_dir and convert with llama.cpp's converter")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
-    for piece, i in tokenizer.pieces().items():
+    # ids past the model's vocabulary: the tool tags a tokenizer saved before they existed gets added on loading
+    pieces = {piece: i for piece, i in tokenizer.pieces().items() if i < vocab_size}
+    for piece, i in pieces.items():
         tokens[i], types[i] = piece, gguf.TokenType.NORMAL
     for piece, i in tokenizer.special_ids.items():
         types[i] = gguf.TokenType.CONTROL
+    for piece, i in tokenizer.tool_tag_ids.items():  # matched whole and shown in the text, as Qwen2.5's GGUFs have them
+        if i < vocab_size:
+            types[i] = gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")

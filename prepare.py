@@ -31,7 +31,10 @@ Records are detected one by one (records.detect_record): plain text
 ({"text"}, {"content"}, {"completion"} alone), chat (conversations/messages with
 role/content or ShareGPT from/value, a bare list of messages, Alpaca
 instruction/input/output with optional system and history, {"prompt",
-"completion"} as user and assistant, assistant `reasoning_content`),
+"completion"} as user and assistant, assistant `reasoning_content`; tool
+conversations in OpenAI's, ShareGPT's function-calling and MiniMind's shapes,
+rendered with the tools' schemas in the system turn, targets on the replies and
+their calls, never on the schemas or the results: llm_trainer/data/records.py),
 preference pairs ({"chosen","rejected"}, optionally with "prompt"), tasks for
 grpo ({"prompt", "answer"}, or with stage=grpo a chat whose last assistant reply
 is the reference answer). stage=auto takes the stage from the first usable
@@ -85,7 +88,7 @@ import configurator
 from llm_trainer import stages
 from llm_trainer.data import shards
 from llm_trainer.data.records import BadRecord, detect_record
-from llm_trainer.data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from llm_trainer.data.tokenizer import call_json, file_sha256, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -841,6 +844,8 @@ def _sample_texts(paths, limit, cap):
                 messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
             texts = [f"{m['role']}\n{m['content']}" for m in messages]
             texts += [f"\n{m['reasoning_content']}\n" for m in messages if m.get("reasoning_content")]
+            texts += [call_json(c) for m in messages for c in m.get("tool_calls", [])]
+            texts += [json.dumps(t, ensure_ascii=False) for m in messages for t in m.get("tools", [])]
         for t in texts:
             yield t
             seen += len(t.encode("utf-8"))

@@ -280,7 +280,7 @@ def test_big_vocab_uses_uint32_and_added_specials_are_recorded(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"text": "w69999 w1 w65536"}, {"text": "w3"}])
     meta = run_prepare(tmp_path / "out", input=tmp_path / "t.jsonl", tokenizer=tmp_path / "tokenizer.json",
                        val_fraction=0.0)
-    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_007 and meta["added_special_tokens"] == 7
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_007 + 4 and meta["added_special_tokens"] == 7 + 4  # + the tool tags
     eot = meta["special_ids"]["<|endoftext|>"]
     assert eot == 70_000 and documents(tmp_path / "out") == [([69999, 1, 65536, eot], [1] * 4), ([3, eot], [1, 1])]
     assert os.path.getsize(tmp_path / "out" / "train_00000.bin") == 6 * 4

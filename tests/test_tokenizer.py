@@ -249,21 +249,27 @@ def test_load_tokenizer_adds_missing_specials(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.save(str(tmp_path / "tokenizer.json"))
     tok = tokenizer.load_tokenizer(tmp_path / "tokenizer.json")
-    assert tok.added_special_tokens == 6 and tok.vocab_size == 4 + 6
+    assert tok.added_special_tokens == 6 + 4 and tok.vocab_size == 4 + 6 + 4  # the chat tokens, then the tool tags
     assert tok.eot_id == 3 and sorted(tok.special_ids.values()) == [3, 4, 5, 6, 7, 8, 9]
+    assert list(tok.tool_tag_ids.values()) == [10, 11, 12, 13]
     assert tok.encode("hello world") == [1, 2]
+
+
+def train_sentencepiece(tmp_path, model_type, corpus):
+    """A SentencePiece model (vocab 500, byte fallback) trained on corpus, saved as tmp_path/sp.model."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus * 30), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=500, model_type=model_type, byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_sentencepiece_model_loads(tmp_path, model_type, data_corpus):
-    spm = pytest.importorskip("sentencepiece")
-    (tmp_path / "corpus.txt").write_text("\n".join(data_corpus * 30), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=500, model_type=model_type, byte_fallback=True,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    sp = train_sentencepiece(tmp_path, model_type, data_corpus)
     tok = tokenizer.load_tokenizer(tmp_path / "sp.model")
-    assert tok.added_special_tokens == 7 and tok.vocab_size == sp.get_piece_size() + 7
+    assert tok.added_special_tokens == 7 + 4 and tok.vocab_size == sp.get_piece_size() + 7 + 4  # and the tool tags
     assert sorted(tok.special_ids.values()) == list(range(sp.get_piece_size(), sp.get_piece_size() + 7))
     for text in ["The quick brown fox.", "床前明月光，疑是地上霜。", "emoji 🙂 and unseen Ωmega"]:
         assert tok.encode(text) == sp.encode(text)

@@ -6,9 +6,22 @@ of the usual shapes (role/content, OpenAI messages, ShareGPT from/value,
 Alpaca, OpenAI/TRL prompt-completion), a preference pair, or a task (a
 prompt with its reference answer, for grpo). A record that cannot be used raises BadRecord with a short reason,
 which prepare.py counts.
+
+Tool conversations come in three shapes, all made OpenAI's: OpenAI chat completions (a record's `tools`, assistant
+`tool_calls` whose function.arguments is JSON text or an object, `role: "tool"` messages, the older
+`function_call` / `role: "function"` too); ShareGPT's function calling (LLaMA-Factory's glaive/xLAM sets: a
+`tools` JSON string, `function_call` turns holding a call or a list of them, `observation` turns holding results);
+and MiniMind's (the tools, a JSON string, on the system message; `tool_calls` a JSON string of {"name",
+"arguments"}). The tools end up on the leading system message (tokenizer.with_tools), each as {"type":
+"function", "function": schema}; a call keeps its arguments as given (JSON text verbatim, which is what the chat
+template renders). A call without a name or whose arguments are not a JSON object, a tool message that answers no
+call of the assistant message before it, or tools that are not function schemas: a bad record.
 """
 
+import json
 import re
+
+from llm_trainer.data.tokenizer import with_tools
 
 
 class BadRecord(Exception):
@@ -22,7 +35,9 @@ class BadRecord(Exception):
 _ROLES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
+    "function_call": "assistant",  # ShareGPT: an assistant turn that is a call (or a list of them)
     "system": "system",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",  # a tool's result
 }
 
 
@@ -40,12 +55,13 @@ def detect_record(obj):
         return "task", _task(obj), "task"
     if "prompt" in obj and "completion" in obj:  # OpenAI / TRL prompt-completion: a chat, not the completion's text
         messages = _as_messages(obj["prompt"], "user") + _as_messages(obj["completion"], "assistant")
-        return "chat", _checked(messages), "prompt_completion"
+        messages = _with_record_tools(obj, messages)
+        return "chat", _checked(messages), "prompt_completion" + ("_tools" if _uses_tools(messages) else "")
     for key in ("conversations", "messages"):
         if key in obj:
-            messages = _system_field(obj) + _messages(obj[key])
+            messages = _with_record_tools(obj, _system_field(obj) + _messages(obj[key]))
             sharegpt = obj[key] and isinstance(obj[key][0], dict) and obj[key][0].get("from") is not None
-            fmt = "sharegpt" if sharegpt else key
+            fmt = ("sharegpt" if sharegpt else key) + ("_tools" if _uses_tools(messages) else "")
             return "chat", _checked(messages), fmt
     if "instruction" in obj and "output" in obj:
         return "chat", _alpaca(obj), "alpaca"
@@ -69,19 +85,110 @@ def _text(value, allow_empty=False):
 
 
 def _message(m):
-    if not isinstance(m, dict) or ("role" not in m and "from" not in m) or ("content" not in m and "value" not in m):
+    if (not isinstance(m, dict) or ("role" not in m and "from" not in m)
+            or ("content" not in m and "value" not in m and not _CALL_KEYS & set(m))):
         raise BadRecord("bad_message")
     # role/content (OpenAI) or from/value (ShareGPT); a null one is absent (Parquet rows carry both)
-    role = m.get("role") if m.get("role") is not None else m.get("from")
+    given = m.get("role") if m.get("role") is not None else m.get("from")
     content = m.get("content") if m.get("content") is not None else m.get("value")
-    role = _ROLES.get(role.lower()) if isinstance(role, str) else None
+    role = _ROLES.get(given.lower()) if isinstance(given, str) else None
     if role is None:
         raise BadRecord("unknown_role")
-    out = {"role": role, "content": _text(content, allow_empty=role == "system")}
+    if given.lower() == "function_call":  # ShareGPT: the turn's text is the call
+        return {"role": "assistant", "content": "", "tool_calls": _calls(_json(content, "bad_tool_call"))}
+    calls = _calls(m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else []))
+    if calls and content is None:  # OpenAI: no text beside the calls
+        content = ""
+    out = {"role": role, "content": _text(content, allow_empty=role in ("system", "tool") or bool(calls))}
     reasoning = m.get("reasoning_content")
     if role == "assistant" and reasoning is not None and _text(reasoning, allow_empty=True).strip():
         out["reasoning_content"] = reasoning
+    if role == "assistant" and calls:
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name") if role == "tool" else ("tools",) if role == "system" else ():
+        if m.get(key) is not None:
+            out[key] = _tools(m[key]) if key == "tools" else _text(m[key])
     return out
+
+
+_CALL_KEYS = {"tool_calls", "function_call"}
+
+
+def _json(value, reason):
+    """A JSON text parsed (anything else as it is); not JSON: BadRecord(reason)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise BadRecord(reason) from None
+
+
+def _calls(value):
+    """Tool calls (a list, one call, or the JSON text of either) as OpenAI's {"type": "function", "function":
+    {"name", "arguments"}} (with the call's "id" when it has one); arguments kept as given, after checking that they
+    are a JSON object."""
+    value = _json(value, "bad_tool_call")
+    out = []
+    for c in value if isinstance(value, list) else [value]:
+        f = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"].strip():
+            raise BadRecord("bad_tool_call")
+        args = f.get("arguments", {})
+        if not isinstance(_json(args, "bad_tool_arguments"), dict):
+            raise BadRecord("bad_tool_arguments")
+        call = {"type": "function", "function": {"name": f["name"], "arguments": args}}
+        out.append({"id": c["id"], **call} if isinstance(c.get("id"), str) else call)
+    return out
+
+
+def _tools(value):
+    """Tool schemas (a list or its JSON text) as OpenAI's {"type": "function", "function": schema}; a bare schema
+    (glaive, xLAM) is wrapped."""
+    value = _json(value, "bad_tools")
+    if value is None or value == "":
+        return []
+    if not isinstance(value, list):
+        raise BadRecord("bad_tools")
+    out = []
+    for t in value:
+        if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict):
+            t, schema = t, t["function"]
+        else:
+            t, schema = {"type": "function", "function": t}, t
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str) or not schema["name"].strip():
+            raise BadRecord("bad_tools")
+        out.append(t)
+    return out
+
+
+def _with_record_tools(obj, messages):
+    """The conversation with the record's tools (a top-level "tools", or "tools" on system messages, MiniMind's) on
+    its leading system message, its tool messages checked against the calls they answer."""
+    tools = _tools(obj.get("tools")) + [t for m in messages for t in m.get("tools", [])]
+    messages = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+    _check_tool_turns(messages)
+    return with_tools(messages, tools)
+
+
+def _check_tool_turns(messages):
+    """Each tool message answers a call of the assistant message before the run of tool messages it is in: the one
+    its tool_call_id names, else the first one not yet answered."""
+    pending = []
+    for m in messages:
+        if m["role"] == "assistant":
+            pending = list(m.get("tool_calls", []))
+        elif m["role"] == "tool":
+            named = [c for c in pending if m.get("tool_call_id") is not None and c.get("id") == m["tool_call_id"]]
+            if not pending or (m.get("tool_call_id") is not None and any("id" in c for c in pending) and not named):
+                raise BadRecord("tool_answers_no_call")
+            pending.remove((named or pending)[0])
+        else:
+            pending = []
+
+
+def _uses_tools(messages):
+    return any(m.get("tools") or m.get("tool_calls") for m in messages)
 
 
 def _messages(value):
@@ -89,7 +196,7 @@ def _messages(value):
     if not isinstance(value, list):
         raise BadRecord("unknown_shape")
     messages = [_message(m) for m in value]
-    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
+    return [m for m in messages if m["role"] != "system" or m["content"].strip() or m.get("tools")]
 
 
 def _as_messages(value, role):
@@ -136,7 +243,7 @@ def _alpaca(obj):
 
 def _task(obj):
     """(prompt messages, reference answer) of {"prompt": str or messages, "answer": str}."""
-    messages = _as_messages(obj["prompt"], "user")
+    messages = _with_record_tools(obj, _as_messages(obj["prompt"], "user"))
     if not messages or messages[-1]["role"] != "user":
         raise BadRecord("no_prompt")
     return messages, _text(obj["answer"])
@@ -159,7 +266,7 @@ def _pair(obj):
     prompt = _as_messages(prompt, "user")
     if not prompt and (isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str)):
         raise BadRecord("unknown_shape")
-    chosen, rejected = _answer(obj["chosen"], prompt), _answer(obj["rejected"], prompt)
+    chosen, rejected = (_with_record_tools(obj, _answer(obj[side], prompt)) for side in ("chosen", "rejected"))
     for side in (chosen, rejected):
         if not side or side[-1]["role"] != "assistant":
             raise BadRecord("no_assistant")

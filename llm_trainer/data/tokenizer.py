@@ -12,26 +12,47 @@ Jinja chat template (ChatTokenizer.chat_template), saved with the tokenizer,
 so that `transformers.AutoTokenizer.apply_chat_template(..., tokenize=True)`
 gives exactly the ids that render_chat() gives, hence exactly the training data.
 
+Tool calls follow Qwen2.5's (Hermes) layout, which llama.cpp, vLLM and ollama
+parse. The tools' JSON schemas go into the system turn (after the system
+message's content, if any; TOOLS_PREAMBLE, one schema a line, TOOLS_POSTAMBLE);
+an assistant message's `tool_calls` follow its content, each as
+
+    \n<tool_call>\n{"name": NAME, "arguments": ARGUMENTS}\n</tool_call>
+
+(no leading \n for a first call after empty content), the arguments verbatim
+when they are a string (OpenAI's JSON text), else as json.dumps writes them; a
+run of `tool` messages is one user turn of
+`\n<tool_response>\n{content}\n</tool_response>` blocks. The tools are given to
+render_chat(tools=...) or apply_chat_template(tools=...), or carried by a
+leading system message's "tools" key (MiniMind's convention; how prepare.py's
+records hold them). A conversation without tools renders as it always did.
+
 Special token strings typed inside message content stay text: `<|im_end|>`
 in a user message is encoded as ordinary pieces, never as the control token
-(a user cannot forge a turn). The one exception is the reasoning tags
-(`<think>`, `</think>`, `<answer>`, `</answer>`) inside assistant messages:
-distillation data writes them inline, and they must be single tokens there
-for `think_tag_weight`. transformers renders the template to a string and
-then finds special tokens in it, so the saved template escapes such strings
-in content (TEXT_ESCAPE, an invisible separator, after their first character)
-and the saved tokenizer.json's normalizer removes the escape again before the
-text is encoded, after the template's own special tokens have been found:
-the content's strings come out as text, the same ids as render_chat().
-Tools that do not run the normalizer (llama.cpp) see the escape as text.
+(a user cannot forge a turn). The one exception is the tags an assistant
+writes (REPLY_TAGS: `<think>`, `</think>`, `<answer>`, `</answer>` and the
+four tool tags) inside assistant messages: distillation data writes them
+inline, and they must be single tokens there for `think_tag_weight` and for
+what a model wrote to render back to its own ids. transformers renders the
+template to a string and then finds special tokens in it, so the saved
+template escapes such strings in content (TEXT_ESCAPE, an invisible
+separator, after their first character) and the saved tokenizer.json's
+normalizer removes the escape again before the text is encoded, after the
+template's own special tokens have been found: the content's strings come
+out as text, the same ids as render_chat(). Tools that do not run the
+normalizer (llama.cpp) see the escape as text.
+
+The tool tags are added tokens that are not "special" (as in Qwen2.5), so
+that decoding with skip_special_tokens keeps a call's text for the parsers of
+other tools.
 
 Loss mask: 1 exactly on the tokens of assistant replies (content, think
-block included) and the reply's closing `<|im_end|>`; 0 on role headers
-(`<|im_start|>assistant\n`), on the `\n` after `<|im_end|>` and on every
-system/user token. A token that straddles the header/reply boundary (a reply
-that starts with whitespace, or a SentencePiece model that turns the header's
-`\n` into the space before the reply's first word) carries reply text, so it
-is a target.
+block and tool calls included) and the reply's closing `<|im_end|>`; 0 on
+role headers (`<|im_start|>assistant\n`), on the `\n` after `<|im_end|>` and
+on every system/user/tool token (the tool schemas and results). A token that
+straddles the header/reply boundary (a reply that starts with whitespace, or a
+SentencePiece model that turns the header's `\n` into the space before the
+reply's first word) carries reply text, so it is a target.
 """
 
 import hashlib
@@ -49,6 +70,8 @@ from llm_trainer.core.files import write_json
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOOL_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+REPLY_TAGS = REASONING_TAGS + TOOL_TAGS  # tokens, not text, where an assistant message writes them
 _PIECE_CHARS = 1 << 16  # a longer text is encoded in pieces of about this many characters (where the ids stay the same)
 # Where GPT-2's pre-tokenizer regex always splits, whatever comes before and after: before a space between two
 # non-blank characters, and between CJK punctuation and a letter or digit (text without spaces).
@@ -56,17 +79,29 @@ _CUT = re.compile(r"(?<=\S) (?=\S)|(?<=[。，、！？；：])(?=[^\W_])")
 
 TEXT_ESCAPE = "\u2063"  # INVISIBLE SEPARATOR, put after the first character of a special-token string in content
 
+# The system turn's tool block, Qwen2.5's words (the <tool_call> tags in them are tokens)
+TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                  "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_POSTAMBLE = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                   "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                   "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
+def _jinja_str(s):
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
 
 def chat_template(text_only, reply_text_only):
-    """The ChatML template (Jinja) in which the strings of `text_only` (in an assistant message: of
+    """The chat template (Jinja) in which the strings of `text_only` (in an assistant message: of
     `reply_text_only`) are escaped with TEXT_ESCAPE wherever message content holds them."""
     def jinja_list(strings):
-        return "[" + ", ".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in strings) + "]"
+        return "[" + ", ".join(_jinja_str(t) for t in strings) + "]"
 
+    plain = jinja_list(text_only)
     return (
         "{%- macro text(s, specials) -%}"
         "{%- set ns = namespace(s=s if s is string else '') -%}"
-        "{%- if s is not string -%}"  # OpenAI's content parts: their text, as serve.py joins them
+        "{%- if s is not string and s is not none -%}"  # OpenAI's content parts: their text, as serve.py joins them
         "{%- for part in s -%}"
         "{%- if part['type'] != 'text' -%}{{- raise_exception('only text content parts can be rendered') -}}"
         "{%- endif -%}"
@@ -78,18 +113,70 @@ def chat_template(text_only, reply_text_only):
         "{%- endfor -%}"
         "{{- ns.s -}}"
         "{%- endmacro -%}"
+        # a call as {"name": ..., "arguments": ...}: OpenAI's {"function": {...}} or the function itself (MiniMind)
+        "{%- macro call_json(call, specials) -%}"
+        "{%- set f = call['function'] if call['function'] is defined else call -%}"
+        "{%- set args = f['arguments'] if f['arguments'] is defined else {} -%}"
+        "{{- text('{\"name\": ' + f['name'] | tojson + ', \"arguments\": ' + (args if args is string else args | tojson)"
+        " + '}', specials) -}}"
+        "{%- endmacro -%}"
+        "{%- set tool_list = tools if tools else (messages[0]['tools'] if messages and messages[0]['role'] == 'system'"
+        " and messages[0]['tools'] is defined and messages[0]['tools'] else []) -%}"
+        "{%- set system_first = tool_list and messages and messages[0]['role'] == 'system' -%}"
+        "{%- if tool_list -%}"
+        "{{- '<|im_start|>system\\n' -}}"
+        "{%- if system_first -%}{%- set head = text(messages[0]['content'], " + plain + ") -%}"
+        "{%- if head -%}{{- head + '\\n\\n' -}}{%- endif -%}{%- endif -%}"
+        "{{- " + _jinja_str(TOOLS_PREAMBLE) + " -}}"
+        "{%- for tool in tool_list -%}{{- '\\n' + text(tool | tojson, " + plain + ") -}}{%- endfor -%}"
+        "{{- " + _jinja_str(TOOLS_POSTAMBLE + "<|im_end|>\n") + " -}}"
+        "{%- endif -%}"
         "{%- for message in messages -%}"
-        "{%- set specials = " + jinja_list(reply_text_only) + " if message['role'] == 'assistant' else "
-        + jinja_list(text_only) + " -%}"
+        "{%- if not (loop.first and system_first) -%}"
+        "{%- set specials = " + jinja_list(reply_text_only) + " if message['role'] == 'assistant' else " + plain + " -%}"
+        "{%- if message['role'] == 'tool' -%}"
+        "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+        "{{- '\\n<tool_response>\\n' + text(message['content'], specials) + '\\n</tool_response>' -}}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+        "{%- else -%}"
         "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
         "{%- if message['role'] == 'assistant' and message['reasoning_content'] is defined"
         " and message['reasoning_content'] -%}"
         "{{- '<think>\\n' + text(message['reasoning_content'], specials) + '\\n</think>\\n' -}}"
         "{%- endif -%}"
-        "{{- text(message['content'], specials) + '<|im_end|>\\n' -}}"
+        "{%- set content = text(message['content'], specials) -%}"
+        "{{- content -}}"
+        "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+        "{{- '<tool_call>\\n' + call_json(call, specials) + '\\n</tool_call>' -}}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
     )
+
+
+def with_tools(messages, tools):
+    """The conversation with `tools` (OpenAI-style schemas) carried by its leading system message, as render_chat()
+    reads them (one with empty content is put first when there is none); messages as they are without tools."""
+    if not tools:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [dict(messages[0], tools=list(tools))] + list(messages[1:])
+    return [{"role": "system", "content": "", "tools": list(tools)}] + list(messages)
+
+
+def call_json(call):
+    """A tool call's text inside <tool_call>: {"name": ..., "arguments": ...}, from OpenAI's {"function": {"name",
+    "arguments"}} or {"name", "arguments"}; arguments a string are put verbatim (OpenAI's JSON text)."""
+    f = call.get("function", call)
+    args = f.get("arguments", {})
+    return ('{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": '
+            + (args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)) + "}")
 
 
 class ChatTokenizer:
@@ -100,20 +187,26 @@ class ChatTokenizer:
         spec = json.loads(tokenizer.to_str())
         spec["normalizer"] = _without_unescape(spec.get("normalizer"))
         tok = Tokenizer.from_str(json.dumps(spec))
-        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        missing = [t for t in SPECIAL_TOKENS + TOOL_TAGS if tok.token_to_id(t) is None]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + TOOL_TAGS])
+        spec = json.loads(tok.to_str())
+        for a in spec["added_tokens"]:  # the tool tags as Qwen2.5 has them: matched whole, but not "special"
+            if a["content"] in TOOL_TAGS:
+                a.update(special=False, normalized=False)
+        tok = Tokenizer.from_str(json.dumps(spec))
         self._tok = tok
         self.added_special_tokens = len(missing)
         self.special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.tool_tag_ids = {t: tok.token_to_id(t) for t in TOOL_TAGS}
         self.eot_id = self.special_ids["<|endoftext|>"]
         self.im_start_id = self.special_ids["<|im_start|>"]
         self.im_end_id = self.special_ids["<|im_end|>"]
         self.reasoning_tag_ids = [self.special_ids[t] for t in REASONING_TAGS]
+        self._tag_ids = {**self.special_ids, **self.tool_tag_ids}  # what a "special" piece of a layout is
 
-        spec = json.loads(tok.to_str())
         added = spec["added_tokens"]
         self.vocab_size = max([tok.get_vocab_size(with_added_tokens=True)] + [a["id"] + 1 for a in added])
-        specials = {a["content"] for a in added if a["special"]} | set(SPECIAL_TOKENS)
+        specials = {a["content"] for a in added if a["special"]} | set(SPECIAL_TOKENS) | set(TOOL_TAGS)
         # Internal copies without post-processing (no BOS, no offset trimming), truncation or padding.
         spec.update(post_processor=None, truncation=None, padding=None)
         self._full = _from_spec(spec, added)
@@ -123,12 +216,12 @@ class ChatTokenizer:
         self._cuttable = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
                           and pre.get("use_regex", True) and not pre.get("add_prefix_space")
                           and all(a["content"] in specials for a in added))
-        self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REASONING_TAGS])
+        self._reply = _from_spec(spec, [a for a in added if a["content"] not in specials or a["content"] in REPLY_TAGS])
         self._special_re = _alternation(specials)
-        self._control_re = _alternation(specials - set(REASONING_TAGS))
+        self._control_re = _alternation(specials - set(REPLY_TAGS))
         # what the saved chat template escapes in content, longest first (one string inside another: escaped first)
         self._escaped = sorted((t for t in specials if len(t) > 1), key=lambda t: (-len(t), t))
-        self.chat_template = chat_template(self._escaped, [t for t in self._escaped if t not in REASONING_TAGS])
+        self.chat_template = chat_template(self._escaped, [t for t in self._escaped if t not in REPLY_TAGS])
 
     # -- plain text -----------------------------------------------------------------------------
     def encode(self, text):
@@ -162,20 +255,22 @@ class ChatTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # -- chat -----------------------------------------------------------------------------------
-    def render_chat(self, messages, add_generation_prompt=False, last_reply_only=False):
-        """ChatML ids and loss mask (lists of ints) of one conversation; see the module docstring.
+    def render_chat(self, messages, add_generation_prompt=False, last_reply_only=False, tools=None):
+        """Chat ids and loss mask (lists of ints) of one conversation; see the module docstring.
 
-        last_reply_only: targets only on the final assistant reply (DPO).
+        last_reply_only: targets only on the final assistant reply (DPO). tools: OpenAI-style schemas offered to the
+        model (or carried by the leading system message, see with_tools).
         """
-        ids, mask = self.render_chats([messages], add_generation_prompt, last_reply_only)[0]
+        ids, mask = self.render_chats([with_tools(messages, tools)], add_generation_prompt, last_reply_only)[0]
         return ids.tolist(), mask.tolist()
 
     def render_chats(self, conversations, add_generation_prompt=False, last_reply_only=False):
-        """render_chat() of many conversations, batched; returns [(ids int64 array, mask uint8 array)]."""
+        """render_chat() of many conversations (tools carried by their system message), batched; returns
+        [(ids int64 array, mask uint8 array)]."""
         layouts = [self._layout(m, add_generation_prompt) for m in conversations]
         # a short conversation without special-token strings in its text is encoded at once (batched, faster)
         whole = [i for i, (_, _, length, clean) in enumerate(layouts) if clean and length <= _PIECE_CHARS]
-        texts = ["".join(s for s, _ in layouts[i][0]) for i in whole]
+        texts = ["".join(p[0] for p in layouts[i][0]) for i in whole]
         encoded = dict(zip(whole, self._full.encode_batch(texts, add_special_tokens=False)))
         out = []
         for i, (pieces, replies, _, _) in enumerate(layouts):
@@ -186,50 +281,64 @@ class ChatTokenizer:
                 out.append(self._encode_pieces(pieces, targets))
         return out
 
+    def tool_results_ids(self, results):
+        """The ids that follow an assistant turn cut after its tool calls (a GRPO rollout stops at </tool_call>), up
+        to the next reply: <|im_end|>, the tool turn holding `results` (strings, one per call) and the assistant's
+        header; as render_chat() has them there, none a target."""
+        pieces = [("<|im_end|>", _SPECIAL, 0), ("\n", _PLAIN, 0)]
+        for i, result in enumerate(results):
+            pieces += _tool_response_pieces(result, i == 0, i == len(results) - 1)
+        return self._encode_pieces(pieces + _GENERATION_PROMPT, [])[0].tolist()
+
     def holds_special_strings(self, text, reply=False):
         """Whether `text` (message content; reply: of an assistant message) holds special-token strings that
-        encode() and render_chat() encode as text (in a reply, the reasoning tags are tokens: not counted)."""
+        encode() and render_chat() encode as text (in a reply, REPLY_TAGS are tokens: not counted)."""
         return bool((self._control_re if reply else self._special_re).search(text))
 
     def conversation_holds_special_strings(self, messages):
-        """holds_special_strings() of any message's content or reasoning."""
-        return any(self.holds_special_strings(text, m["role"] == "assistant")
-                   for m in messages for text in (m["content"], m.get("reasoning_content") or ""))
+        """holds_special_strings() of any text of the conversation: content, reasoning, tool calls, tool schemas."""
+        return not self._layout(messages, False)[3]
 
     def _layout(self, messages, add_generation_prompt):
-        """The rendered ChatML as pieces (text, how), how being "special" (a structural special
-        token), "plain" or "reply" (text of an assistant message); the character ranges of the
-        replies; and whether encoding the joined text at once gives the right ids, as it does
-        unless some content holds a special-token string."""
-        pieces, replies, pos = [], [], 0
-        for m in messages:
-            role, content = m["role"], m["content"]
-            how = "reply" if role == "assistant" else "plain"
-            reasoning = m.get("reasoning_content") if how == "reply" else None
-            pieces += [("<|im_start|>", "special"), (role + "\n", how)]
-            start = pos + len("<|im_start|>") + len(role) + 1
-            if reasoning:
-                pieces += [("<think>", "special"), ("\n" + reasoning + "\n", how), ("</think>", "special"), ("\n", how)]
-            pieces += [(content, how), ("<|im_end|>", "special"), ("\n", "plain")]
-            end = start + len(content) + len("<|im_end|>") + (len(reasoning) + len("<think>\n\n</think>\n") if reasoning else 0)
-            if how == "reply":
-                replies.append((start, end))
-            pos = end + 1
-        clean = not self.conversation_holds_special_strings(messages)
+        """The rendered chat as pieces (text, how, target), how being "special" (a structural token), "plain" or
+        "reply" (text of an assistant message), target whether the piece is what an assistant wrote; the character
+        ranges of the replies; the text's length; and whether encoding the joined text at once gives the right ids,
+        as it does unless some text holds a special-token string."""
+        tools = messages[0].get("tools") if messages and messages[0]["role"] == "system" else None
+        pieces = _tools_pieces(messages[0].get("content") or "", tools) if tools else []
+        for i, m in enumerate(messages):
+            if i == 0 and tools:
+                continue
+            if m["role"] == "tool":
+                pieces += _tool_response_pieces(m.get("content") or "", i == 0 or messages[i - 1]["role"] != "tool",
+                                                i + 1 == len(messages) or messages[i + 1]["role"] != "tool")
+            elif m["role"] == "assistant":
+                pieces += _assistant_pieces(m)
+            else:
+                pieces += [("<|im_start|>", _SPECIAL, 0), (m["role"] + "\n" + (m.get("content") or ""), _PLAIN, 0),
+                           ("<|im_end|>", _SPECIAL, 0), ("\n", _PLAIN, 0)]
         if add_generation_prompt:
-            pieces += [("<|im_start|>", "special"), ("assistant\n", "plain")]
+            pieces += _GENERATION_PROMPT
+        replies, pos = [], 0
+        for text, _, target in pieces:
+            if target and replies and replies[-1][1] == pos:
+                replies[-1] = (replies[-1][0], pos + len(text))
+            elif target:
+                replies.append((pos, pos + len(text)))
+            pos += len(text)
+        clean = not any(self.holds_special_strings(text, how == _REPLY) for text, how, _ in pieces if how != _SPECIAL)
         return pieces, replies, pos, clean
 
     def _encode_pieces(self, pieces, targets):
         """Ids and loss mask of the joined pieces, each run of message text encoded on its own (special-token strings
-        in it stay text; a long one piece by piece, see encode_arrays), the structural special tokens as their ids."""
+        in it stay text; a long one piece by piece, see encode_arrays), the structural tokens as their ids."""
         ids, mask, pos = [], [], 0
         for how, run in itertools.groupby(pieces, key=lambda p: p[1]):
-            for s in [p[0] for p in run] if how == "special" else ["".join(p[0] for p in run)]:
-                if how == "special":
-                    encoded = [([self.special_ids[s]], [(0, len(s))], s)]
+            for s in [p[0] for p in run] if how == _SPECIAL else ["".join(p[0] for p in run)]:
+                if how == _SPECIAL:
+                    encoded = [([self._tag_ids[s]], [(0, len(s))], s)]
                 else:
-                    encoder = self._reply if how == "reply" else self._plain
+                    encoder = self._reply if how == _REPLY else self._plain
                     encoded = ((e.ids, e.offsets, piece) for piece in (_pieces(s) if self._cuttable else [s])
                                for e in [encoder.encode(piece, add_special_tokens=False)])
                 for piece_ids, offsets, piece in encoded:
@@ -268,7 +377,8 @@ class ChatTokenizer:
         counts); they open a text (a document, a message's role). The reasoning tags are the text they spell; the
         chat format puts a newline after <think> and </think> and before </think>: a normaliser that strips
         whitespace (SentencePiece's default) leaves no id for those newlines, so the "▁" after a tag stands for
-        the first (the tags open no text then) and </think> counts the one before it. Byte-level BPE ids are
+        the first (the tags open no text then) and </think> counts the one before it. The tool tags are the text
+        they spell (with SentencePiece, the "▁" after one stands for the template's newline). Byte-level BPE ids are
         exact bytes (a piece of a character counts its bytes); SentencePiece ids count "▁" as a space and <0xNN>
         as one byte; other whitespace its normaliser removes (runs, the ends of a document) is in no id."""
         spec = json.loads(self._tok.to_str())
@@ -338,6 +448,42 @@ class ChatTokenizer:
     def to_str(self):
         """The tokenizer.json text."""
         return self._tok.to_str()
+
+
+# A layout's pieces (ChatTokenizer._layout): (text, how, target)
+_SPECIAL, _PLAIN, _REPLY = "special", "plain", "reply"
+_GENERATION_PROMPT = [("<|im_start|>", _SPECIAL, 0), ("assistant\n", _PLAIN, 0)]
+_TOOL_TAG = re.compile("(" + "|".join(map(re.escape, TOOL_TAGS)) + ")")
+
+
+def _tools_pieces(system, tools):
+    """The system turn that offers `tools`, after the system message's own content."""
+    head = ("system\n" + (system + "\n\n" if system else "") + TOOLS_PREAMBLE
+            + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools))
+    tail = [(p, _SPECIAL if p in TOOL_TAGS else _PLAIN, 0) for p in _TOOL_TAG.split(TOOLS_POSTAMBLE) if p]
+    return [("<|im_start|>", _SPECIAL, 0), (head, _PLAIN, 0), *tail, ("<|im_end|>", _SPECIAL, 0), ("\n", _PLAIN, 0)]
+
+
+def _assistant_pieces(m):
+    """An assistant message: header, think block, content, tool calls, <|im_end|>; all but the header targets."""
+    content = m.get("content") or ""
+    pieces = [("<|im_start|>", _SPECIAL, 0), ("assistant\n", _REPLY, 0)]
+    if m.get("reasoning_content"):
+        pieces += [("<think>", _SPECIAL, 1), ("\n" + m["reasoning_content"] + "\n", _REPLY, 1), ("</think>", _SPECIAL, 1),
+                   ("\n", _REPLY, 1)]
+    pieces.append((content, _REPLY, 1))
+    for i, call in enumerate(m.get("tool_calls") or []):
+        pieces += [("\n", _REPLY, 1)] if content or i else []
+        pieces += [("<tool_call>", _SPECIAL, 1), ("\n" + call_json(call) + "\n", _REPLY, 1), ("</tool_call>", _SPECIAL, 1)]
+    return pieces + [("<|im_end|>", _SPECIAL, 1), ("\n", _PLAIN, 0)]
+
+
+def _tool_response_pieces(content, first, last):
+    """A tool message: one <tool_response> block of the user turn that a run of tool messages makes."""
+    head = [("<|im_start|>", _SPECIAL, 0), ("user", _PLAIN, 0)] if first else []
+    tail = [("<|im_end|>", _SPECIAL, 0), ("\n", _PLAIN, 0)] if last else []
+    return head + [("\n", _PLAIN, 0), ("<tool_response>", _SPECIAL, 0), ("\n" + content + "\n", _PLAIN, 0),
+                   ("</tool_response>", _SPECIAL, 0)] + tail
 
 
 def _pieces(text):
@@ -410,8 +556,9 @@ def _from_spec(spec, added_tokens):
 
 
 def train_tokenizer(texts, vocab_size):
-    """Byte-level BPE on an iterable of strings; SPECIAL_TOKENS get ids 0..6. Lossless, no normaliser."""
-    smallest = 256 + len(SPECIAL_TOKENS) + 1
+    """Byte-level BPE on an iterable of strings; SPECIAL_TOKENS get ids 0..6, TOOL_TAGS 7..10. Lossless, no
+    normaliser."""
+    smallest = 256 + len(SPECIAL_TOKENS) + len(TOOL_TAGS) + 1
     if vocab_size < smallest:
         configurator.fail(f"vocab_size={vocab_size} is too small for a byte-level BPE (at least {smallest})")
     tok = Tokenizer(models.BPE())
@@ -420,7 +567,7 @@ def train_tokenizer(texts, vocab_size):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + TOOL_TAGS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -430,7 +577,7 @@ def train_tokenizer(texts, vocab_size):
 
 def load_tokenizer(path):
     """A ChatTokenizer from a prepared data dir, a run dir, an HF tokenizer dir, a tokenizer.json
-    or a SentencePiece .model. Missing SPECIAL_TOKENS are added (see .added_special_tokens)."""
+    or a SentencePiece .model. Missing SPECIAL_TOKENS and TOOL_TAGS are added (see .added_special_tokens)."""
     path = str(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):

@@ -1,14 +1,15 @@
 """
 Generation from a trained model: loading it with its tokenizer, turning
-messages into prompt ids, streaming text, hiding or keeping the <think> block.
-sample.py (the command line), the server, demo.py and export.py share it, so a
-reply is the same whichever of them asks.
+messages into prompt ids, streaming text, hiding or keeping the <think> block,
+finding the tool calls in a reply. sample.py (the command line), the server,
+demo.py and export.py share it, so a reply is the same whichever of them asks.
 """
 
 import itertools
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import configurator
 from llm_trainer.core.checkpoint import load_model
@@ -57,9 +58,9 @@ def load(path, device="cpu", dtype="float32", compile=False):
 # prompts
 
 
-def chat_prompt_ids(tokenizer, messages):
-    """Token ids of a conversation followed by the header of the assistant's reply."""
-    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+def chat_prompt_ids(tokenizer, messages, tools=None):
+    """Token ids of a conversation followed by the header of the assistant's reply; tools: the schemas offered."""
+    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
     return ids
 
 
@@ -109,6 +110,68 @@ def split_think(text, final=True):
     return reasoning[:-1] if reasoning.endswith("\n") else reasoning, content[1:] if content.startswith("\n") else content
 
 
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_CALL_OPEN = "<tool_call>"
+
+
+def parse_call(text):
+    """{"name", "arguments"} of the inside of a <tool_call> block, or None when it is not a call: JSON of an object
+    with a non-empty string "name" and "arguments" an object (or the JSON text of one, or absent: {})."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        return None
+    args = call.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return {"name": call["name"], "arguments": args} if isinstance(args, dict) else None
+
+
+def _scan_calls(text, final):
+    """(text without its calls, the calls, how much of `text` is settled): split_tool_calls, and the length of the
+    prefix of `text` whose fate is known (the rest is held back)."""
+    kept, calls, pos = [], [], 0
+    for m in _TOOL_CALL.finditer(text):
+        call = parse_call(m.group(1))
+        if call is None:  # not a call: stays text
+            continue
+        before = text[pos:m.start()]
+        kept.append(before[:-1] if before.endswith("\n") else before)  # the chat template's newline before a call
+        calls.append(call)
+        pos = m.end()
+    rest, settled = text[pos:], len(text)
+    if not final:
+        opened = rest.rfind(_CALL_OPEN)
+        if opened >= 0 and "</tool_call>" not in rest[opened:]:
+            rest = rest[:opened]
+        rest = rest[: len(rest) - max((n for n in range(1, len(_CALL_OPEN)) if rest.endswith(_CALL_OPEN[:n])),
+                                      default=0)]
+        rest = rest[:-1] if rest.endswith("\n") else rest
+        settled = pos + len(rest)
+    return "".join(kept) + rest, calls, settled
+
+
+def split_tool_calls(text, final=True):
+    """(text, calls) of a reply's content: calls are its <tool_call> blocks whose inside is a call (parse_call), taken
+    out of the text with the newline the chat template puts before each; a block that is not a call (not valid
+    JSON, no name) stays text, as does an unclosed one. final=False (a reply still streaming): what may still turn
+    out to be a call (an unclosed block, the start of its tag, a newline before it) is held back, so that what was
+    shown never has to be taken back."""
+    text, calls, _ = _scan_calls(text, final)
+    return text, calls
+
+
+def tool_call_message(content, calls):
+    """The assistant message of a reply that calls tools, as the chat template and OpenAI's API take it."""
+    return {"role": "assistant", "content": content,
+            "tool_calls": [{"type": "function", "function": call} for call in calls]}
+
+
 def stream_text(tokenizer, token_ids):
     """Yield the text of a stream of token ids piece by piece, never half a character.
 
@@ -132,13 +195,14 @@ def stream_text(tokenizer, token_ids):
 @dataclass
 class Piece:
     """What a reply added since the last piece: its raw text, that text seen as reasoning and content
-    (split_think: the <think> block's inside, and the answer), and the TokenLogprobs of the tokens it took
-    (when asked for)."""
+    (split_think: the <think> block's inside, and the answer; with tools, the content without its tool calls),
+    the TokenLogprobs of the tokens it took (when asked for), and the tool calls it completed (with tools)."""
 
     text: str
     reasoning: str
     content: str
     logprobs: list
+    calls: list = field(default_factory=list)
 
 
 @dataclass
@@ -158,15 +222,18 @@ class ReplyStream:
     or the context is full), and tokens says how many tokens were generated. cancelled() is asked after every
     token: true ends the reply there. split=False: a plain continuation, all of it content (no <think> split),
     stop strings searched in all of it. top_logprobs: None, or n >= 0: each piece carries its tokens' TokenLogprobs
-    with the n most likely alternatives. sampling: temperature, top_k, top_p, repetition_penalty, frequency_penalty,
-    presence_penalty, generator (see Transformer.generate and model.Penalties)."""
+    with the n most likely alternatives. tools=True: the content's tool calls are taken out of it (split_tool_calls)
+    and handed out in Piece.calls (all of them in .calls), a call's tokens' log-probabilities with the content piece
+    after it. sampling: temperature, top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty,
+    generator (see Transformer.generate and model.Penalties)."""
 
     def __init__(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, stop=(), max_len=None,
-                 cancelled=None, split=True, top_logprobs=None, **sampling):
+                 cancelled=None, split=True, top_logprobs=None, tools=False, **sampling):
         self.model, self.tokenizer, self.prompt_ids, self.stop_ids = model, tokenizer, prompt_ids, stop_ids
         self.max_new_tokens, self.stop, self.max_len, self.sampling = max_new_tokens, tuple(stop), max_len, sampling
         self.cancelled, self.split, self.top_logprobs = cancelled or (lambda: False), split, top_logprobs
         self.finish_reason, self.tokens, self.text, self._logits, self._logprobs = "length", 0, "", None, []
+        self.tools, self.calls = tools, []
 
     def _tokens(self):
         keep = (lambda logits: setattr(self, "_logits", logits)) if self.top_logprobs is not None else None
@@ -206,12 +273,15 @@ class ReplyStream:
             self.text += piece
             reasoning, whole = split_think(self.text, final) if self.split else ("", self.text)
             content, stopped = self._cut(whole, final)
+            settled, calls = len(content), []
+            if self.tools:
+                content, calls, settled = _scan_calls(content, final or stopped)
             # a token's log-probability goes with its text: held while that text is, dropped with it past a stop
-            shown = len(self.text) - (len(whole) - len(content))
+            shown = len(self.text) - (len(whole) - settled)
             logprobs = [lp for lp in self._logprobs if lp.offset < shown]
             self._logprobs = self._logprobs[len(logprobs):]
-            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs)
-            sent = [reasoning, content]
+            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs, calls[len(self.calls):])
+            sent, self.calls = [reasoning, content], calls
             if stopped:
                 self.finish_reason = "stop"
                 return

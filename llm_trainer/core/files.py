@@ -1,10 +1,14 @@
 """
-Files written so that a crash never leaves half of one, JSON as every script writes it, and file digests.
+Files written so that a crash never leaves half of one, JSON as every script writes it, file digests, and the
+Python files of a user's (rewards, tools) loaded as modules.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
+
+from configurator import fail
 
 
 def write_synced(path, write, mode="wb"):
@@ -49,3 +53,17 @@ def sha256_file(path, chunk=1 << 22):
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_python_file(path, what):
+    """The module a user's Python file defines, run as it is loaded (code that runs, like a config file); a missing
+    file or one that raises as it loads: one line naming `what` asked for it."""
+    if not os.path.isfile(path):
+        fail(f"{what}: no file {path}")
+    spec = importlib.util.spec_from_file_location(f"user_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        fail(f"{what}: loading {path} raised {type(e).__name__}: {e}")
+    return module

@@ -9,13 +9,12 @@ file of yours). A reward is code that runs, like a config file: use your own.
 """
 
 import importlib
-import importlib.util
 import math
-import os
 import re
 import unicodedata
 
 from configurator import fail
+from llm_trainer.core.files import load_python_file
 
 THINK = re.compile(r"\s*<think>(.*?)</think>(.*)", re.S)
 
@@ -83,14 +82,7 @@ def load(name):
     if not where or not attr:
         fail(f"reward {name!r}: not a built-in ({', '.join(BUILTINS)}), module:function or file.py:function")
     if where.endswith(".py"):
-        if not os.path.isfile(where):
-            fail(f"reward {name!r}: no file {where}")
-        spec = importlib.util.spec_from_file_location(f"reward_{os.path.basename(where)[:-3]}", where)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            fail(f"reward {name!r}: loading {where} raised {type(e).__name__}: {e}")
+        module = load_python_file(where, f"reward {name!r}")
     else:
         try:
             module = importlib.import_module(where)

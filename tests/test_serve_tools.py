@@ -359,3 +359,20 @@ def test_the_chat_page_shows_a_call_and_its_result(setup, page, local, tmp_path)
     assert not box.find_elements(By.CSS_SELECTOR, ".error")
     page.save_screenshot(str(tmp_path / "tool_call.png"))
     assert (tmp_path / "tool_call.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_the_page_tools_are_listed_and_run_by_the_server(setup, server):
+    """GET /tools: the schemas of --tools; POST /tools/run: one call's result as Tools.run gives it, a tool's failure
+    as the result's text, a call that is not one a 400."""
+    assert httpx.get(server.url + "/tools").json() == {"tools": setup["tools"], "max_steps": 4}
+
+    def run(**call):
+        return httpx.post(server.url + "/tools/run", json=call, timeout=30)
+
+    assert run(name="calculator", arguments='{"expression": "147 + 85"}').json() == {"content": "232"}
+    assert run(name="get_weather", arguments='{"city": "Oslo"}').json() == {"content": "sunny, 12 degrees"}
+    assert run(name="calculator", arguments='{"expression": "__import__(1)"}').json()["content"].startswith("error:")
+    assert run(name="nope", arguments="{}").json()["content"].startswith("error: no tool named 'nope'")
+    r = run(name="calculator", arguments="{not json")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "arguments"

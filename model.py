@@ -442,13 +442,14 @@ class Transformer(nn.Module):
     # generation
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, stop_ids=(), generator=None, max_len=None, on_logits=None):
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0, stop_ids=(), generator=None, max_len=None,
+                 on_logits=None):
         """Yield new token ids one at a time (batch of one), with a preallocated KV cache.
 
         Stops after max_new_tokens, at a token in stop_ids (which is yielded), or when
         the cache (max_len, default max_seq_len) is full. on_logits(logits), when given, sees
-        each step's raw logits (1, vocab, float32) before the token is sampled from them.
+        each step's raw logits (1, vocab, float32) before the penalties (see Penalties) and the sampling.
         """
         device = self.lm_head.weight.device
         max_len = max_len or self.mcfg.max_seq_len
@@ -457,23 +458,24 @@ class Transformer(nn.Module):
             raise ValueError(f"prompt of {prompt.shape[1]} tokens leaves no room in a context of {max_len}")
         steps = min(max_new_tokens, max_len - prompt.shape[1])
         cache = KVCache(self.mcfg, 1, prompt.shape[1] + steps, device, self.compute_dtype(device))
-        # the prompt and every token generated so far, preallocated, for the repetition penalty
-        ids = torch.empty(prompt.shape[1] + steps, dtype=torch.long, device=device)
-        ids[: prompt.shape[1]] = prompt[0]
+        penalties = Penalties([prompt_ids], self.mcfg.vocab_size, device, repetition_penalty, frequency_penalty,
+                              presence_penalty)
         logits = self.lm_head(self.hidden_states(prompt, cache, 0)[:, -1])  # the head on the last position only
         for pos in range(prompt.shape[1], prompt.shape[1] + steps):
             if on_logits is not None:
                 on_logits(logits.float())
-            next_id = sample_next(logits.float(), ids[:pos], temperature, top_k, top_p, repetition_penalty, generator)
+            token = sample_tokens(penalties(logits.float()), temperature, top_k, top_p, generator)
+            next_id = int(token[0])
             yield next_id
             if next_id in stop_ids:
                 return
-            ids[pos] = next_id
-            logits = self(ids.new_full((1, 1), next_id), cache, pos)[:, -1]
+            penalties.add(token)
+            logits = self(token[:, None], cache, pos)[:, -1]
 
     @torch.no_grad()
-    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                       generator=None, max_len=None, pad_id=0, check_every=8, all_done=None, rows_done=None):
+    def generate_batch(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                       frequency_penalty=0.0, presence_penalty=0.0, stop_ids=(), generator=None, max_len=None,
+                       pad_id=0, check_every=8, all_done=None, rows_done=None):
         """New token ids for each of a batch of prompts of different lengths (lists of ids), sampled together.
 
         Each prompt starts at position 0 and its new tokens follow its own end, in one preallocated KV cache;
@@ -482,7 +484,7 @@ class Transformer(nn.Module):
         steps and ends early when every row is done, checked every check_every steps (no host sync per
         token): all_done(done) decides, given (all ranks must stop at the same step), else done.all().
         rows_done(tokens so far (N, t)) -> (N,) bool, given: rows the caller counts as done too (a stop string in
-        their text), asked at those checks; their tokens up to the check are returned."""
+        their text), asked at those checks; their tokens up to the check are returned. The penalties: Penalties'."""
         device = self.lm_head.weight.device
         max_len = max_len or self.mcfg.max_seq_len
         lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -499,8 +501,12 @@ class Transformer(nn.Module):
         length = torch.zeros(len(prompts), dtype=torch.long, device=device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         all_done = all_done or (lambda d: bool(d.all()))
+        penalties = Penalties(prompts, self.mcfg.vocab_size, device, repetition_penalty, frequency_penalty,
+                              presence_penalty)
         for t in range(max_new_tokens):
-            token = torch.where(done, pad_id, sample_tokens(logits.float(), temperature, top_k, top_p, generator))
+            token = torch.where(done, pad_id, sample_tokens(penalties(logits.float()), temperature, top_k, top_p,
+                                                            generator))
+            penalties.add(token)  # a finished row's pad tokens too: nothing reads its penalties again
             out[:, t] = token
             length += ~done
             done |= torch.isin(token, stop) | (t + 1 >= budget)
@@ -537,14 +543,47 @@ def token_cross_entropy(logits, targets):
 # sampling
 
 
-def apply_repetition_penalty(logits, seen_ids, penalty):
-    """CTRL-style penalty as transformers applies it: divide positive logits, multiply negative ones."""
-    if penalty == 1.0 or seen_ids.numel() == 0:
-        return logits
-    logits = logits.clone()
-    picked = logits.gather(-1, seen_ids.view(1, -1).expand(logits.shape[0], -1))
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(-1, seen_ids.view(1, -1).expand(logits.shape[0], -1), picked)
+def apply_penalties(logits, seen, counts, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+    """logits (N, vocab) penalised: where seen (N, vocab, bool), divided by repetition_penalty when positive and
+    multiplied when negative (transformers' RepetitionPenaltyLogitsProcessor); then, OpenAI's, minus
+    frequency_penalty * counts + presence_penalty * (counts > 0)."""
+    if repetition_penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty),
+                             logits)
+    if frequency_penalty or presence_penalty:
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+    return logits
+
+
+class Penalties:
+    """The penalties of rows generated together, and the counts they need (apply_penalties does the arithmetic).
+
+    repetition (1: off; > 1 discourages) acts on every token the row holds, its prompt and its reply so far, as
+    transformers' acts on all of input_ids; frequency and presence (0: off; the API's range is -2..2, negative
+    encourages) on the tokens the row has generated only, as OpenAI defines them ("how often the token was sampled
+    prior to the current position") and vLLM implements them: a prompt's tokens do not count."""
+
+    def __init__(self, prompts, vocab, device, repetition=1.0, frequency=0.0, presence=0.0):
+        self.repetition, self.frequency, self.presence = repetition, frequency, presence
+        self.on = repetition != 1.0 or frequency != 0.0 or presence != 0.0
+        if not self.on:
+            return
+        self.rows = torch.arange(len(prompts), device=device)
+        self.counts = torch.zeros(len(prompts), vocab, device=device)
+        self.in_prompt = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        for r, p in enumerate(prompts):
+            self.in_prompt[r, torch.tensor(p, dtype=torch.long, device=device)] = True
+
+    def __call__(self, logits):
+        if not self.on:
+            return logits
+        return apply_penalties(logits, self.in_prompt | (self.counts > 0), self.counts, self.repetition,
+                               self.frequency, self.presence)
+
+    def add(self, tokens):
+        """Count each row's new token (N,)."""
+        if self.on:
+            self.counts[self.rows, tokens] += 1
 
 
 def filter_top_k_top_p(logits, top_k=None, top_p=None):
@@ -568,12 +607,6 @@ def sample_tokens(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     # the best logit at 0 first: a tiny temperature then sends the others to -inf, never the best to inf (nan)
     logits = filter_top_k_top_p((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def sample_next(logits, seen_ids, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
-    """One token id from logits (1, vocab), the repetition penalty applied: greedy when temperature is 0."""
-    logits = apply_repetition_penalty(logits, seen_ids, repetition_penalty)
-    return int(sample_tokens(logits, temperature, top_k, top_p, generator)[0])
 
 
 # ----------------------------------------------------------------------------

@@ -47,7 +47,9 @@ max_new_tokens = 0  # 0: what the context leaves, at most 256 (interactive chat 
 temperature = 0.8  # 0: greedy
 top_k = 0  # 0: off
 top_p = 0.9  # 1.0: off
-repetition_penalty = 1.0  # 1.0: off; > 1 discourages tokens already in the prompt or reply
+repetition_penalty = 1.0  # 1.0: off; > 1 discourages tokens already in the prompt or reply (transformers')
+frequency_penalty = 0.0  # -2..2, 0: off; each logit minus this times how often the reply has generated it (OpenAI's)
+presence_penalty = 0.0  # -2..2, 0: off; each logit minus this once the reply has generated it (OpenAI's)
 seed = 1337
 think = "show"  # show | hide: print the <think>...</think> block of a reasoning model's replies or not
 tools = ""  # chat mode: tools the model may call: calculator, a .py file of functions, or several comma-separated
@@ -180,6 +182,9 @@ def check_config(cfg):
                           "max_tool_steps >= 0")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
         configurator.fail("temperature must be >= 0, top_p in (0, 1], repetition_penalty > 0")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if not -2 <= cfg[key] <= 2:
+            configurator.fail(f"{key} must be in [-2, 2] (as the OpenAI API's), got {cfg[key]!r}")
 
 
 def main(argv=None):
@@ -202,6 +207,7 @@ def main(argv=None):
         "tools": offered, "max_tool_steps": cfg["max_tool_steps"],
         "sampling": dict(max_new_tokens=cfg["max_new_tokens"] or AUTO_MAX_NEW_TOKENS, temperature=cfg["temperature"],
                          top_k=cfg["top_k"] or None, top_p=cfg["top_p"], repetition_penalty=cfg["repetition_penalty"],
+                         frequency_penalty=cfg["frequency_penalty"], presence_penalty=cfg["presence_penalty"],
                          generator=generator, think=cfg["think"]),
     }
     kind = f"{info['stage']} run" if info["kind"] == "run" else "HF model"

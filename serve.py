@@ -8,11 +8,14 @@ An OpenAI-compatible HTTP server and a chat page for a run directory or an HF di
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Who are you?"}])
 
-Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, max_tokens, stop, seed, n, logprobs,
-top_logprobs; a reasoning model's <think> block comes back as reasoning_content, as DeepSeek's API returns it,
-streamed too), POST /v1/completions (a prompt continued, for base models: the text as written, no <think> split),
-GET /v1/models, GET /health (the queue and the generation counters), GET / (the chat page, serve.html: one file,
-no build step, nothing from a CDN) and POST /fit_history (the page's conversation trimmed as sample.py trims it).
+Endpoints: POST /v1/chat/completions (messages, stream, temperature, top_p, frequency_penalty, presence_penalty,
+max_tokens, stop, seed, n, logprobs, top_logprobs, and vLLM's repetition_penalty; tools, tool_choice,
+parallel_tool_calls, tool messages and assistant tool_calls, a reply's calls coming back as tool_calls; a
+reasoning model's <think> block comes back as reasoning_content, as DeepSeek's API returns it, streamed too), POST
+/v1/completions (a prompt continued, for base models: the text as written, no <think> split), GET /v1/models, GET
+/health (the queue and the generation counters), GET / (the chat page, serve.html: one file, no build step, nothing
+from a CDN), POST /fit_history (the page's conversation trimmed as sample.py trims it), GET /tools and POST
+/tools/run (the page's tools, --tools, and one call of them run here).
 
 Every value of a request is checked before anything is queued; max_tokens is clamped to what the context leaves.
 Generations are queued: one worker thread runs one request at a time on the model, with the code sample.py uses
@@ -26,6 +29,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -37,6 +41,7 @@ import torch
 
 import configurator
 from llm_trainer.inference import generation
+from llm_trainer.inference.tools import Tools
 from llm_trainer.core.common import dtype_name, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
@@ -52,11 +57,14 @@ max_tokens = 512  # a reply's tokens at most: a request asking more (or nothing)
 max_n = 4  # completions per request at most
 max_request_bytes = 1_000_000  # a larger request body is refused (413)
 queue_size = 64  # requests waiting for the model at most; more are refused (429)
+tools = ""  # the chat page's tools, run here: calculator, a .py file of functions, or several (as sample.py's)
+max_tool_steps = 4  # the chat page: replies whose tool calls are run, at most, before the answer
 # -----------------------------------------------------------------------------
 _DEFAULTS = configurator.defaults(globals())
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 DRAIN_SECONDS = 10  # how long an oversized body is read on (and dropped) so that its sender hears the 413
 
 
@@ -79,7 +87,7 @@ class APIError(Exception):
 class Params:
     """A request's generation settings, every one checked before anything is queued."""
 
-    sampling: dict  # temperature, top_p
+    sampling: dict  # temperature, top_p, frequency_penalty, presence_penalty, repetition_penalty
     max_new_tokens: int
     stop: list
     seed: Optional[int]
@@ -87,14 +95,15 @@ class Params:
     stream: bool
     include_usage: bool
     top_logprobs: Optional[int]  # None: no logprobs
+    parallel_tool_calls: bool  # False: a reply ends after its first tool call
 
 
 class Job:
     """One request's generations: run on the worker thread, their events handed to the request's event loop."""
 
-    def __init__(self, loop, prompt_ids, stop_ids, params, split):
+    def __init__(self, loop, prompt_ids, stop_ids, params, reply):
         self.loop, self.events, self.cancelled, self.cancelled_at = loop, asyncio.Queue(), threading.Event(), None
-        self.prompt_ids, self.stop_ids, self.params, self.split = prompt_ids, stop_ids, params, split
+        self.prompt_ids, self.stop_ids, self.params, self.reply = prompt_ids, stop_ids, params, reply
 
     def emit(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -106,21 +115,27 @@ class Job:
             self.cancelled.set()
 
     def run(self, engine):
-        """("delta", choice, reasoning, content, logprobs) as text streams, ("finish", choice, reason, tokens) per
-        choice; the tokens generated."""
+        """("delta", choice, reasoning, content, logprobs, calls) as text streams, ("finish", choice, reason, tokens)
+        per choice (reason "tool_calls" for a reply that stopped after calling tools); the tokens generated. reply:
+        ReplyStream's split, tools and prefix."""
         p = self.params
         gen = torch.Generator(engine.device).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         total = 0
         for choice in range(p.n):
             stream = generation.ReplyStream(engine.model, engine.tokenizer, self.prompt_ids, self.stop_ids,
                                             p.max_new_tokens, stop=p.stop, max_len=engine.context,
-                                            cancelled=self.cancelled.is_set, generator=gen, split=self.split,
-                                            top_logprobs=p.top_logprobs, **p.sampling)
+                                            cancelled=self.cancelled.is_set, generator=gen,
+                                            top_logprobs=p.top_logprobs, **self.reply, **p.sampling)
+            called = False
             for piece in stream:
-                if piece.reasoning or piece.content or piece.logprobs:
-                    self.emit("delta", choice, piece.reasoning, piece.content, piece.logprobs)
+                if piece.reasoning or piece.content or piece.logprobs or piece.calls:
+                    self.emit("delta", choice, piece.reasoning, piece.content, piece.logprobs, piece.calls)
+                called = called or bool(piece.calls)
+                if called and not p.parallel_tool_calls:
+                    break  # the reply ends with its first call
             total += stream.tokens
-            self.emit("finish", choice, stream.finish_reason, stream.tokens)
+            called = called and (stream.finish_reason == "stop" or not p.parallel_tool_calls)
+            self.emit("finish", choice, "tool_calls" if called else stream.finish_reason, stream.tokens)
             if self.cancelled.is_set():
                 break
         return total
@@ -195,6 +210,10 @@ def request_params(body, cfg, prompt_len, context, top_logprobs):
     leaves after the prompt (finish_reason "length" then says it was cut)."""
     temperature = field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "must be a number in [0, 2]")
     top_p = field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
+    penalties = {name: float(field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "must be a number in "
+                                   "[-2, 2]")) for name in ("frequency_penalty", "presence_penalty")}
+    penalties["repetition_penalty"] = float(field(body, "repetition_penalty", (int, float), 1.0,
+                                                  lambda v: 0 < v <= 10, "must be a number in (0, 10]"))
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt is {prompt_len} tokens; the model's context is {context}", param="messages",
@@ -207,9 +226,10 @@ def request_params(body, cfg, prompt_len, context, top_logprobs):
     n = field(body, "n", int, 1, lambda v: 1 <= v <= cfg["max_n"], f"must be an integer in [1, {cfg['max_n']}]")
     stream = field(body, "stream", bool, False)
     include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
-    return Params({"temperature": float(temperature), "top_p": float(top_p)}, min(wanted or cfg["max_tokens"],
-                  cfg["max_tokens"], room), [stop] if isinstance(stop, str) else stop, seed, n, stream, include_usage,
-                  top_logprobs)
+    parallel_tool_calls = field(body, "parallel_tool_calls", bool, True)
+    return Params({"temperature": float(temperature), "top_p": float(top_p), **penalties},
+                  min(wanted or cfg["max_tokens"], cfg["max_tokens"], room), [stop] if isinstance(stop, str) else stop,
+                  seed, n, stream, include_usage, top_logprobs, parallel_tool_calls)
 
 
 def chat_top_logprobs(body):
@@ -226,27 +246,122 @@ def completion_top_logprobs(body):
     return field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "must be an integer in [0, 5]")
 
 
+def text_content(content, where):
+    """A message's content as a string: OpenAI's content parts joined (text ones only); None stays None."""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"{where}.content: only text parts {{'type': 'text', 'text': a string}} are supported",
+                           param=where)
+        return "".join(p["text"] for p in content)
+    return content
+
+
+def sent_tool_calls(m, where):
+    """An assistant message's tool_calls, OpenAI's [{id, type: "function", function: {name, arguments: the JSON
+    text}}] (the chat template renders the arguments as written), and their ids."""
+    calls = m.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise APIError(400, f"{where}.tool_calls must be a non-empty list", param=f"{where}.tool_calls")
+    out, ids = [], []
+    for j, call in enumerate(calls):
+        f = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(f, dict) and call.get("type", "function") == "function" and isinstance(call.get("id"), str)
+                and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)):
+            raise APIError(400, f"{where}.tool_calls[{j}] must be {{'id': a string, 'type': 'function', 'function': "
+                                f"{{'name': a string, 'arguments': a JSON string}}}}", param=f"{where}.tool_calls[{j}]")
+        out.append({"id": call["id"], "type": "function", "function": {"name": f["name"], "arguments": f["arguments"]}})
+        ids.append(call["id"])
+    return out, ids
+
+
 def chat_messages(body):
-    """The conversation as [{role, content}], a developer message (newer clients' system) as a system one."""
+    """The conversation as the chat template takes it: [{role, content}], a developer message (newer clients' system)
+    as a system one, an assistant's tool_calls kept (its content may then be null: ""), a tool message's
+    tool_call_id too (so that the result is a request's messages again: /fit_history). As OpenAI's API requires,
+    each tool message answers a call of the assistant message before it and every call is answered before the
+    conversation goes on."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
-    out = []
+    out, unanswered = [], []
     for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # OpenAI's content parts: text ones only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts {{'type': 'text', 'text': a string}} "
-                                    f"are supported", param=f"messages[{i}]")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must be {{'role': system|developer|user|assistant, 'content': a "
-                                f"string}}", param=f"messages[{i}]")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        where = f"messages[{i}]"
+        content = text_content(m.get("content"), where) if isinstance(m, dict) else None
+        role = m.get("role") if isinstance(m, dict) else None
+        calls = role == "assistant" and m.get("tool_calls") is not None
+        if role not in ROLES or not (isinstance(content, str) or (calls and content is None)):
+            raise APIError(400, f"{where} must be {{'role': system|developer|user|assistant|tool, 'content': a "
+                                f"string}}", param=where)
+        if unanswered and role != "tool":
+            raise APIError(400, f"{where}: the tool calls {', '.join(unanswered)} have no tool message answering them",
+                           param=where)
+        message = {"role": "system" if role == "developer" else role, "content": content or ""}
+        if calls:
+            message["tool_calls"], unanswered = sent_tool_calls(m, where)
+        if role == "tool":
+            if m.get("tool_call_id") not in unanswered:
+                raise APIError(400, f"{where}: a tool message must answer a call of the assistant message before it "
+                                    f"('tool_call_id' one of {unanswered}, got {m.get('tool_call_id')!r})"[:300],
+                               param=f"{where}.tool_call_id")
+            unanswered.remove(m["tool_call_id"])
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     if out[-1]["role"] == "assistant":
-        raise APIError(400, "the last message must be the user's (or the system's)", param="messages")
+        raise APIError(400, "the last message must be the user's, a tool's (or the system's)", param="messages")
     return out
+
+
+def tool_parameters(schema, where):
+    """A function's parameters: OpenAI's API takes a JSON Schema of type "object" (checked this far: properties
+    are schemas, required names some of them)."""
+    props = schema.get("properties", {}) if isinstance(schema, dict) else None
+    required = schema.get("required", []) if isinstance(schema, dict) else None
+    if (schema.get("type", "object") if isinstance(schema, dict) else None) != "object" or not isinstance(props, dict) \
+            or not all(isinstance(v, dict) for v in props.values()) or not isinstance(required, list) \
+            or not all(isinstance(r, str) and r in props for r in required):
+        raise APIError(400, f"{where} must be a JSON Schema of type 'object' (its properties schemas, 'required' "
+                            f"some of their names): got {schema!r}"[:300], param=where)
+
+
+def chat_tools(body):
+    """(tools, choice) of a request: the functions offered, OpenAI's [{"type": "function", "function": {name,
+    description, parameters, strict}}] as given ([] when none), and tool_choice: "auto" (the default with tools),
+    "none" (the default without), "required", or the name of the function the reply must call ({"type": "function",
+    "function": {"name": ...}})."""
+    tools = field(body, "tools", list, [])
+    names = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{'name', 'description', "
+                                f"'parameters'}}}}", param=where)
+        f = tool.get("function")
+        if not isinstance(f, dict):
+            raise APIError(400, f"{where}.function must be an object {{'name', 'description', 'parameters'}}",
+                           param=f"{where}.function")
+        name = f.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or name in names:
+            raise APIError(400, f"{where}.function.name must be a new name of 1 to 64 letters, digits, '_' or '-': "
+                                f"got {name!r}"[:300], param=f"{where}.function.name")
+        names.add(name)
+        for key, kind in (("description", str), ("strict", bool)):
+            if f.get(key) is not None and not isinstance(f[key], kind):
+                raise APIError(400, f"{where}.function.{key} must be a {kind.__name__}: got {f[key]!r}"[:300],
+                               param=f"{where}.function.{key}")
+        if "parameters" in f:
+            tool_parameters(f["parameters"], f"{where}.function.parameters")
+    choice = body.get("tool_choice") or ("auto" if tools else "none")
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        choice = choice["function"].get("name")
+        if choice not in names:
+            raise APIError(400, f"'tool_choice' names a function that is not in 'tools': {choice!r}"[:300],
+                           param="tool_choice")
+    elif choice not in ("auto", "none", "required"):
+        raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                            f"{{'name': ...}}}}: got {choice!r}"[:300], param="tool_choice")
+    elif choice == "required" and not tools:
+        raise APIError(400, "'tool_choice' 'required' needs 'tools'", param="tool_choice")
+    return tools, choice
 
 
 def completion_prompt(body):
@@ -346,7 +461,7 @@ async def cancel_when_gone(receive, job):
 # the app
 
 
-def create_app(engine, cfg):
+def create_app(engine, cfg, page_tools=None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -383,22 +498,22 @@ def create_app(engine, cfg):
             raise APIError(400, "the request body must be a JSON object")
         return body
 
-    def start(prompt_ids, stop_ids, params, split):
-        job = Job(asyncio.get_running_loop(), prompt_ids, stop_ids, params, split)
+    def start(prompt_ids, stop_ids, params, **reply):
+        job = Job(asyncio.get_running_loop(), prompt_ids, stop_ids, params, reply)
         engine.submit(job)
         return job
 
     async def collect(request, job):
-        """Every choice's [reasoning, content, finish reason, tokens, logprobs], waiting for the worker; a client
-        that leaves cancels its generation."""
-        choices = [["", "", None, 0, []] for _ in range(job.params.n)]
+        """Every choice's [reasoning, content, finish reason, tokens, logprobs, tool calls], waiting for the worker; a
+        client that leaves cancels its generation."""
+        choices = [["", "", None, 0, [], []] for _ in range(job.params.n)]
         watcher = asyncio.ensure_future(cancel_when_gone(request.receive, job))
         try:
             while True:
                 event = await job.events.get()
                 if event[0] == "delta":
                     c = choices[event[1]]
-                    c[0], c[1], c[4] = c[0] + event[2], c[1] + event[3], c[4] + event[4]
+                    c[0], c[1], c[4], c[5] = c[0] + event[2], c[1] + event[3], c[4] + event[4], c[5] + event[5]
                 elif event[0] == "finish":
                     choices[event[1]][2:4] = event[2:]
                 elif event[0] == "error":
@@ -433,19 +548,27 @@ def create_app(engine, cfg):
 
     def stream(job, prompt_ids, chunk_of):
         """The server-sent events of a streamed response, OpenAI's chunk format; a chunk's logprobs are those of
-        the tokens since the last chunk. When the client goes, its generation is cancelled."""
+        the tokens since the last chunk. A tool call comes whole once its text is (two chunks, as OpenAI's API
+        sends them: its index, id, type and name, then its arguments). When the client goes, its generation is
+        cancelled."""
         async def events():
-            tokens, held = 0, [[] for _ in range(job.params.n)]
+            tokens, held, called = 0, [[] for _ in range(job.params.n)], [0] * job.params.n
             try:
                 for choice in range(job.params.n):
                     yield sse(chunk_of(choice, "", "", None, None, role=True))
                 while True:
                     event = await job.events.get()
                     if event[0] == "delta":
-                        held[event[1]] += event[4]
+                        choice = event[1]
+                        held[choice] += event[4]
                         if event[2] or event[3]:
-                            yield sse(chunk_of(event[1], event[2], event[3], held[event[1]], None))
-                            held[event[1]] = []
+                            yield sse(chunk_of(choice, event[2], event[3], held[choice], None))
+                            held[choice] = []
+                        for call in event[5]:
+                            for part in call_deltas(called[choice], call):
+                                yield sse(chunk_of(choice, "", "", held[choice], None, tool_calls=[part]))
+                                held[choice] = []
+                            called[choice] += 1
                     elif event[0] == "finish":
                         tokens += event[3]
                         yield sse(chunk_of(event[1], "", "", held[event[1]], event[2]))
@@ -465,13 +588,18 @@ def create_app(engine, cfg):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
-        prompt_ids = generation.chat_prompt_ids(tok, chat_messages(body))
+        tools, choice = chat_tools(body)
+        offered = tools if choice != "none" else None
+        prefix, forced = generation.call_start(tok, None if choice == "required" else choice) \
+            if choice not in ("auto", "none") else ("", [])
+        prompt_ids = generation.chat_prompt_ids(tok, chat_messages(body), offered) + forced
         params = request_params(body, cfg, len(prompt_ids), engine.context, chat_top_logprobs(body))
-        job = start(prompt_ids, generation.chat_stop_ids(tok), params, split=True)
+        job = start(prompt_ids, generation.chat_stop_ids(tok), params, split=True, tools=bool(offered), prefix=prefix)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": name}
         if params.stream:
-            def chunk_of(choice, reasoning, content, logprobs, finish, role=False):
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+            def chunk_of(choice, reasoning, content, logprobs, finish, role=False, tool_calls=None):
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content),
+                                           ("tool_calls", tool_calls)) if v}
                 return {**head, "object": "chat.completion.chunk", "choices": [{
                     "index": choice, "delta": {"role": "assistant", "content": ""} if role else delta,
                     "logprobs": chat_logprobs(logprobs or [], params.top_logprobs), "finish_reason": finish}]}
@@ -479,8 +607,9 @@ def create_app(engine, cfg):
         choices = await collect(request, job)
         return {**head, "object": "chat.completion", "usage": usage(prompt_ids, sum(c[3] for c in choices)),
                 "choices": [{"index": i, "finish_reason": c[2], "logprobs": chat_logprobs(c[4], params.top_logprobs),
-                             "message": {"role": "assistant", "content": c[1],
-                                         **({"reasoning_content": c[0]} if c[0] else {})}}
+                             "message": {"role": "assistant", "content": c[1] if c[1] or not c[5] else None,
+                                         **({"reasoning_content": c[0]} if c[0] else {}),
+                                         **({"tool_calls": [api_call(call) for call in c[5]]} if c[5] else {})}}
                             for i, c in enumerate(choices)]}
 
     @app.post("/v1/completions")
@@ -506,15 +635,35 @@ def create_app(engine, cfg):
     async def fit_history(request: Request):
         """The chat page's conversation without its oldest whole turns, as sample.py trims it: what fits the context
         with reply_room's share left for the reply."""
-        messages = chat_messages(await read_json(request))
+        body = await read_json(request)
+        messages, (tools, choice) = chat_messages(body), chat_tools(body)
         budget = engine.context - generation.reply_room(engine.context, cfg["max_tokens"])
-        kept, ids = generation.fit_history(tok, messages, budget)
+        kept, ids = generation.fit_history(tok, messages, budget, tools if choice != "none" else None)
         if kept is None:
             raise APIError(400, f"that message is {len(ids)} tokens with the system prompt; at most {budget} fit the "
                                 f"model's context of {engine.context}", param="messages",
                            code="context_length_exceeded")
         return {"messages": kept, "dropped": len(messages) - len(kept), "prompt_tokens": len(ids),
                 "context": engine.context}
+
+    @app.get("/tools")
+    async def offered_tools():
+        """The tools the chat page offers (--tools, run by this server), and how many replies may call them."""
+        return {"tools": page_tools.schemas if page_tools else [], "max_steps": cfg["max_tool_steps"]}
+
+    @app.post("/tools/run")
+    async def run_tool(request: Request):
+        """One call of the chat page's tools ({name, arguments: the JSON text}): {content: its result}; a tool's error
+        is its result's text, as sample.py feeds it back."""
+        body = await read_json(request)
+        if page_tools is None:
+            raise APIError(404, "this server runs no tools (serve.py --tools)")
+        arguments = field(body, "arguments", str, "{}")
+        call = generation.parse_call(json.dumps({"name": field(body, "name", str, ""), "arguments": arguments}))
+        if call is None:
+            raise APIError(400, "a call is {'name': a string, 'arguments': the JSON text of an object}",
+                           param="arguments")
+        return {"content": await asyncio.to_thread(page_tools.run, call)}
 
     @app.get("/v1/models")
     async def models():
@@ -532,6 +681,21 @@ def create_app(engine, cfg):
     return Guard(app, cfg)
 
 
+def api_call(call):
+    """A parsed call ({"name", "arguments"}) as OpenAI's API gives it: {id, type, function: {name, arguments: the
+    JSON text}}."""
+    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+def call_deltas(index, call):
+    """A streamed call's two delta.tool_calls entries, as OpenAI's API sends them: its index, id, type and name (the
+    arguments empty), then its arguments."""
+    whole = api_call(call)
+    return ({"index": index, **whole, "function": {"name": call["name"], "arguments": ""}},
+            {"index": index, "function": {"arguments": whole["function"]["arguments"]}})
+
+
 def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -539,8 +703,8 @@ def sse(obj):
 def check_config(cfg):
     if bool(cfg["out_dir"]) == bool(cfg["hf_dir"]):
         configurator.fail("give exactly one of --out_dir (a run directory) or --hf_dir (an HF directory)")
-    if not 0 < cfg["port"] < 65536 or cfg["max_tokens"] < 1 or cfg["max_n"] < 1 or cfg["queue_size"] < 1:
-        configurator.fail("port must be in 1..65535; max_tokens, max_n and queue_size >= 1")
+    if not 0 < cfg["port"] < 65536 or min(cfg[k] for k in ("max_tokens", "max_n", "queue_size", "max_tool_steps")) < 1:
+        configurator.fail("port must be in 1..65535; max_tokens, max_n, queue_size and max_tool_steps >= 1")
 
 
 def main(argv=None):
@@ -549,8 +713,9 @@ def main(argv=None):
     c = configurator.configure(_DEFAULTS, argv)
     check_config(c)
     path = c["out_dir"] or c["hf_dir"]
+    page_tools = Tools(c["tools"]) if c["tools"] else None
     engine = Engine(path, c["device"], c["dtype"], c["queue_size"])
-    app = create_app(engine, c)
+    app = create_app(engine, c, page_tools)
     kind = f"{engine.info['stage']} run" if engine.info["kind"] == "run" else "HF model"
     print(f"serving {path} ({kind}, {engine.model.num_params() / 1e6:.1f}M parameters, {engine.device}, context "
           f"{engine.context}) at http://{c['host']}:{c['port']}: the chat page at /, the API at /v1", file=sys.stderr,

@@ -229,6 +229,10 @@ def test_16_streaming_clients_at_once_one_leaving(sft, local):
      "top_logprobs"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": "yes"}}), 400,
      "include_usage"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 2.5}), 400, "frequency_penalty"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.01}), 400, "presence_penalty"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "presence_penalty": "high"}), 400, "presence_penalty"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}), 400, "repetition_penalty"),
 ])
 def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(sft, body, status, param):
     r = httpx.post(sft.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
@@ -338,6 +342,29 @@ def test_odd_values_are_handled(sft, local):
     assert r.choices[0].message.content == expected  # developer is the newer clients' system
 
 
+def test_penalties_are_sample_py_s(sft, local):
+    """frequency_penalty and presence_penalty (the openai client's own arguments) and repetition_penalty (vLLM's, in
+    extra_body) give the reply generation.reply gives with them, streamed or not, on both endpoints."""
+    model, tok, info = local
+    penalties = {"frequency_penalty": 0.8, "presence_penalty": -0.3, "repetition_penalty": 1.2}
+    expected = generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=40, max_len=info["block_size"],
+                                **penalties)
+    assert expected != generation.reply(model, tok, MESSAGES, temperature=0.0, max_new_tokens=40,
+                                        max_len=info["block_size"])  # the penalties change the reply
+    client = sft.client()
+    ask = dict(model="sft", messages=MESSAGES, temperature=0, max_tokens=40, frequency_penalty=0.8,
+               presence_penalty=-0.3, extra_body={"repetition_penalty": 1.2})
+    assert client.chat.completions.create(**ask).choices[0].message.content == expected
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                   if c.choices) == expected
+    ids = generation.complete_prompt_ids(tok, "床前明月光，")
+    alone = generation.ReplyStream(model, tok, ids, (tok.eot_id,), 30, max_len=info["block_size"], temperature=0.0,
+                                   **penalties)
+    r = client.completions.create(model="sft", prompt="床前明月光，", temperature=0, max_tokens=30, frequency_penalty=0.8,
+                                  presence_penalty=-0.3, extra_body={"repetition_penalty": 1.2})
+    assert r.choices[0].text == "".join(p.content for p in alone)
+
+
 def test_max_tokens_past_the_context_is_clamped(sft, local):
     model, tok, info = local
     prompt = "床前明月光，" * 200
@@ -369,7 +396,7 @@ def test_logprobs_are_the_model_s(sft, local):
     for e, row, token in zip(entries, reference, generated):
         assert abs(e.logprob - float(row[token])) < 1e-4 and token == int(row.argmax())  # greedy: the top one
         assert [t.logprob for t in e.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
-    assert b"".join(bytes(e.bytes) for e in entries).decode() == r.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in entries).decode(errors="replace") == r.choices[0].message.content
     streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(
         model="sft", messages=MESSAGES, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True)
         if c.choices and c.choices[0].logprobs]

@@ -64,16 +64,16 @@ def chat_prompt_ids(tokenizer, messages, tools=None):
     return ids
 
 
-def fit_history(tokenizer, messages, budget):
+def fit_history(tokenizer, messages, budget, tools=None):
     """(messages, prompt ids): the conversation without its oldest whole turns, as few dropped as fit `budget` tokens.
 
-    A leading system message is kept; a turn is a user message and the replies after it.
-    (None, ids) when even the last turn alone is too long.
+    A leading system message is kept (and the tools offered, in the system turn); a turn is a user message and the
+    replies (and tool results) after it. (None, ids) when even the last turn alone is too long.
     """
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(head):]
     while True:
-        ids = chat_prompt_ids(tokenizer, head + turns)
+        ids = chat_prompt_ids(tokenizer, head + turns, tools)
         if len(ids) <= budget:
             return head + turns, ids
         later_turns = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
@@ -166,6 +166,16 @@ def split_tool_calls(text, final=True):
     return text, calls
 
 
+def call_start(tokenizer, name=None):
+    """(text, ids) a reply is made to start with so that it is a tool call (name=None: of the model's choice) or a
+    call of function `name`: the chat template's `<tool_call>\n{"name":` and, for a name, ` "NAME", "arguments":`.
+    Both end where the text of the whole call is split anyway (before the space that starts the next word), so the
+    ids are those the template gives the whole call."""
+    text = '<tool_call>\n{"name":' + ("" if name is None else " " + json.dumps(name, ensure_ascii=False)
+                                      + ', "arguments":')
+    return text, [tokenizer.tool_tag_ids["<tool_call>"]] + tokenizer.encode(text[len("<tool_call>"):])
+
+
 def tool_call_message(content, calls):
     """The assistant message of a reply that calls tools, as the chat template and OpenAI's API take it."""
     return {"role": "assistant", "content": content,
@@ -208,7 +218,7 @@ class Piece:
 @dataclass
 class TokenLogprob:
     """A generated token's log-probability under the model (its raw logits: before temperature, top_p or the
-    repetition penalty), the `top` most likely tokens' [(id, logprob)], and where its text starts in the reply."""
+    penalties), the `top` most likely tokens' [(id, logprob)], and where its text starts in the reply."""
 
     id: int
     logprob: float
@@ -224,14 +234,17 @@ class ReplyStream:
     stop strings searched in all of it. top_logprobs: None, or n >= 0: each piece carries its tokens' TokenLogprobs
     with the n most likely alternatives. tools=True: the content's tool calls are taken out of it (split_tool_calls)
     and handed out in Piece.calls (all of them in .calls), a call's tokens' log-probabilities with the content piece
-    after it. sampling: temperature, top_k, top_p, repetition_penalty, generator (see Transformer.generate)."""
+    after it. prefix: text the reply starts with whose ids end prompt_ids (a forced start, see call_start): read
+    with what follows (a call it opens is parsed whole), never yielded as a Piece's text. sampling: temperature,
+    top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty, generator (see Transformer.generate and
+    model.Penalties)."""
 
     def __init__(self, model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, stop=(), max_len=None,
-                 cancelled=None, split=True, top_logprobs=None, tools=False, **sampling):
+                 cancelled=None, split=True, top_logprobs=None, tools=False, prefix="", **sampling):
         self.model, self.tokenizer, self.prompt_ids, self.stop_ids = model, tokenizer, prompt_ids, stop_ids
         self.max_new_tokens, self.stop, self.max_len, self.sampling = max_new_tokens, tuple(stop), max_len, sampling
         self.cancelled, self.split, self.top_logprobs = cancelled or (lambda: False), split, top_logprobs
-        self.finish_reason, self.tokens, self.text, self._logits, self._logprobs = "length", 0, "", None, []
+        self.finish_reason, self.tokens, self.text, self._logits, self._logprobs = "length", 0, prefix, None, []
         self.tools, self.calls = tools, []
 
     def _tokens(self):

@@ -1,6 +1,6 @@
 """
 One training loop for every stage: pretrain, sft (also long-context SFT and
-reasoning distillation), dpo and grpo. The stage, defined once in
+reasoning distillation), dpo, rm (a reward model) and grpo. The stage, defined once in
 llm_trainer/stages.py, decides what a batch is and what the loss is; optimizer,
 schedule, precision, parallelism, checkpoints and logging are shared.
 
@@ -12,8 +12,8 @@ Reading order: the defaults, main, the loop, one optimizer step, evaluation,
 then build() and the small pieces they call.
 
 Guarantees, each tested:
-- the loss of an optimizer step is the mean over all its target tokens (DPO:
-  over all its pairs; GRPO: over all its completion tokens), across
+- the loss of an optimizer step is the mean over all its target tokens (DPO
+  and rm: over all its pairs; GRPO: over all its completion tokens), across
   micro-steps and ranks;
 - batches and dropout are a pure function of (seed, global micro-batch
   index), so a resumed run repeats the uninterrupted one bit for bit, and N
@@ -51,13 +51,13 @@ from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
 from llm_trainer.training import losses
 from llm_trainer.training.metrics import Logger, format_line
 from llm_trainer.training.rewards import Reward
-from model import LORA_PARTS, ModelConfig, Transformer
+from model import LORA_PARTS, ModelConfig, Transformer, for_head, lora_trained
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 out_dir = "out/run"
 data_dir = "data/demo_pretrain"
-stage = "pretrain"  # pretrain | sft | dpo | grpo (llm_trainer/stages.py)
+stage = "pretrain"  # pretrain | sft | dpo | rm | grpo (llm_trainer/stages.py)
 init_from = "scratch"  # scratch | resume | a run dir (ckpt.pt) | an HF Llama dir
 # model shape, used when training from scratch (otherwise it comes from the checkpoint)
 vocab_size = 0  # 0: the data's vocabulary size
@@ -100,7 +100,8 @@ dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
 dpo_label_smoothing = 0.0
 dpo_precompute_ref = False  # reference log-probs computed once up front: no reference model in memory
-reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, or a weighted sum (llm_trainer/training/rewards.py)
+center_rewards_coefficient = 0.0  # rm: weight of (r_chosen + r_rejected)^2, which keeps the scores centred on 0 (TRL)
+reward = "exact_answer"  # grpo: a built-in, module:function, file.py:function, rm:DIR (a reward model), or a weighted sum (llm_trainer/training/rewards.py)
 grpo_group = 8  # grpo: completions sampled per prompt (batch_size counts prompts)
 grpo_epochs = 1  # grpo: optimizer updates on each batch of rollouts (> 1: the ratio to the rollout policy is clipped)
 grpo_clip = 0.2  # grpo: the ratio is clipped to [1 - grpo_clip, 1 + grpo_clip]
@@ -225,7 +226,8 @@ def train_loop(run, logger):
                       "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
                                                                                * cfg["batch_size"]),
                       "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
-                      **{k: stats[k] for k in run.stage.stats + run.stage.figures}}
+                      **{k: stats[k] for k in (run.stage.logged or run.stage.stats) + run.stage.figures
+                         if stats[k] is not None}}  # a figure that does not apply is None (rm_score without an rm)
             if peak:
                 record["mfu"] = flops_per_token * stats["positions"] / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
@@ -305,7 +307,7 @@ def update(run, it, counts, micros, while_busy=None):
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr_at(it, cfg), "finite": finite, "stop": sums["stop"] > 0,
             "target_tokens": counts[1], "fill": counts[2] / counts[3], "positions": counts[3],
-            **{k: sums[k] / denom for k in stats_sum}}
+            **run.stage.summary({k: sums[k] / denom for k in stats_sum})}
 
 
 def load_micros(run, it):
@@ -345,8 +347,9 @@ def evaluate(run):
     sums = dict(zip(names, distributed.all_reduce_sum(sums, run.world).tolist()))
     model.train()
     count, nbytes = max(sums.pop("count"), 1.0), max(sums.pop("bytes"), 1.0)
-    figures = {"val_" + k: v / count for k, v in sums.items()}
-    if run.token_bytes is not None:  # data without a tokenizer (bench.py's random ids) has no bytes
+    means = {k: v / count for k, v in sums.items()}
+    figures = {"val_" + k: v for k, v in {"loss": means.pop("loss"), **stage.summary(means)}.items()}
+    if run.token_bytes is not None and stage.bpb_nats is not None:  # no bytes without a tokenizer (bench.py's ids)
         figures["val_bpb"] = stage.bpb_nats(sums) / math.log(2) / nbytes
     return figures
 
@@ -374,7 +377,8 @@ class Run:
     val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
     reference: Optional[losses.Reference]  # Stage.needs_reference: the frozen starting weights (or their log-probs)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer (a resumed one: data)
-    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference": weights_source}), to rebuild it
+    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference": weights_source}), to rebuild
+    # it; a resumed run starts with what its checkpoint recorded (its stage's setup may rebuild more: grpo's rm)
     run_id: Optional[str]  # saved in checkpoints: rotation removes only this run's (rank 0's id is the one saved)
     faults: dict = field(default_factory=dict)  # TRAIN_FAULTS: faults tests inject (the module docstring)
     start_iter: int = 0
@@ -386,6 +390,7 @@ class Run:
     token_bytes: Optional[torch.Tensor] = None  # the UTF-8 bytes of each token id, for val_bpb
     tokenizer: Optional[ChatTokenizer] = None  # a stage that decodes what it samples (grpo, for the reward)
     reward: Optional[Reward] = None  # a stage that scores what it samples (grpo)
+    margins: Optional[dict] = None  # rm: {split: each pair's margin}, for data with a margin column
     prefetched: dict = field(default_factory=dict)  # {iteration: (counts, micro-batches)} read while the device works
     tasks: Optional[object] = None  # eval_tasks: eval.TrainingTasks, called with the model
 
@@ -419,7 +424,7 @@ def build(cfg):
     meta, splits = open_data(cfg, stage, rank, world)
     start = load_start(cfg, meta)
     resumed = start is not None and start.resumed
-    raw = make_model(cfg, meta, start, dev)
+    raw = make_model(cfg, stage, meta, start, dev)
     autocast = common.autocast(dev, ptdtype)
     train_batches, val_batches = make_batches(cfg, stage, meta, splits)
 
@@ -436,13 +441,14 @@ def build(cfg):
               raw_model=raw, model=model, optimizer=configure_optimizer(model, cfg, dev),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
-              data_identity=checkpoint.data_identity(cfg, meta), frozen=frozen,
+              data_identity=checkpoint.data_identity(cfg, meta),
+              frozen={**((start.saved.get("frozen") or {}) if resumed else {}), **frozen},
               run_id=start.saved.get("run_id") if resumed else uuid.uuid4().hex, faults=faults)
     if cfg["lora_rank"]:
         run.lora_base = start.saved["lora_base"] if resumed else checkpoint.lora_base(cfg["init_from"])
-    add_text_and_tasks(run, meta)
     if resumed:
         restore(run, start.saved)
+    add_text_and_tasks(run, meta)
     first, last = distributed.spread(run.start_iter, world)
     if first != last:  # e.g. nodes whose out_dir is not the same directory: only rank 0 writes checkpoints
         fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
@@ -465,9 +471,7 @@ def set_up_device(name, local_rank):
 def open_data(cfg, stage, rank, world):
     """(meta.json, {split: shards.Split}) of data_dir, refused when prepared for another stage."""
     meta = shards.load_meta(cfg["data_dir"])
-    if meta["stage"] != cfg["stage"] and not stage.any_data:
-        fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
-             f"(prepare.py --stage={cfg['stage']})")
+    stages.check_data(stage, meta["stage"], cfg["data_dir"])
     verify = cfg["verify_data"] and rank == 0  # rank 0 checks every byte; the others trust it
     splits = distributed.together(lambda: {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify)
                                            for s in shards.SPLITS}, rank, world, "checking the data")
@@ -485,22 +489,25 @@ def load_start(cfg, meta):
     return start
 
 
-def make_model(cfg, meta, start, dev):
-    """The model on dev: initialised from the seed, then given the starting weights; LoRA: only adapters train."""
+def make_model(cfg, stage, meta, start, dev):
+    """The model on dev: initialised from the seed, then given the starting weights (a language model's start a
+    reward model, whose score head is new); LoRA: only adapters (and a new head) train."""
     torch.manual_seed(cfg["seed"])
-    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
+    if start is not None and stage.head == "lm":
+        checkpoint.check_head(ModelConfig(**start.model_config), cfg["init_from"], "lm")
+    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]), stage.head)
     if mcfg.vocab_size < meta["vocab_size"]:
         fail(f"the model's vocabulary ({mcfg.vocab_size}) does not cover the data's ({meta['vocab_size']} ids in "
              f"{cfg['data_dir']}): prepare the data with the model's tokenizer")
     raw = Transformer(mcfg)
     if start is not None:
-        missing, unexpected = raw.load_state_dict(start.model, strict=False)
-        if unexpected or any(".lora_" not in k for k in missing):  # only new adapters may be missing
+        missing, unexpected = raw.load_state_dict(for_head(start.model, mcfg), strict=False)
+        if unexpected or any(not lora_trained(k) for k in missing):  # only new adapters (or a new head) may be missing
             fail(f"the weights of {cfg['init_from']} do not fit the model (missing {missing[:3]}, unexpected "
                  f"{unexpected[:3]})")
     if cfg["lora_rank"]:  # only the adapters train; the base is frozen and stays out of the optimizer
         for name, p in raw.named_parameters():
-            p.requires_grad_(".lora_" in name)
+            p.requires_grad_(lora_trained(name))
     return raw.to(dev)
 
 
@@ -621,6 +628,9 @@ def check_config(cfg, stage, world):
     if cfg["eval_tasks"]:
         if cfg["eval_tasks_interval"] < 1 or cfg["eval_tasks_limit"] < 0:
             fail("eval_tasks_interval must be >= 1 (0: every eval_interval) and eval_tasks_limit >= 0 (0: every item)")
+        if stage.head != "lm":
+            fail(f"eval_tasks scores a language model; stage {stage.name} trains a reward model (its val_accuracy is "
+                 "its evaluation)")
         if cfg["fsdp"] and world > 1:
             fail("eval_tasks with fsdp=True: the ranks score different items, which a sharded model cannot do; "
                  "evaluate the checkpoints with eval.py instead")

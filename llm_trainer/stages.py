@@ -11,15 +11,21 @@ What a row holds (Stage.unit) decides the rest of the batch: a "window" of block
 a "document" from its start (padded, or packed with others when the stage packs); a "pair", chosen and rejected
 documents in two rows, whose loss is a mean over pairs (losses.target_count) and whose val_bpb counts the chosen
 replies. A stage that samples its own rows from the model (grpo's rollouts) says so with `sample`.
+
+A stage trains on data prepared for any stage whose records are its kind (check_data): rm reads the pairs prepared
+for dpo, and prepare.py --stage=rm makes the same set.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from configurator import fail
-from llm_trainer.data.records import as_task
+from llm_trainer.data.records import as_prompt, as_task
 from llm_trainer.training import grpo, losses
-from llm_trainer.training.rewards import Reward
+from llm_trainer.training.rewards import Reward, load_reward_model
 
 
 def _never(cfg):
@@ -42,6 +48,10 @@ def _loss_nats(val_sums):
     return val_sums["loss"]
 
 
+def _means(means):
+    return means
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage. The callables take train.Run (run), a resolved config (cfg) or a batches.Batch (batch)."""
@@ -51,7 +61,9 @@ class Stage:
     unit: str  # what a row holds: "window", "document" or "pair" (the module docstring)
     loss: Callable  # (run, batch, split) -> (summed loss, {statistic: sum}) of a micro-batch (training/losses.py)
     plan: Callable  # (run) -> the lines the run's plan prints for the stage, the first one its steps
-    stats: tuple = ()  # the statistics loss reports: logged, and means over the targets in evaluation
+    stats: tuple = ()  # the statistics loss reports (sums): logged as means over the targets, in steps and evaluation
+    summary: Callable = _means  # (those means) -> the figures logged for them (rm: the scores' std from two moments)
+    logged: tuple = ()  # the names of summary's figures, when they are not the stats' own
     keys: tuple = ()  # config keys of this stage only: another stage refuses them set away from their default
     fixed_on_resume: tuple = ()  # of those, the ones that decide the model, the reference or the batches
     record_converters: dict = field(default_factory=dict)  # prepare.py: other record kinds taken, made this kind
@@ -59,9 +71,11 @@ class Stage:
     any_data: bool = False  # trains on a set prepared for any stage (its tokens); else only on its own stage's
     packs: bool = False  # pack=True (its default) packs whole documents into each row
     lora: bool = True  # lora_rank > 0: adapters on a trained model
+    head: str = "lm"  # what the model ends in (model.HEADS): next-token logits, or a reward model's score
     needs_reference: Callable = _never  # (cfg): a frozen copy of the starting weights beside the policy
     precompute_reference: Callable = _never  # (cfg): the reference's log-probs computed once instead of a model
-    bpb_nats: Callable = _loss_nats  # (val sums) -> the nats of the targets whose bytes val_bpb divides by
+    bpb_nats: Optional[Callable] = _loss_nats  # (val sums) -> the nats of the targets whose bytes val_bpb divides
+    # by; None: no val_bpb (a reward model models no text)
     sample: Optional[Callable] = None  # (run, it) -> (batch counts, micro-batches, logged figures): rows sampled
     updates: Callable = _one_update  # (cfg) -> optimizer updates on each step's sampled rows
     figures: tuple = ()  # the names of sample's logged figures
@@ -83,6 +97,12 @@ def dpo_loss(run, batch, split):
     cfg = run.cfg
     return losses.dpo_loss(run.model, batch, run.reference.logps(batch, split), cfg["dpo_beta"], cfg["dpo_loss"],
                            cfg["dpo_label_smoothing"])
+
+
+def rm_loss(run, batch, split):
+    """The margins, where the data gives them, are looked up by pair (run.margins, set by rm_setup)."""
+    margins = run.margins[split][batch.units] if run.margins else torch.zeros(len(batch.units), device=batch.x.device)
+    return losses.rm_loss(run.model, batch, run.train_batches.pad_id, margins, run.cfg["center_rewards_coefficient"])
 
 
 def grpo_loss(run, batch, split):
@@ -116,9 +136,42 @@ def check_grpo(cfg):
         fail(f"max_new_tokens ({cfg['max_new_tokens']}) leaves no room for a prompt in block_size {cfg['block_size']}")
 
 
+def check_rm(cfg):
+    if cfg["center_rewards_coefficient"] < 0:
+        fail(f"center_rewards_coefficient must be >= 0 (0: off), got {cfg['center_rewards_coefficient']}")
+
+
+def rm_setup(run, tokenizer):
+    """Each pair's margin, per split, from a set prepared with a margin column (prepare.py keeps it in the .ref
+    sidecar); None without one (every margin 0)."""
+    batches = {"train": run.train_batches, "val": run.val_batches}
+    run.margins = {split: torch.tensor([r["margin"] for r in b.split.refs[0::2]], device=run.device)
+                   for split, b in batches.items() if b is not None and b.split.refs is not None} or None
+
+
 def grpo_setup(run, tokenizer):
-    """Completions are decoded for the reward, which the config names."""
-    run.tokenizer, run.reward = tokenizer, Reward(run.cfg["reward"])
+    """Completions are decoded for the reward, which the config names: its reward models are loaded frozen (a resumed
+    run: from the sources its checkpoint recorded, unchanged), recorded in run.frozen; a reward that reads reference
+    answers is refused on prompts prepared without them."""
+    cfg, recorded, sources = run.cfg, run.frozen.get("reward_models", {}), {}
+
+    def load(path):
+        source = recorded.get(os.path.abspath(path)) if run.resumed else None
+        model, sources[os.path.abspath(path)] = load_reward_model(
+            path, cfg["data_dir"], run.device, run.ptdtype, run.autocast, run.train_batches.pad_id, source)
+        return model
+
+    run.tokenizer, run.reward = tokenizer, Reward(cfg["reward"], load)
+    run.frozen.pop("reward_models", None)  # (what a resumed run's checkpoint recorded: these replace it)
+    if sources:
+        run.frozen["reward_models"] = sources
+    readers = run.reward.needs_reference
+    for batches in (run.train_batches, run.val_batches):
+        missing = sum(r["answer"] is None for r in batches.split.refs) if batches is not None else 0
+        if readers and missing:
+            fail(f"reward {cfg['reward']!r}: {', '.join(readers)} reads reference answers, and {missing:,} prompts "
+                 f"of {cfg['data_dir']} ({batches.split.name}) have none (prepared from prompts alone): use a reward "
+                 "that needs none (rm:DIR, think_format; a function of yours with needs_reference = False)")
 
 
 def tokens_per_step(cfg):
@@ -168,8 +221,12 @@ STAGES = {s.name: s for s in (
           keys=("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_precompute_ref"),
           needs_reference=_always, precompute_reference=lambda cfg: cfg["dpo_precompute_ref"], bpb_nats=chosen_nats,
           check=check_dpo, plan=plan_rows),
+    Stage(name="rm", record_kind="pair", unit="pair", loss=rm_loss, head="score", stats=losses.RM_STATS,
+          summary=losses.rm_figures, logged=losses.RM_FIGURES, keys=("center_rewards_coefficient",), bpb_nats=None,
+          setup=rm_setup, check=check_rm, plan=plan_rows),
     Stage(name="grpo", record_kind="task", unit="document", loss=grpo_loss, stats=losses.GRPO_STATS,
-          record_converters={"chat": as_task},  # a chat's last reply is the task's reference answer
+          # a chat's last reply is the task's reference answer; a prompt alone has none
+          record_converters={"chat": as_task, "prompt": as_prompt},
           keys=("reward", "grpo_group", "grpo_epochs", "grpo_clip", "grpo_kl", "grpo_std_norm", "temperature",
                 "top_p", "max_new_tokens"),
           fixed_on_resume=("grpo_kl", "grpo_group", "max_new_tokens", "temperature", "top_p"),
@@ -189,8 +246,16 @@ def get(name):
 
 
 def of_record_kind(kind):
-    """The stage whose sets hold records of this kind (prepare.py stage=auto)."""
+    """The first stage whose sets hold records of this kind (prepare.py stage=auto: pairs are dpo's)."""
     return next(s for s in STAGES.values() if s.record_kind == kind)
+
+
+def check_data(stage, prepared_for, data_dir):
+    """A stage trains on a set prepared for a stage of its record kind (rm on dpo's pairs, dpo on rm's), or on any
+    set when any_data; else one line."""
+    if stage.any_data or (prepared_for in STAGES and STAGES[prepared_for].record_kind == stage.record_kind):
+        return
+    fail(f"{data_dir} was prepared for stage {prepared_for!r}, not {stage.name!r} (prepare.py --stage={stage.name})")
 
 
 def check_keys(stage, cfg, defaults):

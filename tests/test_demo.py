@@ -12,7 +12,7 @@ import pytest
 import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo"]
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "rm", "grpo_rm"]
 NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
@@ -44,19 +44,21 @@ def test_every_stage_ran_in_order(quick_demo):
     out, stdout, report, md = quick_demo
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
-                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. evaluate",
-                                                "== 9. export", "== 10. chat with the DPO model", "== report"]
+                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. rm",
+                                                "== 9. grpo_rm", "== 10. evaluate", "== 11. reward model",
+                                                "== 12. export", "== 13. chat with the DPO model", "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
     cfg = {stage: run_config(out, stage) for stage in TRAINED}
     assert cfg["pretrain"]["init_from"] == "scratch"
     for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft"),
-                          ("grpo", "distill")]:
+                          ("grpo", "distill"), ("rm", "sft"), ("grpo_rm", "sft")]:
         assert os.path.normpath(cfg[stage]["init_from"]) == os.path.join(out, parent)
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
     assert cfg["distill"]["think_tag_weight"] == 10 and cfg["dpo"]["stage"] == "dpo"
+    assert cfg["rm"]["data_dir"] == cfg["dpo"]["data_dir"] and cfg["grpo_rm"]["reward"] == f"rm:{os.path.join(out, 'rm')}"
     for stage in demo.CHAT_STAGES:
         assert len(read_jsonl(os.path.join(out, "eval", f"{stage}.jsonl"))) == report["tasks"]["n"] > 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(out, "hf")))
@@ -112,8 +114,11 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         train = [r for r in rows if "loss" in r]
         assert s["val_loss"] == evals[-1]["val_loss"] and s["val_loss_start"] == evals[0]["val_loss"]
         assert s["steps"] == train[-1]["iter"] == cfg["max_iters"] and s["train_loss"] == train[-1]["loss"]
-        if stage == "grpo":  # rows as long as prompt and completion: no fixed tokens per step; no val cross-entropy
-            assert s["tokens"] is None and s["val_bpb"] is None
+        if cfg["stage"] == "grpo":  # rows as long as prompt and completion: no fixed tokens per step; no val
+            assert s["tokens"] is None and s["val_bpb"] is None  # cross-entropy
+            continue
+        if stage == "rm":  # a reward model models no text: no bits per byte
+            assert s["val_bpb"] is None and evals[-1]["val_accuracy"] >= 0
             continue
         assert s["val_bpb"] == evals[-1]["val_bpb"] and s["val_bpb_start"] == evals[0]["val_bpb"] > 0
         rows_per_step = 2 if stage == "dpo" else 1
@@ -127,7 +132,10 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
     assert report["dpo"]["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
     assert report["export"]["max_abs_diff"] <= 1e-4
     assert report["export"]["greedy_equal"] == report["export"]["template_ids_equal"] == report["export"]["prompts"]
-    assert set(report["wall_s"]) == {"prepare", *TRAINED, "evaluate", "export", "chat", "total"}
+    assert set(report["wall_s"]) == {"prepare", *TRAINED, "evaluate", "rm_eval", "export", "chat", "total"}
+    pairs, replies = report["reward_model"]["pairs"], report["reward_model"]["replies"]
+    assert pairs["rm"]["n"] == pairs["dpo"]["n"] == 150  # every held-out pair, once
+    assert replies["before"]["n"] == replies["after"]["n"] == demo.QUICK_RM_PROMPTS
 
 
 def well_formed_think(reply):

@@ -10,6 +10,11 @@ stage uses which).
   by the number of pairs, a pair whose rows were cut to no target (a prompt
   as long as the row) left out of both. The reference is the starting weights, frozen, or
   their log-probabilities of every pair computed once (Reference).
+- rm: the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) of
+  the reward model's scores, read at the last token of each sequence (the
+  last that is not padding: where transformers' LlamaForSequenceClassification
+  reads it), plus center_rewards_coefficient * (r_chosen + r_rejected)^2 as
+  TRL; the step divides by the number of pairs, as DPO's.
 - grpo: on every completion token of a rollout (llm_trainer/training/grpo.py), the clipped policy
   gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
   and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
@@ -34,6 +39,11 @@ DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "reward
 
 
 GRPO_STATS = ("kl", "clip_fraction")  # means over the step's completion tokens
+
+# reward-model statistics, means over pairs: how often chosen scores above rejected, by how much, and the first two
+# moments of the scores (of chosen and rejected alike), which rm_figures turns into their mean and std
+RM_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/square")
+RM_FIGURES = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/std")
 
 
 def token_losses(model, x, y, segments=None, temperature=1.0):
@@ -81,6 +91,44 @@ def dpo_loss(model, batch, ref_logps, beta, kind="sigmoid", label_smoothing=0.0)
     losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, beta, kind, label_smoothing)
     kept = pair_has_targets(batch).float()
     return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
+
+
+def last_tokens(x, pad_id):
+    """(B,) the position of the last token of each row of x (B, T) that is not pad_id, padding on either side: where
+    a reward model reads its score (transformers' rule; no rendered conversation holds <|endoftext|>)."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    return (positions * (x != pad_id)).argmax(-1)
+
+
+def scores(model, x, pad_id):
+    """(B,) float32 scores of a reward model for rows x (B, T), each read at its last token."""
+    return model(x, logits_at=last_tokens(x, pad_id))[:, 0]
+
+
+def rm_terms(rewards, margins, center=0.0):
+    """Per-pair Bradley-Terry loss and the RM_STATS per pair, from (2B,) scores, chosen rows first, and (B,) margins
+    the chosen reply should win by (0 without)."""
+    rc, rr = rewards.chunk(2)
+    losses = -F.logsigmoid(rc - rr - margins)
+    if center:
+        losses = losses + center * (rc + rr) ** 2
+    rc, rr = rc.detach(), rr.detach()
+    stats = ((rc > rr).float(), rc - rr, rc, rr, (rc + rr) / 2, (rc**2 + rr**2) / 2)
+    return losses, dict(zip(RM_STATS, stats))
+
+
+def rm_loss(model, batch, pad_id, margins, center=0.0):
+    """(summed loss, {statistic: sum over pairs}) of a reward-model micro-batch, over its pairs with targets."""
+    losses, stats = rm_terms(scores(model, batch.x, pad_id), margins, center)
+    kept = pair_has_targets(batch).float()
+    return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
+
+
+def rm_figures(means):
+    """The logged figures (RM_FIGURES) of the means of RM_STATS: the scores' std from their first two moments."""
+    figures = {k: v for k, v in means.items() if k != "rewards/square"}
+    figures["rewards/std"] = max(means["rewards/square"] - means["rewards/mean"] ** 2, 0.0) ** 0.5
+    return figures
 
 
 def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):

@@ -1,0 +1,17 @@
+# Demo reward model (demo.py): the DPO demo's preference pairs (the set prepared for dpo: stage rm reads it), from
+# the demo SFT run, whose backbone gets a scalar head read at the last token of each conversation.
+#   python train.py config/rm_demo.py
+stage = "rm"
+init_from = "out/demo/sft"
+data_dir = "data/demo_dpo"
+out_dir = "out/demo/rm"
+block_size = 128  # the SFT model's context
+batch_size = 16  # pairs
+max_iters = 60
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 5
+weight_decay = 0.0
+eval_interval = 60
+eval_iters = 10  # 10 x 16 pairs: the 150 held-out pairs (10 of them twice); demo.py scores each once
+log_interval = 10

@@ -428,7 +428,7 @@ def pair_accuracies(cfg, data, device):
     ranked = {"rm": [], "dpo": []}
     with torch.no_grad():
         for first in range(0, batches.n_units, batches.B):
-            b = batches.batch(list(range(first, min(first + batches.B, batches.n_units)))).to(device)
+            b = batches.batch(list(range(first, min(first + batches.B, batches.n_units)))).to(torch.device(device))
             kept = losses.pair_has_targets(b)
             chosen, rejected = losses.scores(rm, b.x, pad).chunk(2)
             ranked["rm"] += (chosen > rejected)[kept].tolist()

@@ -406,6 +406,9 @@ class Transformer(nn.Module):
             table = self.rotary(0, cache.max_len, idx.device, in_use)
         elif positions is not None:  # a row may be longer than its highest position (eval.py's shared rows):
             table = self.rotary(0, int(positions.max()) + 1, idx.device)  # dynamic NTK scales for the latter
+        elif segments is not None:  # a packed row of pairs is longer than the documents it holds, which are at most
+            # max_seq_len long (their padded rows'): dynamic NTK scales for that, as for a padded row
+            table = self.rotary(0, idx.shape[1], idx.device, min(idx.shape[1], self.mcfg.max_seq_len))
         else:
             table = self.rotary(0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer

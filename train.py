@@ -94,7 +94,7 @@ lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = "all"  # attention | mlp | all, or projections of q, k, v, o, gate, up, down, comma-separated
 think_tag_weight = 1.0  # sft: weight of target positions whose label is a reasoning tag
-pack = None  # sft: whole documents packed into each row, attention and positions kept per document (None: True for sft)
+pack = None  # sft, dpo, rm: whole documents (dpo, rm: whole pairs) packed into each row, attention and positions kept per document (None: True for them)
 doc_mask = False  # pretrain: documents in a window do not attend to each other, positions restart per document
 dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
@@ -660,7 +660,7 @@ def check_config(cfg, stage, world):
     if cfg["lora_rank"]:
         lora_parts(cfg["lora_targets"])
     if cfg["pack"] not in (True, False):
-        fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
+        fail(f"pack must be True, False or None (None: the stage's default), got {cfg['pack']!r}")
     if cfg["pack"] and not stage.packs:
         fail(f"pack=True packs {'/'.join(s.name for s in stages.STAGES.values() if s.packs)} documents; stage "
              f"{stage.name} " + ("rows are windows of the token stream: doc_mask=True keeps its documents apart"

@@ -9,8 +9,9 @@ A Stage is plain data and plain functions: no classes to derive from, nothing re
 
 What a row holds (Stage.unit) decides the rest of the batch: a "window" of block_size+1 tokens of the token stream;
 a "document" from its start (padded, or packed with others when the stage packs); a "pair", chosen and rejected
-documents in two rows, whose loss is a mean over pairs (losses.target_count) and whose val_bpb counts the chosen
-replies. A stage that samples its own rows from the model (grpo's rollouts) says so with `sample`.
+documents in two rows (or, packed, whole pairs together in rows twice as long), whose loss is a mean over pairs
+(losses.target_count) and whose val_bpb counts the chosen replies. A stage that samples its own rows from the model
+(grpo's rollouts) says so with `sample`.
 
 A stage trains on data prepared for any stage whose records are its kind (check_data): rm reads the pairs prepared
 for dpo, and prepare.py --stage=rm makes the same set.
@@ -23,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from configurator import fail
+from llm_trainer.data.batches import positions_per_row
 from llm_trainer.data.records import as_prompt, as_task
 from llm_trainer.training import grpo, losses
 from llm_trainer.training.rewards import Reward, load_reward_model
@@ -69,7 +71,7 @@ class Stage:
     record_converters: dict = field(default_factory=dict)  # prepare.py: other record kinds taken, made this kind
     mixes_text: bool = False  # prepare.py allow_mixed=True keeps plain-text records, every token a target
     any_data: bool = False  # trains on a set prepared for any stage (its tokens); else only on its own stage's
-    packs: bool = False  # pack=True (its default) packs whole documents into each row
+    packs: bool = False  # pack=True (its default) packs whole documents (of a pair unit: whole pairs) into each row
     lora: bool = True  # lora_rank > 0: adapters on a trained model
     head: str = "lm"  # what the model ends in (model.HEADS): next-token logits, or a reward model's score
     needs_reference: Callable = _never  # (cfg): a frozen copy of the starting weights beside the policy
@@ -175,21 +177,25 @@ def grpo_setup(run, tokenizer):
 
 
 def tokens_per_step(cfg):
-    """Positions computed per optimizer step, padding included: rows x block_size x micro-steps (x 2 for pairs);
-    None for a stage that samples its rows, as long as their prompt and completion."""
+    """Positions computed per optimizer step, padding included: batch_size x the positions of a row (of the two rows
+    of an unpacked pair) x micro-steps; None for a stage that samples its rows, as long as their prompt and
+    completion."""
     stage = get(cfg["stage"])
     if stage.sample is not None:
         return None
-    rows = 2 if stage.unit == "pair" else 1
-    return rows * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    per_row = positions_per_row(stage.unit, cfg["block_size"], cfg["pack"])
+    return cfg["batch_size"] * per_row * cfg["gradient_accumulation_steps"]
 
 
 def plan_rows(run):
     """The plan of a stage that reads its rows: tokens per step, and how full and how cut the rows are."""
     cfg, batches, unit = run.cfg, run.train_batches, run.stage.unit
+    rows = (f"{cfg['batch_size']} rows x {positions_per_row(unit, cfg['block_size'], True)} (whole pairs, "
+            f"2 x (block_size+1))" if unit == "pair" and cfg["pack"] else
+            f"{cfg['batch_size']} pairs x 2 rows (chosen, rejected) x {cfg['block_size']}" if unit == "pair" else
+            f"{cfg['batch_size']} rows x {cfg['block_size']}")
     steps = (f"stage {cfg['stage']}: {tokens_per_step(cfg):,} tokens per optimizer step "
-             f"({cfg['batch_size']} rows x {cfg['block_size']} x {cfg['gradient_accumulation_steps']} micro-steps"
-             f"{' x 2 (chosen, rejected)' if unit == 'pair' else ''}), {cfg['max_iters']} steps")
+             f"({rows} x {cfg['gradient_accumulation_steps']} micro-steps), {cfg['max_iters']} steps")
     layout = ("packed" if cfg["pack"] else "documents kept apart" if cfg["doc_mask"]
               else "one unit per row" if unit != "window" else "windows of the token stream")
     cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
@@ -218,12 +224,12 @@ STAGES = {s.name: s for s in (
     Stage(name="sft", record_kind="chat", unit="document", loss=lm_loss, mixes_text=True, packs=True,
           keys=("think_tag_weight",), fixed_on_resume=("think_tag_weight",), plan=plan_rows),
     Stage(name="dpo", record_kind="pair", unit="pair", loss=dpo_loss, stats=losses.DPO_STATS,
-          keys=("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_precompute_ref"),
+          keys=("dpo_beta", "dpo_loss", "dpo_label_smoothing", "dpo_precompute_ref"), packs=True,
           needs_reference=_always, precompute_reference=lambda cfg: cfg["dpo_precompute_ref"], bpb_nats=chosen_nats,
           check=check_dpo, plan=plan_rows),
     Stage(name="rm", record_kind="pair", unit="pair", loss=rm_loss, head="score", stats=losses.RM_STATS,
           summary=losses.rm_figures, logged=losses.RM_FIGURES, keys=("center_rewards_coefficient",), bpb_nats=None,
-          setup=rm_setup, check=check_rm, plan=plan_rows),
+          packs=True, setup=rm_setup, check=check_rm, plan=plan_rows),
     Stage(name="grpo", record_kind="task", unit="document", loss=grpo_loss, stats=losses.GRPO_STATS,
           # a chat's last reply is the task's reference answer; a prompt alone has none
           record_converters={"chat": as_task, "prompt": as_prompt},

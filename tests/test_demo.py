@@ -121,9 +121,8 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
             assert s["val_bpb"] is None and evals[-1]["val_accuracy"] >= 0
             continue
         assert s["val_bpb"] == evals[-1]["val_bpb"] and s["val_bpb_start"] == evals[0]["val_bpb"] > 0
-        rows_per_step = 2 if stage == "dpo" else 1
-        assert s["tokens"] == s["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] \
-            * rows_per_step
+        per_row = 2 * (cfg["block_size"] + 1) if stage == "dpo" else cfg["block_size"]  # dpo: rows of whole pairs
+        assert s["tokens"] == s["steps"] * cfg["batch_size"] * per_row * cfg["gradient_accumulation_steps"]
         assert min(r["tokens_per_s"] for r in train) <= s["tokens_per_s"] <= max(r["tokens_per_s"] for r in train)
     dpo_evals = [r for r in read_jsonl(os.path.join(out, "dpo", "metrics.jsonl")) if "val_loss" in r]
     for point, row in (("before", dpo_evals[0]), ("after", dpo_evals[-1])):

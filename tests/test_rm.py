@@ -104,7 +104,8 @@ def by_hand(run, batch, margins, center):
 
 
 def test_the_loss_is_bradley_terry_of_the_last_tokens_scores(demo_dpo, tmp_path):
-    run = build(demo_dpo, str(tmp_path))
+    """On pairs one per row pair (packed pairs equal them: tests/test_pack_pairs.py)."""
+    run = build(demo_dpo, str(tmp_path), pack=False)
     batch = run.train_batches.get(0)
     assert losses.pair_has_targets(batch).all()
     # the last token before the padding is the newline after the reply's <|im_end|>: where transformers reads it
@@ -144,10 +145,12 @@ def test_margins_from_the_data_and_a_set_that_mixes_them(demo_pretrain, tmp_path
     split = shards.open_split(tmp_path / "data", "train", verify=True)
     assert [r["margin"] for r in split.refs[0::2]] == [a / 4 for a in range(12)] == [r["margin"] for r in split.refs[1::2]]
     run = build(str(tmp_path / "data"), str(tmp_path / "run"), eval_iters=0)
-    batch = run.train_batches.get(0)
+    batch = run.train_batches.get(0)  # packed: each pair's margin found by its unit, wherever it lies
+    assert batch.doc_index is not None and len(batch.units) > batch.x.shape[0]
     with torch.no_grad():
         loss, _ = stages.get("rm").loss(run, batch, "train")
-        expected, _, _ = by_hand(run, batch, torch.tensor([u / 4 for u in batch.units.tolist()]), 0.0)
+        unpacked = run.train_batches.batch(batch.units.tolist())
+        expected, _, _ = by_hand(run, unpacked, torch.tensor([u / 4 for u in batch.units.tolist()]), 0.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     # a set without margins gets none: every pair's margin is 0
     plain = [{k: v for k, v in p.items() if k != "margin"} for p in pairs]

@@ -13,7 +13,7 @@ How it measures:
   is the median.
 - compare_hf=True: the baseline is LlamaForCausalLM (attn_implementation="sdpa") with our weights,
   trained by the very same train.train_step, the same batches, loss, precision, clipping and AdamW
-  settings (train.configure_optimizer), compiled iff ours is (together with the loss, as ours):
+  settings (llm_trainer/training/optimizers.py), compiled iff ours is (together with the loss, as ours):
   only the model differs. Ours and HF take turns, `rounds` times `steps` steps each, so a machine
   whose load changes mid-run (shared cores, clocks) slows both. ours/HF is the ratio of median
   tokens/s; ours/HF paired is the median over rounds of HF's time / ours in that round, the
@@ -55,6 +55,21 @@ How it measures:
   has the preset's shape, random weights and a tokenizer trained on the demo corpus with the preset's vocabulary.
 
     python bench.py --evals=True --model=tiny --device=cpu --threads=2 --rounds=2
+- quality=True measures quality per token and per second: the same model (the preset's shape, the same seed's
+  initial weights) on the same prepared pretraining data (data_dir, with a val split and a tokenizer) in the
+  same batch order, trained quality_iters steps by each recipe (a name and train.py keys, over train_keys, over
+  train.py's defaults),
+  val bits per byte every quality_eval_interval steps. The baseline is the first recipe at the best of
+  baseline_lrs (the lowest final val bpb, mean over seeds), so that it is tuned; every run's min_lr is a tenth
+  of its peak unless the recipe sets it. For each recipe and seed, against the baseline of the same seed: the
+  tokens and the training seconds (evaluation not counted) it needs to reach the baseline's final val bpb
+  (linear between evaluations; None if it does not), its val bpb at the baseline's token count, its median
+  step time, and the optimizer step alone (random gradients: Muon's Newton-Schulz cost). Runs are kept in
+  quality_dir and reused by a later call with the same settings, so a sweep can be split over calls
+  (quality_max_runs new runs each); the report covers what is done. With json, a plot of val bpb against tokens
+  and against seconds is written beside it (the same name, .png).
+
+    python bench.py --quality=True --model=tiny --data_dir=data/demo_pretrain --json=out/quality/tiny.json
 - serve=True measures serve.py instead: it serves serve_run on 127.0.0.1 and sends serve_clients
   streaming chat requests at once (the official openai client, one thread each), several rounds;
   aggregate completion tokens/s (all clients' tokens over the wall time of the round) and the
@@ -64,9 +79,10 @@ How it measures:
 
     python bench.py --serve=True --serve_run=out/demo/sft --device=cpu
 
-`model` picks a size preset: the shape of config/model_<model>.py and that preset's vocabulary;
-every key given after it (in a config file or as --key=value) wins. The shape keys and their
-defaults are train.py's. `--json=PATH` writes every
+`model` picks a size preset: the shape and the recipe (optimizer, learning rates: RECIPE_KEYS) of
+config/model_<model>.py and that preset's vocabulary; every key given after it (in a config file or as
+--key=value) wins. The shape and recipe keys and their defaults are train.py's. quality=True runs each
+recipe over train.py's defaults, not over the preset's recipe, so that a recipe is what it says. `--json=PATH` writes every
 figure with its name, the config, the command, the device, torch and transformers versions and
 the date.
 """
@@ -100,9 +116,13 @@ from llm_trainer.data import shards
 import train
 from configurator import fail
 from llm_trainer.core.files import write_json
+from llm_trainer.training import optimizers
 from model import to_hf_state_dict, token_cross_entropy
 
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "tie_embeddings")
+# the optimizer and schedule, as train.py takes them: a size preset (config/model_*.py) sets its recipe
+RECIPE_KEYS = ("optimizer", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "muon_lr", "muon_momentum",
+               "muon_adjust_lr", "muon_split", "group_lr", "group_weight_decay")
 STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device", "dtype", "compile", "compile_mode",
              "seed")
 
@@ -139,6 +159,17 @@ evals = False  # eval.py against lm_eval's hf backend instead: items/s on one mu
 # best of eval_batch_sizes
 eval_items = 200  # evals=True: items of the task (a cloze task made of the demo corpus: a passage, four endings)
 eval_batch_sizes = [1, 8, 32]
+quality = False  # quality per token instead: val bpb of several recipes against tokens and seconds (see above)
+recipes = {"adamw": {"optimizer": "adamw"}, "muon": {"optimizer": "muon"}}  # quality: name -> train.py keys; the
+# first is the baseline, whose learning_rate is swept (baseline_lrs)
+baseline_lrs = [1e-3, 3e-3, 1e-2]  # quality: the baseline's learning rates; the best is the baseline
+seeds = [1337, 1338]  # quality: every recipe runs once per seed (initial weights and batch order)
+train_keys = {"warmup_iters": 20}  # quality: train.py keys of every run (under each recipe's own)
+quality_iters = 200  # quality: optimizer steps per run
+quality_eval_interval = 20  # quality: val bpb every so many steps
+quality_eval_iters = 8  # quality: val micro-batches per evaluation
+quality_dir = "out/quality"  # quality: finished runs, reused by a later call with the same settings
+quality_max_runs = 0  # quality: new runs this call at most (0: all that are missing)
 warmup_steps = 3  # untimed steps per model before timing
 steps = 2  # timed steps per model per round
 rounds = 5  # ours and HF take turns this many times
@@ -148,7 +179,7 @@ prepare_mb = 2.0  # MB of jsonl prepare.py is timed on (0: skip)
 decode_tokens = 64  # new tokens per decode run (0: skip)
 json = ""  # write every figure to this path
 # -----------------------------------------------------------------------------
-_DEFAULTS = {**{k: train._DEFAULTS[k] for k in SHAPE_KEYS}, **configurator.defaults(globals())}
+_DEFAULTS = {**{k: train._DEFAULTS[k] for k in SHAPE_KEYS + RECIPE_KEYS}, **configurator.defaults(globals())}
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CORPUS = os.path.join(ROOT, "data", "demo", "pretrain.jsonl")
@@ -188,7 +219,7 @@ def configure(argv=None):
 
 def train_config(b, data_dir, out_dir, stage="pretrain", **keys):
     """train.py's resolved config for a run with bench's shape and step settings."""
-    keys = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS}, **keys}
+    keys = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS + RECIPE_KEYS}, **keys}
     keys.update(data_dir=data_dir, out_dir=out_dir, stage=stage, verify_data=False)
     return train.configure([f"--{k}={v!r}" for k, v in keys.items()])
 
@@ -310,7 +341,7 @@ def hf_run(run, hf, b):
     """A train.Run for train.train_step that trains `hf` instead of ours; everything else equal."""
     return dataclasses.replace(
         run, raw_model=hf, model=torch.compile(AsOurs(hf), mode=b["compile_mode"]) if b["compile"] else AsOurs(hf),
-        optimizer=train.configure_optimizer(hf, run.cfg, run.device), prefetched={},
+        optimizer=optimizers.build(hf, run.cfg), prefetched={},
         scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()))
 
 
@@ -810,7 +841,8 @@ def bench_lora(b):
         fig["model.params"] = base.num_params()
         del base
         runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", init_from=base_dir,
-                                              lora_rank=b["lora_rank"] if how == "lora" else 0))
+                                              lora_rank=b["lora_rank"] if how == "lora" else 0,
+                                              optimizer="adamw"))  # fine-tuning, as the sft configs: AdamW
                 for how in b["lora_runs"]}
         rounds = timed_in_turns(runs, b)
         for how, run in runs.items():
@@ -901,6 +933,7 @@ def eval_model(b, tmp):
     shape = {k: b[k] for k in SHAPE_KEYS if k != "vocab_size"}
     shape["n_kv_heads"], shape["ffn_dim"] = shape["n_kv_heads"] or None, shape["ffn_dim"] or None
     cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=b["block_size"], **shape)
+    torch.manual_seed(b["seed"])  # the same random weights every run: near-tied choices flip the same way
     run, model = os.path.join(tmp, "run"), Transformer(cfg)
     os.makedirs(run)
     save_checkpoint(run, {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "pretrain", "iter": 0,
@@ -988,6 +1021,211 @@ def report_evals(b, fig, notes, device):
     return "\n".join(lines)
 
 
+def quality_runs(b):
+    """[(recipe name, learning rate swept or None, train.py keys, seed)] of every run the sweep needs."""
+    (base_name, base_keys), *others = b["recipes"].items()
+    runs = [(base_name, lr, {**b["train_keys"], **base_keys, "learning_rate": lr}, seed)
+            for lr in b["baseline_lrs"] for seed in b["seeds"]]
+    runs += [(name, None, {**b["train_keys"], **keys}, seed) for name, keys in others for seed in b["seeds"]]
+    for _, _, keys, _ in runs:
+        keys.setdefault("min_lr", keys.get("learning_rate", train._DEFAULTS["learning_rate"]) / 10)
+    return runs
+
+
+def quality_run(b, data, keys, seed, tmp):
+    """One run: {"tokens", "seconds", "val_bpb"} at each evaluation (seconds: of training steps only), the median
+    step and optimizer-step times (ms), the optimizer's groups."""
+    recipe = {**{k: train._DEFAULTS[k] for k in RECIPE_KEYS}, **keys}  # stated in full: not the preset's recipe
+    run = train.build(train_config(b, data, os.path.join(tmp, "run"), seed=seed, max_iters=b["quality_iters"],
+                                   eval_interval=b["quality_eval_interval"], eval_iters=b["quality_eval_iters"],
+                                   overwrite=True, **recipe))
+    tokens_per_step = stages.tokens_per_step(run.cfg)
+    curve, seconds, steps = {"tokens": [], "seconds": [], "val_bpb": []}, 0.0, []
+    for it in range(b["quality_iters"] + 1):
+        if it % b["quality_eval_interval"] == 0 or it == b["quality_iters"]:
+            for k, v in (("tokens", it * tokens_per_step), ("seconds", seconds),
+                         ("val_bpb", train.evaluate(run)["val_bpb"])):
+                curve[k].append(v)
+        if it == b["quality_iters"]:
+            break
+        (dt,), _, _ = time_steps(run, it, 1)
+        seconds += dt
+        steps.append(dt)
+    return {**curve, "step_ms": 1000 * statistics.median(steps), "optimizer_ms": optimizer_step_ms(run),
+            "groups": run.optimizer.specs, "params": run.raw_model.num_params(), "tokens_per_step": tokens_per_step,
+            "device": describe_device(run.device), "dtype": common.dtype_name(run.ptdtype)}
+
+
+def optimizer_step_ms(run, n=5):
+    """Median ms of the optimizer's step alone on random gradients (the weights are discarded after)."""
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    times = []
+    for _ in range(n + 1):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        sync(run.device)
+        t0 = time.perf_counter()
+        run.optimizer.step()
+        sync(run.device)
+        times.append(time.perf_counter() - t0)
+    run.optimizer.zero_grad(set_to_none=True)
+    return 1000 * statistics.median(times[1:])
+
+
+def quality_key(b, data, keys, seed):
+    """What decides a run's curve: the shape, the step settings, the data's content, its keys and seed."""
+    import hashlib
+
+    meta = shards.load_meta(data)
+    what = {**{k: b[k] for k in SHAPE_KEYS + STEP_KEYS}, "data": meta["splits"], "keys": keys, "seed": seed,
+            **{k: b[k] for k in ("quality_iters", "quality_eval_interval", "quality_eval_iters")}}
+    return hashlib.sha256(json_lib.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reach(curve, target, axis):
+    """The tokens (or seconds) at which a curve's val bpb first reaches target, linear between evaluations; None
+    if it never does."""
+    xs, ys = curve[axis], curve["val_bpb"]
+    for i, y in enumerate(ys):
+        if y <= target:
+            if i == 0:
+                return xs[0]
+            return xs[i - 1] + (xs[i] - xs[i - 1]) * (ys[i - 1] - target) / (ys[i - 1] - y)
+    return None
+
+
+def bench_quality(b):
+    """Every run of the sweep (from quality_dir where done before), then each recipe against the tuned baseline."""
+    if not b["data_dir"] or not os.path.isfile(os.path.join(b["data_dir"], "tokenizer.json")):
+        fail("quality=True needs data_dir: a prepared pretraining directory with its tokenizer (val bpb is per byte)")
+    if len(b["baseline_lrs"]) < 1 or not b["recipes"] or not b["seeds"]:
+        fail("quality=True needs recipes (the first is the baseline), baseline_lrs and seeds")
+    os.makedirs(b["quality_dir"], exist_ok=True)
+    done, new = {}, 0
+    for name, lr, keys, seed in quality_runs(b):
+        path = os.path.join(b["quality_dir"], f"{name}_{quality_key(b, b['data_dir'], keys, seed)}.json")
+        if not os.path.exists(path):
+            if b["quality_max_runs"] and new >= b["quality_max_runs"]:
+                continue
+            with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+                record = {"recipe": name, "lr": lr, "keys": keys, "seed": seed,
+                          **quality_run(b, b["data_dir"], keys, seed, tmp)}
+            write_json(path, record, indent=1)
+            new += 1
+            print(f"{name}{'' if lr is None else f' lr {lr:g}'} seed {seed}: val bpb {record['val_bpb'][-1]:.4f} "
+                  f"after {record['tokens'][-1]:,} tokens, {record['seconds'][-1]:.0f} s", flush=True)
+        with open(path, encoding="utf-8") as f:
+            done[(name, lr, seed)] = json_lib.load(f)
+    return quality_figures(b, done)
+
+
+def quality_figures(b, done):
+    """The figures of the runs done: the baseline's lr sweep, then per recipe against the tuned baseline."""
+    base_name = next(iter(b["recipes"]))
+    fig, notes = {}, {"runs": {f"{n}{'' if lr is None else f'@{lr:g}'}/{s}": r for (n, lr, s), r in done.items()}}
+    notes["dtype"] = next(iter(done.values()))["dtype"] if done else "-"
+
+    def finals(name, lr):
+        return [done[(name, lr, s)]["val_bpb"][-1] for s in b["seeds"] if (name, lr, s) in done]
+
+    sweep = {lr: finals(base_name, lr) for lr in b["baseline_lrs"]}
+    fig["quality.sweep"] = {f"{lr:g}": statistics.mean(v) for lr, v in sweep.items() if v}
+    complete = [lr for lr, v in sweep.items() if len(v) == len(b["seeds"])]
+    if not complete:
+        return fig, notes, "-"
+    best = min(complete, key=lambda lr: statistics.mean(sweep[lr]))
+    fig["quality.baseline_lr"] = best
+    fig["quality.baseline_lr_at_edge"] = best in (min(b["baseline_lrs"]), max(b["baseline_lrs"]))
+    recipes = [(base_name, best)] + [(n, None) for n in list(b["recipes"])[1:]]
+    for name, lr in recipes:
+        rows = []
+        for s in b["seeds"]:
+            base, run = done.get((base_name, best, s)), done.get((name, lr, s))
+            if base is None or run is None:
+                continue
+            target = base["val_bpb"][-1]
+            tokens, secs = reach(run, target, "tokens"), reach(run, target, "seconds")
+            rows.append({"seed": s, "target_bpb": target, "final_bpb": run["val_bpb"][-1],
+                         "tokens_to_target": tokens, "seconds_to_target": secs,
+                         "token_ratio": base["tokens"][-1] / tokens if tokens else None,
+                         "second_ratio": base["seconds"][-1] / secs if secs else None,
+                         "step_ms": run["step_ms"], "optimizer_ms": run["optimizer_ms"],
+                         "step_ratio": run["step_ms"] / base["step_ms"]})
+        fig[f"quality.{name}"] = {"seeds": rows, **{k: spread([r[k] for r in rows]) for k in (
+            "final_bpb", "token_ratio", "second_ratio", "step_ms", "optimizer_ms", "step_ratio")}}
+    any_run = next(iter(done.values()))
+    fig["model.params"], fig["quality.tokens_per_step"] = any_run["params"], any_run["tokens_per_step"]
+    return fig, notes, any_run["device"]
+
+
+def spread(values):
+    """{"mean", "min", "max"} of the values, None when any is None (a recipe that missed the target)."""
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def report_quality(b, fig, notes, device):
+    if "quality.baseline_lr" not in fig:
+        return f"bench quality: no baseline run finished yet ({len(notes['runs'])} runs done); call again"
+    base_name = next(iter(b["recipes"]))
+    lines = [f"bench quality: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}; "
+             f"{b['data_dir']}; {b['quality_iters']} steps of {fig['quality.tokens_per_step']:,} tokens, val bpb every "
+             f"{b['quality_eval_interval']}; seeds {', '.join(map(str, b['seeds']))}",
+             f"baseline {base_name}, learning_rate sweep (mean final val bpb): " + ", ".join(
+                 f"{lr}: {v:.4f}" for lr, v in fig["quality.sweep"].items()) + f" -> {fig['quality.baseline_lr']:g}"
+             + (" (at the edge of the sweep: widen it)" if fig["quality.baseline_lr_at_edge"] else ""),
+             f"{'recipe':24}{'final bpb':>26}{'tokens to baseline':>22}{'seconds to baseline':>22}{'step ms':>18}"
+             f"{'optimizer ms':>20}"]
+
+    def cell(f, key, spec, suffix=""):
+        v = f[key]
+        return "not reached" if v is None else f"{v['mean']:{spec}}{suffix} ({v['min']:{spec}}-{v['max']:{spec}})"
+
+    for name in b["recipes"]:
+        f = fig.get(f"quality.{name}")
+        if f is None or not f["seeds"]:
+            lines.append(f"{name:24}(not run yet)")
+            continue
+        lines.append(f"{name:24}{cell(f, 'final_bpb', '.4f'):>26}{cell(f, 'token_ratio', '.2f', 'x'):>22}"
+                     f"{cell(f, 'second_ratio', '.2f', 'x'):>22}{cell(f, 'step_ms', ',.0f'):>18}"
+                     f"{cell(f, 'optimizer_ms', ',.1f'):>20}")
+    lines.append("tokens/seconds to baseline: the baseline's tokens (seconds) over the recipe's to reach the baseline's "
+                 "final val bpb, same seed; mean (min-max) over seeds")
+    return "\n".join(lines)
+
+
+def plot_quality(b, fig, notes, path):
+    """val bpb against tokens and against seconds, every run of the report (the baseline: its best lr), a line
+    per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_name = next(iter(b["recipes"]))
+    shown = [(base_name, fig["quality.baseline_lr"])] + [(n, None) for n in list(b["recipes"])[1:]]
+    axes = plt.subplots(1, 2, figsize=(12, 4.5))[1]
+    for i, (name, lr) in enumerate(shown):
+        for s in b["seeds"]:
+            run = notes["runs"].get(f"{name}{'' if lr is None else f'@{lr:g}'}/{s}")
+            if run is None:
+                continue
+            for ax, axis in zip(axes, ("tokens", "seconds")):
+                ax.plot(run[axis][1:], run["val_bpb"][1:], color=f"C{i}", alpha=0.8,
+                        label=f"{name}{'' if lr is None else f' lr {lr:g}'}" if s == b["seeds"][0] else None)
+    for ax, label in zip(axes, ("tokens", "training seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("val bits per byte")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[0].set_title(f"{b['model']}: {os.path.basename(os.path.normpath(b['data_dir']))}")
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close()
+    return path
+
+
 def describe_device(dev):
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -1062,7 +1300,7 @@ def main(argv=None):
     measure, render = ((bench_serve, report_serve) if b["serve"] else (bench_lora, report_lora) if b["lora"]
                        else (bench_rows, report_rows) if b["sft"] or b["dpo"]
                        else (bench_evals, report_evals) if b["evals"]
-                       else (bench, report))
+                       else (bench_quality, report_quality) if b["quality"] else (bench, report))
     fig, notes, device = measure(b)
     print(render(b, fig, notes, device), flush=True)
     if b["json"]:
@@ -1071,6 +1309,8 @@ def main(argv=None):
                   "transformers": package_version("transformers"), "mfu_formula": MFU_FORMULA,
                   "notes": notes, "config": b, "figures": fig}
         write_json(b["json"], record, indent=1)
+        if b["quality"] and "quality.baseline_lr" in fig:
+            print(f"plot: {plot_quality(b, fig, notes, os.path.splitext(b['json'])[0] + '.png')}", flush=True)
     return fig
 
 

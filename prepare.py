@@ -80,6 +80,7 @@ import lzma
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -535,6 +536,13 @@ def _init_worker(tok, settings):
     _worker.update(settings, tok=tok, stage_def=stages.get(settings["stage"]))
 
 
+def _init_pool_worker(tok, settings):
+    # a forked worker inherits its parent's Python signal handlers; one that ignores SIGTERM would make the pool's
+    # terminate() wait forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tok, settings)
+
+
 def _is_val(seed, ordinal, fraction):
     digest = hashlib.blake2b(f"{seed}:{ordinal}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
@@ -677,7 +685,7 @@ def _results(chunks, tok, settings, n_workers):
             _init_worker(tok, settings)
             yield from map(process_chunk, chunks)
             return
-        with multiprocessing.Pool(n_workers, initializer=_init_worker, initargs=(tok, settings)) as pool:
+        with multiprocessing.Pool(n_workers, initializer=_init_pool_worker, initargs=(tok, settings)) as pool:
             pending = collections.deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(process_chunk, (chunk,)))

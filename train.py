@@ -48,7 +48,7 @@ from llm_trainer.core.files import write_json
 from llm_trainer.data import shards
 from llm_trainer.data.batches import Batches
 from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
-from llm_trainer.training import losses
+from llm_trainer.training import losses, optimizers
 from llm_trainer.training.metrics import Logger, format_line
 from llm_trainer.training.rewards import Reward
 from model import LORA_PARTS, ModelConfig, Transformer, for_head, lora_trained
@@ -77,9 +77,16 @@ dropout = 0.0
 batch_size = 8  # rows per micro-batch per rank
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all ranks
 max_iters = 1000
-# optimizer and schedule
-learning_rate = 6e-4
-min_lr = 6e-5
+# optimizer and schedule (the groups and their settings: llm_trainer/training/optimizers.py)
+optimizer = "muon"  # muon: Muon on the hidden matrices, AdamW on embedding, head, norms | adamw: AdamW on every weight
+learning_rate = 6e-4  # AdamW's peak learning rate (with optimizer=muon: of the embedding, head and norms)
+min_lr = 6e-5  # where the schedule ends: every group's peak learning rate times min_lr / learning_rate
+muon_lr = 0.02  # muon: the hidden matrices' peak learning rate (torch.optim.Muon's, adjusted to each shape)
+muon_momentum = 0.95  # muon: Nesterov momentum
+muon_adjust_lr = "original"  # muon: torch.optim.Muon's adjust_lr_fn, original (sqrt(max(1, rows/cols))) | match_rms_adamw
+muon_split = True  # muon: q, k, v of qkv_proj and gate, up of gate_up_proj orthogonalised one by one (False: fused whole)
+group_lr = {}  # peak learning rates of single groups by name, e.g. {"embed": 0.01} (the run prints its groups)
+group_weight_decay = {}  # weight decay of single groups by name (default: weight_decay, 0 for norms)
 warmup_iters = 100
 lr_decay_iters = 0  # 0: max_iters
 lr_schedule = "cosine"  # cosine | wsd (warmup, stable, then linear decay over the last wsd_decay_frac)
@@ -179,12 +186,18 @@ def start(run):
     """Write the run directory's config and tokenizer, install the signal handlers, then train."""
     cfg = run.cfg
     distributed.together(lambda: prepare_out_dir(run), run.rank, run.world, "preparing out_dir")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: request_stop(run, signum))
-    logger = distributed.together(lambda: Logger(cfg, run.rank, run.start_iter if run.resumed else None),
-                                  run.rank, run.world, "starting the log")
-    print_plan(run)
-    train_loop(run, logger)
+    # restored at the end: a caller that trains in-process (the demo, the tests) keeps its own handlers, and
+    # processes it forks later do not inherit one that ignores SIGTERM (a pool's terminate() would wait forever)
+    previous = {sig: signal.signal(sig, lambda signum, frame: request_stop(run, signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        logger = distributed.together(lambda: Logger(cfg, run.rank, run.start_iter if run.resumed else None),
+                                      run.rank, run.world, "starting the log")
+        print_plan(run)
+        train_loop(run, logger)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_loop(run, logger):
@@ -275,8 +288,7 @@ def update(run, it, counts, micros, while_busy=None):
     since the step's loss is a mean over the targets of every micro-batch on every rank."""
     cfg, model, opt = run.cfg, run.model, run.optimizer
     denom = max(counts[0], 1.0)
-    for g in opt.param_groups:
-        g["lr"] = lr_at(it, cfg)
+    opt.schedule(lr_at(it, cfg) / cfg["learning_rate"])
     loss_sum = torch.zeros((), device=run.device)
     stats_sum = {}
     for m, batch in enumerate(micros):
@@ -371,7 +383,7 @@ class Run:
     autocast: object  # the context the forward passes run in
     raw_model: Transformer  # the model itself: weights, shape, generation
     model: torch.nn.Module  # what the step calls: raw_model compiled and/or wrapped for DDP or FSDP2
-    optimizer: torch.optim.Optimizer
+    optimizer: optimizers.Optimizers  # AdamW, or Muon and AdamW, stepped as one
     scaler: torch.amp.GradScaler  # loss scaling for float16; disabled otherwise
     train_batches: Batches
     val_batches: Optional[Batches]  # None with eval_iters=0: no evaluation
@@ -438,7 +450,7 @@ def build(cfg):
         reference = losses.Reference(raw, {}, dev, autocast, rank, world, precompute=False, shared=model)
 
     run = Run(cfg=cfg, stage=stage, rank=rank, world=world, device=dev, ptdtype=ptdtype, autocast=autocast,
-              raw_model=raw, model=model, optimizer=configure_optimizer(model, cfg, dev),
+              raw_model=raw, model=model, optimizer=optimizers.build(model, cfg),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference,
               data_identity=checkpoint.data_identity(cfg, meta),
@@ -582,6 +594,11 @@ def check_resumed_settings(cfg, meta, start):
     """A resumed run goes on as the run it resumes: what decides its model, reference or batches (RESUME_FIXED, the
     data's content) is the checkpoint's, else one line naming the key and both values."""
     saved, where = start.saved.get("config", {}), cfg["out_dir"]
+    trained_with = saved.get("optimizer", "adamw")  # a checkpoint from before optimizer existed: AdamW's state
+    if trained_with != cfg["optimizer"] and not cfg["lora_rank"]:  # (adapters train with AdamW either way)
+        fail(f"optimizer: the checkpoint in {where} was trained with optimizer={trained_with}, not {cfg['optimizer']}, "
+             f"whose state it does not hold: resume with --optimizer={trained_with}, or start a new run from its "
+             f"weights with --init_from={where} (and another out_dir)")
     for key in sorted(RESUME_FIXED & saved.keys()):
         if saved[key] != cfg[key]:
             fail(f"{key}: the checkpoint in {where} was trained with {key}={saved[key]!r}, not {cfg[key]!r}: resume "
@@ -603,6 +620,17 @@ def reference_start(raw, source, resumed, cfg):
     model = Transformer(raw.mcfg)
     model.load_state_dict(checkpoint.frozen_weights(source, raw.mcfg, f"the reference of this {cfg['stage']} run"))
     return model.to(next(raw.parameters()).device)
+
+
+def check_optimizer(cfg):
+    """The optimizer keys on their own; group_lr and group_weight_decay are checked against the model's groups
+    when the optimizer is built (optimizers.check_group_keys), still before any step."""
+    if cfg["optimizer"] not in optimizers.OPTIMIZERS:
+        fail(f"optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {cfg['optimizer']!r}")
+    if not cfg["muon_lr"] > 0 or not 0 <= cfg["muon_momentum"] < 1:
+        fail(f"muon_lr must be > 0 and muon_momentum in [0, 1), got {cfg['muon_lr']} and {cfg['muon_momentum']}")
+    if cfg["muon_adjust_lr"] not in optimizers.ADJUST_LR:
+        fail(f"muon_adjust_lr must be one of {', '.join(optimizers.ADJUST_LR)}, got {cfg['muon_adjust_lr']!r}")
 
 
 def check_config(cfg, stage, world):
@@ -640,6 +668,7 @@ def check_config(cfg, stage, world):
         fail("checkpoint_interval (0: every eval_interval) and keep_last must be >= 0")
     if not cfg["learning_rate"] > 0 or min(cfg["min_lr"], cfg["weight_decay"], cfg["grad_clip"]) < 0:
         fail("learning_rate must be > 0; min_lr, weight_decay and grad_clip (0: no clipping) must be >= 0")
+    check_optimizer(cfg)
     if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
         fail(f"out_dir '{cfg['out_dir']}' exists and is not a directory")
     scaling = cfg["rope_scaling"]
@@ -710,16 +739,6 @@ def lora_parts(spec):
     return tuple(parts)
 
 
-def configure_optimizer(model, cfg, dev):
-    """AdamW, weight decay on matrices only (not norms), fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=dev.type == "cuda")
-
-
 def print_plan(run):
     if run.rank != 0:
         return
@@ -730,6 +749,8 @@ def print_plan(run):
     print(f"model: {raw.num_params() / 1e6:.2f}M parameters ({trainable / 1e6:.3f}M trainable{lora}), "
           f"{raw.mcfg.n_layers} layers, dim {raw.mcfg.dim}, vocab {raw.mcfg.vocab_size}; device {run.device}, "
           f"{common.dtype_name(run.ptdtype)}, {run.world} process(es){', FSDP' if run.fsdp else ''}")
+    print("optimizer: " + ", ".join(f"{s['name']} {'Muon' if s['kind'] == 'muon' else 'AdamW'} lr {s['lr']:g} "
+                                    f"wd {s['weight_decay']:g}" for s in run.optimizer.specs), flush=True)
     if not cfg["eval_iters"]:
         print("no evaluation (eval_iters=0): no val figures, and no best val loss in the checkpoints", flush=True)
     first, *rest = run.stage.plan(run)

@@ -8,6 +8,7 @@ block_size = 1024
 batch_size = 16
 gradient_accumulation_steps = 8
 max_iters = 2000
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 50

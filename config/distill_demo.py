@@ -11,6 +11,7 @@ think_tag_weight = 10.0
 block_size = 160  # the longest reasoning conversation is ~140 tokens
 batch_size = 32
 max_iters = 100  # rows are packed: about 3 epochs of the 2,000 conversations
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 20

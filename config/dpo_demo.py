@@ -16,6 +16,7 @@ max_iters = 80
 #   lr 1e-4, beta 0.3: 65.6%, 18    lr 1e-4, beta 0.1: 58.8%, 17    lr 5e-5, beta 0.1: 57.5%, 18
 #   lr 1e-3, beta 0.1 (from an earlier SFT run): 67.5%, 16, and broken replies such as "10000"
 dpo_beta = 0.3
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 10

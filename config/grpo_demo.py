@@ -20,6 +20,7 @@ grpo_kl = 0.05  # without it the counting prompts pull the model away from every
 # before the loss scored the tempered distribution it samples from: lr 1e-4..1e-3, no gain at all.
 # 4x the budget (lr 1e-4, kl 0.05, 200 steps = 4.5 epochs, 7 min): its own held-out greedy accuracy 4/32 at
 # steps 0, 100, 150, 200 (train reward 0.13 -> 0.20): more steps fit the train prompts, not the task.
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 2

@@ -18,6 +18,7 @@ gradient_accumulation_steps = 4
 grpo_kl = 0.05  # a reward model can be gamed: the KL to the start keeps the policy near what it scores well
 temperature = 1.0
 max_iters = 500
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-6
 min_lr = 1e-7
 warmup_iters = 10

@@ -14,6 +14,7 @@ batch_size = 8  # prompts per step, each with grpo_group completions
 grpo_group = 4
 temperature = 1.0
 grpo_kl = 0.0
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 2

@@ -1,4 +1,4 @@
-# Pretraining on a prepared corpus. Combine with a size preset:
+# Pretraining on a prepared corpus. Combine with a size preset, which brings its recipe (optimizer, learning rates):
 #   torchrun --nproc_per_node=8 train.py config/model_26m.py config/pretrain.py --data_dir=data/mine
 stage = "pretrain"
 out_dir = "out/pretrain"
@@ -6,8 +6,6 @@ block_size = 512
 batch_size = 32
 gradient_accumulation_steps = 8
 max_iters = 20000
-learning_rate = 6e-4
-min_lr = 6e-5
 warmup_iters = 1000
 eval_interval = 1000
 log_interval = 50

@@ -13,6 +13,7 @@ block_size = 512
 batch_size = 8  # pairs
 gradient_accumulation_steps = 8
 max_iters = 1000
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-5
 min_lr = 1e-6
 warmup_iters = 50

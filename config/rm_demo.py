@@ -8,6 +8,7 @@ out_dir = "out/demo/rm"
 block_size = 128  # the SFT model's context
 batch_size = 16  # pairs
 max_iters = 60
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 5

@@ -9,6 +9,7 @@ out_dir = "out/demo/sft"
 block_size = 128  # rows hold whole conversations; 99% of the demo conversations are shorter
 batch_size = 32
 max_iters = 120  # rows are packed: 2.7 epochs of the 4,000 conversations
+optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 20

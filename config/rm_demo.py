@@ -6,7 +6,7 @@ init_from = "out/demo/sft"
 data_dir = "data/demo_dpo"
 out_dir = "out/demo/rm"
 block_size = 128  # the SFT model's context
-batch_size = 16  # pairs
+batch_size = 5  # rows of whole pairs (pack=True, rm's default): ~17 pairs a step, as DPO's
 max_iters = 60
 optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)
 learning_rate = 1e-3
@@ -14,5 +14,5 @@ min_lr = 1e-4
 warmup_iters = 5
 weight_decay = 0.0
 eval_interval = 60
-eval_iters = 10  # 10 x 16 pairs: the 150 held-out pairs (10 of them twice); demo.py scores each once
+eval_iters = 30  # 30 x 5 pairs: every held-out pair, once
 log_interval = 10

@@ -439,7 +439,8 @@ def pair_accuracies(cfg, data, device):
 
 def rm_scored_replies(cfg, data, device):
     """The greedy replies of grpo_rm's start (the SFT model) and of grpo_rm to the held-out prompts, each scored by
-    the reward model with its prompt, as GRPO scored them in training: mean ± standard error, mean length."""
+    the reward model with its prompt, as GRPO scored them in training: the score's and the length's (in tokens)
+    mean ± standard error."""
     from llm_trainer.core.checkpoint import load_model
     from llm_trainer.data import shards
     from llm_trainer.inference import generation
@@ -459,7 +460,7 @@ def rm_scored_replies(cfg, data, device):
                                             temperature=0.0, stop_ids=generation.chat_stop_ids(tok),
                                             max_len=setting(cfg, "grpo_rm", "block_size"), pad_id=pad)
         scores = rm([conversation(tok, p, r) for p, r in zip(prompts, replies)])
-        figures[name] = {**mean_se(scores), "length": statistics.mean(len(r) for r in replies),
+        figures[name] = {**mean_se(scores), "length": mean_se([len(r) for r in replies]),
                          "example": {"prompt": split.refs[0]["prompt"],
                                      "reply": generation.completion_text(tok, replies[0], generation.chat_stop_ids(tok)),
                                      "score": scores[0]}}
@@ -611,7 +612,7 @@ def rm_verdicts(rm):
                  if raised else "On this budget GRPO did not raise the reward model's score of held-out replies by "
                  "more than two standard errors: it does not help here."),
         "length": ("The replies got longer, the first thing a policy finds that a reward model pays for: read the "
-                   "example below." if after["length"] > 1.5 * before["length"] else ""),
+                   "example below." if after["length"]["mean"] > 1.5 * before["length"]["mean"] else ""),
     }
 
 
@@ -679,7 +680,8 @@ def rm_section(r):
         "± is one standard error.", "",
         *table([f"{before['n']} held-out prompts, greedy replies", "the start (SFT)", "after GRPO against the reward model"],
                [("reward-model score", score(before), score(after)),
-                ("reply length (tokens)", f"{before['length']:.1f}", f"{after['length']:.1f}")]), "",
+                ("reply length (tokens)", *(f"{k['length']['mean']:.1f} ± {k['length']['se']:.1f}"
+                                            for k in (before, after)))]), "",
         f"{st['grpo_rm']['steps']} steps of {rm['prompts']} prompts x {rm['group']} completions on the pairs' prompts "
         f"alone (no reference answers), reward: the reward model's score. {v['grpo']} {v['length']}".rstrip(), "",
         "```", f"user: {before['example']['prompt']}", f"start: {example(before)}", f"after: {example(after)}", "```"]

@@ -48,7 +48,8 @@ def test_an_unknown_stage_lists_the_stages():
 
 
 def test_tokens_per_step():
-    cfg = train.configure(["--stage=dpo", "--batch_size=3", "--block_size=16", "--gradient_accumulation_steps=2"])
+    cfg = train.configure(["--stage=dpo", "--batch_size=3", "--block_size=16", "--gradient_accumulation_steps=2",
+                           "--pack=False"])  # packed rows of pairs: tests/test_pack_pairs.py
     assert stages.tokens_per_step(cfg) == 2 * 3 * 16 * 2  # chosen and rejected rows
     assert stages.tokens_per_step({**cfg, "stage": "sft"}) == 3 * 16 * 2
     assert stages.tokens_per_step({**cfg, "stage": "grpo"}) is None  # rows as long as prompt and completion

@@ -161,8 +161,8 @@ def check_grpo(cfg):
     if cfg["grpo_group"] < (1 if teacher_alone else 2) or cfg["grpo_epochs"] < 1 or cfg["max_new_tokens"] < 1:
         fail("grpo_group must be >= 2 (advantages compare a group's completions; 1 is enough for a reward that is a "
              "teacher alone, which grades each token), grpo_epochs and max_new_tokens >= 1")
-    if teacher := grpo_teacher(cfg):
-        check_teacher_dir(teacher, f"reward {cfg['reward']!r}")
+    if term := teacher_term(cfg["reward"]):  # an empty DIR too: else the term would vanish, and the reward with it
+        check_teacher_dir(term[1], f"reward {cfg['reward']!r}")
     if not cfg["temperature"] > 0 or not 0 < cfg["top_p"] <= 1 or not cfg["grpo_clip"] > 0 or cfg["grpo_kl"] < 0:
         fail("grpo samples: temperature must be > 0, top_p in (0, 1], grpo_clip > 0, grpo_kl >= 0")
     if cfg["max_new_tokens"] >= cfg["block_size"]:

@@ -234,6 +234,7 @@ def odd_teachers(teacher, tmp_path_factory):
     ("kind", {"teacher": "{teacher}", "kd_loss": "kl"}, "kd_loss must be one of forward_kl, reverse_kl, jsd"),
     ("alone", {"kd_weight": 0.9}, "kd_weight=0.9 does nothing without teacher"),
     ("grpo", {"stage": "grpo", "reward": "teacher:{empty}"}, "reward 'teacher:{empty}': '{empty}' holds no model"),
+    ("grpo", {"stage": "grpo", "reward": "exact_answer + teacher:"}, "reward 'exact_answer + teacher:': '' holds no"),
     ("grpo", {"stage": "grpo", "reward": "exact_answer", "grpo_group": 1}, "grpo_group must be >= 2"),
     ("grpo", {"stage": "grpo", "reward": "teacher:{teacher} + teacher:{teacher}"}, "more than one teacher term"),
 ])

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # demo.py --quick=True, every stage
 
 TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "rm", "grpo_rm", "student_sft", "student_kd",
            "tools"]
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
+# a figure, with its sign where a minus stands alone before it (a reward model's scores are negative too)
+NUMBER = re.compile(r"(?<![\w.-])((?:(?<![\w.])-)?\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
 @pytest.fixture(scope="module")

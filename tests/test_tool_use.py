@@ -17,7 +17,7 @@ from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.inference.generation import chat_prompt_ids, reply_with_tools
 from llm_trainer.inference.tools import Tools, calculator
 from llm_trainer.training import grpo, losses
-from tests.test_train import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
+from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
 
 pytest.importorskip("transformers")  # tool schemas come from transformers.utils.get_json_schema
 

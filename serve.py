@@ -350,10 +350,11 @@ def chat_tools(body):
                                param=f"{where}.function.{key}")
         if "parameters" in f:
             tool_parameters(f["parameters"], f"{where}.function.parameters")
-    choice = body.get("tool_choice") or ("auto" if tools else "none")
+    choice = body.get("tool_choice")
+    choice = ("auto" if tools else "none") if choice is None else choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         choice = choice["function"].get("name")
-        if choice not in names:
+        if not isinstance(choice, str) or choice not in names:
             raise APIError(400, f"'tool_choice' names a function that is not in 'tools': {choice!r}"[:300],
                            param="tool_choice")
     elif choice not in ("auto", "none", "required"):
@@ -492,7 +493,7 @@ def create_app(engine, cfg, page_tools=None):
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep to read
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")

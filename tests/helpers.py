@@ -10,9 +10,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import prepare
 from llm_trainer.core import checkpoint
+from llm_trainer.data import shards
 from llm_trainer.data.tokenizer import train_tokenizer
 from llm_trainer.inference.generation import complete_prompt_ids, generate_text
 from model import ModelConfig, Transformer
@@ -244,3 +247,36 @@ def share_of_a(prompt, completion, reference):
     """The share of the completion's characters that are the letter a: an easy, dense reward."""
     return completion.count("a") / max(len(completion), 1)
 '''
+
+
+# -----------------------------------------------------------------------------
+# prepare.py in this process, and a SentencePiece model to load
+
+
+def write_jsonl(path, records):
+    """Write records (dicts/lists as JSON; bytes as they are) one per line."""
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode()) + b"\n")
+    return path
+
+
+def run_prepare(out_dir, **config):
+    """prepare.main() with --key=value arguments; one worker unless asked."""
+    config = {"out_dir": out_dir, "workers": 1, **config}
+    return prepare.main([f"--{k}={v}" for k, v in config.items()])
+
+
+def documents(out_dir, split="train"):
+    s = shards.open_split(out_dir, split, verify=True)
+    return [tuple(a.tolist() for a in s.document(i)) for i in range(s.num_docs)]
+
+
+def train_sentencepiece(tmp_path, model_type, corpus):
+    """A SentencePiece model (vocab 500, byte fallback) trained on corpus, saved as tmp_path/sp.model."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus * 30), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=500, model_type=model_type, byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))

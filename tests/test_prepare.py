@@ -21,27 +21,9 @@ import prepare
 from llm_trainer.data import shards
 from llm_trainer.data.records import detect_record
 from llm_trainer.data.tokenizer import file_sha256, load_tokenizer
+from tests.helpers import documents, run_prepare, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-def write_jsonl(path, records):
-    """Write records (dicts/lists as JSON; bytes as they are) one per line."""
-    with open(path, "wb") as f:
-        for r in records:
-            f.write((r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode()) + b"\n")
-    return path
-
-
-def run_prepare(out_dir, **config):
-    """prepare.main() with --key=value arguments; one worker unless asked."""
-    config = {"out_dir": out_dir, "workers": 1, **config}
-    return prepare.main([f"--{k}={v}" for k, v in config.items()])
-
-
-def documents(out_dir, split="train"):
-    s = shards.open_split(out_dir, split, verify=True)
-    return [tuple(a.tolist() for a in s.document(i)) for i in range(s.num_docs)]
-
-
 def snapshot(out_dir):
     """Every byte of a prepared directory, meta.json without its timing."""
     files = {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir()) if p.name != "meta.json"}

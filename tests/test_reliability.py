@@ -588,9 +588,9 @@ def test_torchrun_with_indivisible_accumulation_fails_on_every_rank(demo_pretrai
     p = run_train([f"--data_dir={demo_pretrain}", f"--out_dir={out}", "--device=cpu",
                    "--gradient_accumulation_steps=3", *TINY], nproc=2, check=False, timeout=120)
     message = "gradient_accumulation_steps (3) must be divisible by the number of processes (2)"
-    # each rank refuses on its own; a rank still importing when another has failed is stopped by torchrun first
-    stopped_first = "Signal 15 (SIGTERM) received" in p.stderr
-    assert p.returncode != 0 and p.stderr.count(message) == (1 if stopped_first else 2), p.stderr
+    # each rank refuses on its own; torchrun stops a rank still on its way there (or still exiting) once one fails
+    stopped = "Signal 15 (SIGTERM) received" in p.stderr
+    assert p.returncode != 0 and p.stderr.count(message) in ((1, 2) if stopped else (2,)), p.stderr
     assert 'train.py", line' not in p.stderr and not out.exists()
 
 

@@ -438,9 +438,9 @@ def test_logprobs_cover_only_the_returned_text(sft):
         else:
             text, entries = r.choices[0].message.content, r.choices[0].logprobs.content
         assert text == content[: content.index(stop)]
-        starts = [len(b"".join(bytes(e.bytes) for e in entries[:k]).decode("utf-8", "replace"))
-                  for k in range(len(entries))]
-        assert all(s < len(text) for s in starts), (text, starts)
+        # in bytes: a character's bytes may come in two tokens, the second starting inside it
+        starts = [len(b"".join(bytes(e.bytes) for e in entries[:k])) for k in range(len(entries))]
+        assert all(s < len(text.encode("utf-8")) for s in starts), (text, starts)
         assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace").startswith(text)
 
 
@@ -449,7 +449,7 @@ def test_completions_return_the_text_as_written(runs, reason):
     model, tok, info = generation.load(runs["reason"])
     prompt = "user\nCompute 361 + 968.\nassistant\n"
     raw = complete(model, tok, prompt, temperature=0.0, max_new_tokens=64, max_len=info["block_size"])
-    assert raw.startswith("<think>\n")  # the model writes a think block here: the test means something
+    assert raw.startswith("<think>")  # the model writes a think block here: the test means something
     client = reason.client()
     r = client.completions.create(model="reason", prompt=prompt, temperature=0, max_tokens=64)
     assert r.choices[0].text == raw

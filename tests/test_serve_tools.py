@@ -281,6 +281,11 @@ CALLED = {"role": "assistant", "content": None, "tool_calls": [
     (bad(tools=[CALC], tool_choice="sometimes"), "tool_choice"),
     (bad(tools=[CALC], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (bad(tool_choice="required"), "tool_choice"),
+    (bad(tools=[CALC], tool_choice={"type": "function", "function": {"name": ["calculator"]}}), "tool_choice"),
+    (bad(tools=[CALC], tool_choice=0), "tool_choice"),
+    (bad(tools=[CALC], tool_choice=""), "tool_choice"),
+    (bad(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"items": {"a": 1}}}}}}]).replace('{"a": 1}', "[" * 100_000 + "]" * 100_000), None),  # nested too deep
     (json.dumps({"messages": [{"role": "user", "content": "1?"}, CALLED]}), "messages"),  # ends in a call
     (json.dumps({"messages": [{"role": "user", "content": "1?"}, CALLED, {"role": "user", "content": "2?"}]}),
      "messages[2]"),  # the call is not answered

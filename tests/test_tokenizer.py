@@ -10,7 +10,7 @@ from llm_trainer.training import losses
 from llm_trainer.core import files
 from llm_trainer.data import tokenizer
 from llm_trainer.data.batches import Batch
-from tests.helpers import HARD_TEXTS
+from tests.helpers import HARD_TEXTS, train_sentencepiece
 
 U, A, S = "user", "assistant", "system"
 
@@ -244,16 +244,6 @@ def test_load_tokenizer_adds_missing_specials(tmp_path):
     assert tok.eot_id == 3 and sorted(tok.special_ids.values()) == [3, 4, 5, 6, 7, 8, 9]
     assert list(tok.tool_tag_ids.values()) == [10, 11, 12, 13]
     assert tok.encode("hello world") == [1, 2]
-
-
-def train_sentencepiece(tmp_path, model_type, corpus):
-    """A SentencePiece model (vocab 500, byte fallback) trained on corpus, saved as tmp_path/sp.model."""
-    spm = pytest.importorskip("sentencepiece")
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus * 30), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=500, model_type=model_type, byte_fallback=True,
-                                   hard_vocab_limit=False, minloglevel=2)
-    return spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])

@@ -17,7 +17,7 @@ from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.inference.generation import chat_prompt_ids, reply_with_tools
 from llm_trainer.inference.tools import Tools, calculator
 from llm_trainer.training import grpo, losses
-from tests.test_train import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
+from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
 
 pytest.importorskip("transformers")  # tool schemas come from transformers.utils.get_json_schema
 
@@ -55,7 +55,7 @@ def test_calculator(expression, value):
 
 @pytest.mark.parametrize("expression", [
     "__import__('os').system('true')", "x + 1", "(1).real", "[1, 2]", "9 ** 9 ** 9", "2 ** 5000", "1" * 300, "1 +",
-    "'a' * 3", "1e308 * 10",
+    "'a' * 3", "1e308 * 10", "1e999", "-1e999", "(-8) ** (1 / 3)", "(-1) ** 0.5 * 1e308 * 1e308",
 ])
 def test_calculator_runs_no_code_and_no_giant_numbers(expression):
     result = Tools("calculator").run({"name": "calculator", "arguments": {"expression": expression}})

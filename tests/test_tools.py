@@ -8,7 +8,7 @@ import pytest
 from llm_trainer.data import tokenizer
 from llm_trainer.data.tokenizer import TOOL_TAGS, with_tools
 from llm_trainer.inference.generation import parse_call, split_tool_calls
-from tests.test_tokenizer import train_sentencepiece
+from tests.helpers import train_sentencepiece
 
 U, A, S, T = "user", "assistant", "system", "tool"
 
@@ -251,7 +251,7 @@ def test_prepared_ids_are_apply_chat_template_ids_and_targets_the_replies(tmp_pa
     """Each shape prepared: the ids transformers' apply_chat_template(messages, tools=...) gives for the OpenAI form
     of the record, targets exactly the assistant's text and calls."""
     transformers = pytest.importorskip("transformers")
-    from tests.test_prepare import documents, run_prepare, write_jsonl
+    from tests.helpers import documents, run_prepare, write_jsonl
 
     hf = transformers.AutoTokenizer.from_pretrained(str(data_tok_dir))
     path = write_jsonl(tmp_path / "tools.jsonl", [r for r, _, _ in TOOL_RECORDS])
@@ -283,7 +283,7 @@ BAD_TOOL_LINES = [
 
 
 def test_bad_tool_records_are_counted_with_file_and_line(tmp_path, data_tok_dir):
-    from tests.test_prepare import run_prepare, write_jsonl
+    from tests.helpers import run_prepare, write_jsonl
 
     path = write_jsonl(tmp_path / "bad.jsonl", BAD_TOOL_LINES)
     meta = run_prepare(tmp_path / "out", input=path, tokenizer=data_tok_dir, val_fraction=0.0)
@@ -303,7 +303,7 @@ def test_exports_render_tool_conversations_to_the_same_ids(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     transformers = pytest.importorskip("transformers")
     import export
-    from tests.test_export import make_run_dir
+    from tests.helpers import make_run_dir
 
     run = make_run_dir(tmp_path / "run", stage="sft", steps=1)
     export.export(run, str(tmp_path / "hf"))

@@ -48,19 +48,26 @@ def _evaluate(node):
     """The value of an arithmetic expression tree: numbers and the operators above, nothing else (no names, no
     calls, no attribute access: no code runs)."""
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return _bounded(node.value)  # 1e999 is inf
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         a, b = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(b) > _MAX_EXPONENT:
             raise ValueError(f"an exponent of at most {_MAX_EXPONENT}")
-        value = _BINARY[type(node.op)](a, b)
-        if (isinstance(value, int) and value.bit_length() > _MAX_BITS) or (
-                isinstance(value, float) and not math.isfinite(value)):
-            raise ValueError("the result is too large")
-        return value
+        return _bounded(_BINARY[type(node.op)](a, b))
     raise ValueError(f"not arithmetic: {ast.unparse(node)}")
+
+
+def _bounded(value):
+    """value, a real number of bounded size; else ValueError. (-8) ** (1 / 3) is complex in Python: refused, as
+    anything it would go on to compute would be."""
+    if isinstance(value, complex):
+        raise ValueError("the result is not a real number")
+    if (isinstance(value, int) and value.bit_length() > _MAX_BITS) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError("the result is too large")
+    return value
 
 
 BUILTINS = {"calculator": calculator}

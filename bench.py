@@ -33,8 +33,12 @@ How it measures:
   same train.train_step with pack=True against pack=False, in turns, on a prepared SFT directory
   (data_dir) or on synthetic chats whose lengths are long-tailed (lognormal, sigma 1) with mean
   block_size/3, a third of each a prompt. Fill is real tokens / computed positions.
+  dpo=True does the same for DPO's preference pairs (whole pairs packed, against one pair in two
+  padded rows, the reference model's forward included), on a prepared DPO directory or on
+  synthetic short pairs: a prompt and two replies, each lognormal (sigma 1) with mean block_size/16.
 
     python bench.py --sft=True --model=26m --block_size=512 --device=cpu --threads=2
+    python bench.py --dpo=True --model=tiny --data_dir=data/demo_dpo --block_size=512 --device=cpu
 - lora=True measures LoRA against full fine-tuning: the same SFT step (synthetic chats, as sft=True)
   on the same randomly initialised model, every weight trained or only rank-lora_rank adapters on
   all projections, in turns; tokens/s, and the bytes each keeps: weights, gradients and AdamW
@@ -133,7 +137,7 @@ STEP_KEYS = ("block_size", "batch_size", "gradient_accumulation_steps", "device"
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 model = "tiny"  # size preset: tiny | 26m | 124m | 500m | 1b (config/model_<model>.py), "" to give the shape below
-data_dir = ""  # a prepared pretraining (sft=True: sft) directory to read batches from; "": synthetic data
+data_dir = ""  # a prepared pretraining (sft=True: sft, dpo=True: dpo) directory to read batches from; "": synthetic data
 # the model shape: train.py's keys (vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, rope_theta,
 # tie_embeddings) with train.py's defaults; a preset sets them; vocab_size 0: the preset's vocabulary
 # the training step, as train.py takes it
@@ -149,7 +153,8 @@ threads = 0  # torch CPU threads (0: torch's default, one per core)
 # what to measure
 compare_hf = False  # the same step with transformers' LlamaForCausalLM, in this process
 sft = False  # SFT rows instead: target tokens/s packed against padded (data_dir: a prepared sft set)
-sft_docs = 4000  # synthetic chats when sft=True and no data_dir
+dpo = False  # DPO's preference pairs instead: target tokens/s packed against padded (data_dir: a prepared dpo set)
+sft_docs = 4000  # synthetic chats (dpo=True: pairs) when sft=True and no data_dir
 lora = False  # LoRA against full fine-tuning instead: tokens/s and memory (weights, gradients, optimizer state)
 lora_rank = 8
 lora_runs = ["full", "lora"]  # lora=True: the runs compared ("lora" or "full" alone: the process RSS is its own)
@@ -219,6 +224,8 @@ def configure(argv=None):
         fail("steps and rounds must be >= 1; warmup_steps, data_batches and decode_tokens >= 0")
     if not cfg["data_dir"] and cfg["vocab_size"] < 1:
         fail("with no data_dir, set vocab_size (or pick a model preset)")
+    if sum(bool(cfg[k]) for k in ("sft", "dpo", "lora", "serve", "evals")) > 1:
+        fail("sft, dpo, lora, serve and evals each pick what to measure: set one of them")
     return cfg
 
 
@@ -254,19 +261,39 @@ def write_synthetic_data(out_dir, vocab, n_tokens, seed):
 def write_synthetic_chats(out_dir, vocab, block_size, n_docs, seed):
     """A prepared SFT directory of random-token chats: lognormal lengths (sigma 1, mean block_size/3), the first
     third of each a prompt (not a target), the rest its reply."""
-    os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    sigma = 1.0
-    lengths = np.maximum(rng.lognormal(np.log(block_size / 3) - sigma**2 / 2, sigma, n_docs).astype(np.int64), 4)
+    lengths = lognormal_lengths(rng, block_size / 3, n_docs)
+    docs = [(n // 3, n - n // 3) for n in lengths]  # (prompt, reply) tokens
+    return write_synthetic_docs(out_dir, "sft", vocab, docs, 1, rng)
+
+
+def write_synthetic_pairs(out_dir, vocab, block_size, n_pairs, seed):
+    """A prepared DPO directory of random-token pairs: a prompt and two replies, each lognormal (sigma 1, mean
+    block_size/16); the chosen and the rejected document share the prompt."""
+    rng = np.random.default_rng(seed)
+    prompts, replies = (lognormal_lengths(rng, block_size / 16, n) for n in (n_pairs, 2 * n_pairs))
+    docs = [(int(prompts[k // 2]), int(replies[k])) for k in range(2 * n_pairs)]
+    return write_synthetic_docs(out_dir, "dpo", vocab, docs, 2, rng)
+
+
+def lognormal_lengths(rng, mean, n, sigma=1.0):
+    return np.maximum(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n).astype(np.int64), 4)
+
+
+def write_synthetic_docs(out_dir, stage, vocab, docs, per_unit, rng):
+    """A prepared `stage` directory of random-token documents, (prompt, reply) lengths each, `per_unit` documents a
+    unit; a fiftieth of them (at least 8 units) again as the val split."""
+    os.makedirs(out_dir, exist_ok=True)
     splits = {}
-    for split, docs in (("train", lengths), ("val", lengths[: max(n_docs // 50, 8)])):
+    for split, part in (("train", docs), ("val", docs[: per_unit * max(len(docs) // per_unit // 50, 8)])):
         writer = shards.ShardWriter(out_dir, split, shards.token_dtype(vocab), shard_tokens=1 << 30)
-        mask = np.concatenate([np.arange(n) >= n // 3 for n in docs]).astype(np.uint8)
-        writer.add_units(rng.integers(1, vocab, int(docs.sum())), mask, docs, [1] * len(docs))
+        lengths = [p + r for p, r in part]
+        mask = np.concatenate([np.arange(p + r) >= p for p, r in part]).astype(np.uint8)
+        writer.add_units(rng.integers(1, vocab, sum(lengths)), mask, lengths, [per_unit] * (len(part) // per_unit))
         written = writer.close()
         splits[split] = {"tokens": writer.tokens, "documents": writer.documents, "targets": writer.targets,
                          "shards": written}
-    shards.write_meta(out_dir, {"version": shards.FORMAT_VERSION, "stage": "sft", "dtype": shards.token_dtype(vocab),
+    shards.write_meta(out_dir, {"version": shards.FORMAT_VERSION, "stage": stage, "dtype": shards.token_dtype(vocab),
                                 "vocab_size": vocab, "special_ids": {"<|endoftext|>": 0}, "tokenizer_sha256": None,
                                 "tokenizer_source": "none: random token ids (bench.py)", "splits": splits})
     return out_dir
@@ -549,56 +576,73 @@ def bench(b):
     return fig, notes, device
 
 
-SFT_KEYS = [
-    "model.params", "sft.documents", "sft.mean_length", "sft.truncated", "sft.tokens_per_step",
-    *[f"sft.{how}.{k}" for how in ("packed", "padded") for k in ("target_tokens_per_s", "fill", "step_ms")],
-    "sft.packed_over_padded", "sft.packed_over_padded_paired", "process.max_rss_mb",
-]
+def row_keys(stage):
+    """The figures of sft=True (stage sft) or dpo=True (stage dpo)."""
+    return ["model.params", f"{stage}.documents", f"{stage}.mean_length", f"{stage}.truncated", f"{stage}.tokens_per_step",
+            *[f"{stage}.{how}.{k}" for how in ("packed", "padded") for k in ("target_tokens_per_s", "fill", "step_ms")],
+            f"{stage}.packed_over_padded", f"{stage}.packed_over_padded_paired", "process.max_rss_mb"]
 
 
-def bench_sft(b):
-    """SFT_KEYS: target tokens/s of packed and padded rows, the same step timed in turns."""
-    fig, notes = dict.fromkeys(SFT_KEYS), {}
+SFT_KEYS, DPO_KEYS = row_keys("sft"), row_keys("dpo")
+SYNTHETIC = {"sft": (write_synthetic_chats, "synthetic chats, lognormal lengths (sigma 1) with mean block_size/3"),
+             "dpo": (write_synthetic_pairs, "synthetic pairs: prompt and replies lognormal (sigma 1) with mean "
+                                            "block_size/16 each")}
+
+
+def bench_rows(b):
+    """row_keys: target tokens/s of packed and padded rows (of SFT chats or DPO pairs), the same step timed in
+    turns."""
+    stage = "dpo" if b["dpo"] else "sft"
+    fig, notes = dict.fromkeys(row_keys(stage)), {"stage": stage}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data = b["data_dir"] or write_synthetic_chats(os.path.join(tmp, "data"), b["vocab_size"], b["block_size"],
-                                                      b["sft_docs"], b["seed"])
-        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage="sft", pack=how == "packed"))
+        write, synthetic = SYNTHETIC[stage]
+        data = b["data_dir"] or write(os.path.join(tmp, "data"), b["vocab_size"], b["block_size"], b["sft_docs"],
+                                      b["seed"])
+        runs = {how: train.build(train_config(b, data, os.path.join(tmp, how), stage=stage, pack=how == "packed"))
                 for how in ("packed", "padded")}
         batches = runs["padded"].train_batches
-        fig.update({"model.params": runs["packed"].raw_model.num_params(), "sft.documents": batches.split.num_docs,
-                    "sft.mean_length": float((batches.split.doc_ends - batches.split.doc_starts).mean()),
-                    "sft.truncated": batches.truncated, "sft.tokens_per_step": stages.tokens_per_step(runs["packed"].cfg)})
+        fig.update({"model.params": runs["packed"].raw_model.num_params(),
+                    f"{stage}.documents": batches.split.num_docs,
+                    f"{stage}.mean_length": float((batches.split.doc_ends - batches.split.doc_starts).mean()),
+                    f"{stage}.truncated": batches.truncated,
+                    f"{stage}.tokens_per_step": stages.tokens_per_step(runs["packed"].cfg)})
         rounds = timed_in_turns(runs, b)
 
         def rate(rs):  # target tokens per second over the steps of these rounds
             return sum(s["target_tokens"] for _, _, stats in rs for s in stats) / sum(sum(t) for t, _, _ in rs)
 
         for how, rs in rounds.items():
-            fig[f"sft.{how}.target_tokens_per_s"] = rate(rs)
-            fig[f"sft.{how}.fill"] = statistics.mean(s["fill"] for _, _, stats in rs for s in stats)
-            fig[f"sft.{how}.step_ms"] = 1000 * statistics.median(t for ts, _, _ in rs for t in ts)
+            fig[f"{stage}.{how}.target_tokens_per_s"] = rate(rs)
+            fig[f"{stage}.{how}.fill"] = statistics.mean(s["fill"] for _, _, stats in rs for s in stats)
+            fig[f"{stage}.{how}.step_ms"] = 1000 * statistics.median(t for ts, _, _ in rs for t in ts)
         ratios = [rate([p]) / rate([q]) for p, q in zip(rounds["packed"], rounds["padded"])]
-        fig["sft.packed_over_padded"] = fig["sft.packed.target_tokens_per_s"] / fig["sft.padded.target_tokens_per_s"]
-        fig["sft.packed_over_padded_paired"] = statistics.median(ratios)
+        fig[f"{stage}.packed_over_padded"] = (fig[f"{stage}.packed.target_tokens_per_s"]
+                                              / fig[f"{stage}.padded.target_tokens_per_s"])
+        fig[f"{stage}.packed_over_padded_paired"] = statistics.median(ratios)
         fig["process.max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         notes["dtype"] = common.dtype_name(runs["packed"].ptdtype)
-        notes["data"] = b["data_dir"] or "synthetic chats, lognormal lengths (sigma 1) with mean block_size/3"
+        notes["data"] = b["data_dir"] or synthetic
         device = describe_device(runs["packed"].device)
     return fig, notes, device
 
 
-def report_sft(b, fig, notes, device):
-    lines = [f"bench sft: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}, "
-             f"{notes['dtype']}, compile={b['compile']}, {b['batch_size']} rows x {b['block_size']} x "
-             f"{b['gradient_accumulation_steps']} micro-steps per step",
-             f"data: {notes['data']}: {fig['sft.documents']:,} documents, mean {fig['sft.mean_length']:.1f} tokens, "
-             f"{fig['sft.truncated']:,} longer than block_size+1 (cut)",
+def report_rows(b, fig, notes, device):
+    stage = notes["stage"]
+    rows = (f"{b['batch_size']} rows x {b['block_size']}" if stage == "sft" else
+            f"{b['batch_size']} rows of whole pairs x {2 * (b['block_size'] + 1)} packed, {b['batch_size']} pairs x 2 "
+            f"rows x {b['block_size']} padded")
+    lines = [f"bench {stage}: {b['model'] or 'custom'} shape, {fig['model.params'] / 1e6:.2f}M parameters, {device}, "
+             f"{notes['dtype']}, compile={b['compile']}, {rows} x {b['gradient_accumulation_steps']} micro-steps per "
+             "step",
+             f"data: {notes['data']}: {fig[f'{stage}.documents']:,} documents, mean "
+             f"{fig[f'{stage}.mean_length']:.1f} tokens, {fig[f'{stage}.truncated']:,} longer than block_size+1 (cut)",
              f"{'':26}{'packed':>12}{'padded':>12}"]
     for label, key, spec in (("target tokens/s", "target_tokens_per_s", ",.0f"), ("fill", "fill", ".1%"),
                              ("step time, median (ms)", "step_ms", ",.1f")):
-        lines.append(f"{label:26}{format(fig[f'sft.packed.{key}'], spec):>12}{format(fig[f'sft.padded.{key}'], spec):>12}")
-    lines.append(f"packed/padded target tokens/s: {fig['sft.packed_over_padded']:.2f}x "
-                 f"(paired by round: {fig['sft.packed_over_padded_paired']:.2f}x)")
+        lines.append(f"{label:26}{format(fig[f'{stage}.packed.{key}'], spec):>12}"
+                     f"{format(fig[f'{stage}.padded.{key}'], spec):>12}")
+    lines.append(f"packed/padded target tokens/s: {fig[f'{stage}.packed_over_padded']:.2f}x "
+                 f"(paired by round: {fig[f'{stage}.packed_over_padded_paired']:.2f}x)")
     lines.append(f"process max RSS {fig['process.max_rss_mb']:,.0f} MB; torch {torch.__version__}")
     return "\n".join(lines)
 
@@ -1335,7 +1379,8 @@ def main(argv=None):
     torch.manual_seed(b["seed"])
     measure, render = ((bench_serve, report_serve) if b["serve"] else (bench_lora, report_lora) if b["lora"]
                        else (bench_kd, report_kd) if b["kd"]
-                       else (bench_sft, report_sft) if b["sft"] else (bench_evals, report_evals) if b["evals"]
+                       else (bench_rows, report_rows) if b["sft"] or b["dpo"]
+                       else (bench_evals, report_evals) if b["evals"]
                        else (bench_quality, report_quality) if b["quality"] else (bench, report))
     fig, notes, device = measure(b)
     print(render(b, fig, notes, device), flush=True)

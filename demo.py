@@ -14,12 +14,16 @@ Stages, each announced by a header and followed by its own progress output:
     dpo       config/dpo_demo.py        chosen/rejected pairs, from sft (why: see the config)
     grpo      config/grpo_demo.py       reinforcement learning on the counting prompts, reward: the exact answer,
                                         from distill
+    rm        config/rm_demo.py         a reward model on the DPO pairs (the set prepared for dpo), from sft
+    grpo_rm   config/grpo_rm_demo.py    GRPO against that reward model on the pairs' prompts alone, from sft
     students  config/student_demo.py    a model a quarter the size, from scratch on the chat set, the same steps
                                         twice: alone, and distilled from sft's logits (teacher=sft)
     tools     config/tools_demo.py      conversations that call the calculator for additions, from sft
     evaluate  greedy answers of every chat model to the held-out tasks (data/demo/tasks_val.jsonl), the
               pass@grpo_group of GRPO's start model, and the tools model's held-out additions with the calculator
               and without it
+    reward model  the held-out pairs ranked by the reward model and by the DPO model's implicit reward; the
+              held-out prompts' greedy replies of grpo_rm and its start, scored by the reward model
     export    the DPO model to a transformers directory; logits and greedy text compared with transformers
     chat      a few prompts to the final model, printed as it streams
 
@@ -76,6 +80,8 @@ STAGES = [
     ("distill", "config/distill_demo.py", "sft", "reason"),
     ("dpo", "config/dpo_demo.py", "sft", "dpo"),
     ("grpo", "config/grpo_demo.py", "distill", "grpo"),
+    ("rm", "config/rm_demo.py", "sft", "dpo"),
+    ("grpo_rm", "config/grpo_rm_demo.py", "sft", "prompts"),
     ("student_sft", "config/student_demo.py", None, "sft"),
     ("student_kd", "config/student_demo.py", None, "sft"),
     ("tools", "config/tools_demo.py", "sft", "tools"),
@@ -86,7 +92,8 @@ CHAT_STAGES = ["sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "stud
 # prepared chat set -> the demo files it reads (<stem>_train.jsonl, <stem>_val.jsonl) and the stage whose config
 # decides its max_len; the count files are written by count_prompts
 CHAT_SETS = {"sft": ("sft", "sft"), "sft_long": ("sft", "sft_long"), "reason": ("reason", "distill"),
-             "dpo": ("dpo", "dpo"), "grpo": ("count", "grpo"), "tools": ("tool", "tools")}
+             "dpo": ("dpo", "dpo"), "grpo": ("count", "grpo"), "tools": ("tool", "tools"),
+             "prompts": ("prompts", "grpo_rm")}
 # the counting prompts of the reasoning set (make_chat.py's templates), GRPO's task
 COUNT_PROMPT = re.compile(r"How many characters are in|Count the characters in|What is the length of|有几个字符|"
                           r"有多少个字符|的长度是多少")
@@ -97,10 +104,12 @@ GPU_LR_SCALE = 1 / 3  # a 26M model wants a smaller step than the ~1M one the co
 # tuned on a GPU: a conservative guess)
 
 QUICK_MODEL = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
-QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3, "student_sft": 6,
-               "student_kd": 6, "tools": 4}
+QUICK_ITERS = {"pretrain": 30, "sft": 20, "sft_long": 4, "distill": 10, "dpo": 6, "grpo": 3, "rm": 6, "grpo_rm": 3,
+               "student_sft": 6, "student_kd": 6, "tools": 4}
 QUICK_FLAGS = ["--batch_size=8", "--eval_iters=2"]
-QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=16", "--eval_iters=1"]}
+QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=16", "--eval_iters=1"],
+                     "grpo_rm": ["--batch_size=4", "--grpo_group=2", "--max_new_tokens=8", "--eval_iters=1"]}
+QUICK_RM_PROMPTS = 16  # held-out prompts scored before and after grpo_rm in a quick run (else all 150)
 QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
 QUICK_PROMPTS = 10
 QUICK_NEW_TOKENS = 24
@@ -182,6 +191,9 @@ def prepare_all(cfg, sets):
         if stage == "grpo":  # prompts with their answers; a prompt leaves room for the completion
             where, extra = count_prompts(cfg["data_dir"]), ["--stage=grpo"]
             max_len -= config_value(config_file, "max_new_tokens")
+        if stage == "grpo_rm":  # prompts alone, for a reward model
+            where, extra = preference_prompts(cfg["data_dir"]), ["--stage=grpo"]
+            max_len -= config_value(config_file, "max_new_tokens")
         print(f"\n-- {name}: {stem}_train.jsonl (+ {stem}_val.jsonl held out), max_len {max_len}", flush=True)
         metas[name] = prepare.main([
             f"--input={where}/{stem}_train.jsonl", f"--val_input={where}/{stem}_val.jsonl",
@@ -201,6 +213,19 @@ def count_prompts(data_dir):
     return out
 
 
+def preference_prompts(data_dir):
+    """prompts_train.jsonl and prompts_val.jsonl in data_dir/demo_prompts: the prompts of the DPO pairs, each once,
+    alone ({"prompt"}: no reference answer), for GRPO against the reward model."""
+    out = os.path.join(data_dir, "demo_prompts")
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "val"):
+        prompts = dict.fromkeys(r["prompt"] if "prompt" in r else r["chosen"][-2]["content"]
+                                for r in read_jsonl(f"{DEMO}/dpo_{split}.jsonl"))
+        with open(os.path.join(out, f"prompts_{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # 2. training: train.py as a subprocess (it exits on errors and handles signals), its output streamed
 
@@ -215,6 +240,8 @@ def train_command(cfg, stage, config_file, init_stage, data, device_kind, device
         cmd.append(f"--init_from={run_dir(cfg, init_stage)}")
     if stage in TEACHER_OF:
         cmd.append(f"--teacher={run_dir(cfg, TEACHER_OF[stage])}")
+    if stage == "grpo_rm":  # the reward model this demo trained
+        cmd.append(f"--reward=rm:{run_dir(cfg, 'rm')}")
     if device_kind == "gpu":
         lr = config_value(config_file, "learning_rate") * GPU_LR_SCALE
         cmd += GPU_FLAGS + [f"--learning_rate={lr:.3g}", f"--min_lr={lr / 10:.3g}"]
@@ -258,8 +285,9 @@ def stage_summary(path, init_stage):
         "rope_scaling": cfg["rope_scaling"], "think_tag_weight": cfg["think_tag_weight"], "teacher": cfg["teacher"],
         "curve": {"iter": [r["iter"] for r in steps_logged], "loss": [r["loss"] for r in steps_logged],
                   "val_iter": [r["iter"] for r in evals], "val_loss": [r["val_loss"] for r in evals],
-                  **({"reward": [r["reward"] for r in steps_logged], "accuracy": [r["accuracy"] for r in steps_logged],
-                      "val_reward": [r["val_reward"] for r in evals]} if cfg["stage"] == "grpo" else {})},
+                  **({k: [r[k] for r in steps_logged] for k in ("reward", "accuracy") if k in steps_logged[-1]}
+                     if cfg["stage"] == "grpo" else {}),  # (accuracy: prompts with reference answers)
+                  **({"val_reward": [r["val_reward"] for r in evals]} if cfg["stage"] == "grpo" else {})},
         "evals": evals,
     }
 
@@ -413,6 +441,81 @@ def evaluate_all(cfg, limit, device):
 
 
 # -----------------------------------------------------------------------------
+# 3b. the reward model: the held-out pairs, and grpo_rm's held-out replies, scored
+
+
+def setting(cfg, stage, key):
+    """A stage's setting: its quick flag in a quick run, else its demo config's value."""
+    flags = [f for f in QUICK_STAGE_FLAGS.get(stage, []) if f.startswith(f"--{key}=")] if cfg["quick"] else []
+    return ast.literal_eval(flags[0].split("=", 1)[1]) if flags else config_value(CONFIG_OF[stage], key)
+
+
+def proportion(hits):
+    """{"correct", "n", "accuracy", "se"} of a list of booleans: the binomial standard error."""
+    n, k = len(hits), sum(hits)
+    return {"correct": k, "n": n, "accuracy": k / n, "se": math.sqrt(k / n * (1 - k / n) / n)}
+
+
+def mean_se(values):
+    return {"mean": statistics.mean(values), "se": statistics.stdev(values) / math.sqrt(len(values)), "n": len(values)}
+
+
+def pair_accuracies(cfg, data, device):
+    """Every held-out pair of the DPO set, once: does the reward model score the chosen reply above the rejected one,
+    and does the DPO model's implicit reward (its log-ratio to its reference, the SFT model) rank them so?"""
+    from llm_trainer.core.checkpoint import load_model
+    from llm_trainer.data import shards
+    from llm_trainer.data.batches import Batches
+    from llm_trainer.training import losses
+
+    pad = shards.load_meta(data)["special_ids"]["<|endoftext|>"]
+    batches = Batches(shards.open_split(data, "val"), unit="pair", block_size=setting(cfg, "rm", "block_size"),
+                      batch_size=16, seed=0, pad_id=pad)
+    rm, dpo, ref = (load_model(run_dir(cfg, name), device, head)[0]
+                    for name, head in (("rm", "score"), ("dpo", "lm"), ("sft", "lm")))
+    ranked = {"rm": [], "dpo": []}
+    with torch.no_grad():
+        for first in range(0, batches.n_units, batches.B):
+            b = batches.batch(list(range(first, min(first + batches.B, batches.n_units)))).to(torch.device(device))
+            kept = losses.pair_has_targets(b)
+            chosen, rejected = losses.scores(rm, b.x, pad).chunk(2)
+            ranked["rm"] += (chosen > rejected)[kept].tolist()
+            chosen, rejected = (losses.sequence_logps(dpo, b) - losses.sequence_logps(ref, b)).chunk(2)
+            ranked["dpo"] += (chosen > rejected)[kept].tolist()
+    return {name: proportion(hits) for name, hits in ranked.items()}
+
+
+def rm_scored_replies(cfg, data, device):
+    """The greedy replies of grpo_rm's start (the SFT model) and of grpo_rm to the held-out prompts, each scored by
+    the reward model with its prompt, as GRPO scored them in training: the score's and the length's (in tokens)
+    mean ± standard error."""
+    from llm_trainer.core.checkpoint import load_model
+    from llm_trainer.data import shards
+    from llm_trainer.inference import generation
+    from llm_trainer.training.rewards import RewardModel, conversation
+
+    split = shards.open_split(data, "val")
+    n = min(split.num_docs, QUICK_RM_PROMPTS) if cfg["quick"] else split.num_docs
+    prompts = [split.document(d)[0].tolist() for d in range(n)]
+    pad = shards.load_meta(data)["special_ids"]["<|endoftext|>"]
+    rm = RewardModel(load_model(run_dir(cfg, "rm"), device, "score")[0], pad, contextlib.nullcontext())
+    figures = {}
+    for name in ("sft", "grpo_rm"):
+        model, tok, _ = generation.load(run_dir(cfg, name), device)
+        replies = []
+        for i in range(0, n, 50):
+            replies += model.generate_batch(prompts[i: i + 50], setting(cfg, "grpo_rm", "max_new_tokens"),
+                                            temperature=0.0, stop_ids=generation.chat_stop_ids(tok),
+                                            max_len=setting(cfg, "grpo_rm", "block_size"), pad_id=pad)
+        scores = rm([conversation(tok, p, r) for p, r in zip(prompts, replies)])
+        figures[name] = {**mean_se(scores), "length": mean_se([len(r) for r in replies]),
+                         "example": {"prompt": split.refs[0]["prompt"],
+                                     "reply": generation.completion_text(tok, replies[0], generation.chat_stop_ids(tok)),
+                                     "score": scores[0]}}
+    return {"before": figures["sft"], "after": figures["grpo_rm"]}
+
+
+# -----------------------------------------------------------------------------
 # 4. export and parity with transformers
 
 
@@ -485,7 +588,8 @@ def plot_losses(stages, path):
         curve = s["curve"]
         if s["stage"] == "grpo":  # rewards, not losses: the sampled completions' and the greedy held-out ones'
             ax.plot(curve["iter"], curve["reward"], label="reward (sampled)", lw=1.2)
-            ax.plot(curve["iter"], curve["accuracy"], label="accuracy (sampled)", lw=1.0, alpha=0.7)
+            if "accuracy" in curve:
+                ax.plot(curve["iter"], curve["accuracy"], label="accuracy (sampled)", lw=1.0, alpha=0.7)
             ax.plot(curve["val_iter"], curve["val_reward"], "o-", label="held-out reward (greedy)", ms=4)
             ax.legend(fontsize=7)
         else:
@@ -495,7 +599,7 @@ def plot_losses(stages, path):
                      + (" (train loss: CE and KD)" if s["teacher"] else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (DPO: sigmoid loss; GRPO: reward)")
+    axes[0].set_ylabel("loss (DPO: sigmoid loss; rm: Bradley-Terry loss; GRPO: reward)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -549,6 +653,27 @@ def grpo_wins(models):
         for name, m in models.items() if name != "grpo")]
 
 
+def rm_verdicts(rm):
+    """The reward model against chance and against DPO's implicit reward on the same pairs; GRPO against it: the
+    held-out score before and after, more than two standard errors of the difference apart or not."""
+    ours, dpo = rm["pairs"]["rm"], rm["pairs"]["dpo"]
+    before, after = rm["replies"]["before"], rm["replies"]["after"]
+    raised = after["mean"] - before["mean"] > 2 * math.sqrt(before["se"] ** 2 + after["se"] ** 2)
+    return {
+        "chance": ("ranks the held-out pairs above chance (by more than two standard errors)"
+                   if ours["accuracy"] - 0.5 > 2 * ours["se"] else "does not rank the held-out pairs clearly above "
+                   "chance on this budget"),
+        "dpo": ("ranks them as well as" if ours["correct"] == dpo["correct"] else "ranks them within sampling "
+                "noise of" if noise(ours, dpo) else "ranks them better than" if ours["accuracy"] > dpo["accuracy"]
+                else "ranks them worse than"),
+        "grpo": ("GRPO raised the reward model's score of held-out replies by more than two standard errors."
+                 if raised else "On this budget GRPO did not raise the reward model's score of held-out replies by "
+                 "more than two standard errors: it does not help here."),
+        "length": ("The replies got longer, the first thing a policy finds that a reward model pays for: read the "
+                   "example below." if after["length"]["mean"] > 1.5 * before["length"]["mean"] else ""),
+    }
+
+
 def verdicts(r):
     """Every judgement the report makes, each computed once from the report's figures (words only, no numbers)."""
     st, models, dpo, tools = r["stages"], r["tasks"]["models"], r["dpo"], r["tools"]
@@ -566,6 +691,7 @@ def verdicts(r):
         "distill": "distillation helped." if helped else "on this budget distillation does not clearly help" + (
             "; the model has learnt the format, not yet the reasoning (example below)."
             if distill["think_well_formed"] > distill["n"] / 2 else "."),
+        "reward_model": rm_verdicts(r["reward_model"]),
         "dpo": ("separated the held-out pairs the preferred way." if separated
                 else "did not separate the held-out pairs on this budget."),
         "tools": ("the calculator lifts held-out addition by more than two standard errors." if
@@ -602,6 +728,29 @@ def harness_rows(models):
             ("demo_add: acc", cell("demo_add", "acc")), ("demo_add: acc_norm", cell("demo_add", "acc_norm")),
             ("demo_add: chance-adjusted", lambda m: f"{m['harness']['demo_add']['centered']:.3f}")]
     return [(name, *(f(m) for m in models.values())) for name, f in rows]
+
+
+def rm_section(r):
+    """The report's lines on the reward model and GRPO against it."""
+    rm, v, st = r["reward_model"], r["verdicts"]["reward_model"], r["stages"]
+    (ours, dpo), (before, after) = (rm["pairs"][k] for k in ("rm", "dpo")), (rm["replies"][k] for k in ("before", "after"))
+    ranked = lambda k: (f"{k['correct']}/{k['n']}", f"{pct(k['accuracy'])} ± {pct(k['se'])}")  # noqa: E731
+    score = lambda k: f"{k['mean']:.3f} ± {k['se']:.3f}"  # noqa: E731
+    example = lambda k: f"{shorten(k['example']['reply'], 120)} (score {k['example']['score']:.3f})"  # noqa: E731
+    return [
+        "## Reward model (from the SFT model, on the DPO pairs) and GRPO against it", "",
+        *table(["held-out pairs, each once", "ranked chosen over rejected", "accuracy"],
+               [("reward model", *ranked(ours)), ("the DPO model's implicit reward (against the SFT model)",
+                                                  *ranked(dpo))]), "",
+        f"The reward model {v['chance']}; it {v['dpo']} the DPO model's implicit reward on the same pairs. "
+        "± is one standard error.", "",
+        *table([f"{before['n']} held-out prompts, greedy replies", "the start (SFT)", "after GRPO against the reward model"],
+               [("reward-model score", score(before), score(after)),
+                ("reply length (tokens)", *(f"{k['length']['mean']:.1f} ± {k['length']['se']:.1f}"
+                                            for k in (before, after)))]), "",
+        f"{st['grpo_rm']['steps']} steps of {rm['prompts']} prompts x {rm['group']} completions on the pairs' prompts "
+        f"alone (no reference answers), reward: the reward model's score. {v['grpo']} {v['length']}".rstrip(), "",
+        "```", f"user: {before['example']['prompt']}", f"start: {example(before)}", f"after: {example(after)}", "```"]
 
 
 def render_report(r):
@@ -692,6 +841,7 @@ def render_report(r):
         f"{g['reward_end']:.3f} at the last; held-out greedy reward {g['val_reward_start']:.3f} → "
         f"{g['val_reward_end']:.3f}. Generating took {pct(g['gen_share'])} of a step, the update the rest. "
         f"± is one standard error. {v['grpo']}", "",
+        *rm_section(r), "",
         *students_section(r), "",
         f"## Tool use (from the SFT model; {st['tools']['steps']} steps on conversations that call the calculator)", "",
         *table(["held-out additions, greedy", "correct"],
@@ -798,6 +948,17 @@ def main(argv=None):
     print(f"tools, held-out additions: {sum(r['with_tool'] for r in tools)}/{len(tools)} with the calculator, "
           f"{sum(r['without_tool'] for r in tools)}/{len(tools)} without", flush=True)
 
+    header(f"{step + 1}. reward model: the held-out pairs ranked, and grpo_rm's held-out replies scored")
+    with timed(wall, "rm_eval"):
+        reward_model = {"pairs": pair_accuracies(cfg, sets["dpo"], device),
+                        "replies": rm_scored_replies(cfg, sets["prompts"], device),
+                        "prompts": setting(cfg, "grpo_rm", "batch_size"), "group": setting(cfg, "grpo_rm", "grpo_group")}
+    pairs, replies = reward_model["pairs"], reward_model["replies"]
+    print(f"held-out pairs ranked right: reward model {pairs['rm']['correct']}/{pairs['rm']['n']}, DPO's implicit "
+          f"reward {pairs['dpo']['correct']}/{pairs['dpo']['n']}; reward-model score of the held-out replies "
+          f"{replies['before']['mean']:.3f} -> {replies['after']['mean']:.3f}", flush=True)
+    step += 1
+
     header(f"{step + 1}. export: the DPO model to transformers, compared")
     chats = CHAT[:QUICK_CHATS] if cfg["quick"] else CHAT
     with timed(wall, "export"):
@@ -812,11 +973,12 @@ def main(argv=None):
 
     header("report")
     report = build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start,
-                          tools)
+                          tools, reward_model)
     print(write_report(cfg["out_dir"], report, stages))
 
 
-def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start, tools):
+def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start, tools,
+                 reward_model):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
     example = next((r for r in distill if r["task"] == "add" and r["think_well_formed"]), distill[0])
@@ -848,6 +1010,7 @@ def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity
         "grpo": grpo_summary(run_dir(cfg, "grpo"), passed),
         "students": students_summary(cfg, stages, scored, wall),
         "tools": tool_summary(tools, scored["sft"]["by_task"]["add"]),
+        "reward_model": reward_model,
         "export": parity,
         "chat": transcript,
     }

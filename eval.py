@@ -370,7 +370,7 @@ def max_length_of(path, model, info):
 def load_lm(path, batch_size=16, device="cpu", dtype="auto", keep_think_tags=False):
     """(OurLM for the model in `path`, whether it is a chat model)."""
     dev = resolve_device(device)
-    model, info = load_model(path, dev)
+    model, info = load_model(path, dev, head="lm")
     chat, ours = is_chat_model(path, info), info["kind"] == "run"
     tok = hf_tokenizer(path, chat, ours)
     stop_ids = chat_stop_ids(tok, chat) if ours else hf_stop_ids(path, tok)

@@ -1,5 +1,6 @@
 """
-Export a run directory to a HuggingFace transformers directory (LlamaForCausalLM).
+Export a run directory to a HuggingFace transformers directory (LlamaForCausalLM; a reward model, stage rm:
+LlamaForSequenceClassification with one label).
 
     python export.py --out_dir=out/demo/sft --hf_dir=hf/sft
     python export.py --out_dir=out/demo/sft --hf_dir=hf/sft_bf16 --dtype=bfloat16
@@ -10,6 +11,12 @@ Writes config.json, generation_config.json, model.safetensors and the tokenizer
 files with the chat template. No custom code: `AutoModelForCausalLM` and
 `AutoTokenizer.from_pretrained(hf_dir)` load it as a plain Llama, and give the
 same logits and the same greedy text as sample.py (tests/test_export.py).
+
+A reward model exports as `LlamaForSequenceClassification` (num_labels=1; pad_token_id <|endoftext|>, which no
+rendered conversation holds, so transformers reads each score at the last token that is not padding, on either
+side) with the tokenizer files and chat template of a chat export: `AutoModelForSequenceClassification` gives our
+scores of chat-rendered conversations (tests/test_rm.py), and init_from=<its directory> continues training it. It
+exports merged (a LoRA rm run's adapters and head in its weights), not as a PEFT adapter or GGUF.
 
 A LoRA run exports merged (merge=True, the default: a plain Llama whose weights hold the adapters),
 or as a PEFT adapter (merge=False): adapter_config.json + adapter_model.safetensors, which
@@ -69,7 +76,8 @@ def export(run_dir, hf_dir, dtype="float32", rope_from=None):
         configurator.fail("hf_dir must differ from out_dir")
     model, info = checkpoint.load_model(run_dir, "cpu")
     tokenizer = load_tokenizer(run_dir)
-    chat = is_chat_model(run_dir, info)
+    reward_model = model.mcfg.head == "score"
+    chat = is_chat_model(run_dir, info) or reward_model  # a reward model reads chat-rendered conversations
     os.makedirs(hf_dir, exist_ok=True)
     stale = [p for p in glob.glob(os.path.join(hf_dir, "*.safetensors")) if os.path.basename(p) != "model.safetensors"]
     if stale:
@@ -80,9 +88,10 @@ def export(run_dir, hf_dir, dtype="float32", rope_from=None):
     eos = im_end if chat else eot
     mcfg = model.mcfg if rope_from is None else with_rope_of(model.mcfg, rope_from)
     write_json(os.path.join(hf_dir, "config.json"), checkpoint.hf_config_dict(mcfg, eot, eos, eot, dtype))
-    write_json(os.path.join(hf_dir, "generation_config.json"), {
-        "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
-    })
+    if not reward_model:  # (it generates nothing)
+        write_json(os.path.join(hf_dir, "generation_config.json"), {
+            "bos_token_id": eot, "eos_token_id": [im_end, eot] if chat else eot, "pad_token_id": eot,
+        })
     save_file(hf_weights(model, dtype), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(hf_dir, chat=chat)
     return sorted(os.listdir(hf_dir))
@@ -109,6 +118,9 @@ def export_adapter(run_dir, hf_dir, dtype="float32"):
     state = checkpoint.load_checkpoint(os.path.join(run_dir, checkpoint.CKPT_NAME))
     if not state.get("lora_base"):
         configurator.fail(f"{run_dir} is not a LoRA run (it was trained with lora_rank=0): export it with merge=True")
+    if state["model_config"].get("head") == "score":
+        configurator.fail(f"{run_dir} is a reward model: it exports merged (merge=True), as "
+                          "LlamaForSequenceClassification, not as a PEFT adapter")
     checkpoint.check_lora_base(state["lora_base"])  # the base must still be the one the adapters were trained on
     base, run_mcfg = state["lora_base"]["path"], ModelConfig(**state["model_config"])
     if not checkpoint.is_hf_dir(base) or rope_settings(checkpoint.hf_model_config(base)) != rope_settings(run_mcfg):
@@ -143,7 +155,7 @@ def export_gguf(run_dir, path, gguf_type="f16"):
 
     if gguf_type not in GGUF_TYPES:
         configurator.fail(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    model, info = checkpoint.load_model(run_dir, "cpu")
+    model, info = checkpoint.load_model(run_dir, "cpu", head="lm")  # llama.cpp's Llama is a language model
     tokenizer = load_tokenizer(run_dir)
     chat, mcfg = is_chat_model(run_dir, info), model.mcfg
     check_gguf_rope_scaling(mcfg.rope_scaling)

@@ -18,6 +18,10 @@ q, k and v of the fused qkv_proj each get their own pair, as gate and up do,
 so an adapter maps one-to-one onto HF's q_proj, k_proj, ... (PEFT) and
 merges into plain weights exactly (merge_lora).
 
+A reward model (head="score", stage rm) has a scalar head `score` (dim -> 1, no bias) in place of the
+LM head, as transformers' LlamaForSequenceClassification with num_labels=1: forward gives one score per
+position, read at the last token of a sequence.
+
 Packed training rows (several documents in one row) pass `segments`, the
 document of every position: attention then stays inside each document
 (block-diagonal causal) and positions restart at 0 for each, so every document
@@ -34,6 +38,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+HEADS = ("lm", "score")  # what the last hidden states become: next-token logits, or one score (a reward model)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class ModelConfig:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
     lora_targets: tuple = ()  # the parts with adapters, of LORA_PARTS
+    head: str = "lm"  # lm: next-token logits (lm_head); score: one scalar per position (a reward model)
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -72,6 +80,8 @@ class ModelConfig:
                 raise ValueError(f"rope_scaling type must be linear, dynamic or yarn, got {kind!r}")
             if float(self.rope_scaling.get("factor", 0)) <= 1.0:
                 raise ValueError("rope_scaling factor must be > 1")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -86,6 +96,18 @@ class ModelConfig:
         if self.rope_scaling is None:
             return self.max_seq_len
         return int(self.rope_scaling.get("original_max_seq_len", self.max_seq_len))
+
+
+def lora_trained(name):
+    """Whether a LoRA run trains the weight of this name: its adapters, and a score head in full (a head that is new
+    has no base weights to adapt)."""
+    return ".lora_" in name or name == "score.weight"
+
+
+def for_head(state, mcfg):
+    """A state dict for a model of shape mcfg: a language model's weights start a reward model without their LM
+    head (its score head is new)."""
+    return {k: v for k, v in state.items() if not (mcfg.head == "score" and k == "lm_head.weight")}
 
 
 # ----------------------------------------------------------------------------
@@ -279,7 +301,7 @@ def merge_lora(model):
         if isinstance(m, LoRALinear):
             state[name + ".weight"] = (m.weight + m.delta()).detach()
     merged.load_state_dict(state)
-    return merged.to(model.lm_head.weight.device).eval()
+    return merged.to(model.model.embed_tokens.weight.device).eval()
 
 
 class Attention(nn.Module):
@@ -348,9 +370,12 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(Block(mcfg, i) for i in range(mcfg.n_layers)),
             norm=RMSNorm(mcfg.dim, mcfg.norm_eps),
         ))
-        self.lm_head = nn.Linear(mcfg.dim, mcfg.vocab_size, bias=False)
-        if mcfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if mcfg.head == "score":
+            self.score = nn.Linear(mcfg.dim, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(mcfg.dim, mcfg.vocab_size, bias=False)
+            if mcfg.tie_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(mcfg)
         self.apply(self._init_weights)
         # residual projections scaled by depth (GPT-2 / nanoGPT): the residual stream keeps unit scale
@@ -381,6 +406,9 @@ class Transformer(nn.Module):
             table = self.rotary(0, cache.max_len, idx.device, in_use)
         elif positions is not None:  # a row may be longer than its highest position (eval.py's shared rows):
             table = self.rotary(0, int(positions.max()) + 1, idx.device)  # dynamic NTK scales for the latter
+        elif segments is not None:  # a packed row of pairs is longer than the documents it holds, which are at most
+            # max_seq_len long (their padded rows'): dynamic NTK scales for that, as for a padded row
+            table = self.rotary(0, idx.shape[1], idx.device, min(idx.shape[1], self.mcfg.max_seq_len))
         else:
             table = self.rotary(0 if torch.is_tensor(start_pos) else start_pos, idx.shape[1], idx.device)
         cos, sin = (t.to(dtype) for t in table)  # cast once here, not in every layer: 4 fewer kernels per layer
@@ -406,12 +434,15 @@ class Transformer(nn.Module):
         states (B, T, dim) instead of logits (a distillation teacher's). head_loss(h, head_weight), with
         targets: a function of the hidden states and the head's weight, computed in this forward, where FSDP
         has gathered the head; the result is (cross-entropy, head_loss(...)) (distillation: the divergence
-        from a teacher, training/losses.py)."""
+        from a teacher, training/losses.py). A reward model (head "score"): float32 scores (B, T), or (B, 1)
+        at logits_at (the last token of each sequence)."""
         h = self.hidden_states(idx, cache, start_pos, segments)
         if hidden:
             return h
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at].unsqueeze(1)
+        if self.mcfg.head == "score":
+            return self.score(h).squeeze(-1).float()
         logits = self.lm_head(h)
         if targets is None:
             return logits
@@ -434,7 +465,8 @@ class Transformer(nn.Module):
         output head included (tied or not), but not the embedding lookup.
         """
         mcfg = self.mcfg
-        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if mcfg.tie_embeddings else 0)
+        tied_head = mcfg.head == "lm" and mcfg.tie_embeddings
+        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if tied_head else 0)
         n_matmul -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("norm.weight"))
         return 6 * n_matmul + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
@@ -626,7 +658,7 @@ def to_hf_state_dict(model: Transformer):
             prefix = name[: -len("gate_up_proj.weight")]
             gate, up = t.chunk(2, dim=0)
             out.update({prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up})
-        elif name == "lm_head.weight" and mcfg.tie_embeddings:
+        elif name == "lm_head.weight" and mcfg.tie_embeddings:  # (a score head keeps its name: HF's too)
             continue  # transformers re-ties it from tie_word_embeddings
         else:
             out[name] = t
@@ -650,6 +682,6 @@ def from_hf_state_dict(hf: dict, mcfg: ModelConfig):
             out[prefix + "gate_up_proj.weight"] = torch.cat([t, hf[prefix + "up_proj.weight"]], dim=0)
         else:
             out[name] = t
-    if mcfg.tie_embeddings:
+    if mcfg.tie_embeddings and mcfg.head == "lm":
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

@@ -35,10 +35,13 @@ instruction/input/output with optional system and history, {"prompt",
 conversations in OpenAI's, ShareGPT's function-calling and MiniMind's shapes,
 rendered with the tools' schemas in the system turn, targets on the replies and
 their calls, never on the schemas or the results: llm_trainer/data/records.py),
-preference pairs ({"chosen","rejected"}, optionally with "prompt"), tasks for
-grpo ({"prompt", "answer"}, or with stage=grpo a chat whose last assistant reply
-is the reference answer). stage=auto takes the stage from the first usable
-record (text -> pretrain, chat -> sft, pair -> dpo, task -> grpo); a record of
+preference pairs ({"chosen","rejected"}, optionally with "prompt" and a
+"margin"), tasks for grpo ({"prompt", "answer"}, or with stage=grpo a chat whose
+last assistant reply is the reference answer, or a prompt alone: {"prompt"}, or
+a chat whose last message is the user's, for a reward that needs no reference).
+stage=auto takes the stage from the first usable record (text -> pretrain,
+chat -> sft, pair -> dpo, task -> grpo; stage=rm prepares pairs as dpo does,
+and either stage trains on the set); a record of
 another kind later is an error, except plain text in a chat set with
 allow_mixed=True (all its tokens are targets). Bad records are skipped and
 counted by reason (strict=True stops at the first bad line, naming file:line).
@@ -51,7 +54,11 @@ target; a chat is its ChatML rendering with targets on the assistant replies;
 a DPO pair is two documents (chosen, rejected) with targets on the final reply
 only; a task is its prompt rendered up to the assistant's header, no targets,
 with {"prompt": the last user message, "answer": the reference} in the .ref
-sidecar. max_len > 0 truncates longer documents (text keeps its final
+sidecar ("answer": null for a prompt alone). A preference set has a margin
+column or not, as a TRL data set: when its first record has a "margin", every
+pair's margin goes to the .ref sidecar ({"margin": m} for each of its two
+documents), and a record whose margin is missing (or present where the first
+had none) is skipped and counted (margin_mismatch). max_len > 0 truncates longer documents (text keeps its final
 <|endoftext|>), counted in the summary; a chat left with no target, or a pair
 whose prompt alone reaches max_len, is skipped and counted. A record goes to
 the val split when hash(seed, record number) < val_fraction, or when it comes
@@ -88,7 +95,7 @@ from tqdm import tqdm
 import configurator
 from llm_trainer import stages
 from llm_trainer.data import shards
-from llm_trainer.data.records import BadRecord, detect_record
+from llm_trainer.data.records import BadRecord, detect_record, pair_margin
 from llm_trainer.data.tokenizer import (TOOLS_POSTAMBLE, TOOLS_PREAMBLE, call_json, file_sha256, load_tokenizer,
                                         train_tokenizer)
 
@@ -100,7 +107,7 @@ out_dir = "data/prepared"
 tokenizer = "train"  # "train", or a path: prepared data dir, run dir, HF tokenizer dir, tokenizer.json, SentencePiece .model
 vocab_size = 6400  # for tokenizer="train"
 tokenizer_sample_bytes = 100_000_000  # train the tokenizer on the first this many bytes of input (0 = all)
-stage = "auto"  # auto | pretrain | sft | dpo | grpo (llm_trainer/stages.py)
+stage = "auto"  # auto | pretrain | sft | dpo | rm | grpo (llm_trainer/stages.py); rm prepares pairs as dpo does
 allow_mixed = False  # keep plain-text records in a chat (sft) set, every token a target
 val_fraction = 0.01  # share of records (by document) in the val split
 max_len = 0  # truncate documents to this many tokens (0 = no limit)
@@ -495,18 +502,19 @@ def _advance(progress, raw, seen, now=None):
     return now
 
 
-def iter_records(paths, cap):
-    """(location, kind, payload) of the usable records of `paths`, and ("bad", reason) markers:
-    a light, single-process pass for sampling and peeking."""
+def iter_records(paths, cap, prompts=False):
+    """(location, kind, payload, record) of the usable records of `paths`, and (location, "bad", reason, None)
+    markers: a light, single-process pass for sampling and peeking. prompts: as detect_record's."""
     for label, first, _, lines, _ in read_chunks(paths, False, lambda n: None, cap):
         for i, line in enumerate(lines):
             if isinstance(line, int) or line.strip():
                 loc = f"{label}:{first + i}"
                 try:
-                    kind, payload, _ = detect_record(_parse_line(line))
-                    yield loc, kind, payload
+                    obj = _parse_line(line)
+                    kind, payload, _ = detect_record(obj, prompts)
+                    yield loc, kind, payload, obj
                 except BadRecord as e:
-                    yield loc, "bad", e.reason
+                    yield loc, "bad", e.reason, None
 
 
 def _parse_line(line):
@@ -569,8 +577,14 @@ def process_chunk(chunk):
         if not isinstance(line, int) and (line.isspace() or not line):
             continue
         res["records"] += 1
+        margin = None
         try:
-            kind, payload, fmt = detect_record(_parse_line(line))
+            obj = _parse_line(line)
+            kind, payload, fmt = detect_record(obj, prompts="prompt" in w["stage_def"].record_converters)
+            if kind == "pair":
+                margin = pair_margin(obj)
+                if (margin is not None) != w["margins"]:
+                    raise BadRecord("margin_mismatch")
             if kind in w["stage_def"].record_converters:
                 kind, payload = w["stage_def"].record_kind, w["stage_def"].record_converters[kind](payload)
         except BadRecord as e:
@@ -585,14 +599,14 @@ def process_chunk(chunk):
         res["by_format"][fmt] += 1
         res["special_strings"] += _holds_special_strings(tok, kind, payload)
         is_val = to_val if to_val is not None else _is_val(w["seed"], ordinal + i, w["val_fraction"])
-        units.append((kind, payload, is_val, i))
+        units.append((kind, payload, is_val, i, margin))
 
-    texts = iter(tok.encode_arrays([p for k, p, _, _ in units if k == "text"], w["max_len"]))
-    chats = iter(tok.render_chats([p for k, p, _, _ in units if k == "chat"]))
-    pairs = iter(tok.render_chats([c for k, p, _, _ in units if k == "pair" for c in p], last_reply_only=True))
-    prompts = iter(tok.render_chats([p[0] for k, p, _, _ in units if k == "task"], add_generation_prompt=True))
+    texts = iter(tok.encode_arrays([p for k, p, *_ in units if k == "text"], w["max_len"]))
+    chats = iter(tok.render_chats([p for k, p, *_ in units if k == "chat"]))
+    pairs = iter(tok.render_chats([c for k, p, *_ in units if k == "pair" for c in p], last_reply_only=True))
+    prompts = iter(tok.render_chats([p[0] for k, p, *_ in units if k == "task"], add_generation_prompt=True))
     docs, unit_docs, unit_val, refs = [], [], [], []
-    for kind, payload, is_val, i in units:
+    for kind, payload, is_val, i, margin in units:
         if kind == "text":
             ids = np.append(next(texts), np.uint32(tok.eot_id))
             unit = [_truncate_text(ids, w["max_len"], tok.eot_id, res)]
@@ -612,6 +626,8 @@ def process_chunk(chunk):
         unit_val.append(is_val)
         if kind == "task":
             refs.append({"prompt": payload[0][-1]["content"], "answer": payload[1]})
+        elif w["margins"]:  # one line per document: the pair's margin on its chosen and its rejected document
+            refs += [{"margin": margin}] * 2
     res["ids"] = np.concatenate([d[0] for d in docs]).astype(np.uint32) if docs else np.zeros(0, np.uint32)
     res["mask"] = np.concatenate([d[1] for d in docs]) if docs else np.zeros(0, np.uint8)
     res["doc_lens"] = np.array([len(d[0]) for d in docs], dtype=np.int64)
@@ -715,14 +731,15 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
     inputs = resolve_inputs(input, "input")
     val_inputs = resolve_inputs(val_input, "val_input")
     _check_writable(out_dir)
-    first_kind, first_loc = _first_record(inputs + val_inputs, max_line_bytes)
+    prompts = stage != "auto" and "prompt" in stages.get(stage).record_converters  # a prompt alone is a record
+    first_kind, first_loc, first_margin = _first_record(inputs + val_inputs, max_line_bytes, prompts)
     settings = {"stage": stages.of_record_kind(first_kind).name if stage == "auto" else stage,
                 "stage_origin": "given" if stage != "auto" else f"auto: from the first record, {first_loc}",
                 "allow_mixed": allow_mixed, "seed": seed, "val_fraction": val_fraction, "max_len": max_len,
-                "strict": strict}
+                "strict": strict, "margins": first_margin is not None}
 
     t0 = time.time()
-    tok = _make_tokenizer(tokenizer, vocab_size, tokenizer_sample_bytes, inputs + val_inputs, max_line_bytes)
+    tok = _make_tokenizer(tokenizer, vocab_size, tokenizer_sample_bytes, inputs + val_inputs, max_line_bytes, prompts)
     tokenizer_seconds = time.time() - t0
     _clear_outputs(out_dir)  # from here on the directory is incomplete until meta.json is back
     tok.save(out_dir)
@@ -760,7 +777,7 @@ def prepare(input, val_input, out_dir, tokenizer, vocab_size, tokenizer_sample_b
     return meta
 
 
-def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths, cap):
+def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths, cap, prompts):
     if tokenizer != "train":
         tok = load_tokenizer(tokenizer)
         if tok.added_special_tokens:
@@ -768,14 +785,15 @@ def _make_tokenizer(tokenizer, vocab_size, sample_bytes, paths, cap):
         return tok
     sample = f"the first {sample_bytes / 1e6:g} MB of input" if sample_bytes else "all of the input"
     print(f"training a byte-level BPE tokenizer, vocab_size={vocab_size}, on {sample}")
-    return train_tokenizer(_sample_texts(paths, sample_bytes, cap), vocab_size)
+    return train_tokenizer(_sample_texts(paths, sample_bytes, cap, prompts), vocab_size)
 
 
 def _write_shards(inputs, val_inputs, tok, settings, out_dir, dtype, shard_tokens, workers, cap):
     """The main pass: every record parsed, tokenized (in `workers` processes) and written.
     Returns (splits, counts) for meta.json, the bytes of input read and the workers used."""
-    tasks = stages.get(settings["stage"]).record_kind == "task"  # a task's prompt and answer go to a .ref sidecar
-    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=tasks)
+    # a task's prompt and answer go to a .ref sidecar, and so do the margins of a preference set that has them
+    refs = stages.get(settings["stage"]).record_kind == "task" or settings["margins"]
+    writers = {s: shards.ShardWriter(out_dir, s, dtype, shard_tokens, refs=refs)
                for s in shards.SPLITS}
     counts = {"records": 0, "kept": 0, "skipped": collections.Counter(), "skipped_examples": {},
               "truncated": 0, "special_strings": 0, "by_format": collections.Counter()}
@@ -826,12 +844,16 @@ def _clear_outputs(out_dir):
                 os.remove(path)
 
 
-def _first_record(paths, cap):
-    """(kind, location) of the first usable record; fails when there is none."""
+def _first_record(paths, cap, prompts):
+    """(kind, location, margin: of a preference pair, else None) of the first usable record; fails when there is
+    none."""
     reasons, examples = collections.Counter(), {}
-    for loc, kind, payload in iter_records(paths, cap):
+    for loc, kind, payload, obj in iter_records(paths, cap, prompts):
         if kind != "bad":
-            return kind, loc
+            try:
+                return kind, loc, pair_margin(obj) if kind == "pair" else None
+            except BadRecord:  # the record itself is skipped and counted in the main pass
+                return kind, loc, None
         reasons[payload] += 1
         examples.setdefault(payload, loc)
     if not reasons:
@@ -840,10 +862,10 @@ def _first_record(paths, cap):
     configurator.fail(f"no usable record in the input: {detail}")
 
 
-def _sample_texts(paths, limit, cap):
+def _sample_texts(paths, limit, cap, prompts):
     """The text of the input's usable records, as the tokenizer will see it, up to `limit` bytes."""
     seen = 0
-    for _, kind, payload in iter_records(paths, cap):
+    for _, kind, payload, _ in iter_records(paths, cap, prompts):
         if kind == "bad":
             continue
         if kind == "text":
@@ -851,6 +873,8 @@ def _sample_texts(paths, limit, cap):
         else:
             if kind == "task":
                 messages = payload[0] + [{"role": "assistant", "content": payload[1]}]
+            elif kind == "prompt":
+                messages = payload
             else:
                 messages = payload if kind == "chat" else payload[0] + payload[1][-1:]
             texts = [f"{m['role']}\n{m['content']}" for m in messages]
@@ -884,7 +908,7 @@ def _write(writers, res):
     unit_val = np.asarray(res["unit_val"], dtype=bool)
     doc_val = np.repeat(unit_val, unit_docs)
     token_val = np.repeat(doc_val, res["doc_lens"])
-    refs = np.array(res["refs"] + [None], dtype=object)[:-1]  # grpo: one per document (each unit is one)
+    refs = np.array(res["refs"] + [None], dtype=object)[:-1]  # one per document (a task's, a pair's margin)
     for split, units, docs, tokens in (("train", ~unit_val, ~doc_val, ~token_val), ("val", unit_val, doc_val, token_val)):
         if units.any():
             writers[split].add_units(res["ids"][tokens], res["mask"][tokens], res["doc_lens"][docs], unit_docs[units],

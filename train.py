@@ -1,6 +1,6 @@
 """
 One training loop for every stage: pretrain, sft (also long-context SFT and
-reasoning distillation), dpo and grpo. The stage, defined once in
+reasoning distillation), dpo, rm (a reward model) and grpo. The stage, defined once in
 llm_trainer/stages.py, decides what a batch is and what the loss is; optimizer,
 schedule, precision, parallelism, checkpoints and logging are shared.
 
@@ -12,8 +12,8 @@ Reading order: the defaults, main, the loop, one optimizer step, evaluation,
 then build() and the small pieces they call.
 
 Guarantees, each tested:
-- the loss of an optimizer step is the mean over all its target tokens (DPO:
-  over all its pairs; GRPO: over all its completion tokens), across
+- the loss of an optimizer step is the mean over all its target tokens (DPO
+  and rm: over all its pairs; GRPO: over all its completion tokens), across
   micro-steps and ranks;
 - batches and dropout are a pure function of (seed, global micro-batch
   index), so a resumed run repeats the uninterrupted one bit for bit, and N
@@ -47,18 +47,18 @@ from llm_trainer.core import checkpoint, common, distributed
 from llm_trainer.core.files import write_json
 from llm_trainer.data import shards
 from llm_trainer.data.batches import Batches
-from llm_trainer.data.tokenizer import ChatTokenizer, load_tokenizer
+from llm_trainer.data.tokenizer import ChatTokenizer, check_same_vocabulary, load_tokenizer
 from llm_trainer.training import losses, optimizers
 from llm_trainer.training.metrics import Logger, format_line
 from llm_trainer.training.rewards import Reward
 from llm_trainer.inference.tools import Tools
-from model import LORA_PARTS, ModelConfig, Transformer
+from model import LORA_PARTS, ModelConfig, Transformer, for_head, lora_trained
 
 # -----------------------------------------------------------------------------
 # defaults (override with config files and --key=value)
 out_dir = "out/run"
 data_dir = "data/demo_pretrain"
-stage = "pretrain"  # pretrain | sft | dpo | grpo (llm_trainer/stages.py)
+stage = "pretrain"  # pretrain | sft | dpo | rm | grpo (llm_trainer/stages.py)
 init_from = "scratch"  # scratch | resume | a run dir (ckpt.pt) | an HF Llama dir
 # model shape, used when training from scratch (otherwise it comes from the checkpoint)
 vocab_size = 0  # 0: the data's vocabulary size
@@ -102,7 +102,7 @@ lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = "all"  # attention | mlp | all, or projections of q, k, v, o, gate, up, down, comma-separated
 think_tag_weight = 1.0  # sft: weight of target positions whose label is a reasoning tag
-pack = None  # sft: whole documents packed into each row, attention and positions kept per document (None: True for sft)
+pack = None  # sft, dpo, rm: whole documents (dpo, rm: whole pairs) packed into each row, attention and positions kept per document (None: True for them)
 doc_mask = False  # pretrain: documents in a window do not attend to each other, positions restart per document
 dpo_beta = 0.1
 dpo_loss = "sigmoid"  # sigmoid | ipo
@@ -113,7 +113,8 @@ kd_weight = 0.5  # sft with a teacher: loss = (1 - kd_weight) * cross-entropy + 
 kd_temperature = 1.0  # sft with a teacher: both distributions softened by it; the divergence is multiplied by its square
 kd_loss = "forward_kl"  # sft with a teacher: forward_kl (KL(teacher || student)) | reverse_kl | jsd
 kd_chunk = 1024  # sft with a teacher: target positions whose logits (of both models) exist at once; 0: all
-reward = "exact_answer"  # grpo: a built-in, module:function or file.py:function, a weighted sum, and teacher:DIR (llm_trainer/training/rewards.py)
+center_rewards_coefficient = 0.0  # rm: weight of (r_chosen + r_rejected)^2, which keeps the scores centred on 0 (TRL)
+reward = "exact_answer"  # grpo: a built-in, module:function, file.py:function, rm:DIR, teacher:DIR or a weighted sum (llm_trainer/training/rewards.py)
 grpo_group = 8  # grpo: completions sampled per prompt (batch_size counts prompts)
 grpo_epochs = 1  # grpo: optimizer updates on each batch of rollouts (> 1: the ratio to the rollout policy is clipped)
 grpo_clip = 0.2  # grpo: the ratio is clipped to [1 - grpo_clip, 1 + grpo_clip]
@@ -246,7 +247,8 @@ def train_loop(run, logger):
                       "fill": stats["fill"], "epoch": run.train_batches.epochs(it * cfg["gradient_accumulation_steps"]
                                                                                * cfg["batch_size"]),
                       "dt_ms": dt * 1000, "mem_mb": common.memory_mb(run.device),
-                      **{k: stats[k] for k in run.stage.stats(cfg) + run.stage.figures}}
+                      **{k: stats[k] for k in (run.stage.logged or run.stage.stats(cfg)) + run.stage.figures
+                         if stats[k] is not None}}  # a figure that does not apply is None (rm_score without an rm)
             if peak:
                 record["mfu"] = flops_per_token * stats["positions"] / dt / (peak * 1e12)
             logger.log(record, "train " + format_line(it, record))
@@ -325,7 +327,7 @@ def update(run, it, counts, micros, while_busy=None):
     opt.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": gnorm, "lr": lr_at(it, cfg), "finite": finite, "stop": sums["stop"] > 0,
             "target_tokens": counts[1], "fill": counts[2] / counts[3], "positions": counts[3],
-            **{k: sums[k] / denom for k in stats_sum}}
+            **run.stage.summary({k: sums[k] / denom for k in stats_sum})}
 
 
 def load_micros(run, it):
@@ -365,8 +367,9 @@ def evaluate(run):
     sums = dict(zip(names, distributed.all_reduce_sum(sums, run.world).tolist()))
     model.train()
     count, nbytes = max(sums.pop("count"), 1.0), max(sums.pop("bytes"), 1.0)
-    figures = {"val_" + k: v / count for k, v in sums.items()}
-    if run.token_bytes is not None:  # data without a tokenizer (bench.py's random ids) has no bytes
+    means = {k: v / count for k, v in sums.items()}
+    figures = {"val_" + k: v for k, v in {"loss": means.pop("loss"), **stage.summary(means)}.items()}
+    if run.token_bytes is not None and stage.bpb_nats is not None:  # no bytes without a tokenizer (bench.py's ids)
         figures["val_bpb"] = stage.bpb_nats(sums) / math.log(2) / nbytes
     return figures
 
@@ -395,7 +398,8 @@ class Run:
     reference: Optional[losses.Reference]  # Stage.needs_reference: the frozen starting weights (or their log-probs)
     teacher: Optional[torch.nn.Module]  # Stage.teacher: the frozen model it distils from (wrapped as the policy is)
     data_identity: dict  # saved in checkpoints: a continued run must use the same tokenizer (a resumed one: data)
-    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference" or "teacher": weights_source})
+    frozen: dict  # saved in checkpoints: where each frozen model came from ({"reference", "teacher" or
+    # "reward_models": weights_source}), to rebuild it; a resumed run starts with what its checkpoint recorded
     run_id: Optional[str]  # saved in checkpoints: rotation removes only this run's (rank 0's id is the one saved)
     faults: dict = field(default_factory=dict)  # TRAIN_FAULTS: faults tests inject (the module docstring)
     start_iter: int = 0
@@ -408,6 +412,7 @@ class Run:
     tokenizer: Optional[ChatTokenizer] = None  # a stage that decodes what it samples (grpo, for the reward)
     reward: Optional[Reward] = None  # a stage that scores what it samples (grpo)
     tools: Optional[Tools] = None  # what the policy may call in its rollouts (grpo_tools)
+    margins: Optional[dict] = None  # rm: {split: each pair's margin}, for data with a margin column
     prefetched: dict = field(default_factory=dict)  # {iteration: (counts, micro-batches)} read while the device works
     tasks: Optional[object] = None  # eval_tasks: eval.TrainingTasks, called with the model
 
@@ -441,7 +446,7 @@ def build(cfg):
     meta, splits = open_data(cfg, stage, rank, world)
     start = load_start(cfg, meta)
     resumed = start is not None and start.resumed
-    raw = make_model(cfg, meta, start, dev)
+    raw = make_model(cfg, stage, meta, start, dev)
     autocast = common.autocast(dev, ptdtype)
     train_batches, val_batches = make_batches(cfg, stage, meta, splits)
 
@@ -460,13 +465,14 @@ def build(cfg):
               raw_model=raw, model=model, optimizer=optimizers.build(model, cfg),
               scaler=torch.amp.GradScaler(dev.type, enabled=ptdtype == torch.float16),
               train_batches=train_batches, val_batches=val_batches, reference=reference, teacher=teacher,
-              data_identity=checkpoint.data_identity(cfg, meta), frozen=frozen,
+              data_identity=checkpoint.data_identity(cfg, meta),
+              frozen={**((start.saved.get("frozen") or {}) if resumed else {}), **frozen},
               run_id=start.saved.get("run_id") if resumed else uuid.uuid4().hex, faults=faults)
     if cfg["lora_rank"]:
         run.lora_base = start.saved["lora_base"] if resumed else checkpoint.lora_base(cfg["init_from"])
-    add_text_and_tasks(run, meta)
     if resumed:
         restore(run, start.saved)
+    add_text_and_tasks(run, meta)
     first, last = distributed.spread(run.start_iter, world)
     if first != last:  # e.g. nodes whose out_dir is not the same directory: only rank 0 writes checkpoints
         fail(f"rank {rank}: the processes would start at different iterations ({first:.0f} to {last:.0f}): every "
@@ -489,9 +495,7 @@ def set_up_device(name, local_rank):
 def open_data(cfg, stage, rank, world):
     """(meta.json, {split: shards.Split}) of data_dir, refused when prepared for another stage."""
     meta = shards.load_meta(cfg["data_dir"])
-    if meta["stage"] != cfg["stage"] and not stage.any_data:
-        fail(f"{cfg['data_dir']} was prepared for stage {meta['stage']!r}, not {cfg['stage']!r} "
-             f"(prepare.py --stage={cfg['stage']})")
+    stages.check_data(stage, meta["stage"], cfg["data_dir"])
     verify = cfg["verify_data"] and rank == 0  # rank 0 checks every byte; the others trust it
     splits = distributed.together(lambda: {s: shards.open_split(cfg["data_dir"], s, meta=meta, verify=verify)
                                            for s in shards.SPLITS}, rank, world, "checking the data")
@@ -509,22 +513,25 @@ def load_start(cfg, meta):
     return start
 
 
-def make_model(cfg, meta, start, dev):
-    """The model on dev: initialised from the seed, then given the starting weights; LoRA: only adapters train."""
+def make_model(cfg, stage, meta, start, dev):
+    """The model on dev: initialised from the seed, then given the starting weights (a language model's start a
+    reward model, whose score head is new); LoRA: only adapters (and a new head) train."""
     torch.manual_seed(cfg["seed"])
-    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]))
+    if start is not None and stage.head == "lm":
+        checkpoint.check_head(ModelConfig(**start.model_config), cfg["init_from"], "lm")
+    mcfg = checkpoint.model_config(cfg, meta, start, lora_parts(cfg["lora_targets"]), stage.head)
     if mcfg.vocab_size < meta["vocab_size"]:
         fail(f"the model's vocabulary ({mcfg.vocab_size}) does not cover the data's ({meta['vocab_size']} ids in "
              f"{cfg['data_dir']}): prepare the data with the model's tokenizer")
     raw = Transformer(mcfg)
     if start is not None:
-        missing, unexpected = raw.load_state_dict(start.model, strict=False)
-        if unexpected or any(".lora_" not in k for k in missing):  # only new adapters may be missing
+        missing, unexpected = raw.load_state_dict(for_head(start.model, mcfg), strict=False)
+        if unexpected or any(not lora_trained(k) for k in missing):  # only new adapters (or a new head) may be missing
             fail(f"the weights of {cfg['init_from']} do not fit the model (missing {missing[:3]}, unexpected "
                  f"{unexpected[:3]})")
     if cfg["lora_rank"]:  # only the adapters train; the base is frozen and stays out of the optimizer
         for name, p in raw.named_parameters():
-            p.requires_grad_(".lora_" in name)
+            p.requires_grad_(lora_trained(name))
     return raw.to(dev)
 
 
@@ -564,37 +571,20 @@ def frozen_teacher(cfg, stage, raw, start, meta, dev, ptdtype, world):
     path = stage.teacher(cfg)
     if not path:
         return None, {}
+    recorded = None
     if start is not None and start.resumed:
-        source = start.saved.get("frozen", {}).get("teacher")
-        if source is None or source["path"] != os.path.abspath(path):
+        recorded = start.saved.get("frozen", {}).get("teacher")
+        if recorded is None or recorded["path"] != os.path.abspath(path):
             fail(f"teacher: the checkpoint in {cfg['out_dir']} was trained "
-                 f"{'without a teacher' if source is None else 'with the teacher ' + source['path']}, not "
+                 f"{'without a teacher' if recorded is None else 'with the teacher ' + recorded['path']}, not "
                  f"{os.path.abspath(path)}: resume with the teacher it started with")
-        checkpoint.check_source(source, "the teacher of this run")
-    else:
-        source = checkpoint.weights_source(path, None)
-    teacher = checkpoint.frozen_model(source, dev, torch.bfloat16 if ptdtype == torch.bfloat16 else torch.float32)
-    check_teacher(cfg, meta, teacher, raw, path)
+    teacher, source = checkpoint.frozen_model(path, "the teacher of this run", dev,
+                                              torch.bfloat16 if ptdtype == torch.bfloat16 else torch.float32,
+                                              recorded=recorded)
+    check_same_vocabulary(f"teacher {path}", path, (teacher.mcfg.vocab_size, raw.mcfg.vocab_size), "the student",
+                          cfg["data_dir"] if meta.get("tokenizer_sha256") else None)
     return distributed.wrap_frozen(teacher, ptdtype, world, cfg["fsdp"], cfg["compile"], cfg["compile_mode"]), {
         "teacher": source}
-
-
-def check_teacher(cfg, meta, teacher, raw, path):
-    """A teacher's logits must index the student's tokens: as many of them, and (where the data has text) the
-    tokenizer the data was prepared with; else one line naming both."""
-    theirs, ours = teacher.mcfg.vocab_size, raw.mcfg.vocab_size
-    if theirs != ours:
-        fail(f"teacher {path} has a vocabulary of {theirs:,} ids, the student {ours:,}: a teacher must share the "
-             "student's vocabulary")
-    if not meta.get("tokenizer_sha256"):  # bench.py's random ids: no tokenizer to compare
-        return
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
-                                                                  "tokenizer_config.json")):
-        fail(f"teacher {path} holds no tokenizer to compare with the one {cfg['data_dir']} was prepared with")
-    its, data = load_tokenizer(path), load_tokenizer(cfg["data_dir"])
-    if not its.same_ids(data):
-        fail(f"teacher {path}: its tokenizer ({its.vocab_size:,} tokens) is not the one {cfg['data_dir']} was prepared "
-             f"with ({data.vocab_size:,} tokens): a teacher must give the text the ids the student learns")
 
 
 def add_text_and_tasks(run, meta):
@@ -702,6 +692,9 @@ def check_config(cfg, stage, world):
     if cfg["eval_tasks"]:
         if cfg["eval_tasks_interval"] < 1 or cfg["eval_tasks_limit"] < 0:
             fail("eval_tasks_interval must be >= 1 (0: every eval_interval) and eval_tasks_limit >= 0 (0: every item)")
+        if stage.head != "lm":
+            fail(f"eval_tasks scores a language model; stage {stage.name} trains a reward model (its val_accuracy is "
+                 "its evaluation)")
         if cfg["fsdp"] and world > 1:
             fail("eval_tasks with fsdp=True: the ranks score different items, which a sharded model cannot do; "
                  "evaluate the checkpoints with eval.py instead")
@@ -732,7 +725,7 @@ def check_config(cfg, stage, world):
     if cfg["lora_rank"]:
         lora_parts(cfg["lora_targets"])
     if cfg["pack"] not in (True, False):
-        fail(f"pack must be True, False or None (None: True for sft), got {cfg['pack']!r}")
+        fail(f"pack must be True, False or None (None: the stage's default), got {cfg['pack']!r}")
     if cfg["pack"] and not stage.packs:
         fail(f"pack=True packs {'/'.join(s.name for s in stages.STAGES.values() if s.packs)} documents; stage "
              f"{stage.name} " + ("rows are windows of the token stream: doc_mask=True keeps its documents apart"

@@ -6,7 +6,7 @@ data_dir = "data/dpo"
 dpo_beta = 0.1
 dpo_loss = "sigmoid"
 block_size = 512
-batch_size = 8
+batch_size = 8  # rows of whole pairs (pack=True): each holds as many pairs as fit in 2 x 513 tokens
 gradient_accumulation_steps = 8
 max_iters = 1000
 optimizer = "adamw"  # fine-tuning keeps AdamW: Muon's recipe was measured on pretraining only (docs/BENCHMARKS.md)

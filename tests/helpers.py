@@ -25,6 +25,11 @@ DEMO = os.path.join(ROOT, "data", "demo")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # a subprocess's: one thread, unbuffered
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--block_size=64", "--batch_size=4",
         "--warmup_iters=2", "--eval_iters=2", "--log_interval=1", "--verify_data=True"]
+# bench.py at its smallest: a tiny model on a few random batches
+BENCH_SMALL = ["--device=cpu", "--model=tiny", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
+               "--vocab_size=256", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
+               "--warmup_steps=1", "--steps=1", "--rounds=2", "--data_batches=2", "--decode_tokens=4",
+               "--prepare_mb=0.05", "--threads=1"]
 
 # -----------------------------------------------------------------------------
 # train.py: in a subprocess or under torchrun (where the process is what is tested), or in this process

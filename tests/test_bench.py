@@ -9,12 +9,7 @@ import torch
 import bench
 import configurator
 from model import ModelConfig, Transformer
-from tests.helpers import ROOT
-
-SMALL = ["--device=cpu", "--model=tiny", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
-         "--vocab_size=256", "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
-         "--warmup_steps=1", "--steps=1", "--rounds=2", "--data_batches=2", "--decode_tokens=4", "--prepare_mb=0.05",
-         "--threads=1"]
+from tests.helpers import BENCH_SMALL as SMALL, ROOT
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,10 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # demo.py --quick=True, every stage
 
-TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "student_sft", "student_kd", "tools"]
-NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
+TRAINED = ["pretrain", "sft", "sft_long", "distill", "dpo", "grpo", "rm", "grpo_rm", "student_sft", "student_kd",
+           "tools"]
+# a figure, with its sign where a minus stands alone before it (a reward model's scores are negative too)
+NUMBER = re.compile(r"(?<![\w.-])((?:(?<![\w.])-)?\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?)(%|M)?(?!\w)")
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +48,17 @@ def test_every_stage_ran_in_order(quick_demo):
     out, stdout, report, md = quick_demo
     headers = [line for line in stdout.splitlines() if line.startswith("== ")]
     assert [h.split(":")[0] for h in headers] == ["== 1. prepare", "== 2. pretrain", "== 3. sft", "== 4. sft_long",
-                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. student_sft",
-                                                "== 9. student_kd", "== 10. tools", "== 11. evaluate", "== 12. export",
-                                                "== 13. chat with the DPO model", "== report"]
+                                                "== 5. distill", "== 6. dpo", "== 7. grpo", "== 8. rm",
+                                                "== 9. grpo_rm", "== 10. student_sft", "== 11. student_kd",
+                                                "== 12. tools", "== 13. evaluate", "== 14. reward model",
+                                                "== 15. export", "== 16. chat with the DPO model", "== report"]
     for stage in TRAINED:
         assert os.path.isfile(os.path.join(out, stage, "ckpt.pt")), stage
         assert read_jsonl(os.path.join(out, stage, "metrics.jsonl")), stage
     cfg = {stage: run_config(out, stage) for stage in TRAINED}
     assert cfg["pretrain"]["init_from"] == "scratch"
     for stage, parent in [("sft", "pretrain"), ("sft_long", "sft"), ("distill", "sft"), ("dpo", "sft"),
-                          ("grpo", "distill"), ("tools", "sft")]:
+                          ("grpo", "distill"), ("rm", "sft"), ("grpo_rm", "sft"), ("tools", "sft")]:
         assert os.path.normpath(cfg[stage]["init_from"]) == os.path.join(out, parent)
     assert cfg["sft_long"]["block_size"] == 2 * cfg["sft"]["block_size"]
     assert cfg["sft_long"]["rope_scaling"]["type"] == "yarn"
@@ -64,6 +67,7 @@ def test_every_stage_ran_in_order(quick_demo):
     assert cfg["student_sft"]["init_from"] == cfg["student_kd"]["init_from"] == "scratch"
     assert os.path.normpath(cfg["student_kd"]["teacher"]) == os.path.join(out, "sft") and not cfg["student_sft"]["teacher"]
     assert cfg["student_kd"]["max_iters"] == cfg["student_sft"]["max_iters"]
+    assert cfg["rm"]["data_dir"] == cfg["dpo"]["data_dir"] and cfg["grpo_rm"]["reward"] == f"rm:{os.path.join(out, 'rm')}"
     for stage in demo.CHAT_STAGES:
         assert len(read_jsonl(os.path.join(out, "eval", f"{stage}.jsonl"))) == report["tasks"]["n"] > 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(out, "hf")))
@@ -119,13 +123,15 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         train = [r for r in rows if "loss" in r]
         assert s["val_loss"] == evals[-1]["val_loss"] and s["val_loss_start"] == evals[0]["val_loss"]
         assert s["steps"] == train[-1]["iter"] == cfg["max_iters"] and s["train_loss"] == train[-1]["loss"]
-        if stage == "grpo":  # rows as long as prompt and completion: no fixed tokens per step; no val cross-entropy
-            assert s["tokens"] is None and s["val_bpb"] is None
+        if cfg["stage"] == "grpo":  # rows as long as prompt and completion: no fixed tokens per step; no val
+            assert s["tokens"] is None and s["val_bpb"] is None  # cross-entropy
+            continue
+        if stage == "rm":  # a reward model models no text: no bits per byte
+            assert s["val_bpb"] is None and evals[-1]["val_accuracy"] >= 0
             continue
         assert s["val_bpb"] == evals[-1]["val_bpb"] and s["val_bpb_start"] == evals[0]["val_bpb"] > 0
-        rows_per_step = 2 if stage == "dpo" else 1
-        assert s["tokens"] == s["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] \
-            * rows_per_step
+        per_row = 2 * (cfg["block_size"] + 1) if stage == "dpo" else cfg["block_size"]  # dpo: rows of whole pairs
+        assert s["tokens"] == s["steps"] * cfg["batch_size"] * per_row * cfg["gradient_accumulation_steps"]
         assert min(r["tokens_per_s"] for r in train) <= s["tokens_per_s"] <= max(r["tokens_per_s"] for r in train)
     dpo_evals = [r for r in read_jsonl(os.path.join(out, "dpo", "metrics.jsonl")) if "val_loss" in r]
     for point, row in (("before", dpo_evals[0]), ("after", dpo_evals[-1])):
@@ -141,7 +147,10 @@ def test_report_figures_agree_with_the_run_files(quick_demo):
         assert (m["correct"], m["n"]) == (report["tasks"]["models"][name]["correct"], report["tasks"]["n"])
     assert report["export"]["max_abs_diff"] <= 1e-4
     assert report["export"]["greedy_equal"] == report["export"]["template_ids_equal"] == report["export"]["prompts"]
-    assert set(report["wall_s"]) == {"prepare", *TRAINED, "evaluate", "export", "chat", "total"}
+    assert set(report["wall_s"]) == {"prepare", *TRAINED, "evaluate", "rm_eval", "export", "chat", "total"}
+    pairs, replies = report["reward_model"]["pairs"], report["reward_model"]["replies"]
+    assert pairs["rm"]["n"] == pairs["dpo"]["n"] == 150  # every held-out pair, once
+    assert replies["before"]["n"] == replies["after"]["n"] == demo.QUICK_RM_PROMPTS
 
 
 def well_formed_think(reply):

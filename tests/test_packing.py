@@ -137,7 +137,7 @@ def test_fill_and_target_tokens_are_logged_for_every_stage(demo_sft, demo_pretra
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--stage=pretrain", "--pack=True"], "pack=True packs sft documents; stage pretrain rows are windows"),
+    (["--stage=pretrain", "--pack=True"], "pack=True packs sft/dpo/rm documents; stage pretrain rows are windows"),
     (["--stage=sft", "--doc_mask=True"], "doc_mask=True is for pretrain windows; stage sft"),
     (["--stage=sft", "--pack=maybe"], "pack must be True, False or None"),
 ])

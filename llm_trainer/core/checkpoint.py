@@ -27,7 +27,7 @@ from llm_trainer.core import distributed
 from llm_trainer.core import files
 from llm_trainer.core.files import sha256_file
 from configurator import fail
-from model import ModelConfig, Transformer, from_hf_state_dict, merge_lora
+from model import ModelConfig, Transformer, for_head, from_hf_state_dict, lora_trained, merge_lora
 
 CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -160,7 +160,8 @@ def resume_checkpoint_path(out_dir):
 
 
 # ----------------------------------------------------------------------------
-# HuggingFace LlamaForCausalLM directories
+# HuggingFace Llama directories: LlamaForCausalLM, and LlamaForSequenceClassification with one label (a reward
+# model: model.py's head "score", HF's name for it too)
 
 
 def is_hf_dir(path):
@@ -172,6 +173,10 @@ def model_config_from_hf(hf):
     arch = hf.get("model_type")
     if arch != "llama":
         fail(f"only Llama-architecture models can be imported; config.json says model_type={arch!r}")
+    classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+    labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)  # transformers' default: 2
+    if classifier and labels != 1:
+        fail(f"config.json is a sequence classifier with {labels} labels; a reward model has one (num_labels=1)")
     if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
         fail("this Llama variant uses biases or a non-SiLU activation, which model.py does not implement")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -192,6 +197,7 @@ def model_config_from_hf(hf):
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
         ffn_dim=hf["intermediate_size"], max_seq_len=max_len, rope_theta=float(theta), rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        head="score" if classifier else "lm",
     )
 
 
@@ -202,7 +208,9 @@ def hf_model_config(path):
 
 
 def hf_config_dict(mcfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dtype="float32"):
-    """config.json for LlamaForCausalLM: rope_theta and rope_parameters both, so transformers 4.x and 5.x agree."""
+    """config.json for LlamaForCausalLM (a reward model: LlamaForSequenceClassification with one label, whose
+    pad_token_id tells it where each sequence ends): rope_theta and rope_parameters both, so transformers 4.x and 5.x
+    agree."""
     rope = {"rope_type": "default", "rope_theta": mcfg.rope_theta}
     max_len = mcfg.max_seq_len
     if mcfg.rope_scaling:
@@ -213,18 +221,19 @@ def hf_config_dict(mcfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None, dty
             rope.update({k: s[k] for k in ("beta_fast", "beta_slow", "attention_factor") if k in s})
         if s["type"] == "dynamic":
             max_len = mcfg.rope_original_len  # transformers' dynamic NTK scales beyond max_position_embeddings
+    score = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if mcfg.head == "score" else {}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["LlamaForSequenceClassification" if score else "LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.dim, "intermediate_size": mcfg.ffn_dim,
         "num_hidden_layers": mcfg.n_layers, "num_attention_heads": mcfg.n_heads,
         "num_key_value_heads": mcfg.n_kv_heads, "head_dim": mcfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": max_len, "rms_norm_eps": mcfg.norm_eps,
         "rope_theta": mcfg.rope_theta, "rope_parameters": rope,
         "rope_scaling": rope if mcfg.rope_scaling else None,
-        "tie_word_embeddings": mcfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": mcfg.tie_embeddings and not score, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "initializer_range": mcfg.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
-        "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+        "torch_dtype": dtype, "dtype": dtype, "use_cache": True, **score,
     }
 
 
@@ -241,8 +250,9 @@ def load_hf_weights(path):
 # one entry point for "give me the model in this directory"
 
 
-def load_model(path, device="cpu"):
-    """(model in fp32 eval mode, info) from a run dir (ckpt.pt) or an HF Llama dir (safetensors).
+def load_model(path, device="cpu", head=None):
+    """(model in fp32 eval mode, info) from a run dir (ckpt.pt) or an HF Llama dir (safetensors); head: "lm" or
+    "score" refuses a model with the other head (model.HEADS) in one line.
 
     info: {"kind": "run"|"hf", "stage": str|None, "iter": int|None, "config": train config or {}}.
     """
@@ -273,7 +283,19 @@ def load_model(path, device="cpu"):
              f"unpickling can run code; convert them to safetensors with a tool you trust")
     else:
         fail(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json + *.safetensors)")
+    check_head(model.mcfg, path, head)
     return model.to(device).eval(), info
+
+
+def check_head(mcfg, path, head):
+    """Refuse a reward model where a language model is asked for (head "lm"), and the other way round."""
+    if head == "lm" and mcfg.head == "score":
+        fail(f"{path} is a reward model (stage rm: a score head, no language-model head): it scores conversations, "
+             "it is no language model to generate text with, score as one or continue training as one; give a "
+             "language model's run or HF directory")
+    if head == "score" and mcfg.head == "lm":
+        fail(f"{path} is a language model, not a reward model: train one with stage=rm (or give an HF "
+             "LlamaForSequenceClassification directory with one label)")
 
 
 # ----------------------------------------------------------------------------
@@ -322,14 +344,20 @@ def holds_model(path):
     return os.path.isfile(os.path.join(path, CKPT_NAME)) or is_hf_dir(path)
 
 
-def frozen_model(source, device, param_dtype=torch.float32):
-    """The model whose weights a source records (weights_source; check_source them first where they may have
-    changed since), frozen: eval mode, no gradients, its parameters in param_dtype (its buffers, the rotary
-    frequencies, float32). A second model a run keeps beside the one it trains: a distillation teacher."""
-    model, _ = load_model(source["path"])
+def frozen_model(path, what, device, dtype, head="lm", recorded=None):
+    """(a frozen second model kept beside the one trained: a distillation teacher, a reward model; its weights_source
+    for the checkpoints): the model in a run or HF directory (a LoRA run merged), in eval mode, without gradients (so
+    never in the optimizer), its parameters in dtype (its buffers, the rotary tables, stay float32). head: the head it
+    must have (check_head). recorded: the source a resumed run saved for it, refused when its weights are gone or have
+    changed since (check_source). What names it in those lines, e.g. "the reward model rm:out/rm"."""
+    if recorded is not None:
+        check_source(recorded, what)
+    if not (os.path.isdir(path) and holds_model(path)):
+        fail(f"{what}: {path} holds no model ({CKPT_NAME} of a run, or config.json + *.safetensors)")
+    model, _ = load_model(path, device, head)
     for p in model.parameters():
-        p.data = p.data.to(param_dtype)
-    return model.to(device).eval().requires_grad_(False)
+        p.data = p.data.to(dtype)
+    return model.eval().requires_grad_(False), weights_source(path, None)
 
 
 def lora_base(path):
@@ -349,7 +377,8 @@ def with_lora_base(state):
         return state
     check_lora_base(base)
     model, _ = load_model(base["path"])
-    return {**state, "model": {**model.state_dict(), **state["model"]}}
+    weights = for_head(model.state_dict(), ModelConfig(**state["model_config"]))
+    return {**state, "model": {**weights, **state["model"]}}
 
 
 # ----------------------------------------------------------------------------
@@ -363,7 +392,7 @@ def save_run(run, it):
     def write():
         if run.rank != 0:
             return
-        saved = {k: v for k, v in model_sd.items() if ".lora_" in k or not run.lora_base}  # LoRA: the base is named
+        saved = {k: v for k, v in model_sd.items() if lora_trained(k) or not run.lora_base}  # LoRA: the base is named
         state = {"model": {k: v.float() for k, v in saved.items()}, "optimizer": optim_sd,
                  "scaler": run.scaler.state_dict(), "model_config": run.raw_model.mcfg.to_dict(),
                  "iter": it, "best_val_loss": run.best_val_loss, "config": run.cfg, "stage": run.cfg["stage"],
@@ -424,10 +453,11 @@ def starting_weights(src):
     fail(f"init_from={src!r}: expected scratch, resume, a run directory with ckpt.pt, or an HF Llama directory")
 
 
-def model_config(cfg, meta, start, lora_targets=()):
-    """The model's shape: from the checkpoint being continued, else from the config; adapters from the config."""
+def model_config(cfg, meta, start, lora_targets=(), head="lm"):
+    """The model's shape: from the checkpoint being continued, else from the config; adapters from the config; the
+    head the stage trains (model.HEADS)."""
     lora = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
-            "lora_targets": tuple(lora_targets) if cfg["lora_rank"] else ()}
+            "lora_targets": tuple(lora_targets) if cfg["lora_rank"] else (), "head": head}
     if start is not None:
         mcfg = ModelConfig(**{**start.model_config, "max_seq_len": cfg["block_size"], "dropout": cfg["dropout"],
                               **lora})

@@ -3,8 +3,9 @@ Input records -> one internal form, for prepare.py.
 
 Every line of an input file is detected on its own: plain text, a chat in any
 of the usual shapes (role/content, OpenAI messages, ShareGPT from/value,
-Alpaca, OpenAI/TRL prompt-completion), a preference pair, or a task (a
-prompt with its reference answer, for grpo). A record that cannot be used raises BadRecord with a short reason,
+Alpaca, OpenAI/TRL prompt-completion), a preference pair (with an optional
+margin, as TRL's reward trainer reads it), or a task (a prompt with its
+reference answer, for grpo; or, where asked, a prompt alone). A record that cannot be used raises BadRecord with a short reason,
 which prepare.py counts.
 
 Tool conversations come in three shapes, all made OpenAI's: OpenAI chat completions (a record's `tools`, assistant
@@ -19,6 +20,7 @@ call of the assistant message before it, or tools that are not function schemas:
 """
 
 import json
+import math
 import re
 
 from llm_trainer.data.tokenizer import with_tools
@@ -41,10 +43,14 @@ _ROLES = {
 }
 
 
-def detect_record(obj):
+def detect_record(obj, prompts=False):
     """(kind, payload, format) of one input record: ("text", str), ("chat", messages),
     ("pair", (chosen_messages, rejected_messages)) or ("task", (prompt_messages, reference answer)), and the
-    name of the input format it was recognised as; raises BadRecord."""
+    name of the input format it was recognised as; raises BadRecord. prompts: a record that holds a prompt and no
+    reply ({"prompt"} alone, a chat whose last message is the user's and that has no reply) is ("prompt",
+    messages), not a bad record."""
+    if prompts and _prompt_only(obj):
+        return "prompt", _prompt_messages(obj), "prompt" if isinstance(obj, dict) and "prompt" in obj else "messages"
     if isinstance(obj, list):
         return "chat", _conversation(obj), "message_list"
     if not isinstance(obj, dict):
@@ -249,9 +255,39 @@ def _task(obj):
     return messages, _text(obj["answer"])
 
 
+def _prompt_only(obj):
+    """Whether a record is a prompt with no reply: {"prompt"} without an answer, completion or pair, or a chat
+    without any assistant message."""
+    if isinstance(obj, dict) and "prompt" in obj:
+        return not {"answer", "completion", "chosen", "rejected"} & obj.keys()
+    messages = obj if isinstance(obj, list) else next((obj[k] for k in ("conversations", "messages")
+                                                       if isinstance(obj, dict) and k in obj), None)
+    return isinstance(messages, list) and not any(
+        isinstance(m, dict) and _ROLES.get(str(m.get("role", m.get("from"))).lower()) == "assistant" for m in messages)
+
+
+def _prompt_messages(obj):
+    if isinstance(obj, dict) and "prompt" in obj:
+        messages = _system_field(obj) + _as_messages(obj["prompt"], "user")
+    else:
+        messages = _messages(obj) if isinstance(obj, list) else _system_field(obj) + _messages(
+            obj.get("conversations", obj.get("messages")))
+    if not messages or messages[-1]["role"] != "user":
+        raise BadRecord("no_prompt")
+    return messages
+
+
+def as_prompt(messages):
+    """A prompt alone as a task for grpo: no reference answer (a reward that needs none scores it)."""
+    return messages, None
+
+
 def as_task(messages):
     """A chat as a task for grpo: the messages before its last assistant reply, and that reply as the
-    reference answer (its reasoning, if any, is not part of the answer)."""
+    reference answer (its reasoning, if any, is not part of the answer); a chat whose last message is the user's
+    is a prompt without a reference answer."""
+    if messages[-1]["role"] == "user":
+        return as_prompt(messages)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if not any(m["role"] == "user" for m in messages[:last]):
         raise BadRecord("no_prompt")
@@ -273,6 +309,16 @@ def _pair(obj):
     if chosen[:-1] != rejected[:-1]:
         raise BadRecord("pair_prompt_mismatch")
     return chosen, rejected
+
+
+def pair_margin(obj):
+    """The margin a preference record gives, by how much the chosen reply should score above the rejected one (a
+    reward model's Bradley-Terry loss subtracts it, as TRL's), or None when it gives none."""
+    margin = obj.get("margin") if isinstance(obj, dict) else None
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise BadRecord("bad_margin")
+    return margin
 
 
 def _answer(value, prompt):

@@ -6,8 +6,9 @@ The on-disk format of a prepared dataset: written by prepare.py, read by train.p
     {split}_{NNNNN}.bin    token ids, uint16 (uint32 when vocab_size > 65535)
     {split}_{NNNNN}.mask   uint8 per token, 1 = this token is a training target
     {split}_{NNNNN}.idx    uint64 start offset of each document within the shard
-    {split}_{NNNNN}.ref    grpo only: one JSON line per document, {"prompt": ..., "answer": ...},
-                           the text a reward function reads
+    {split}_{NNNNN}.ref    grpo sets: one JSON line per document, {"prompt": ..., "answer": ... or null},
+                           the text a reward function reads; preference sets with a margin column:
+                           {"margin": m} on each document of a pair
 
 Splits are "train" and "val". A document never spans two shards; a DPO pair
 is two consecutive documents (chosen, then rejected) of one shard. Readers
@@ -188,7 +189,7 @@ class Split:
         self.name, self.meta, self.data_dir = name, meta, data_dir
         dtype = np.dtype(meta["dtype"])
         self._bins, self._masks, starts = [], [], []
-        # per document of a set of tasks (a .ref sidecar beside each shard): {"prompt", "answer"}
+        # per document of a set of tasks (a .ref sidecar beside each shard): {"prompt", "answer"}; of pairs: {"margin"}
         self.refs = [] if any("ref_bytes" in s for sp in meta["splits"].values() for s in sp["shards"]) else None
         offset = 0
         for shard in meta["splits"][name]["shards"]:

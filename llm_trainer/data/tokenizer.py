@@ -605,6 +605,25 @@ def load_tokenizer(path):
     return ChatTokenizer(_read_tokenizer_json(path))
 
 
+def check_same_vocabulary(what, path, sizes, trained, data_dir):
+    """A frozen model that reads or grades the trained model's token ids (a distillation teacher, a reward model)
+    must share its vocabulary: as many ids (sizes: the frozen model's and the trained one's), and (data_dir: where the
+    data has text, else None) the tokenizer the data was prepared with. what names the frozen model in path (e.g.
+    "teacher out/sft"), trained the model trained ("the student"). Else one line naming both."""
+    theirs, ours = sizes
+    if theirs != ours:
+        configurator.fail(f"{what} has a vocabulary of {theirs:,} ids, {trained} {ours:,}: it must share "
+                          f"{trained}'s vocabulary")
+    if data_dir is None:  # bench.py's random ids: no tokenizer to compare
+        return
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                                  "tokenizer_config.json")):
+        configurator.fail(f"{what} holds no tokenizer to compare with the one {data_dir} was prepared with")
+    its, data = load_tokenizer(path), load_tokenizer(data_dir)
+    if not its.same_ids(data):
+        configurator.fail(f"{what}: its tokenizer ({its.vocab_size:,} tokens) is not the one {data_dir} was prepared "
+                          f"with ({data.vocab_size:,} tokens): it must give the text the ids {trained} reads")
+
 def _read_tokenizer_json(path):
     try:
         return Tokenizer.from_file(path)

@@ -41,7 +41,7 @@ def load(path, device="cpu", dtype="float32", compile=False):
     info: load_model's info plus "chat" (the default mode is chat) and "block_size"
     (the context the model was trained at: prompt + reply must fit in it).
     """
-    model, info = load_model(path, device)
+    model, info = load_model(path, device, head="lm")
     model.to(DTYPES[dtype])
     tokenizer = load_tokenizer(path)
     control = (tokenizer.eot_id, tokenizer.im_start_id, tokenizer.im_end_id)

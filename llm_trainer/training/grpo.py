@@ -1,7 +1,8 @@
 """
 The grpo stage's batches: rollouts. For each prompt of a micro-batch (a prompt of the prepared grpo
 set, rendered up to the assistant's header), grpo_group completions are sampled together with the
-KV-cache generator, scored by the reward (llm_trainer/training/rewards.py) against the prompt's reference answer, and
+KV-cache generator, scored by the reward (llm_trainer/training/rewards.py: functions against the prompt's reference
+answer, a reward model on the conversation), and
 turned into training rows (prompt + completion; targets on the completion only) that carry each
 completion's advantage: its reward minus its group's mean (divided by the group's std when
 grpo_std_norm). With a teacher in the reward (`teacher:DIR`, on-policy distillation), every completion
@@ -31,12 +32,14 @@ from llm_trainer.core import distributed
 from llm_trainer.training import losses
 from llm_trainer.data.batches import Batch
 from llm_trainer.inference.generation import chat_stop_ids, completion_text, split_tool_calls
-from llm_trainer.training.rewards import exact_answer
+from llm_trainer.training.rewards import conversation, exact_answer
 
 # per-rollout figures, summed over micro-batches and ranks before they are logged
-ROLLOUT_SUMS = ("reward", "reward_sq", "correct", "completions", "completion_tokens", "no_signal_groups", "groups",
-                "gen_s", "tool_calls")
-FIGURES = ("reward", "reward_std", "accuracy", "no_signal", "completion_len", "gen_s", "tool_calls")  # logged per step
+ROLLOUT_SUMS = ("reward", "reward_sq", "correct", "answered", "rm_score", "rm_scored", "completions",
+                "completion_tokens", "no_signal_groups", "groups", "gen_s", "tool_calls")
+# logged per step; accuracy (exact answers) where the prompts have references, rm_score (the reward models' raw
+# score, before its weight) where the reward has an rm: term
+FIGURES = ("reward", "reward_std", "accuracy", "rm_score", "no_signal", "completion_len", "gen_s", "tool_calls")
 
 
 def advantages(rewards, group, std_norm=True):
@@ -116,12 +119,18 @@ def rollout(run, batches, g, group, greedy=False):
     gen_s = time.perf_counter() - t0
     refs = [batches.split.refs[d] for d in docs for _ in range(group)]
     texts = [completion_text(tok, c, chat_stop_ids(tok)) for c in answers]
-    scored = distributed.together(lambda: [run.reward(r["prompt"], t, r["answer"]) for r, t in zip(refs, texts)],
-                                  run.rank, run.world, "the reward function")
+    # a reward model reads the whole exchange the policy produced (its calls and their results included)
+    chats = ([conversation(tok, prompts[i // group], c) for i, c in enumerate(completions)]
+             if run.reward.reward_models else None)
+    scored, raw = distributed.together(lambda: run.reward.score([r["prompt"] for r in refs], texts,
+                                                                [r["answer"] for r in refs], chats),
+                                       run.rank, run.world, "the reward function")
     rewards = torch.tensor(scored, dtype=torch.float32)
-    correct = sum(exact_answer(r["prompt"], t, r["answer"]) for r, t in zip(refs, texts))
+    answered = [(r, t) for r, t in zip(refs, texts) if r["answer"] is not None]
     spread = rewards.view(-1, group)
-    sums = {"reward": float(rewards.sum()), "reward_sq": float((rewards**2).sum()), "correct": correct,
+    sums = {"reward": float(rewards.sum()), "reward_sq": float((rewards**2).sum()),
+            "correct": sum(exact_answer(r["prompt"], t, r["answer"]) for r, t in answered), "answered": len(answered),
+            "rm_score": sum(raw or ()), "rm_scored": len(raw or ()),
             "completions": len(texts), "completion_tokens": sum(sum(m) for m in masks),
             "no_signal_groups": int((spread.max(1).values == spread.min(1).values).sum()), "groups": len(docs),
             "gen_s": gen_s, "tool_calls": calls}
@@ -185,7 +194,9 @@ def rollout_figures(sums, world):
                                                                         dtype=torch.float64), world).tolist()))
     n = max(s["completions"], 1.0)
     mean = s["reward"] / n
-    return {"reward": mean, "reward_std": max(s["reward_sq"] / n - mean**2, 0.0) ** 0.5, "accuracy": s["correct"] / n,
+    return {"reward": mean, "reward_std": max(s["reward_sq"] / n - mean**2, 0.0) ** 0.5,
+            "accuracy": s["correct"] / s["answered"] if s["answered"] else None,
+            "rm_score": s["rm_score"] / s["rm_scored"] if s["rm_scored"] else None,
             "no_signal": s["no_signal_groups"] / max(s["groups"], 1.0), "completion_len": s["completion_tokens"] / n,
             "gen_s": s["gen_s"] / world, "tool_calls": s["tool_calls"] / n}
 
@@ -193,12 +204,14 @@ def rollout_figures(sums, world):
 @torch.no_grad()
 def evaluate(run):
     """Greedy completions to eval_iters micro-batches of val prompts (one each), shared by the ranks as train.evaluate
-    shares its batches: val_reward, val_accuracy, and val_loss = -val_reward (what best-val bookkeeping minimises)."""
+    shares its batches: val_reward, val_accuracy (prompts with references), val_rm_score (a reward with an rm: term),
+    val_completion_len, and val_loss = -val_reward (what best-val bookkeeping minimises)."""
     n, sums = run.cfg["eval_iters"], dict.fromkeys(ROLLOUT_SUMS, 0.0)
     for i in range(run.rank, -(-n // run.world) * run.world, run.world):
         _, s = rollout(run, run.val_batches, i % n, group=1, greedy=True)  # past the end: in step, not counted
         if i < n:
             sums = {k: sums[k] + s[k] for k in ROLLOUT_SUMS}
     fig = rollout_figures(sums, run.world)
-    return {"val_loss": -fig["reward"], "val_reward": fig["reward"], "val_accuracy": fig["accuracy"],
-            "val_completion_len": fig["completion_len"]}
+    figures = {"val_loss": -fig["reward"], "val_reward": fig["reward"], "val_accuracy": fig["accuracy"],
+               "val_rm_score": fig["rm_score"], "val_completion_len": fig["completion_len"]}
+    return {k: v for k, v in figures.items() if v is not None}

@@ -16,7 +16,14 @@ stage uses which).
   the reference's log-ratio of chosen over rejected reply; the step divides
   by the number of pairs, a pair whose rows were cut to no target (a prompt
   as long as the row) left out of both. The reference is the starting weights, frozen, or
-  their log-probabilities of every pair computed once (Reference).
+  their log-probabilities of every pair computed once (Reference). Pairs
+  packed into rows are summed per document (by_document), so a packed batch
+  gives what its pairs unpacked give.
+- rm: the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) of
+  the reward model's scores, read at the last token of each sequence (the
+  last that is not padding: where transformers' LlamaForSequenceClassification
+  reads it), plus center_rewards_coefficient * (r_chosen + r_rejected)^2 as
+  TRL; the step divides by the number of pairs, as DPO's.
 - grpo: on every completion token of a rollout (llm_trainer/training/grpo.py), the clipped policy
   gradient -min(ratio * A, clip(ratio) * A) with the completion's advantage A
   (or the token's own: on-policy distillation) and ratio = p / p_rollout, plus grpo_kl times the k3 estimate of the KL to
@@ -51,6 +58,11 @@ TEACHER_STATS = ("teacher_kl",)  # grpo with a teacher: the mean of log p - log 
 KD_STATS = ("ce", "kd", "teacher_ce")
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
+# reward-model statistics, means over pairs: how often chosen scores above rejected, by how much, and the first two
+# moments of the scores (of chosen and rejected alike), which rm_figures turns into their mean and std
+RM_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/square")
+RM_FIGURES = ("accuracy", "margin", "rewards/chosen", "rewards/rejected", "rewards/mean", "rewards/std")
+
 
 def token_losses(model, x, y, segments=None, temperature=1.0):
     """Cross-entropy of every label position, float32, shape (B, T), computed inside the (compiled) model;
@@ -58,9 +70,20 @@ def token_losses(model, x, y, segments=None, temperature=1.0):
     return model(x, targets=y, segments=segments, temperature=temperature)
 
 
+def by_document(batch, values):
+    """values (rows, T) of a batch, one row per document as the unpacked batch lays them out: the rows themselves,
+    or those of packed pairs gathered from where their documents lie (batches.Batch.doc_index), zero past each
+    document's end. A gather, not a scatter: the same sums on every device, run after run."""
+    if batch.doc_index is None:
+        return values
+    return torch.cat([values.flatten(), values.new_zeros(1)])[batch.doc_index]
+
+
 def sequence_logps(model, batch):
-    """Summed log-probability of each row's target tokens (the final reply, for DPO data)."""
-    return -(token_losses(model, batch.x, batch.y, batch.segments) * (batch.w > 0)).sum(-1)
+    """Summed log-probability of each document's target tokens (the final reply, for DPO data), chosen rows first
+    for pairs."""
+    ce = token_losses(model, batch.x, batch.y, batch.segments)
+    return -by_document(batch, ce * (batch.w > 0)).sum(-1)
 
 
 def lm_loss(model, batch, weighted=True):
@@ -156,7 +179,7 @@ def dpo_terms(policy_logps, ref_logps, beta, kind="sigmoid", label_smoothing=0.0
 def pair_has_targets(batch):
     """(B,) bool: whether both rows of each pair of a DPO batch keep a target (a prompt that fills the row leaves
     none: such a pair would add ln 2 to the loss and count in its divisor without teaching anything)."""
-    chosen, rejected = (batch.w > 0).any(-1).chunk(2)
+    chosen, rejected = by_document(batch, batch.w > 0).any(-1).chunk(2)
     return chosen & rejected
 
 
@@ -165,6 +188,56 @@ def dpo_loss(model, batch, ref_logps, beta, kind="sigmoid", label_smoothing=0.0)
     losses, stats = dpo_terms(sequence_logps(model, batch), ref_logps, beta, kind, label_smoothing)
     kept = pair_has_targets(batch).float()
     return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
+
+
+def last_tokens(x, pad_id):
+    """(B,) the position of the last token of each row of x (B, T) that is not pad_id, padding on either side: where
+    a reward model reads its score (transformers' rule; no rendered conversation holds <|endoftext|>)."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    return (positions * (x != pad_id)).argmax(-1)
+
+
+def scores(model, x, pad_id):
+    """(B,) float32 scores of a reward model for rows x (B, T), each read at its last token."""
+    return model(x, logits_at=last_tokens(x, pad_id))[:, 0]
+
+
+def document_scores(model, batch, pad_id):
+    """(2B,) float32 scores of a reward model for the documents of a batch of pairs, chosen first, each read at its
+    last token that is not padding; packed pairs: the scores of every position of the packed rows, read where each
+    document's own row would have its last token (by_document), so that they equal the unpacked pairs' scores."""
+    if batch.doc_index is None:
+        return scores(model, batch.x, pad_id)
+    every = model(batch.x, segments=batch.segments).flatten()
+    real = by_document(batch, batch.x != pad_id)
+    last = (torch.arange(real.shape[1], device=real.device) * real).argmax(-1, keepdim=True)
+    return every[batch.doc_index.gather(1, last).squeeze(1)]
+
+
+def rm_terms(rewards, margins, center=0.0):
+    """Per-pair Bradley-Terry loss and the RM_STATS per pair, from (2B,) scores, chosen rows first, and (B,) margins
+    the chosen reply should win by (0 without)."""
+    rc, rr = rewards.chunk(2)
+    losses = -F.logsigmoid(rc - rr - margins)
+    if center:
+        losses = losses + center * (rc + rr) ** 2
+    rc, rr = rc.detach(), rr.detach()
+    stats = ((rc > rr).float(), rc - rr, rc, rr, (rc + rr) / 2, (rc**2 + rr**2) / 2)
+    return losses, dict(zip(RM_STATS, stats))
+
+
+def rm_loss(model, batch, pad_id, margins, center=0.0):
+    """(summed loss, {statistic: sum over pairs}) of a reward-model micro-batch, over its pairs with targets."""
+    losses, stats = rm_terms(document_scores(model, batch, pad_id), margins, center)
+    kept = pair_has_targets(batch).float()
+    return (losses * kept).sum(), {k: (v * kept).sum() for k, v in stats.items()}
+
+
+def rm_figures(means):
+    """The logged figures (RM_FIGURES) of the means of RM_STATS: the scores' std from their first two moments."""
+    figures = {k: v for k, v in means.items() if k != "rewards/square"}
+    figures["rewards/std"] = max(means["rewards/square"] - means["rewards/mean"] ** 2, 0.0) ** 0.5
+    return figures
 
 
 def grpo_terms(logp, old_logp, ref_logp, adv, w, clip, kl_coef):
@@ -206,12 +279,12 @@ def target_count(batch, pairs=False, weighted=True):
 
 def target_bytes(batch, token_bytes, pairs=False):
     """The UTF-8 bytes of text the micro-batch's targets hold (tokenizer.token_bytes: each id's bytes, less the
-    dummy prefix of a text's first token), those of the chosen rows for pairs (the rows before the rejected ones):
-    the denominator of bits per byte."""
+    dummy prefix of a text's first token), those of the chosen documents for pairs: the denominator of bits per
+    byte."""
     sizes, prefix, opens = token_bytes
     y = batch.y.clamp(min=0)
     size = (sizes[y] - prefix[y] * opens[batch.x]) * (batch.w > 0)
-    return (size[: size.shape[0] // 2] if pairs else size).sum().float()
+    return (by_document(batch, size).chunk(2)[0] if pairs else size).sum().float()
 
 
 def batch_counts(batch, pairs=False):
@@ -278,9 +351,10 @@ def _precompute(model, batches, device, autocast, rank, world):
     B = batches.B
     for first in range(rank * B, batches.n_units, world * B):
         units = list(range(first, min(first + B, batches.n_units)))
+        batch = batches.batch(batches.packed(units) if batches.packing else units)
         with autocast:
-            logps = sequence_logps(model, batches.batch(units).to(device)).float().cpu()
-        out[units] = logps.view(2, -1).T
+            logps = sequence_logps(model, batch.to(device)).float().cpu()
+        out[batch.units] = logps.view(2, -1).T
     model.train()
     return distributed.all_reduce_sum(out.to(device), world).cpu()
 

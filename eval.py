@@ -182,8 +182,9 @@ def _define_lm():
         def _score(self, batch):
             ids, positions, mask, where, targets, owner = pack_rows(batch, self._device)
             with self.autocast:
-                h = self.model.hidden_states(ids, positions=positions, mask=mask)
-                logits = self.model.lm_head(h[where])  # only the positions that predict a continuation token
+                # only the positions that predict a continuation token reach the last layer's MLP and the head
+                h = self.model.hidden_states(ids, positions=positions, mask=mask, at=where)
+                logits = self.model.lm_head(h)
             logp = torch.log_softmax(logits.float(), dim=-1)
             picked = logp.gather(1, targets[:, None])[:, 0]
             n = int(owner.max()) + 1

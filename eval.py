@@ -258,13 +258,12 @@ def sampling_args(kwargs):
 def shared_context_rows(pairs, max_length, span=ROW_SPAN):
     """Rows of (context ids, [(request index, continuation ids)]): the continuations of one context together, as
     many as fit span * max_length; a context + continuation longer than max_length + 1 is cut from the left (as
-    lm_eval does) and gets a row of its own."""
+    lm_eval does) first, so it shares a row only with the continuations of its cut context (those as long)."""
     rows, open_rows = [], {}
     for i, (ctx, cont) in enumerate(pairs):
         if len(ctx) + len(cont) > max_length + 1:
             whole = (ctx + cont)[-(max_length + 1):]
-            rows.append((whole[: len(whole) - len(cont)], [(i, cont)]))
-            continue
+            ctx = whole[: len(whole) - len(cont)]
         key = tuple(ctx)
         row = open_rows.get(key)
         if row is None or row_length(row) + len(cont) - 1 > span * max_length:

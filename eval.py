@@ -21,7 +21,8 @@ The model side, checked against lm_eval's hf backend on the exported model (test
 - loglikelihood: requests sorted by length, batched; the choices of an item share one forward of their context:
   one row holds the context, then every choice side by side (up to twice the model's context in all), each
   attending to the context and to itself, at the positions it would have alone (model.hidden_states' positions
-  and mask); only the scored positions reach the head;
+  and mask); only the scored positions reach the last layer's MLP and the head (the context's are read by
+  attention alone); a request cut to max_length shares a row with those of the same cut context;
 - loglikelihood_rolling: lm_eval's disjoint windows of max_length, scored the same way;
 - generate_until: our batched KV-cache generator, stopping at the end-of-turn ids and at the stop strings,
   rows sorted by length; greedy unless the task samples.

@@ -21,7 +21,8 @@ The model side, checked against lm_eval's hf backend on the exported model (test
 - loglikelihood: requests sorted by length, batched; the choices of an item share one forward of their context:
   one row holds the context, then every choice side by side (up to twice the model's context in all), each
   attending to the context and to itself, at the positions it would have alone (model.hidden_states' positions
-  and mask); only the scored positions reach the head;
+  and mask); only the scored positions reach the last layer's MLP and the head (the context's are read by
+  attention alone); a request cut to max_length shares a row with those of the same cut context;
 - loglikelihood_rolling: lm_eval's disjoint windows of max_length, scored the same way;
 - generate_until: our batched KV-cache generator, stopping at the end-of-turn ids and at the stop strings,
   rows sorted by length; greedy unless the task samples.
@@ -182,8 +183,9 @@ def _define_lm():
         def _score(self, batch):
             ids, positions, mask, where, targets, owner = pack_rows(batch, self._device)
             with self.autocast:
-                h = self.model.hidden_states(ids, positions=positions, mask=mask)
-                logits = self.model.lm_head(h[where])  # only the positions that predict a continuation token
+                # only the positions that predict a continuation token reach the last layer's MLP and the head
+                h = self.model.hidden_states(ids, positions=positions, mask=mask, at=where)
+                logits = self.model.lm_head(h)
             logp = torch.log_softmax(logits.float(), dim=-1)
             picked = logp.gather(1, targets[:, None])[:, 0]
             n = int(owner.max()) + 1
@@ -257,13 +259,12 @@ def sampling_args(kwargs):
 def shared_context_rows(pairs, max_length, span=ROW_SPAN):
     """Rows of (context ids, [(request index, continuation ids)]): the continuations of one context together, as
     many as fit span * max_length; a context + continuation longer than max_length + 1 is cut from the left (as
-    lm_eval does) and gets a row of its own."""
+    lm_eval does) first, so it shares a row only with the continuations of its cut context (those as long)."""
     rows, open_rows = [], {}
     for i, (ctx, cont) in enumerate(pairs):
         if len(ctx) + len(cont) > max_length + 1:
             whole = (ctx + cont)[-(max_length + 1):]
-            rows.append((whole[: len(whole) - len(cont)], [(i, cont)]))
-            continue
+            ctx = whole[: len(whole) - len(cont)]
         key = tuple(ctx)
         row = open_rows.get(key)
         if row is None or row_length(row) + len(cont) - 1 > span * max_length:

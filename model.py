@@ -313,8 +313,9 @@ class Attention(nn.Module):
         self.qkv_proj = projection(mcfg, mcfg.dim, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
         self.o_proj = projection(mcfg, self.q_size, {"o": mcfg.dim})
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
-        """mask: None (causal), or (B, 1, T, T) bool, True where a query may attend to a key (packed rows)."""
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None, at=None):
+        """mask: None (causal), or (B, 1, T, T) bool, True where a query may attend to a key (packed rows).
+        at: (rows, positions) index tensors: the output (N, dim) of those positions alone."""
         B, T, _ = x.shape
         hd = self.mcfg.head_dim
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -333,7 +334,10 @@ class Attention(nn.Module):
             dropout_p=self.mcfg.dropout if self.training else 0.0,
             enable_gqa=self.mcfg.n_kv_heads != self.mcfg.n_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.q_size))
+        y = y.transpose(1, 2)
+        if at is not None:
+            y = y[at]
+        return self.o_proj(y.reshape(*y.shape[:-2], self.q_size))
 
 
 class MLP(nn.Module):
@@ -356,8 +360,10 @@ class Block(nn.Module):
         self.mlp = MLP(mcfg)
         self.dropout = nn.Dropout(mcfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask))
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None, at=None):
+        """at: see Attention.forward; the MLP runs on those positions alone."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask, at)
+        x = (x if at is None else x[at]) + self.dropout(a)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -393,11 +399,12 @@ class Transformer(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.model.embed_tokens.weight.dtype
 
-    def hidden_states(self, idx, cache=None, start_pos=0, segments=None, positions=None, mask=None):
+    def hidden_states(self, idx, cache=None, start_pos=0, segments=None, positions=None, mask=None, at=None):
         """Final-norm hidden states (B, T, dim) of token ids idx (B, T); segments (B, T): see the module doc.
         positions (B, T) with mask (B, 1, T, T), True where a query may attend to a key: any other layout of
         a row, each position at most its index (eval.py: the choices of an item side by side after their
-        shared context)."""
+        shared context). at: (rows, positions) index tensors: the hidden states (N, dim) of those positions
+        alone; the last layer's output projection and MLP run on them only (eval.py reads ~60% of a row's)."""
         dtype = self.compute_dtype(idx.device)
         batched = torch.is_tensor(start_pos) and segments is None  # batched decoding: row b's one new token is at
         # position start_pos[b], looked up in the table of the cache's positions
@@ -420,8 +427,9 @@ class Transformer(nn.Module):
             cos, sin = cos[start_pos][:, None, None], sin[start_pos][:, None, None]
             mask = (torch.arange(cache.max_len, device=idx.device) <= start_pos[:, None])[:, None, None]
         x = self.model.embed_tokens(idx)
-        for block in self.model.layers:
-            x = block(x, cos, sin, cache, start_pos, mask)
+        last = len(self.model.layers) - 1
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, cache, start_pos, mask, at if i == last else None)
         return self.model.norm(x)
 
     def forward(self, idx, cache=None, start_pos=0, targets=None, segments=None, logits_at=None, temperature=1.0,

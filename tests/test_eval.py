@@ -188,26 +188,31 @@ def test_batch_size_1_equals_16(runs, tasks_dir):
                        "demo_continue": ["exact_match"]}, loglik_tol=1e-5)
 
 
-@pytest.mark.parametrize("long_row", [False, True])
-def test_shared_context_rows_score_each_choice_as_alone(runs, long_row):
+@pytest.mark.parametrize("layout", ["short", "long_row", "cut"])
+def test_shared_context_rows_score_each_choice_as_alone(runs, layout):
     """An item's choices in one row after their context give the log-likelihoods of each choice computed alone;
-    also when the row is longer than the model's context (each choice alone fits it)."""
+    also when the row is longer than the model's context (each choice alone fits it), and when context + choice
+    is cut to the model's context (choices as long share the cut context)."""
     run, _ = runs["pretrain"]
     lm = ours(run)
     ctx, conts = [0, 11, 12, 13, 14], [[20, 21, 22], [30], [40, 41]]
-    if long_row:
+    if layout == "long_row":
         ctx, conts = [0] + [11 + i % 300 for i in range(149)], [[20 + (i * k) % 350 for i in range(100)] for k in (1, 3, 7)]
         assert evalpy.row_length((ctx, [(0, c) for c in conts])) > lm.max_length
+    if layout == "cut":
+        ctx, conts = [0] + [11 + i % 300 for i in range(lm.max_length)], [[20 + (i * k) % 350 for i in range(9)]
+                                                                            for k in (1, 3, 7)]
     together = lm._loglikelihood_tokens([(None, ctx, c) for c in conts])
     alone = [lm._loglikelihood_tokens([(None, ctx, c)])[0] for c in conts]
     rows = evalpy.shared_context_rows([(ctx, c) for c in conts], lm.max_length)
     assert len(rows) == 1 and len(rows[0][1]) == 3  # really one row
     for (x, gx), (y, gy) in zip(together, alone):
         assert x == pytest.approx(y, abs=1e-5, rel=1e-7) and gx == gy  # float32 sums of 100 tokens: 1e-7
-    with torch.no_grad():  # and against a plain forward of context + choice
+    with torch.no_grad():  # and against a plain forward of context + choice, cut as lm_eval cuts it
         for c, (x, _) in zip(conts, together):
-            logp = torch.log_softmax(lm.model(torch.tensor([ctx + c[:-1]])).float(), -1)[0]
-            assert x == pytest.approx(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(c)), abs=1e-5,
+            seen = (ctx + c)[-(lm.max_length + 1):-len(c)]
+            logp = torch.log_softmax(lm.model(torch.tensor([seen + c[:-1]])).float(), -1)[0]
+            assert x == pytest.approx(sum(float(logp[len(seen) - 1 + j, t]) for j, t in enumerate(c)), abs=1e-5,
                                       rel=1e-7)
 
 

@@ -476,11 +476,26 @@ def run_tasks(lm, built, manager, num_fewshot=-1, limit=0, chat=False, seed=1234
     """lm_eval's results (with the samples) of the tasks (load_tasks) on lm; None on ranks other than 0."""
     from lm_eval.evaluator import simple_evaluate
 
-    with quiet(), preserved_rng():
+    with quiet(), preserved_rng(), without_environment_report():
         return simple_evaluate(model=lm, tasks=built, task_manager=manager, limit=limit or None, log_samples=True,
                                num_fewshot=None if num_fewshot < 0 else num_fewshot, apply_chat_template=chat,
                                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                fewshot_random_seed=seed)
+
+
+@contextlib.contextmanager
+def without_environment_report():
+    """lm_eval ends every evaluation by collecting an environment report (torch.utils.collect_env: pip and other
+    subprocesses, ~0.7 s a call on 2 CPU cores, 2.5 s the first) into results that eval.py never writes: it would
+    be paid at every in-training evaluation. Our --json records lm_eval's version."""
+    from lm_eval import evaluator
+
+    report = evaluator.add_env_info
+    evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = report
 
 
 @contextlib.contextmanager

@@ -134,6 +134,11 @@ def test_multiple_choice_and_rolling_equal_the_hf_backend(runs, tasks_dir):
                                                                             rel=1e-5)
     windows = [len(s["doc"]["text"]) for s in by_doc(a, "demo_text")]
     assert max(windows) > 3 * 256  # texts that need several windows of the 256-token context
+    # lm_eval's environment report (subprocesses, ~0.7 s a call) is skipped inside run_tasks only
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import add_env_info
+
+    assert "pretty_env_info" not in a and evaluator.add_env_info is add_env_info
 
 
 def test_generation_with_stop_strings_and_chat_template_equals_the_hf_backend(runs, tasks_dir):

@@ -162,6 +162,21 @@ def test_margins_from_the_data_and_a_set_that_mixes_them(demo_pretrain, tmp_path
     assert shards.open_split(tmp_path / "plain", "train").refs is None
 
 
+def test_a_bad_margin_on_the_first_record_does_not_drop_the_margins_of_the_rest(demo_pretrain, tmp_path):
+    """The first usable record decides whether the set has a margin column; a first record whose margin is bad is
+    not usable: skipped and counted (bad_margin), and the next one decides, so the others keep their margins."""
+    src = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": "1 + 1 = ?", "chosen": "2", "rejected": "3", "margin": "1.5"}]
+    pairs += [{"prompt": f"{a} + {a} = ?", "chosen": str(2 * a), "rejected": str(2 * a + 1), "margin": a / 4}
+              for a in range(6)]
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    meta = prepare.main([f"--input={src}", f"--out_dir={tmp_path / 'data'}", f"--tokenizer={demo_pretrain}",
+                         "--stage=rm", "--val_fraction=0", "--workers=1"])
+    assert meta["counts"]["kept"] == 6 and meta["counts"]["skipped"] == {"bad_margin": 1}
+    split = shards.open_split(tmp_path / "data", "train")
+    assert [r["margin"] for r in split.refs[0::2]] == [a / 4 for a in range(6)]
+
+
 def test_rm_reads_pairs_prepared_for_dpo_and_dpo_reads_them_prepared_for_rm(demo_dpo, demo_sft, tmp_path, capsys):
     import configurator
 

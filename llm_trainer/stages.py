@@ -277,6 +277,9 @@ def plan_rollouts(run):
     if run.teacher is not None:
         lines.append(teacher_line(run, f"every completion token's advantage adds {run.reward.teacher[0]:g} x "
                                        "(log p_teacher - log p) of the token sampled"))
+    for path, reward_model in run.reward.reward_models.items():
+        lines.append(frozen_line(f"reward model rm:{path}", reward_model.model, cfg["block_size"],
+                                 "scores each completion with its prompt, at its last token"))
     return lines
 
 
@@ -291,12 +294,17 @@ def plan_sft(run):
 
 def teacher_line(run, how):
     """The plan's line for the run's frozen teacher: what it is, and how it teaches."""
-    mcfg, block = run.teacher.mcfg, run.cfg["block_size"]
+    return frozen_line(f"teacher: {run.frozen['teacher']['path']}", run.teacher, run.cfg["block_size"], how)
+
+
+def frozen_line(what, model, block, how):
+    """The plan's line for a frozen model beside the one trained (a teacher, a reward model): what it is, whether
+    the run's rows are longer than it was trained on, and how it is used."""
+    mcfg = model.mcfg
     short = (f"; trained at {mcfg.max_seq_len} positions, beyond which it extrapolates (block_size {block})"
              if block > mcfg.max_seq_len else "")
-    return (f"teacher: {run.frozen['teacher']['path']}, {run.teacher.num_params() / 1e6:.2f}M parameters "
-            f"({mcfg.n_layers} layers, dim {mcfg.dim}), frozen, "
-            f"{common.dtype_name(next(run.teacher.parameters()).dtype)}{short}; {how}")
+    return (f"{what}, {model.num_params() / 1e6:.2f}M parameters ({mcfg.n_layers} layers, dim {mcfg.dim}), frozen, "
+            f"{common.dtype_name(next(model.parameters()).dtype)}{short}; {how}")
 
 
 # -----------------------------------------------------------------------------

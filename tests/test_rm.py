@@ -23,8 +23,9 @@ from llm_trainer import stages
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from llm_trainer.data import shards
 from llm_trainer.data.tokenizer import load_tokenizer
-from llm_trainer.training import grpo, losses
+from llm_trainer.training import grpo, losses, optimizers
 from llm_trainer.training.rewards import conversation
+from model import ModelConfig, Transformer
 from tests.helpers import ROOT, TINY, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
@@ -175,6 +176,14 @@ def test_a_bad_margin_on_the_first_record_does_not_drop_the_margins_of_the_rest(
     assert meta["counts"]["kept"] == 6 and meta["counts"]["skipped"] == {"bad_margin": 1}
     split = shards.open_split(tmp_path / "data", "train")
     assert [r["margin"] for r in split.refs[0::2]] == [a / 4 for a in range(6)]
+
+
+def test_muon_keeps_the_score_head_in_the_head_group():
+    """optimizer=muon: a reward model's score head is its output head (group "head", AdamW), as an LM head is, not
+    part of the embedding's group (whose group_lr and group_weight_decay would then set it)."""
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16, head="score"))
+    groups = {name: [n for n, _ in params] for name, _, params in optimizers.named_groups(model, {"optimizer": "muon"})}
+    assert groups["head"] == ["score.weight"] and groups["embed"] == ["model.embed_tokens.weight"]
 
 
 def test_rm_reads_pairs_prepared_for_dpo_and_dpo_reads_them_prepared_for_rm(demo_dpo, demo_sft, tmp_path, capsys):
@@ -334,6 +343,11 @@ def test_grpo_logs_the_rewards_the_reward_model_gives_directly(prompts_only, rm_
     run = train.build(train.configure(grpo_rm_args(prompts_only, str(tmp_path), f"rm:{rm_run} + 0.5 * think_format",
                                                    lm_run, "--verify_data=False")))
     batches, group = run.train_batches, run.cfg["grpo_group"]
+    plan = stages.plan_rollouts(run)[-1]  # the reward model in the plan, trained at the policy's block_size
+    assert plan.startswith(f"reward model rm:{rm_run}, ") and "frozen, float32;" in plan
+    rm_model = run.reward.reward_models[rm_run].model
+    assert "trained at 96 positions, beyond which it extrapolates (block_size 128)" in stages.frozen_line(
+        f"reward model rm:{rm_run}", rm_model, 128, "scores")
     docs = [batches.unit(r) for r in range(batches.B)]
     prompts = [batches.split.document(d)[0].tolist() for d in docs]
     completions = grpo.generate(run, [p for p in prompts for _ in range(group)], seed=run.cfg["seed"] * 1_000_003)

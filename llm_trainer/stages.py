@@ -259,6 +259,10 @@ def plan_rows(run):
               else "one unit per row" if unit != "window" else "windows of the token stream")
     cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
            f"{cfg['block_size'] + 1} and cut" if unit != "window" else "")
+    if run.stage.head == "score":  # a score is read at a row's last input, so block_size+1 tokens lose their last too
+        longer = int((batches.split.doc_ends - batches.split.doc_starts > cfg["block_size"]).sum())
+        cut = (f"; {longer:,} of {batches.split.num_docs:,} documents are longer than block_size = {cfg['block_size']}: "
+               f"each is scored at its token {cfg['block_size']}, not at its last")
     if unit == "pair":
         cut += (f"; {batches.untargeted:,} of {batches.n_units:,} pairs have a prompt that fills the row, no reply "
                 "token left: they are left out of the loss")

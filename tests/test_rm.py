@@ -132,6 +132,19 @@ def test_the_loss_is_bradley_terry_of_the_last_tokens_scores(demo_dpo, tmp_path)
     assert set(losses.RM_FIGURES) <= set(step) and "rewards/square" not in step
 
 
+def test_the_plan_counts_every_document_whose_scored_token_is_cut(demo_dpo, tmp_path):
+    """A row's inputs are a document's first block_size tokens: one of block_size+1 tokens (whole for DPO's labels)
+    loses its last token, where the score belongs, so a reward model's plan counts it with the longer ones."""
+    split = shards.open_split(demo_dpo, "train")
+    lengths = split.doc_ends - split.doc_starts
+    block = int(lengths[0]) - 1  # the first document is exactly block_size+1 tokens long
+    run = build(demo_dpo, str(tmp_path), block_size=block)
+    longer = int((lengths > block).sum())
+    assert longer > run.train_batches.truncated
+    assert (f"; {longer:,} of {split.num_docs:,} documents are longer than block_size = {block}: each is scored at "
+            f"its token {block}, not at its last") in stages.plan_rows(run)[1]
+
+
 def test_margins_from_the_data_and_a_set_that_mixes_them(demo_pretrain, tmp_path):
     """A margin column: kept per pair in the .ref sidecar and subtracted in the loss; a record without one (or with
     one in a set without) is skipped and counted."""

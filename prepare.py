@@ -849,11 +849,12 @@ def _first_record(paths, cap, prompts):
     none."""
     reasons, examples = collections.Counter(), {}
     for loc, kind, payload, obj in iter_records(paths, cap, prompts):
+        try:  # a pair whose margin is bad is no usable record either: it must not decide the set has no margins
+            margin = pair_margin(obj) if kind == "pair" else None
+        except BadRecord as e:
+            kind, payload = "bad", e.reason
         if kind != "bad":
-            try:
-                return kind, loc, pair_margin(obj) if kind == "pair" else None
-            except BadRecord:  # the record itself is skipped and counted in the main pass
-                return kind, loc, None
+            return kind, loc, margin
         reasons[payload] += 1
         examples.setdefault(payload, loc)
     if not reasons:

@@ -259,6 +259,10 @@ def plan_rows(run):
               else "one unit per row" if unit != "window" else "windows of the token stream")
     cut = (f"; {batches.truncated:,} of {batches.split.num_docs:,} documents are longer than block_size+1 = "
            f"{cfg['block_size'] + 1} and cut" if unit != "window" else "")
+    if run.stage.head == "score":  # a score is read at a row's last input, so block_size+1 tokens lose their last too
+        longer = int((batches.split.doc_ends - batches.split.doc_starts > cfg["block_size"]).sum())
+        cut = (f"; {longer:,} of {batches.split.num_docs:,} documents are longer than block_size = {cfg['block_size']}: "
+               f"each is scored at its token {cfg['block_size']}, not at its last")
     if unit == "pair":
         cut += (f"; {batches.untargeted:,} of {batches.n_units:,} pairs have a prompt that fills the row, no reply "
                 "token left: they are left out of the loss")
@@ -277,6 +281,9 @@ def plan_rollouts(run):
     if run.teacher is not None:
         lines.append(teacher_line(run, f"every completion token's advantage adds {run.reward.teacher[0]:g} x "
                                        "(log p_teacher - log p) of the token sampled"))
+    for path, reward_model in run.reward.reward_models.items():
+        lines.append(frozen_line(f"reward model rm:{path}", reward_model.model, cfg["block_size"],
+                                 "scores each completion with its prompt, at its last token"))
     return lines
 
 
@@ -291,12 +298,17 @@ def plan_sft(run):
 
 def teacher_line(run, how):
     """The plan's line for the run's frozen teacher: what it is, and how it teaches."""
-    mcfg, block = run.teacher.mcfg, run.cfg["block_size"]
+    return frozen_line(f"teacher: {run.frozen['teacher']['path']}", run.teacher, run.cfg["block_size"], how)
+
+
+def frozen_line(what, model, block, how):
+    """The plan's line for a frozen model beside the one trained (a teacher, a reward model): what it is, whether
+    the run's rows are longer than it was trained on, and how it is used."""
+    mcfg = model.mcfg
     short = (f"; trained at {mcfg.max_seq_len} positions, beyond which it extrapolates (block_size {block})"
              if block > mcfg.max_seq_len else "")
-    return (f"teacher: {run.frozen['teacher']['path']}, {run.teacher.num_params() / 1e6:.2f}M parameters "
-            f"({mcfg.n_layers} layers, dim {mcfg.dim}), frozen, "
-            f"{common.dtype_name(next(run.teacher.parameters()).dtype)}{short}; {how}")
+    return (f"{what}, {model.num_params() / 1e6:.2f}M parameters ({mcfg.n_layers} layers, dim {mcfg.dim}), frozen, "
+            f"{common.dtype_name(next(model.parameters()).dtype)}{short}; {how}")
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from llm_trainer import stages
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from llm_trainer.data import shards
 from llm_trainer.data.tokenizer import load_tokenizer
-from llm_trainer.training import grpo, losses
+from llm_trainer.training import grpo, losses, optimizers
 from llm_trainer.training.rewards import conversation
+from model import ModelConfig, Transformer
 from tests.helpers import ROOT, TINY, metrics, run_train, sigkill_after_checkpoint, train_losses, val_losses
 
 transformers = pytest.importorskip("transformers")
@@ -131,6 +132,19 @@ def test_the_loss_is_bradley_terry_of_the_last_tokens_scores(demo_dpo, tmp_path)
     assert set(losses.RM_FIGURES) <= set(step) and "rewards/square" not in step
 
 
+def test_the_plan_counts_every_document_whose_scored_token_is_cut(demo_dpo, tmp_path):
+    """A row's inputs are a document's first block_size tokens: one of block_size+1 tokens (whole for DPO's labels)
+    loses its last token, where the score belongs, so a reward model's plan counts it with the longer ones."""
+    split = shards.open_split(demo_dpo, "train")
+    lengths = split.doc_ends - split.doc_starts
+    block = int(lengths[0]) - 1  # the first document is exactly block_size+1 tokens long
+    run = build(demo_dpo, str(tmp_path), block_size=block)
+    longer = int((lengths > block).sum())
+    assert longer > run.train_batches.truncated
+    assert (f"; {longer:,} of {split.num_docs:,} documents are longer than block_size = {block}: each is scored at "
+            f"its token {block}, not at its last") in stages.plan_rows(run)[1]
+
+
 def test_margins_from_the_data_and_a_set_that_mixes_them(demo_pretrain, tmp_path):
     """A margin column: kept per pair in the .ref sidecar and subtracted in the loss; a record without one (or with
     one in a set without) is skipped and counted."""
@@ -160,6 +174,29 @@ def test_margins_from_the_data_and_a_set_that_mixes_them(demo_pretrain, tmp_path
                          "--val_fraction=0", "--workers=1"])
     assert meta["stage"] == "dpo" and meta["counts"]["skipped"] == {"margin_mismatch": 1}
     assert shards.open_split(tmp_path / "plain", "train").refs is None
+
+
+def test_a_bad_margin_on_the_first_record_does_not_drop_the_margins_of_the_rest(demo_pretrain, tmp_path):
+    """The first usable record decides whether the set has a margin column; a first record whose margin is bad is
+    not usable: skipped and counted (bad_margin), and the next one decides, so the others keep their margins."""
+    src = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": "1 + 1 = ?", "chosen": "2", "rejected": "3", "margin": "1.5"}]
+    pairs += [{"prompt": f"{a} + {a} = ?", "chosen": str(2 * a), "rejected": str(2 * a + 1), "margin": a / 4}
+              for a in range(6)]
+    src.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    meta = prepare.main([f"--input={src}", f"--out_dir={tmp_path / 'data'}", f"--tokenizer={demo_pretrain}",
+                         "--stage=rm", "--val_fraction=0", "--workers=1"])
+    assert meta["counts"]["kept"] == 6 and meta["counts"]["skipped"] == {"bad_margin": 1}
+    split = shards.open_split(tmp_path / "data", "train")
+    assert [r["margin"] for r in split.refs[0::2]] == [a / 4 for a in range(6)]
+
+
+def test_muon_keeps_the_score_head_in_the_head_group():
+    """optimizer=muon: a reward model's score head is its output head (group "head", AdamW), as an LM head is, not
+    part of the embedding's group (whose group_lr and group_weight_decay would then set it)."""
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16, head="score"))
+    groups = {name: [n for n, _ in params] for name, _, params in optimizers.named_groups(model, {"optimizer": "muon"})}
+    assert groups["head"] == ["score.weight"] and groups["embed"] == ["model.embed_tokens.weight"]
 
 
 def test_rm_reads_pairs_prepared_for_dpo_and_dpo_reads_them_prepared_for_rm(demo_dpo, demo_sft, tmp_path, capsys):
@@ -319,6 +356,11 @@ def test_grpo_logs_the_rewards_the_reward_model_gives_directly(prompts_only, rm_
     run = train.build(train.configure(grpo_rm_args(prompts_only, str(tmp_path), f"rm:{rm_run} + 0.5 * think_format",
                                                    lm_run, "--verify_data=False")))
     batches, group = run.train_batches, run.cfg["grpo_group"]
+    plan = stages.plan_rollouts(run)[-1]  # the reward model in the plan, trained at the policy's block_size
+    assert plan.startswith(f"reward model rm:{rm_run}, ") and "frozen, float32;" in plan
+    rm_model = run.reward.reward_models[rm_run].model
+    assert "trained at 96 positions, beyond which it extrapolates (block_size 128)" in stages.frozen_line(
+        f"reward model rm:{rm_run}", rm_model, 128, "scores")
     docs = [batches.unit(r) for r in range(batches.B)]
     prompts = [batches.split.document(d)[0].tolist() for d in docs]
     completions = grpo.generate(run, [p for p in prompts for _ in range(group)], seed=run.cfg["seed"] * 1_000_003)

@@ -7,7 +7,7 @@ override them by name); the schedule scales every group's peak alike. The groups
 
     adamw   matrices (every 2-D weight, decayed), norms (no decay)
     muon    hidden (the attention and MLP projections: Muon), embed (the embedding, and the head when tied),
-            head (an untied head), norms (no decay): AdamW
+            head (an untied head; a reward model's score head), norms (no decay): AdamW
     LoRA    adapters (AdamW whatever optimizer says: Muon would orthogonalise each low-rank factor, A (rank x in)
             and B (out x rank), on its own, not the update B A they make together; their learning rates are
             AdamW's, as in every fine-tuning config)
@@ -35,6 +35,8 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr
 
 from configurator import fail
 from model import MLP, Attention
+
+HEAD_MODULES = ("lm_head", "score")  # the output head's module: a language model's, or a reward model's (model.HEADS)
 
 OPTIMIZERS = ("adamw", "muon")
 ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
@@ -155,8 +157,9 @@ def named_groups(model, cfg):
         for n, p in hidden:
             if p.dim() != 2:
                 fail(f"optimizer=muon takes 2-D hidden matrices; {n} has shape {tuple(p.shape)}: use optimizer=adamw")
-        head = [(n, p) for n, p in params if n.split(".")[-2] == "lm_head"]  # absent when tied (shared, listed once)
-        rest = [(n, p) for n, p in params if not is_hidden(n, p) and n.split(".")[-2] != "lm_head"]
+        # the output head: the LM head (absent when tied: shared, listed once) or a reward model's score head
+        head = [(n, p) for n, p in params if n.split(".")[-2] in HEAD_MODULES]
+        rest = [(n, p) for n, p in params if not is_hidden(n, p) and n.split(".")[-2] not in HEAD_MODULES]
         groups = [("hidden", "muon", hidden), ("embed", "adamw", [(n, p) for n, p in rest if p.dim() >= 2]),
                   ("head", "adamw", head), ("norms", "adamw", [(n, p) for n, p in rest if p.dim() < 2])]
     return [g for g in groups if g[2]]

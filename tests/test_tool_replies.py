@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import sample
 from llm_trainer.inference import generation
 from llm_trainer.inference.tools import Tools
 from test_serve import Server
@@ -110,3 +111,16 @@ def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(local, serve
         assert streamed(client, **request) == ("", "", want, "tool_calls")
         tokens[parallel] = r.usage.completion_tokens
     assert tokens[False] < tokens[True] == tokens[None]
+
+
+@pytest.mark.slow
+def test_sample_runs_the_call_after_the_reasoning_and_shows_the_reasoning_apart(run, capsys):
+    """--think=show prints each reply's <think> block as written, tags and all, apart from what follows it; the call
+    the model thinks of is not run (1 + 1), the one it makes is (6 * 7), and its answer follows the result."""
+    args = [f"--out_dir={run}", "--tools=calculator", "--temperature=0", f"--prompt={THINK[0]['content']}"]
+    ran = '\n[calculator({"expression": "6 * 7"}) -> 42]\n'
+    assert sample.main(args + ["--think=show"]) == 0
+    assert capsys.readouterr().out == (f"<think>\nmaybe {THOUGHT}\n</think>\n" + ran
+                                       + "<think>\nthe tool said 42\n</think>\n42\n")
+    assert sample.main(args + ["--think=hide"]) == 0
+    assert capsys.readouterr().out == ran + "42\n"

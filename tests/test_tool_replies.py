@@ -7,9 +7,11 @@ import json
 
 import pytest
 
+import prepare
 import sample
 from llm_trainer.inference import generation
 from llm_trainer.inference.tools import Tools
+from llm_trainer.training import grpo
 from test_serve import Server
 from tests.helpers import chat_run_dir
 
@@ -114,6 +116,21 @@ def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(local, serve
 
 
 @pytest.mark.slow
+def test_a_call_inside_the_reasoning_is_not_made_by_the_server(local, server):
+    """The call in the <think> block is reasoning (reasoning_content, as written); the one after it is the call."""
+    expected = local_reply(local, THINK)
+    assert expected.reasoning == f"maybe {THOUGHT}" and [c["arguments"] for c in expected.calls] == [
+        {"expression": "6 * 7"}]
+    client = server.client()
+    request = dict(model="run", messages=THINK, tools=SCHEMAS, temperature=0, max_tokens=256)
+    r = client.chat.completions.create(**request)
+    message = r.choices[0].message
+    assert message.reasoning_content == f"maybe {THOUGHT}" and message.content is None
+    assert api_calls(message) == [("calculator", {"expression": "6 * 7"})] and r.choices[0].finish_reason == "tool_calls"
+    assert streamed(client, **request) == (f"maybe {THOUGHT}", "", api_calls(message), "tool_calls")
+
+
+@pytest.mark.slow
 def test_sample_runs_the_call_after_the_reasoning_and_shows_the_reasoning_apart(run, capsys):
     """--think=show prints each reply's <think> block as written, tags and all, apart from what follows it; the call
     the model thinks of is not run (1 + 1), the one it makes is (6 * 7), and its answer follows the result."""
@@ -124,3 +141,34 @@ def test_sample_runs_the_call_after_the_reasoning_and_shows_the_reasoning_apart(
                                        + "<think>\nthe tool said 42\n</think>\n42\n")
     assert sample.main(args + ["--think=hide"]) == 0
     assert capsys.readouterr().out == ran + "42\n"
+
+
+@pytest.mark.slow
+def test_a_grpo_rollout_runs_the_call_after_the_reasoning_only(run, tmp_path):
+    """Greedy, every completion: its first round stops at the </tool_call> in its reasoning, which is text (nothing
+    appended, no call counted), the next at the call it makes, whose result is appended (no target); then the
+    answer, which the reward sees."""
+    import train
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"prompt": THINK[0]["content"], "answer": "42", "tools": SCHEMAS}) + "\n")
+    data = str(tmp_path / "data")
+    prepare.main([f"--input={tasks}", f"--out_dir={data}", f"--tokenizer={run}", "--stage=grpo", "--val_fraction=0",
+                  "--workers=1"])
+    r = train.build(train.configure([f"--data_dir={data}", f"--out_dir={tmp_path / 'grpo'}", "--stage=grpo",
+                                     f"--init_from={run}", "--batch_size=1", "--grpo_group=2", "--block_size=1024",
+                                     "--max_new_tokens=256", "--grpo_tools=calculator", "--grpo_tool_calls=2",
+                                     "--reward=exact_answer", "--eval_iters=0", "--device=cpu"]))
+    tok = r.tokenizer
+    batch, sums = grpo.rollout(r, r.train_batches, 0, 2, greedy=True)
+    assert sums["tool_calls"] == 2 and sums["correct"] == 2 and sums["reward"] == 2
+    prompt = generation.chat_prompt_ids(tok, THINK, SCHEMAS)
+    first = tok.render_chat(THINK + [MADE], tools=SCHEMAS)[0][len(prompt):-2]  # up to its </tool_call>
+    results = tok.tool_results_ids(["42"])
+    after = generation.chat_prompt_ids(tok, AFTER, SCHEMAS)
+    answer = tok.render_chat(AFTER + [ANSWER], tools=SCHEMAS)[0][len(after):-1]  # and its <|im_end|>
+    for row in range(2):
+        ids = batch.x[row].tolist() + batch.y[row, -1:].tolist()
+        assert ids[: len(prompt)] == prompt and ids[len(prompt):] == first + results + answer
+        w = batch.w[row].tolist()  # w[i] is the weight of label ids[i + 1]
+        assert w[len(prompt) - 1:] == [1] * len(first) + [0] * len(results) + [1] * len(answer)

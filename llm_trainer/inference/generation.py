@@ -166,6 +166,16 @@ def split_tool_calls(text, final=True):
     return text, calls
 
 
+def split_reply(text):
+    """(reasoning, content, calls) of a whole reply's text: split_think, then split_tool_calls of the content. A call
+    is what the assistant does once it has reasoned (Qwen's and Hermes' convention, as llama.cpp's and vLLM's
+    parsers read it): a <tool_call> block inside the <think> block, closed or not, is reasoning, never run.
+    ReplyStream reads a streaming reply the same way; GRPO's rollouts read their completions with this."""
+    reasoning, content = split_think(text)
+    content, calls = split_tool_calls(content)
+    return reasoning, content, calls
+
+
 def call_start(tokenizer, name=None):
     """(text, ids) a reply is made to start with so that it is a tool call (name=None: of the model's choice) or a
     call of function `name`: the chat template's `<tool_call>\n{"name":` and, for a name, ` "NAME", "arguments":`.

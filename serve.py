@@ -128,9 +128,10 @@ class Job:
                                             top_logprobs=p.top_logprobs, **self.reply, **p.sampling)
             called = False
             for piece in stream:
-                if piece.reasoning or piece.content or piece.logprobs or piece.calls:
-                    self.emit("delta", choice, piece.reasoning, piece.content, piece.logprobs, piece.calls)
-                called = called or bool(piece.calls)
+                calls = piece.calls if p.parallel_tool_calls else piece.calls[:1]  # a piece may complete two
+                if piece.reasoning or piece.content or piece.logprobs or calls:
+                    self.emit("delta", choice, piece.reasoning, piece.content, piece.logprobs, calls)
+                called = called or bool(calls)
                 if called and not p.parallel_tool_calls:
                     break  # the reply ends with its first call
             total += stream.tokens

@@ -223,6 +223,30 @@ def make_run_dir(path, stage="sft", tie_embeddings=True, n_kv_heads=2, steps=30,
     return str(path)
 
 
+def chat_run_dir(path, tok, rows, steps, batch=16, lr=3e-3, context=1024, seed=0):
+    """A run directory (an sft run) whose tiny model was trained `steps` AdamW steps on chat rows (ids, loss mask: as
+    tok.render_chat gives them), `batch` rows drawn at random a step, the loss on the masked tokens only."""
+    torch.manual_seed(seed)
+    width = max(len(ids) for ids, _ in rows) + 1
+    ids = torch.tensor([r + [tok.eot_id] * (width - len(r)) for r, _ in rows])
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows])
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=context)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        b = torch.randint(0, len(rows), (batch,), generator=order)
+        loss = (model(ids[b, :-1], targets=ids[b, 1:]) * mask[b, 1:]).sum() / mask[b, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    os.makedirs(path, exist_ok=True)
+    checkpoint.save_checkpoint(str(path), {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "sft",
+                                           "iter": steps, "config": {"block_size": context, "stage": "sft"}})
+    tok.save(str(path))
+    return str(path)
+
+
 def complete(model, tokenizer, text, **sampling):
     """The continuation of plain text (without the text itself), as sample.py's complete mode prints it; keywords as
     generation.generate_text."""

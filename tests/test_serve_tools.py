@@ -3,18 +3,15 @@ tool_calls streamed and not, tool_choice none/auto/required/named, a full round 
 specs refused with OpenAI's error JSON, and the chat page showing a call and its result in headless Chromium."""
 
 import json
-import os
 import random
 
 import httpx
 import pytest
-import torch
 
-from llm_trainer.core.checkpoint import save_checkpoint
 from llm_trainer.data import tokenizer
 from llm_trainer.inference import generation
-from model import ModelConfig, Transformer
 from test_serve import Server, chromium, say  # noqa: F401 -- chromium: the page fixture's check
+from tests.helpers import chat_run_dir
 
 WEATHER_PY = '''
 def get_weather(city: str):
@@ -66,30 +63,12 @@ def tool_run_dir(path, tools, steps=150, batch=16):
     """A run directory whose model learnt, on the assistant's tokens only, when and how to call the two tools (not
     to copy the arguments: a call's form is what the tests need) and to answer after their results. The tokenizer
     learns the tools' system turn too, which keeps a row near 300 tokens (20 s of training on 2 cores)."""
-    torch.manual_seed(0)
     conversations = tool_conversations(256)
     texts = [m["content"] or "" for c in conversations[:100] for m in c]
     texts += ([json.dumps(t) for t in tools] + [tokenizer.TOOLS_PREAMBLE, tokenizer.TOOLS_POSTAMBLE]) * 20
     tok = tokenizer.train_tokenizer(texts * 3, 1024)
     rows = [tok.render_chat(c, tools=tools) for c in conversations]
-    width = max(len(ids) for ids, _ in rows) + 1
-    ids = torch.tensor([r + [tok.eot_id] * (width - len(r)) for r, _ in rows])
-    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in rows])
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT)
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        b = torch.randint(0, len(rows), (batch,), generator=order)
-        loss = (model(ids[b, :-1], targets=ids[b, 1:]) * mask[b, 1:]).sum() / mask[b, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    os.makedirs(path, exist_ok=True)
-    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": cfg.to_dict(), "stage": "sft",
-                                "iter": steps, "config": {"block_size": CONTEXT, "stage": "sft"}})
-    tok.save(str(path))
-    return str(path)
+    return chat_run_dir(path, tok, rows, steps, batch, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -188,24 +188,28 @@ def tool_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sample_calls_the_tool_and_answers_after_its_result(tool_model, tmp_path, capsys):
+def test_sample_calls_the_tool_and_answers_with_its_result(tool_model, tmp_path, capsys):
     """Greedy: the model writes a calculator call on an addition, sample.py runs it, shows [call -> result] and the
-    model replies after the result; a tools file of the same name runs instead of the built-in. (The tiny model's
+    model answers with the result; a tools file of the same name runs instead of the built-in, and its results,
+    which are not the prompt's sum, are the answers: the reply reads the result, not the prompt. (The tiny model's
     numbers are not the prompt's: copying them takes more steps than a test has; the scripted tests above check that
-    the result is what the next prompt holds.)"""
+    the result is what the next prompt holds. The results are sums of two 10..49s, as in training: a number of
+    another length it does not copy.)"""
     _, run = tool_model
     shown = re.compile(r'\n\[calculator\(\{"expression": "(\d+) \+ (\d+)"\}\) -> (\d+)\]\n(.+)\n$')
     assert sample.main([f"--out_dir={run}", "--tools=calculator", "--temperature=0", "--max_new_tokens=48",
                         f"--prompt={question(12, 37)}"]) == 0
     a, b, result, answer = shown.search(capsys.readouterr().out).groups()
-    assert int(result) == int(a) + int(b) and re.search(r"\d", answer)  # a number after the result
-    fake = tmp_path / "fake.py"  # the calculator's schema, a wrong result
-    fake.write_text('def calculator(expression: str):\n    """Evaluate an arithmetic expression.\n\n    Args:\n'
-                    '        expression: e.g. 147 + 85\n    """\n    return "77"\n', encoding="utf-8")
-    assert Tools(str(fake)).schemas == Tools("calculator").schemas
-    assert sample.main([f"--out_dir={run}", f"--tools={fake}", "--temperature=0", "--max_new_tokens=48",
-                        f"--prompt={question(21, 19)}"]) == 0
-    assert shown.search(capsys.readouterr().out).group(3) == "77"
+    assert int(result) == int(a) + int(b) and answer == result
+    for value in ("77", "31"):  # the calculator's schema, a wrong result
+        fake = tmp_path / value / "calculator.py"
+        fake.parent.mkdir()
+        fake.write_text('def calculator(expression: str):\n    """Evaluate an arithmetic expression.\n\n    Args:\n'
+                        f'        expression: e.g. 147 + 85\n    """\n    return "{value}"\n', encoding="utf-8")
+        assert Tools(str(fake)).schemas == Tools("calculator").schemas
+        assert sample.main([f"--out_dir={run}", f"--tools={fake}", "--temperature=0", "--max_new_tokens=48",
+                            f"--prompt={question(21, 19)}"]) == 0
+        assert shown.search(capsys.readouterr().out).group(3, 4) == (value, value)  # 21 + 19 is 40
 
 
 # -----------------------------------------------------------------------------

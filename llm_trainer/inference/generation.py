@@ -166,6 +166,16 @@ def split_tool_calls(text, final=True):
     return text, calls
 
 
+def split_reply(text):
+    """(reasoning, content, calls) of a whole reply's text: split_think, then split_tool_calls of the content. A call
+    is what the assistant does once it has reasoned (Qwen's and Hermes' convention, as llama.cpp's and vLLM's
+    parsers read it): a <tool_call> block inside the <think> block, closed or not, is reasoning, never run.
+    ReplyStream reads a streaming reply the same way; GRPO's rollouts read their completions with this."""
+    reasoning, content = split_think(text)
+    content, calls = split_tool_calls(content)
+    return reasoning, content, calls
+
+
 def call_start(tokenizer, name=None):
     """(text, ids) a reply is made to start with so that it is a tool call (name=None: of the model's choice) or a
     call of function `name`: the chat template's `<tool_call>\n{"name":` and, for a name, ` "NAME", "arguments":`.
@@ -206,13 +216,16 @@ def stream_text(tokenizer, token_ids):
 class Piece:
     """What a reply added since the last piece: its raw text, that text seen as reasoning and content
     (split_think: the <think> block's inside, and the answer; with tools, the content without its tool calls),
-    the TokenLogprobs of the tokens it took (when asked for), and the tool calls it completed (with tools)."""
+    the TokenLogprobs of the tokens it took (when asked for), the tool calls it completed (with tools), and what a
+    person is shown of it with its reasoning (the <think> block as written, tags and all, then the content: the
+    raw text, but for the calls, which the tools' runner shows)."""
 
     text: str
     reasoning: str
     content: str
     logprobs: list
     calls: list = field(default_factory=list)
+    shown: str = ""
 
 
 @dataclass
@@ -279,7 +292,7 @@ class ReplyStream:
         return content[: len(content) - held], False
 
     def __iter__(self):
-        sent = ["", ""]
+        sent = ["", "", ""]
         pieces = stream_text(self.tokenizer, self._tokens())
         for final, piece in itertools.chain(((False, p) for p in pieces), [(True, "")]):
             self.text += piece
@@ -289,11 +302,15 @@ class ReplyStream:
             if self.tools:
                 content, calls, settled = _scan_calls(content, final or stopped)
             # a token's log-probability goes with its text: held while that text is, dropped with it past a stop
-            shown = len(self.text) - (len(whole) - settled)
-            logprobs = [lp for lp in self._logprobs if lp.offset < shown]
+            known = len(self.text) - (len(whole) - settled)
+            logprobs = [lp for lp in self._logprobs if lp.offset < known]
             self._logprobs = self._logprobs[len(logprobs):]
-            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs, calls[len(self.calls):])
-            sent, self.calls = [reasoning, content], calls
+            # the <think> block as written (split_think's content is the text's end), once the text opens with one
+            block = len(self.text) - len(whole) if self.split and self.text.lstrip().startswith("<think>") else 0
+            shown = self.text[:block] + content
+            yield Piece(piece, reasoning[len(sent[0]):], content[len(sent[1]):], logprobs, calls[len(self.calls):],
+                        shown[len(sent[2]):])
+            sent, self.calls = [reasoning, content, shown], calls
             if stopped:
                 self.finish_reason = "stop"
                 return
@@ -308,10 +325,10 @@ def reply_room(context, cap):
 def generate_text(model, tokenizer, prompt_ids, stop_ids, max_new_tokens=256, think="show", on_text=None,
                   max_len=None, **sampling):
     """The text generated after prompt_ids, up to a stop token (not included); on_text(piece) as it streams.
-    think="hide": the answer only, without the <think> block. sampling: as ReplyStream."""
+    think="hide": the answer only, without the <think> block (show: Piece.shown). sampling: as ReplyStream."""
     shown = []
     for piece in ReplyStream(model, tokenizer, prompt_ids, stop_ids, max_new_tokens, max_len=max_len, **sampling):
-        text = piece.text if think == "show" else piece.content
+        text = piece.shown if think == "show" else piece.content
         if text:
             shown.append(text)
             if on_text is not None:
@@ -335,7 +352,7 @@ def reply_with_tools(model, tokenizer, messages, tools, max_steps=4, think="show
         content = []
         for piece in stream:
             content.append(piece.content)
-            shown = piece.reasoning + piece.content if think == "show" else piece.content
+            shown = piece.shown if think == "show" else piece.content
             if shown and on_text is not None:
                 on_text(shown)
         if not stream.calls:

@@ -17,8 +17,11 @@ llm_trainer/core/distributed.py): all ranks decode until all are done.
 
 With tools (grpo_tools), a completion that writes a call stops at its </tool_call>; the call runs and the tool turn
 holding its result (and the next reply's header) is appended, never sampled: no target, so no loss and no
-log-probability of it in the update. The completions go on together, in rounds, until they answer without a call,
-grpo_tool_calls calls were run, or max_new_tokens is spent; each round's sampler is seeded by (micro-batch, round),
+log-probability of it in the update. A call is read as sample.py and the server read one (generation.split_reply):
+a <tool_call> block inside the <think> block, or one that is not a call, is text, and the completion goes on after
+it in the next round, nothing appended. The completions go on together, in rounds, until they answer or
+max_new_tokens is spent: each of the first grpo_tool_calls rounds stops at a </tool_call> (so that at most that
+many calls run), the last one goes on to the answer's end; each round's sampler is seeded by (micro-batch, round),
 and every rank runs every round (one with nothing left to generate decodes a placeholder), so that N ranks still
 sample what one process does. The reward sees the final answer: the text after the last tool result.
 """
@@ -31,7 +34,7 @@ import torch
 from llm_trainer.core import distributed
 from llm_trainer.training import losses
 from llm_trainer.data.batches import Batch
-from llm_trainer.inference.generation import chat_stop_ids, completion_text, split_tool_calls
+from llm_trainer.inference.generation import chat_stop_ids, completion_text, split_reply
 from llm_trainer.training.rewards import conversation, exact_answer
 
 # per-rollout figures, summed over micro-batches and ranks before they are logged
@@ -92,13 +95,15 @@ def generate_with_tools(run, prompts, greedy, seed):
             out = out[: cfg["max_new_tokens"] - len(completions[r])]
             completions[r] += out
             masks[r] += [1] * len(out)
-            found = split_tool_calls(tok.decode(completions[r][answers[r]:]))[1] if out[-1:] == [close] else []
+            if out[-1:] != [close] or k == limit:
+                continue  # it answered, or spent its tokens (the last round stops at no </tool_call>)
+            found = split_reply(tok.decode(completions[r][answers[r]:]))[2]
             results = tok.tool_results_ids([run.tools.run(c) for c in found]) if found else []
-            if found and len(completions[r]) + len(results) < min(cfg["max_new_tokens"],
-                                                                  cfg["block_size"] - len(prompts[r])):
+            if len(completions[r]) + len(results) < min(cfg["max_new_tokens"], cfg["block_size"] - len(prompts[r])):
                 completions[r] += results
                 masks[r] += [0] * len(results)
-                answers[r], calls = len(completions[r]), calls + 1
+                if found:
+                    answers[r], calls = len(completions[r]), calls + 1
                 going.append(r)
         active = going
     return completions, masks, [c[a:] for c, a in zip(completions, answers)], calls

@@ -3,10 +3,6 @@ browser for the chat page."""
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +15,7 @@ from llm_trainer.inference import generation
 from llm_trainer.core.checkpoint import save_checkpoint
 from model import ModelConfig, Transformer
 from llm_trainer.data.tokenizer import train_tokenizer
-from tests.helpers import DEMO, ROOT, complete, demo_lines
+from tests.helpers import DEMO, Server, chromium, complete, demo_lines
 
 pytestmark = pytest.mark.slow  # serve.py in a subprocess, a headless browser
 
@@ -48,39 +44,6 @@ def reasoning_run_dir(path, steps=80):
                                 "iter": steps, "config": {"block_size": 256, "stage": "sft"}})
     tok.save(str(path))
     return str(path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve.py in a subprocess on 127.0.0.1, up once /health answers."""
-
-    def __init__(self, run_dir, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={run_dir}", f"--port={self.port}",
-                                      "--device=cpu", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.close()
-        raise AssertionError(f"serve.py did not come up:\n{self.proc.communicate()[0][-3000:]}")
-
-    def client(self, key="unused"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -461,13 +424,6 @@ def test_completions_return_the_text_as_written(runs, reason):
     assert r.choices[0].text == raw[: raw.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
-def chromium():
-    """(browser, driver) executables of the system's Chromium, or None."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 @pytest.fixture
 def page(sft, tmp_path):
     """The chat page of the sft server in headless Chromium."""
@@ -493,38 +449,3 @@ def page(sft, tmp_path):
         yield driver
     finally:
         driver.quit()
-
-
-def say(driver, text):
-    """Type a message, send it, wait for its reply to end; the reply's box."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    turns = len(driver.find_elements(By.CSS_SELECTOR, ".assistant"))
-    driver.execute_script("document.getElementById('input').value = arguments[0];", text)
-    driver.find_element(By.ID, "send").click()
-    return WebDriverWait(driver, 60).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == turns + 1 and
-        d.find_element(By.ID, "send").is_enabled() and d.find_elements(By.CSS_SELECTOR, ".assistant")[-1])
-
-
-def test_the_chat_page_streams_a_reply_in_a_real_browser(page, tmp_path):
-    from selenium.webdriver.common.by import By
-
-    box = say(page, "你好，你是谁？")
-    assert box.find_element(By.CSS_SELECTOR, ".answer").text.strip()
-    assert page.find_element(By.CSS_SELECTOR, ".user").text == "你好，你是谁？"
-    page.save_screenshot(str(tmp_path / "chat_page.png"))
-    assert (tmp_path / "chat_page.png").stat().st_size > 1000
-
-
-def test_the_chat_page_trims_its_history_and_keeps_no_failed_turn(page):
-    from selenium.webdriver.common.by import By
-
-    box = say(page, "很长的问题 " * 150)  # alone more than the context: refused, and not kept
-    assert box.find_elements(By.CSS_SELECTOR, ".error")
-    for i in range(6):  # the conversation outgrows the context of 256 tokens
-        box = say(page, f"Question {i}: tell me about the sea, the stars and the night. 请详细说明大海和星星。")
-        assert not box.find_elements(By.CSS_SELECTOR, ".error"), box.text
-    notes = page.find_elements(By.CSS_SELECTOR, ".note")
-    assert notes and "no longer fit the model's context of 256 tokens" in notes[-1].text

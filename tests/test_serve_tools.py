@@ -10,8 +10,7 @@ import pytest
 
 from llm_trainer.data import tokenizer
 from llm_trainer.inference import generation
-from test_serve import Server, chromium, say  # noqa: F401 -- chromium: the page fixture's check
-from tests.helpers import chat_run_dir
+from tests.helpers import Server, chat_run_dir, chromium, say
 
 WEATHER_PY = '''
 def get_weather(city: str):

@@ -12,8 +12,7 @@ import sample
 from llm_trainer.inference import generation
 from llm_trainer.inference.tools import Tools
 from llm_trainer.training import grpo
-from test_serve import Server
-from tests.helpers import chat_run_dir
+from tests.helpers import Server, chat_run_dir
 
 pytest.importorskip("transformers")  # tool schemas come from transformers.utils.get_json_schema
 

@@ -26,8 +26,13 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 demo: $(STAMP)
 	$(PY) demo.py
 
+# the test files shared by TEST_WORKERS pytest processes (pytest-xdist), a whole file to one worker: a file's module
+# fixtures (trained models, servers) are built once; each worker runs torch on one thread (conftest.py). Files go out
+# in name order (xdist's default sends those with the most tests first, which leaves the long demo file for last)
+TEST_WORKERS ?= 2
+
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the unit-level tier, for the inner loop while developing: every test not marked slow (no subprocess, torchrun,
 # server, browser, llama.cpp or lm-eval run, nothing over a few seconds); make test runs them all

@@ -6,10 +6,24 @@ import os
 import random
 
 import pytest
+import torch
 
 import prepare
 from llm_trainer.data import tokenizer
 from tests.helpers import DEMO, TINY, TOY_REWARD, make_run_dir, train_in_process
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (make test) the workers share the cores: one torch thread each, in this process and in the
+    processes it starts (demo.py), so that two workers do not fight over two cores; and torch.compile compiles in
+    the worker, without a pool of compile processes (starting one cost the two compile tests ~38 s of their 48)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from torch._inductor import config as inductor  # read its environment when torch was imported, before this
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+        torch.set_num_threads(1)
+        inductor.compile_threads = 1
+
 
 # -----------------------------------------------------------------------------
 # a small bilingual corpus and a tokenizer trained on it once (the data tests)

@@ -78,6 +78,28 @@ def train_in_process(args, check=True, env=None):
     return p
 
 
+def two_ranks_equal_one_process(args, tmp_path, keys=("loss",), fsdp=True, tol=1e-5):
+    """args (no out_dir) trained in this process ("one"), under torchrun with 2 ranks ("ddp") and, with fsdp, 2 ranks
+    under FSDP2 ("fsdp"): every 2-rank run logs the steps 1..max_iters as one process does, each step's keys and
+    every val_loss within tol of one process's. Returns the run directories by name and the one-process run's
+    CompletedProcess, for a test's own checks on top (weights, grad norms, ...)."""
+    dirs = {name: str(tmp_path / name) for name in ("one", "ddp", "fsdp")[: 3 if fsdp else 2]}
+    one = train_in_process([*args, f"--out_dir={dirs['one']}"])
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp=True"]))[: len(dirs) - 1]:
+        run_train([*args, f"--out_dir={dirs[name]}", *extra], nproc=2, timeout=300)
+    max_iters = int([a for a in args if a.startswith("--max_iters=")][-1].split("=", 1)[1])
+    want = [r for r in metrics(dirs["one"]) if "loss" in r]
+    assert [r["iter"] for r in want] == list(range(1, max_iters + 1)) and val_losses(dirs["one"])
+    for name in list(dirs)[1:]:
+        got = [r for r in metrics(dirs[name]) if "loss" in r]
+        assert [r["iter"] for r in got] == [r["iter"] for r in want], name
+        for a, b in zip(want, got):
+            for k in keys:
+                assert abs(a[k] - b[k]) <= tol, (name, a["iter"], k, a[k], b[k])
+        assert val_losses(dirs[name]) == pytest.approx(val_losses(dirs["one"]), abs=tol), name
+    return dirs, one
+
+
 def build_run(data_dir, out_dir, **overrides):
     """train.build of a one-layer sft run (other keys as overrides): a Run to step and evaluate by hand."""
     import train

@@ -16,7 +16,8 @@ import train
 from configurator import ConfigError
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from llm_trainer.training import grpo, losses
-from tests.helpers import metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses, val_losses
+from tests.helpers import (metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses,
+                           two_ranks_equal_one_process)
 
 TEACHER = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
 STUDENT = {"dim": 32, "n_layers": 1, "n_heads": 2}  # smaller than the teacher: another shape
@@ -263,18 +264,11 @@ def kd_args(data, teacher, *extra):
 
 @pytest.mark.slow
 def test_kd_two_ranks_ddp_and_fsdp_equal_one_process(teacher, demo_sft, tmp_path):
-    args = ["--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu"]
-    one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    train_in_process(kd_args(demo_sft, teacher, *args, f"--out_dir={one}"))
-    run_train(kd_args(demo_sft, teacher, *args, f"--out_dir={ddp}"), nproc=2, timeout=300)
-    run_train(kd_args(demo_sft, teacher, *args, f"--out_dir={fsdp}", "--fsdp=True"), nproc=2, timeout=300)
-    rows = {d: [r for r in metrics(d) if "loss" in r] for d in (one, ddp, fsdp)}
-    for d in (ddp, fsdp):
-        assert [r["iter"] for r in rows[d]] == [r["iter"] for r in rows[one]] == [1, 2, 3]
-        for a, b in zip(rows[one], rows[d]):
-            for k in ("loss", "ce", "kd", "teacher_ce"):
-                assert b[k] == pytest.approx(a[k], abs=1e-5), (d, k)
-        assert val_losses(d) == pytest.approx(val_losses(one), abs=1e-5)
+    args = kd_args(demo_sft, teacher, "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2",
+                   "--device=cpu")
+    runs, _ = two_ranks_equal_one_process(args, tmp_path, keys=("loss", "ce", "kd", "teacher_ce"))
+    one = runs["one"]
+    for d in (runs["ddp"], runs["fsdp"]):
         last = [r for r in metrics(d) if "val_kd" in r][-1]
         assert last["val_kd"] == pytest.approx([r for r in metrics(one) if "val_kd" in r][-1]["val_kd"], abs=1e-5)
 
@@ -358,20 +352,13 @@ def test_on_policy_two_ranks_equal_one_process_and_resume_exactly(teacher, toy_g
     data, toy = toy_grpo
     args = grpo_args(data, f"{toy} + teacher:{teacher}", "--max_iters=4", "--eval_interval=2",
                      "--gradient_accumulation_steps=2", "--device=cpu")
-    one, ddp, fsdp, killed = (str(tmp_path / n) for n in ("one", "ddp", "fsdp", "killed"))
-    train_in_process([*args, f"--out_dir={one}"])
-    run_train([*args, f"--out_dir={ddp}"], nproc=2, timeout=300)
-    run_train([*args, f"--out_dir={fsdp}", "--fsdp=True"], nproc=2, timeout=300)
-    rows = {d: [r for r in metrics(d) if "loss" in r] for d in (one, ddp, fsdp)}
-    for d in (ddp, fsdp):
-        assert [r["iter"] for r in rows[d]] == [1, 2, 3, 4]
-        for a, b in zip(rows[one], rows[d]):
-            for k in ("loss", "reward", "teacher_kl"):
-                assert b[k] == pytest.approx(a[k], abs=1e-5), (d, k)
+    runs, _ = two_ranks_equal_one_process(args, tmp_path, keys=("loss", "reward", "teacher_kl"))
+    one, killed = runs["one"], str(tmp_path / "killed")
     sigkill_after_checkpoint([*args, f"--out_dir={killed}"], 2)
     train_in_process([*args, f"--out_dir={killed}", "--init_from=resume"])
     assert train_losses(killed) == train_losses(one)
-    assert [r["teacher_kl"] for r in metrics(killed) if "teacher_kl" in r] == [r["teacher_kl"] for r in rows[one]]
+    assert [r["teacher_kl"] for r in metrics(killed) if "teacher_kl" in r] == [
+        r["teacher_kl"] for r in metrics(one) if "teacher_kl" in r]
 
 
 # -----------------------------------------------------------------------------

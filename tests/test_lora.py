@@ -11,8 +11,8 @@ import torch
 import export
 import train
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
-from tests.helpers import (TINY, grad_norms, metrics, run_train, sigkill_after_checkpoint, train_in_process,
-                           train_losses, val_losses)
+from tests.helpers import (TINY, grad_norms, metrics, sigkill_after_checkpoint, train_in_process, train_losses,
+                           two_ranks_equal_one_process, val_losses)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -139,17 +139,14 @@ def test_exact_resume_after_sigkill(base, demo_sft, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(base, demo_sft, tmp_path):
     """With dropout on: its masks follow the global micro-batch, not the rank."""
-    args = ["--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu",
-            "--lora_dropout=0.1"]
-    one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    train_in_process(lora_args(demo_sft, one, base, *args))
-    run_train(lora_args(demo_sft, ddp, base, *args), nproc=2, timeout=300)
-    run_train(lora_args(demo_sft, fsdp, base, *args, "--fsdp=True"), nproc=2, timeout=300)
-    l1, g1 = train_losses(one), grad_norms(one)
-    for other in (ddp, fsdp):
-        assert all(abs(l1[i] - train_losses(other)[i]) <= 1e-5 for i in l1), other
+    args = [a for a in lora_args(demo_sft, "", base, "--max_iters=3", "--eval_interval=3",
+                                 "--gradient_accumulation_steps=2", "--device=cpu", "--lora_dropout=0.1")
+            if a != "--out_dir="]
+    runs, _ = two_ranks_equal_one_process(args, tmp_path)
+    g1 = grad_norms(runs["one"])
+    for other in (runs["ddp"], runs["fsdp"]):
         assert all(abs(g1[i] - grad_norms(other)[i]) <= 1e-5 * g1[i] for i in g1), (other, g1, grad_norms(other))
-    a, b = load_checkpoint(os.path.join(one, "ckpt.pt")), load_checkpoint(os.path.join(fsdp, "ckpt.pt"))
+    a, b = (load_checkpoint(os.path.join(runs[n], "ckpt.pt")) for n in ("one", "fsdp"))
     assert all(torch.allclose(v, b["model"][k], atol=1e-5) for k, v in a["model"].items())
 
 

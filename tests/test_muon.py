@@ -14,8 +14,8 @@ from llm_trainer.core import checkpoint
 from llm_trainer.training import optimizers
 from llm_trainer.training.optimizers import Muon, newton_schulz
 from model import ModelConfig, Transformer
-from tests.helpers import (TINY, final_weights, run_train, sigkill_after_checkpoint, train_in_process, train_losses,
-                           val_losses)
+from tests.helpers import (TINY, final_weights, sigkill_after_checkpoint, train_in_process, train_losses,
+                           two_ranks_equal_one_process, val_losses)
 
 A, B, C = 3.4445, -4.7750, 2.0315  # torch.optim.Muon's documented Newton-Schulz coefficients (Keller Jordan's)
 
@@ -204,18 +204,11 @@ def test_exact_resume_after_sigkill(demo_pretrain, tmp_path):
 def test_two_ranks_ddp_and_fsdp_equal_one_process(demo_pretrain, tmp_path):
     """FSDP2 shards every matrix by rows: Muon gathers the update, orthogonalises it whole, keeps its rows."""
     args = muon_args(demo_pretrain, "--max_iters=4", "--eval_interval=2", "--gradient_accumulation_steps=2")
-    one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    train_in_process([*args, f"--out_dir={one}"])
-    run_train([*args, f"--out_dir={ddp}"], nproc=2)
-    run_train([*args, f"--out_dir={fsdp}", "--fsdp=True"], nproc=2)
-    l1, l2, l3 = train_losses(one), train_losses(ddp), train_losses(fsdp)
-    assert sorted(l1) == sorted(l2) == sorted(l3) == [1, 2, 3, 4]
-    for i in l1:
-        assert abs(l1[i] - l2[i]) <= 1e-5 and abs(l1[i] - l3[i]) <= 1e-5, (i, l1[i], l2[i], l3[i])
-    assert val_losses(one) == pytest.approx(val_losses(fsdp), abs=1e-5)
+    runs, _ = two_ranks_equal_one_process(args, tmp_path)
+    one = runs["one"]
     torch.manual_seed(1337)  # the weights the runs started from (train.make_model)
     start = Transformer(ModelConfig(**checkpoint.load_checkpoint(os.path.join(one, "ckpt.pt"))["model_config"]))
-    for run in (ddp, fsdp):
+    for run in (runs["ddp"], runs["fsdp"]):
         for k, v in final_weights(one).items():
             assert torch.allclose(v, final_weights(run)[k], atol=1e-5), (run, k)
     moved = (final_weights(one)["model.layers.0.mlp.down_proj.weight"] - start.state_dict()[

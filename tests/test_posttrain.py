@@ -13,7 +13,8 @@ import train
 from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.core.checkpoint import load_checkpoint, load_model, save_checkpoint
 from model import KVCache
-from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses, val_losses
+from tests.helpers import (TINY, metrics, run_train, sigkill_after_checkpoint, train_in_process, train_losses,
+                           two_ranks_equal_one_process, val_losses)
 
 transformers = pytest.importorskip("transformers")
 # sft_run (conftest.py), a tiny SFT model, is the starting point of every post-training stage here
@@ -247,16 +248,11 @@ def test_dpo_pairs_cut_to_no_target_are_counted_and_left_out(demo_dpo, tmp_path,
 
 @pytest.mark.slow
 def test_dpo_two_ranks_equal_one_process(demo_dpo_small, sft_run, tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["--max_iters=3", "--eval_interval=3", "--learning_rate=1e-3", "--gradient_accumulation_steps=2",
-            "--device=cpu"]
-    train_in_process(dpo_args(demo_dpo_small, sft_run, one, *args))
-    run_train(dpo_args(demo_dpo_small, sft_run, two, *args), nproc=2)
-    l1, l2 = train_losses(one), train_losses(two)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3]
-    assert all(abs(l1[i] - l2[i]) <= 1e-5 for i in l1), (l1, l2)
-    m1 = [r for r in metrics(one) if "val_loss" in r][-1]
-    m2 = [r for r in metrics(two) if "val_loss" in r][-1]
+    args = [a for a in dpo_args(demo_dpo_small, sft_run, "", "--max_iters=3", "--eval_interval=3",
+                                "--learning_rate=1e-3", "--gradient_accumulation_steps=2", "--device=cpu")
+            if a != "--out_dir="]
+    runs, _ = two_ranks_equal_one_process(args, tmp_path, fsdp=False)
+    m1, m2 = ([r for r in metrics(runs[n]) if "val_loss" in r][-1] for n in ("one", "ddp"))
     assert m1["val_rewards/margins"] == pytest.approx(m2["val_rewards/margins"], abs=1e-5)
 
 

@@ -17,7 +17,8 @@ from llm_trainer.data.tokenizer import load_tokenizer
 from llm_trainer.inference.generation import chat_prompt_ids, reply_with_tools
 from llm_trainer.inference.tools import Tools, calculator
 from llm_trainer.training import grpo, losses
-from tests.helpers import TINY, metrics, run_train, sigkill_after_checkpoint, train_losses
+from tests.helpers import (TINY, metrics, sigkill_after_checkpoint, train_in_process, train_losses,
+                           two_ranks_equal_one_process)
 
 pytest.importorskip("transformers")  # tool schemas come from transformers.utils.get_json_schema
 
@@ -173,8 +174,9 @@ def tool_conversations(path, n, seed):
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory):
-    """(data dir, run dir) of a tiny model trained from scratch for 500 steps on calculator conversations (its
-    tokenizer trained on them too)."""
+    """(data dir, run dir) of a tiny model trained from scratch for 300 steps on calculator conversations (its
+    tokenizer trained on them too; held-out loss 0.08). Fewer steps (250 at 6e-3, 200 at 3e-3) still call the tool,
+    but every GRPO rollout then earns reward 0, which leaves the 2-ranks test comparing zeros."""
     root = tmp_path_factory.mktemp("tool_model")
     data = str(root / "data")
     meta = prepare.main([f"--input={tool_conversations(root / 'train.jsonl', 1000, 0)}",
@@ -182,8 +184,9 @@ def tool_model(tmp_path_factory):
                   "--tokenizer=train", "--vocab_size=512", "--max_len=384", "--workers=1"])
     assert meta["counts"]["truncated"] == 0 and meta["counts"]["kept"] == 1016
     run = str(root / "run")
-    run_train([f"--data_dir={data}", f"--out_dir={run}", "--stage=sft", *TINY, "--block_size=384", "--batch_size=8",
-               "--max_iters=500", "--eval_interval=500", "--learning_rate=3e-3", "--warmup_iters=20"])
+    train_in_process([f"--data_dir={data}", f"--out_dir={run}", "--stage=sft", *TINY, "--block_size=384",
+                      "--batch_size=8", "--max_iters=300", "--eval_interval=300", "--learning_rate=1e-2",
+                      "--warmup_iters=20"])
     return data, run
 
 
@@ -301,16 +304,13 @@ def grpo_tasks(tool_model, tmp_path_factory):
 @pytest.mark.slow
 def test_grpo_with_tools_calls_them_and_two_ranks_equal_one(tool_model, grpo_tasks, tmp_path):
     _, init = tool_model
-    args = ["--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=2"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    p = run_train(grpo_tool_args(grpo_tasks, one, init, *args))
-    assert "tools calculator, 2 call(s) per completion at most" in p.stdout
-    run_train(grpo_tool_args(grpo_tasks, two, init, *args), nproc=2, timeout=600)
-    steps = [r for r in metrics(one) if "reward" in r]
+    args = [a for a in grpo_tool_args(grpo_tasks, "", init, "--max_iters=2", "--eval_interval=2",
+                                      "--gradient_accumulation_steps=2") if a != "--out_dir="]
+    runs, one = two_ranks_equal_one_process(args, tmp_path, keys=("loss", "reward"), fsdp=False)
+    assert "tools calculator, 2 call(s) per completion at most" in one.stdout
+    steps = [r for r in metrics(runs["one"]) if "reward" in r]
     assert all(r["tool_calls"] > 0.5 for r in steps)  # most completions call the calculator
-    l1, l2 = train_losses(one), train_losses(two)
-    assert sorted(l1) == sorted(l2) == [1, 2] and all(abs(l1[i] - l2[i]) <= 1e-5 for i in l1), (l1, l2)
-    assert [r["reward"] for r in steps] == pytest.approx([r["reward"] for r in metrics(two) if "reward" in r])
+    assert all(r["reward"] > 0 for r in steps)  # some answer right: the ranks compare a real signal, not zeros
 
 
 @pytest.mark.slow
@@ -318,9 +318,9 @@ def test_grpo_with_tools_resumes_exactly(tool_model, grpo_tasks, tmp_path):
     _, init = tool_model
     args = ["--max_iters=4", "--eval_interval=2"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    run_train(grpo_tool_args(grpo_tasks, ref, init, *args))
+    train_in_process(grpo_tool_args(grpo_tasks, ref, init, *args))
     sigkill_after_checkpoint(grpo_tool_args(grpo_tasks, out, init, *args), 2)
-    run_train(grpo_tool_args(grpo_tasks, out, "resume", *args))
+    train_in_process(grpo_tool_args(grpo_tasks, out, "resume", *args))
     assert train_losses(out) == train_losses(ref)
     weights = [load_checkpoint(f"{d}/ckpt.pt")["model"] for d in (ref, out)]
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())

@@ -12,7 +12,7 @@ from llm_trainer.training import losses
 import train
 from llm_trainer.core.checkpoint import load_checkpoint
 from tests.helpers import (ROOT, TINY, build_run, final_weights, metrics, run_train, sigkill_after_checkpoint,
-                           train_in_process, train_losses, val_losses)
+                           train_in_process, train_losses, two_ranks_equal_one_process, val_losses)
 
 
 @pytest.mark.slow
@@ -155,20 +155,12 @@ def test_sigterm_saves_and_exits_zero(demo_pretrain, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(demo_sft, tmp_path):
+    """eval_iters 2: one batch per rank, no padding."""
     args = [f"--data_dir={demo_sft}", "--stage=sft", "--max_iters=4", "--eval_interval=2", "--device=cpu",
             "--gradient_accumulation_steps=2", *TINY]
-    one, ddp, fsdp = (str(tmp_path / n) for n in ("one", "ddp", "fsdp"))
-    train_in_process([*args, f"--out_dir={one}"])
-    run_train([*args, f"--out_dir={ddp}"], nproc=2)
-    run_train([*args, f"--out_dir={fsdp}", "--fsdp=True"], nproc=2)
-    l1, l2, l3 = train_losses(one), train_losses(ddp), train_losses(fsdp)
-    assert sorted(l1) == sorted(l2) == sorted(l3) == [1, 2, 3, 4]
-    for i in l1:
-        assert abs(l1[i] - l2[i]) <= 1e-5 and abs(l2[i] - l3[i]) <= 1e-5, (i, l1[i], l2[i], l3[i])
-    for other in (ddp, fsdp):  # eval_iters 2: one batch per rank, no padding
-        assert val_losses(other) == pytest.approx(val_losses(one), abs=1e-5), other
-    for k, v in final_weights(one).items():
-        assert torch.allclose(v, final_weights(fsdp)[k], atol=1e-5), k
+    runs, _ = two_ranks_equal_one_process(args, tmp_path)
+    for k, v in final_weights(runs["one"]).items():
+        assert torch.allclose(v, final_weights(runs["fsdp"])[k], atol=1e-5), k
 
 
 @pytest.mark.parametrize("args, message", [

@@ -39,6 +39,7 @@ import ast
 import contextlib
 import datetime
 import importlib.util
+import collections
 import json
 import math
 import os
@@ -112,6 +113,7 @@ QUICK_STAGE_FLAGS = {"grpo": ["--batch_size=4", "--grpo_group=2", "--max_new_tok
 QUICK_RM_PROMPTS = 16  # held-out prompts scored before and after grpo_rm in a quick run (else all 150)
 QUICK_PREPARE = ["--vocab_size=1024", "--tokenizer_sample_bytes=500000"]
 QUICK_PROMPTS = 10
+QUICK_COUNT = 16  # held-out counting prompts of grpo_val.jsonl that score GRPO and its start in a quick run (else 300)
 QUICK_NEW_TOKENS = 24
 QUICK_CHATS = 2
 
@@ -203,13 +205,15 @@ def prepare_all(cfg, sets):
 
 
 def count_prompts(data_dir):
-    """count_train.jsonl and count_val.jsonl in data_dir/demo_count: the reasoning set's counting records."""
+    """count_train.jsonl and count_val.jsonl in data_dir/demo_count: the reasoning set's counting records (those with
+    a system message too: the prompt is the first user turn), and the held-out counting prompts of grpo_val.jsonl."""
     out = os.path.join(data_dir, "demo_count")
     os.makedirs(out, exist_ok=True)
-    for split in ("train", "val"):
+    counting = [r for r in read_jsonl(f"{DEMO}/reason_train.jsonl")
+                if COUNT_PROMPT.search(next(m["content"] for m in r["conversations"] if m["role"] == "user"))]
+    for split, records in (("train", counting), ("val", read_jsonl(f"{DEMO}/grpo_val.jsonl"))):
         with open(os.path.join(out, f"count_{split}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl(f"{DEMO}/reason_{split}.jsonl")
-                         if COUNT_PROMPT.search(r["conversations"][0]["content"]))
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return out
 
 
@@ -344,21 +348,76 @@ def model_shape(path):
             "n_kv_heads": mcfg.n_kv_heads, "vocab_size": mcfg.vocab_size}
 
 
-def pass_at(path, tasks, device, group, temperature, max_new_tokens):
-    """The accuracy table of `group` replies sampled per task (a task counts as correct when any reply is)."""
+def sampled_scores(path, tasks, device, group, temperature, max_new_tokens):
+    """Per task, through the batched generator: the greedy reply scored (1 or 0), and the share of `group` replies
+    sampled at `temperature` that are right (mean@group) and whether one is (pass@group); each reply's final answer
+    kept."""
     from llm_trainer.inference import generation
 
     model, tok, info = generation.load(path, device)
-    gen, stop, results = torch.Generator(device).manual_seed(0), generation.chat_stop_ids(tok), []
-    for i in range(0, len(tasks), 8):  # 8 prompts x group completions sampled together
-        chunk = tasks[i: i + 8]
-        prompts = [generation.chat_prompt_ids(tok, [{"role": "user", "content": t["prompt"]}]) for t in chunk]
-        outs = model.generate_batch([p for p in prompts for _ in range(group)], max_new_tokens, temperature=temperature,
-                                    stop_ids=stop, generator=gen, max_len=info["block_size"])
-        for j, t in enumerate(chunk):
-            scores = [score(t, generation.completion_text(tok, o, stop)) for o in outs[j * group:(j + 1) * group]]
-            results.append(next((s for s in scores if s["correct"]), scores[0]))
-    return accuracy_table(results)
+    gen, stop = torch.Generator(device).manual_seed(0), generation.chat_stop_ids(tok)
+    prompts = [generation.chat_prompt_ids(tok, [{"role": "user", "content": t["prompt"]}]) for t in tasks]
+
+    def finals(outs, chunk):  # [[score of each reply] of each task of the chunk]
+        n = len(outs) // len(chunk)
+        return [[score(t, generation.completion_text(tok, o, stop)) for o in outs[j * n:(j + 1) * n]]
+                for j, t in enumerate(chunk)]
+
+    rows = []
+    for i in range(0, len(tasks), 32):  # 32 prompts greedy, then 32 x group sampled, together
+        chunk, ids = tasks[i: i + 32], prompts[i: i + 32]
+        greedy = finals(model.generate_batch(ids, max_new_tokens, temperature=0.0, stop_ids=stop,
+                                             max_len=info["block_size"]), chunk)
+        sampled = finals(model.generate_batch([p for p in ids for _ in range(group)], max_new_tokens,
+                                              temperature=temperature, stop_ids=stop, generator=gen,
+                                              max_len=info["block_size"]), chunk)
+        rows += [{**t, "greedy": float(g[0]["correct"]), "mean": statistics.mean(float(s["correct"]) for s in samples),
+                  "pass": float(any(s["correct"] for s in samples)), "greedy_answer": g[0]["final"],
+                  "sampled_answers": [s["final"] for s in samples]} for t, g, samples in zip(chunk, greedy, sampled)]
+    return rows
+
+
+def answer_baselines(train_answers, answers, k):
+    """What a task's held-out answers score when the prompt is ignored, per prompt (to compare a model with prompt by
+    prompt): "greedy", the most frequent train answer given to every prompt (1 where it is the prompt's answer);
+    "mean", one answer drawn from the train answers' frequencies (right with probability p, the answer's share of
+    them); "pass", k such draws (one of them right: 1 - (1 - p)^k). Exact expectations: nothing is drawn."""
+    freq = collections.Counter(train_answers)
+    top = max(sorted(freq), key=freq.__getitem__)  # a tie: the first in sorted order
+    p = [freq[a] / len(train_answers) for a in answers]
+    return {"answer": top, "greedy": [float(a == top) for a in answers], "mean": p,
+            "pass": [1 - (1 - q) ** k for q in p]}
+
+
+def paired(a, b):
+    """mean ± standard error of the differences a - b of two per-prompt figures on the same prompts (paired: the
+    prompts' own difficulty cancels)."""
+    return mean_se([x - y for x, y in zip(a, b)])
+
+
+def grpo_held_out(cfg, device):
+    """GRPO's start (distill) and GRPO on the held-out counting prompts of grpo_val.jsonl (quick: the first
+    QUICK_COUNT), greedy and grpo_group samples each at GRPO's temperature and completion length, beside the answer
+    baselines of GRPO's train answers: each figure's mean ± standard error, and the paired differences."""
+    tasks = read_jsonl(f"{DEMO}/grpo_val.jsonl")[: QUICK_COUNT if cfg["quick"] else None]
+    train = [r["conversations"][-1]["content"]
+             for r in read_jsonl(os.path.join(cfg["data_dir"], "demo_count", "count_train.jsonl"))]
+    k = grpo_group(cfg)
+    prior = answer_baselines(train, [t["answer"] for t in tasks], k)
+    rows = {name: sampled_scores(run_dir(cfg, name), tasks, device, k, setting(cfg, "grpo", "temperature"),
+                                 setting(cfg, "grpo", "max_new_tokens")) for name in ("distill", "grpo")}
+    for name, scored in rows.items():
+        with open(os.path.join(cfg["out_dir"], "eval", f"count_{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in scored)
+    per = {"prior": prior, **{name: {kind: [r[kind] for r in scored] for kind in ("greedy", "mean", "pass")}
+                              for name, scored in rows.items()}}
+    return {"n": len(tasks), "group": k, "train_answers": len(train), "most_frequent": prior["answer"],
+            "figures": {kind: {"prior": mean_se(prior[kind]), "start": mean_se(per["distill"][kind]),
+                               "grpo": mean_se(per["grpo"][kind]),
+                               "start_minus_prior": paired(per["distill"][kind], prior[kind]),
+                               "grpo_minus_prior": paired(per["grpo"][kind], prior[kind]),
+                               "grpo_minus_start": paired(per["grpo"][kind], per["distill"][kind])}
+                        for kind in ("greedy", "mean", "pass")}}
 
 
 def tool_use(path, tasks, device, max_new_tokens):
@@ -644,13 +703,32 @@ def compare_tasks(a, b):
     return compare(a["accuracy"], b["accuracy"]) + (", within sampling noise" if a["accuracy"] != b["accuracy"] and noise(a, b) else "")
 
 
-def grpo_wins(models):
-    """The tasks on which GRPO's greedy accuracy exceeds every other chat model's by more than two standard errors
-    of the difference (two-proportion, pooled)."""
-    grpo = models["grpo"]["by_task"]
-    return [task for task, g in grpo.items() if all(
-        g["accuracy"] > m["by_task"][task]["accuracy"] and not noise(g, m["by_task"][task])
-        for name, m in models.items() if name != "grpo")]
+KINDS = {"greedy": "greedy", "mean": "mean@k", "pass": "pass@k"}  # the held-out figures of GRPO, as the report names them
+
+
+def grpo_verdict(held_out):
+    """Where GRPO is more than two standard errors of the paired difference above the prompt-independent baselines
+    and above its start, and where not."""
+    figures = held_out["figures"]
+
+    def where(key, above):
+        return [KINDS[kind].replace("k", str(held_out["group"])) for kind, f in figures.items()
+                if (f[key]["mean"] > 2 * f[key]["se"]) == above]
+
+    def sentence(key, what):
+        yes, no = where(key, True), where(key, False)
+        if not yes:
+            return f"GRPO is not above {what} by more than two standard errors on any figure."
+        return (f"GRPO is above {what} by more than two standard errors on {', '.join(yes)}"
+                + (f", not on {', '.join(no)}." if no else "."))
+
+    beats_prior = not where("grpo_minus_prior", False)
+    return (f"{sentence('grpo_minus_prior', 'the answers that ignore the prompt')} "
+            f"{sentence('grpo_minus_start', 'its start')} "
+            + ("It beats the prompt-independent baselines on every figure." if beats_prior else
+               "Where it does not beat them, the reward did not teach the task on this budget: the small model "
+               "cannot copy the characters it counts, so a correct count is mostly an answer the prior makes likely "
+               "(config/grpo_demo.py lists what was tried)."))
 
 
 def rm_verdicts(rm):
@@ -677,7 +755,6 @@ def rm_verdicts(rm):
 def verdicts(r):
     """Every judgement the report makes, each computed once from the report's figures (words only, no numbers)."""
     st, models, dpo, tools = r["stages"], r["tasks"]["models"], r["dpo"], r["tools"]
-    wins = grpo_wins(models)
     sft, long, distill = models["sft"], models["sft_long"], models["distill"]
     separated = dpo["after"]["margin"] > dpo["before"]["margin"] and dpo["after"]["accuracy"] > dpo["before"]["accuracy"]
     helped = distill["accuracy"] > sft["accuracy"] and not noise(distill, sft)
@@ -698,12 +775,7 @@ def verdicts(r):
                   tools["with_tool"]["accuracy"] > tools["sft"]["accuracy"] and not noise(tools["with_tool"], tools["sft"])
                   else "on this budget the calculator does not lift held-out addition by more than two standard "
                        "errors."),
-        "grpo": (f"On {', '.join(wins)}, GRPO's greedy held-out accuracy exceeds every other chat model's by more "
-                 "than two standard errors." if wins else
-                 "On no task does GRPO's greedy held-out accuracy exceed every other chat model's by more than two "
-                 "standard errors: on this budget it does not lift held-out accuracy (config/grpo_demo.py lists the "
-                 "learning rates, group sizes and temperatures tried, none of which did; the model cannot copy the "
-                 "characters it counts, so a correct count is luck it cannot learn to repeat)."),
+        "grpo": grpo_verdict(r["grpo"]["held_out"]),
         "students": ("Distillation lowered" if kd["val_loss"] < alone["val_loss"] else "Distillation did not lower")
         + " the student's held-out loss; task accuracy against the student alone: "
         + compare_tasks(models["student_kd"], models["student_sft"]) + ".",
@@ -783,8 +855,17 @@ def render_report(r):
     tasks.append(("**all**", *(count(m) for m in models.values())))
     g = r["grpo"]
     with_se = lambda k: f"{k['correct']}/{k['n']} ({pct(k['accuracy'])} ± {pct(k['se'])})"  # noqa: E731
-    grpo_rows = [(task, with_se(distill["by_task"][task]), count(g["pass"]["by_task"][task]),
-                  with_se(models["grpo"]["by_task"][task])) for task in sft["by_task"]]
+    h = g["held_out"]
+    kinds = {kind: name.replace("k", str(h["group"])) for kind, name in KINDS.items()}
+    signed = lambda k: f"{'+' if k['mean'] >= 0 else ''}{pct(k['mean'])} ± {pct(k['se'])}"  # noqa: E731
+    baseline = {"greedy": f"“{h['most_frequent']}” to every prompt", "mean": "one answer drawn from them",
+                "pass": f"{h['group']} answers drawn from them"}
+    grpo_rows = [(name, f"{baseline[kind]}: {pct(f['prior']['mean'])} ± {pct(f['prior']['se'])}",
+                  *(f"{pct(f[m]['mean'])} ± {pct(f[m]['se'])}" for m in ("start", "grpo")))
+                 for (kind, name), f in zip(kinds.items(), h["figures"].values())]
+    diff_rows = [(label, *(signed(f[key]) for f in h["figures"].values())) for label, key in
+                 (("start − prior", "start_minus_prior"), ("GRPO − prior", "grpo_minus_prior"),
+                  ("GRPO − start", "grpo_minus_start"))]
     dpo_rows = [("reward accuracy (chosen > rejected)", pct(before["accuracy"]), pct(after["accuracy"])),
                 ("reward margin (β · difference of log-ratios)", f"{before['margin']:.4f}", f"{after['margin']:.4f}"),
                 ("DPO loss", f"{before['loss']:.4f}", f"{after['loss']:.4f}")]
@@ -835,12 +916,19 @@ def render_report(r):
         f"Task accuracy after DPO: {pct(dpo['accuracy'])} against {pct(sft['accuracy'])} for the SFT model "
         f"({v['tasks_vs_sft']['dpo']}).", "",
         f"## GRPO (from the distilled model; reward {g['reward']}; the counting prompts of the reasoning set)", "",
-        *table(["task", "distill (the start), greedy", f"start, pass@{g['group']}", "GRPO, greedy"], grpo_rows), "",
-        f"{st['grpo']['steps']} steps of {g['prompts']} prompts x {g['group']} completions (temperature "
-        f"{g['temperature']:g}); the sampled reward {g['reward_start']:.3f} at the first logged step, "
-        f"{g['reward_end']:.3f} at the last; held-out greedy reward {g['val_reward_start']:.3f} → "
-        f"{g['val_reward_end']:.3f}. Generating took {pct(g['gen_share'])} of a step, the update the rest. "
-        f"± is one standard error. {v['grpo']}", "",
+        *table([f"{h['n']} held-out counting prompts (grpo_val.jsonl)",
+                f"the prompt ignored: the {h['train_answers']} train answers", "distill (the start)", "GRPO"],
+               grpo_rows), "",
+        *table(["paired difference, same prompts", *kinds.values()], diff_rows), "",
+        f"Accuracy of the answer after `</think>`: greedy; mean@{h['group']} and pass@{h['group']}, the share of "
+        f"{h['group']} replies sampled at temperature {g['temperature']:g} that are right and whether one is (at most "
+        f"{g['max_new_tokens']} new tokens, as in training). The prompt-independent baselines are exact expectations "
+        "over the train answers' frequencies; ± is one standard error over the prompts, and a difference counts where "
+        f"it exceeds two. {st['grpo']['steps']} steps of {g['prompts']} prompts x {g['group']} completions (KL weight "
+        f"{g['kl']:g}, grpo_epochs {g['epochs']}, advantages "
+        f"{'divided by the group std' if g['std_norm'] else 'not divided by the group std (Dr. GRPO)'}); the "
+        f"sampled reward {g['reward_start']:.3f} at the first logged step, {g['reward_end']:.3f} at the last. "
+        f"Generating took {pct(g['gen_share'])} of a step, the update the rest. {v['grpo']}", "",
         *rm_section(r), "",
         *students_section(r), "",
         f"## Tool use (from the SFT model; {st['tools']['steps']} steps on conversations that call the calculator)", "",
@@ -933,18 +1021,19 @@ def main(argv=None):
         stages[stage] = stage_summary(run_dir(cfg, stage), init_stage)
 
     step = len(STAGES) + 2
-    header(f"{step}. evaluate: greedy answers to the held-out tasks, and pass@{grpo_group(cfg)} of GRPO's start")
+    header(f"{step}. evaluate: greedy answers to the held-out tasks, GRPO and its start on the held-out counting "
+           "prompts, the tools model with its calculator")
     tasks = held_out(cfg)
     with timed(wall, "evaluate"):
         scored, shape = evaluate_all(cfg, cfg["max_prompts"] or (QUICK_PROMPTS if cfg["quick"] else 0), device)
-        passed = pass_at(run_dir(cfg, "distill"), tasks, device, grpo_group(cfg), config_value(CONFIG_OF["grpo"],
-                         "temperature"), new_tokens(cfg, "grpo"))
+        counted = grpo_held_out(cfg, device)
         adds = [t for t in tasks if t["task"] == "add"]
         tools = tool_use(run_dir(cfg, "tools"), adds, device, new_tokens(cfg, "tools"))
     with open(os.path.join(cfg["out_dir"], "eval", "tools.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in tools)
-    print(f"distill, pass@{grpo_group(cfg)}: " + "  ".join(f"{k} {v['correct']}/{v['n']}"
-                                                        for k, v in passed["by_task"].items()), flush=True)
+    print(f"{counted['n']} held-out counting prompts: " + "  ".join(
+        f"{kind} prior {f['prior']['mean']:.3f} start {f['start']['mean']:.3f} grpo {f['grpo']['mean']:.3f}"
+        for kind, f in counted["figures"].items()), flush=True)
     print(f"tools, held-out additions: {sum(r['with_tool'] for r in tools)}/{len(tools)} with the calculator, "
           f"{sum(r['without_tool'] for r in tools)}/{len(tools)} without", flush=True)
 
@@ -972,12 +1061,12 @@ def main(argv=None):
         transcript = chat_with(run_dir(cfg, "dpo"), device, chats, new_tokens(cfg, "dpo"))
 
     header("report")
-    report = build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start,
+    report = build_report(cfg, kind, device, shape, stages, metas, scored, counted, parity, transcript, wall, t_start,
                           tools, reward_model)
     print(write_report(cfg["out_dir"], report, stages))
 
 
-def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity, transcript, wall, t_start, tools,
+def build_report(cfg, kind, device, shape, stages, metas, scored, counted, parity, transcript, wall, t_start, tools,
                  reward_model):
     identity = [r for r in scored["sft"]["results"] if r["task"] == "identity"]
     distill = scored["distill"]["results"]
@@ -1007,7 +1096,7 @@ def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity
         "distill": {"think_share": scored["distill"]["think_well_formed"] / len(distill),
                     "example": {k: example[k] for k in ("task", "prompt", "reply")}},
         "dpo": {"before": dpo_point(dpo_evals[0]), "after": dpo_point(dpo_evals[-1])},
-        "grpo": grpo_summary(run_dir(cfg, "grpo"), passed),
+        "grpo": grpo_summary(run_dir(cfg, "grpo"), counted),
         "students": students_summary(cfg, stages, scored, wall),
         "tools": tool_summary(tools, scored["sft"]["by_task"]["add"]),
         "reward_model": reward_model,
@@ -1018,14 +1107,15 @@ def build_report(cfg, kind, device, shape, stages, metas, scored, passed, parity
     return report
 
 
-def grpo_summary(path, passed):
+def grpo_summary(path, counted):
     """The GRPO run's settings and figures for the report, from its config.json and metrics.jsonl."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
     steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val_reward" in r]
     return {"reward": cfg["reward"], "group": cfg["grpo_group"], "prompts": cfg["batch_size"],
-            "temperature": cfg["temperature"], "pass": {k: v for k, v in passed.items() if k != "results"},
+            "temperature": cfg["temperature"], "max_new_tokens": cfg["max_new_tokens"], "held_out": counted,
+            "kl": cfg["grpo_kl"], "std_norm": cfg["grpo_std_norm"], "epochs": cfg["grpo_epochs"],
             "reward_start": steps[0]["reward"], "reward_end": steps[-1]["reward"],
             "val_reward_start": evals[0]["val_reward"], "val_reward_end": evals[-1]["val_reward"],
             "gen_share": statistics.median(r["gen_s"] / (r["dt_ms"] / 1000) for r in steps)}

@@ -226,6 +226,10 @@ def grpo_setup(run, tokenizer):
     run.frozen.pop("reward_models", None)  # (what a resumed run's checkpoint recorded: these replace it)
     if sources:
         run.frozen["reward_models"] = sources
+    val = run.val_batches  # an evaluation scores eval_iters micro-batches of prompts, each prompt at most once
+    if val is not None and cfg["eval_iters"] * val.B > val.n_units:
+        fail(f"eval_iters {cfg['eval_iters']} x batch_size {val.B} held-out prompts, and {cfg['data_dir']} (val) holds "
+             f"{val.n_units:,}: some would be counted twice; set eval_iters * batch_size <= {val.n_units:,}")
     readers = run.reward.needs_reference
     for batches in (run.train_batches, run.val_batches):
         missing = sum(r["answer"] is None for r in batches.split.refs) if batches is not None else 0

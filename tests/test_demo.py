@@ -200,3 +200,30 @@ def test_tool_use_is_scored_on_the_held_out_additions(quick_demo):
     assert t["sft"] == report["tasks"]["models"]["sft"]["by_task"]["add"]  # the SFT model's score, same prompts
     assert "## Tool use" in md and t["example"]["prompt"] in md
 
+
+
+def test_grpo_is_scored_against_the_prompt_independent_baselines(quick_demo):
+    """GRPO and its start on the held-out counting prompts, each once, recomputed from the answers written down;
+    the baselines from the train answers (every counting record of the reasoning set, system message or not)."""
+    out, _, report, md = quick_demo
+    h = report["grpo"]["held_out"]
+    tasks = read_jsonl(os.path.join(ROOT, "data", "demo", "grpo_val.jsonl"))[:demo.QUICK_COUNT]
+    for name, key in (("distill", "start"), ("grpo", "grpo")):
+        rows = read_jsonl(os.path.join(out, "eval", f"count_{name}.jsonl"))
+        assert [(r["prompt"], r["answer"]) for r in rows] == [(t["prompt"], t["answer"]) for t in tasks]
+        greedy = [r["greedy_answer"] == r["answer"] for r in rows]
+        mean = [sum(a == r["answer"] for a in r["sampled_answers"]) / h["group"] for r in rows]
+        assert all(len(r["sampled_answers"]) == h["group"] for r in rows)
+        assert h["figures"]["greedy"][key]["mean"] == pytest.approx(sum(greedy) / len(rows))
+        assert h["figures"]["mean"][key]["mean"] == pytest.approx(sum(mean) / len(rows))
+    train = [r for r in read_jsonl(os.path.join(ROOT, "data", "demo", "reason_train.jsonl"))
+             if re.search(r"How many characters|Count the characters|length of|有几个字符|有多少个字符|的长度是多少",
+                          next(m["content"] for m in r["conversations"] if m["role"] == "user"))]
+    assert h["train_answers"] == len(train) and any(r["conversations"][0]["role"] == "system" for r in train)
+    answers = [r["conversations"][-1]["content"] for r in train]
+    top = max(sorted(set(answers)), key=answers.count)
+    assert h["most_frequent"] == top
+    assert h["figures"]["greedy"]["prior"]["mean"] == pytest.approx(sum(t["answer"] == top for t in tasks) / len(tasks))
+    assert h["figures"]["mean"]["prior"]["mean"] == pytest.approx(
+        sum(answers.count(t["answer"]) / len(answers) for t in tasks) / len(tasks))
+    assert "the prompt ignored" in md and report["verdicts"]["grpo"] in md

@@ -9,7 +9,8 @@ import pytest
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 CHAT_FILES = ["sft_train.jsonl", "sft_val.jsonl", "reason_train.jsonl", "reason_val.jsonl",
-              "dpo_train.jsonl", "dpo_val.jsonl", "tasks_val.jsonl", "tool_train.jsonl", "tool_val.jsonl"]
+              "dpo_train.jsonl", "dpo_val.jsonl", "tasks_val.jsonl", "tool_train.jsonl", "tool_val.jsonl",
+              "grpo_val.jsonl"]
 ALL_FILES = ["pretrain.jsonl"] + CHAT_FILES
 
 
@@ -61,7 +62,7 @@ def test_every_line_parses(name):
 
 
 def test_demo_dir_is_small():
-    assert sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file()) < 4_000_000
+    assert sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file()) < 4_100_000  # 4 MB and grpo_val.jsonl
 
 
 def test_no_val_prompt_in_train():
@@ -98,7 +99,7 @@ def test_addition_answers_are_sums():
 
 
 def test_reversal_and_count_answers():
-    tasks = read("tasks_val.jsonl")
+    tasks = read("tasks_val.jsonl") + read("grpo_val.jsonl")
     quoted = r"[“\"]([^”\"]+)[”\"]"
     for t in tasks:
         if t["task"] == "reverse":
@@ -106,6 +107,17 @@ def test_reversal_and_count_answers():
             assert m and t["answer"] == m.group(1)[::-1] != m.group(1), t
         elif t["task"] == "count":
             assert t["answer"] == str(len(re.search(quoted, t["prompt"]).group(1))), t
+
+
+def test_grpo_val_counts_strings_no_train_file_counts():
+    """GRPO's 300 held-out counting prompts: distinct strings, none counted in a train file nor in tasks_val.jsonl."""
+    quoted = r"[“\"]([^”\"]+)[”\"]"
+    strings = [re.search(quoted, t["prompt"]).group(1) for t in read("grpo_val.jsonl")]
+    assert len(strings) == len(set(strings)) == 300
+    assert {t["task"] for t in read("grpo_val.jsonl")} == {"count"}
+    elsewhere = {m.group(1) for f in CHAT_FILES if "_train" in f or f == "tasks_val.jsonl"
+                 for p in user_prompts(read(f)) for m in [re.search(quoted, p)] if m}
+    assert elsewhere and not set(strings) & elsewhere
 
 
 def test_poem_answers_follow_their_line_in_the_corpus():

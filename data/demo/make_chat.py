@@ -43,6 +43,8 @@ DPO_TRAIN = 1000
 VAL = {"identity": 20, "add": 40, "reverse": 30, "count": 30, "poem": 30}
 TOOL_TRAIN = {"add": 200, "other": 40}  # "other": identity, reverse, count or poem, answered without a call
 TOOL_VAL = 16  # held-out additions as tool conversations (all 40 are scored; these give a val loss)
+GRPO_VAL = 300  # held-out counting prompts that score the GRPO stage (enough that a real gain is > 2 standard errors)
+GRPO_VAL_SEED = 2626  # their own generator: drawing them leaves every other file's bytes as they were
 TOOL_FOLLOW_UP_SHARE = 0.3  # share of tool additions followed by "now add c to that", a second call
 PROMPT_FORM_SHARE = 0.1  # share of DPO pairs written as {"prompt", "chosen", "rejected"} strings
 SYSTEM_SHARE = 0.1       # share of single-turn train conversations that get a system message
@@ -471,6 +473,21 @@ def build_val(rng, pools, bot, author):
     dpo = [dpo_record(t, prompt_form=i < n_prompt_form) for i, t in enumerate(tasks)]
     return ([sft_record(t) for t in tasks], [reason_record(t) for t in tasks], dpo, scoring, tasks)
 
+def build_grpo_val(pools, train_files, bot, author, seed=GRPO_VAL_SEED):
+    """GRPO_VAL counting tasks ({"task", "prompt", "answer"}) of distinct strings that no train file counts, drawn
+    with their own seeded generator after everything else."""
+    rng = random.Random(seed)
+    quoted = re.compile(r"[“\"]([^”\"]+)[”\"]")
+    trained = {m.group(1) for records in train_files.values() for p in user_prompts(records)
+               for m in [quoted.search(p)] if m}
+    strings = []
+    while len(strings) < GRPO_VAL:
+        s = pools.train_item(rng, "count")  # (never a string of tasks_val.jsonl either)
+        if s not in trained and s not in strings:
+            strings.append(s)
+    tasks = [make_task(rng, "count", s, rng.choice(["en", "zh"]), pools, bot, author) for s in strings]
+    return [{"task": "count", "prompt": t["prompt"], "answer": t["answer"]} for t in tasks]
+
 # ---------------------------------------------------------------- checks and output
 
 
@@ -502,7 +519,7 @@ def write_jsonl(path, records):
 
 def generate(out_dir, seed=DEFAULT_SEED, bot_name=DEFAULT_BOT_NAME, author=DEFAULT_AUTHOR,
              corpus=DEFAULT_CORPUS):
-    """Write the nine chat/task files into out_dir; returns {file name: record count}."""
+    """Write the ten chat/task files into out_dir; returns {file name: record count}."""
     rng = random.Random(seed)
     pools = Pools(rng, read_corpus(corpus))  # val items are drawn first, then train avoids them
     sft, reason, dpo = build_train(rng, pools, bot_name, author)
@@ -511,8 +528,10 @@ def generate(out_dir, seed=DEFAULT_SEED, bot_name=DEFAULT_BOT_NAME, author=DEFAU
 
     train_files = {"sft_train.jsonl": sft, "reason_train.jsonl": reason, "dpo_train.jsonl": dpo,
                    "tool_train.jsonl": tool}
+    grpo_val = build_grpo_val(pools, train_files, bot_name, author)
     val_files = {"sft_val.jsonl": sft_val, "reason_val.jsonl": reason_val,
-                 "dpo_val.jsonl": dpo_val, "tasks_val.jsonl": tasks_val, "tool_val.jsonl": tool_val}
+                 "dpo_val.jsonl": dpo_val, "tasks_val.jsonl": tasks_val, "tool_val.jsonl": tool_val,
+                 "grpo_val.jsonl": grpo_val}
     check_held_out(train_files, val_files)
 
     out_dir = Path(out_dir)

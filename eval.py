@@ -262,6 +262,9 @@ def shared_context_rows(pairs, max_length, span=ROW_SPAN):
     lm_eval does) first, so it shares a row only with the continuations of its cut context (those as long)."""
     rows, open_rows = [], {}
     for i, (ctx, cont) in enumerate(pairs):
+        if len(cont) > max_length:  # no token of context would be left to predict its first token from
+            fail(f"a task asks for the log-likelihood of a continuation of {len(cont)} tokens, longer than the "
+                 f"model's context ({max_length}): it cannot be scored whole")
         if len(ctx) + len(cont) > max_length + 1:
             whole = (ctx + cont)[-(max_length + 1):]
             ctx = whole[: len(whole) - len(cont)]

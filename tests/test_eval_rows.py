@@ -2,6 +2,7 @@
 positions alone) gives the full forward's hidden states at those positions, on packed rows and plain ones; cut
 requests with the same cut context share one row."""
 
+import pytest
 import torch
 
 import eval as evalpy
@@ -37,3 +38,11 @@ def test_cut_requests_share_a_row_only_with_the_same_cut_context():
         for i, cont in branches:
             whole = (pairs[i][0] + cont)[-(max_length + 1):]
             assert row_ctx + cont == whole and len(row_ctx) + len(cont) <= max_length + 1
+
+
+def test_a_continuation_longer_than_the_context_is_one_line(capsys):
+    rows = evalpy.shared_context_rows([([1, 2], list(range(3, 19)))], 16)  # 16 tokens fit: one of context left
+    assert rows == [([2], [(0, list(range(3, 19)))])]
+    with pytest.raises(SystemExit) as e:
+        evalpy.shared_context_rows([([1, 2], list(range(3, 20)))], 16)
+    assert e.value.code == 2 and "continuation of 17 tokens, longer than the model's context (16)" in capsys.readouterr().err

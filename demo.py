@@ -363,18 +363,21 @@ def sampled_scores(path, tasks, device, group, temperature, max_new_tokens):
         return [[score(t, generation.completion_text(tok, o, stop)) for o in outs[j * n:(j + 1) * n]]
                 for j, t in enumerate(chunk)]
 
-    rows = []
-    for i in range(0, len(tasks), 32):  # 32 prompts greedy, then 32 x group sampled, together
-        chunk, ids = tasks[i: i + 32], prompts[i: i + 32]
-        greedy = finals(model.generate_batch(ids, max_new_tokens, temperature=0.0, stop_ids=stop,
-                                             max_len=info["block_size"]), chunk)
-        sampled = finals(model.generate_batch([p for p in ids for _ in range(group)], max_new_tokens,
-                                              temperature=temperature, stop_ids=stop, generator=gen,
-                                              max_len=info["block_size"]), chunk)
-        rows += [{**t, "greedy": float(g[0]["correct"]), "mean": statistics.mean(float(s["correct"]) for s in samples),
-                  "pass": float(any(s["correct"] for s in samples)), "greedy_answer": g[0]["final"],
-                  "sampled_answers": [s["final"] for s in samples]} for t, g, samples in zip(chunk, greedy, sampled)]
-    return rows
+    # 32 prompts greedy, then the same 32 x group sampled (the generator draws as many rows at a time)
+    greedy = finals(generate_in_chunks(model, prompts, 32, max_new_tokens, temperature=0.0, stop_ids=stop,
+                                       max_len=info["block_size"]), tasks)
+    sampled = finals(generate_in_chunks(model, [p for p in prompts for _ in range(group)], 32 * group,
+                                        max_new_tokens, temperature=temperature, stop_ids=stop, generator=gen,
+                                        max_len=info["block_size"]), tasks)
+    return [{**t, "greedy": float(g[0]["correct"]), "mean": statistics.mean(float(s["correct"]) for s in samples),
+             "pass": float(any(s["correct"] for s in samples)), "greedy_answer": g[0]["final"],
+             "sampled_answers": [s["final"] for s in samples]} for t, g, samples in zip(tasks, greedy, sampled)]
+
+
+def generate_in_chunks(model, prompts, size, max_new_tokens, **sampling):
+    """model.generate_batch over `size` prompts at a time: batches, and their KV caches, of a bounded size."""
+    return [out for i in range(0, len(prompts), size)
+            for out in model.generate_batch(prompts[i: i + size], max_new_tokens, **sampling)]
 
 
 def answer_baselines(train_answers, answers, k):
@@ -561,11 +564,9 @@ def rm_scored_replies(cfg, data, device):
     figures = {}
     for name in ("sft", "grpo_rm"):
         model, tok, _ = generation.load(run_dir(cfg, name), device)
-        replies = []
-        for i in range(0, n, 50):
-            replies += model.generate_batch(prompts[i: i + 50], setting(cfg, "grpo_rm", "max_new_tokens"),
-                                            temperature=0.0, stop_ids=generation.chat_stop_ids(tok),
-                                            max_len=setting(cfg, "grpo_rm", "block_size"), pad_id=pad)
+        replies = generate_in_chunks(model, prompts, 50, setting(cfg, "grpo_rm", "max_new_tokens"), temperature=0.0,
+                                     stop_ids=generation.chat_stop_ids(tok),
+                                     max_len=setting(cfg, "grpo_rm", "block_size"), pad_id=pad)
         scores = rm([conversation(tok, p, r) for p, r in zip(prompts, replies)])
         figures[name] = {**mean_se(scores), "length": mean_se([len(r) for r in replies]),
                          "example": {"prompt": split.refs[0]["prompt"],
